@@ -1,0 +1,40 @@
+"""The small error vocabulary and the JSON bodies the proxy answers with (contract style)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+log = logging.getLogger(__name__)
+
+
+def error_body(type_: str, code: str, detail: str) -> bytes:
+    """A body shaped like the backend's DRF errors: type, code, detail, attr."""
+    return json.dumps(
+        {"type": type_, "code": code, "detail": detail, "attr": None}, separators=(",", ":")
+    ).encode()
+
+
+def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response with exactly the given bytes."""
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+BAD_GATEWAY = error_body("server_error", "bad_gateway", "The upstream server could not be reached.")
+GATEWAY_TIMEOUT = error_body("server_error", "gateway_timeout", "The upstream server did not answer in time.")
+INTERNAL_ERROR = error_body("server_error", "internal_error", "The proxy failed to handle this request.")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place where an unexpected exception becomes a 500, logged without request secrets."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response(500, INTERNAL_ERROR)

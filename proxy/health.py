@@ -1,0 +1,99 @@
+"""Liveness, readiness and startup: answered in every mode, never forwarded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from proxy import keys
+
+log = logging.getLogger(__name__)
+
+_OK = b'{"status":"ok"}'
+
+
+@dataclass
+class Health:
+    """What readiness reports: Redis reachable, startup finished, not draining."""
+
+    started: bool = False
+    redis_ok: bool = False
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Ready means: take traffic. Definitions without Redis would all be misses, so Redis is required."""
+        return self.started and self.redis_ok and not self.draining
+
+    def problems(self) -> list[str]:
+        """Why the pod is not ready, for the readiness body."""
+        return [
+            reason
+            for reason, bad in (
+                ("starting", not self.started),
+                ("redis unreachable", not self.redis_ok),
+                ("draining", self.draining),
+            )
+            if bad
+        ]
+
+
+def _json(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+async def liveness(request: web.Request) -> web.Response:
+    """The process answers: the event loop is alive."""
+    return _json(200, _OK)
+
+
+async def readiness(request: web.Request) -> web.Response:
+    """503 until Redis answers a PING, and from the moment draining begins."""
+    health = request.app[keys.HEALTH]
+    if health.ready:
+        return _json(200, _OK)
+    reasons = ",".join(f'"{reason}"' for reason in health.problems())
+    return _json(503, f'{{"status":"unavailable","reasons":[{reasons}]}}'.encode())
+
+
+async def startup(request: web.Request) -> web.Response:
+    """200 once every cleanup context has started."""
+    return _json(200, _OK) if request.app[keys.HEALTH].started else _json(503, b'{"status":"starting"}')
+
+
+async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+    """PING Redis in the background so readiness (and the fail-open policies) know whether it answers."""
+    health = app[keys.HEALTH]
+    client = app[keys.REDIS]
+    interval = app[keys.SETTINGS].redis.health_check_interval_seconds
+
+    async def watch() -> None:
+        while True:
+            try:
+                await client.ping()
+            except (RedisError, OSError) as exc:
+                if health.redis_ok:
+                    log.warning("redis unreachable: %s", type(exc).__name__)
+                health.redis_ok = False
+            else:
+                if not health.redis_ok:
+                    log.info("redis reachable")
+                health.redis_ok = True
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(watch(), name="redis-monitor")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the health routes; they exist in every SERVICE_MODE."""
+    app.router.add_get("/_liveness", liveness, allow_head=True)
+    app.router.add_get("/_readiness", readiness, allow_head=True)
+    app.router.add_get("/_startup", startup, allow_head=True)

@@ -1,0 +1,19 @@
+"""Typed keys for everything the application holds, declared in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from proxy.forward import Forwarder
+    from proxy.health import Health
+    from proxy.settings import Settings
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+HEALTH: web.AppKey[Health] = web.AppKey("health")
+REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis")
+FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")

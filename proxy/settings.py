@@ -1,0 +1,321 @@
+"""Typed, frozen settings: YAML file, then environment overrides, validated once before the port opens."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from limits import parse as parse_rate
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names every offending key."""
+
+
+class ServiceMode(StrEnum):
+    """Which route groups the proxy answers itself (contract §1)."""
+
+    ALL = "all"
+    DEFINITIONS = "definitions"
+    FLAGS = "flags"
+
+
+def _rate(value: str) -> str:
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        raise ValueError(f"not a rate string like '600/minute': {value!r}") from exc
+    return value
+
+
+def _redis_url(value: str) -> str:
+    schemes = ("redis://", "rediss://", "unix://")
+    if not value.startswith(schemes):
+        raise ValueError(f"must start with one of {', '.join(schemes)}")
+    return value
+
+
+RateString = Annotated[str, AfterValidator(_rate)]
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UpstreamSettings(_Section):
+    """Where misses and unknown routes go, and how."""
+
+    url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
+    connect_timeout_seconds: Seconds = 2.0
+    # Longest silence between two reads of the upstream's answer: a slow upstream becomes 504 after this.
+    read_timeout_seconds: Seconds = 30.0
+    max_connections: int = Field(default=256, ge=1)
+    keepalive_timeout_seconds: Seconds = 15.0
+    # "client" keeps the client's Host header (a sidecar in front of a virtual-hosted app); "upstream" sends
+    # the upstream URL's host instead.
+    host_header: Literal["client", "upstream"] = "client"
+    # X-Forwarded-* sent by the client are kept (and appended to) only when the peer is in these networks.
+    trusted_proxies: tuple[str, ...] = ()
+    # Request bodies up to this size are read before forwarding (so a retry-free, single write); larger ones
+    # are streamed chunk by chunk.
+    buffer_request_body_bytes: int = Field(default=65536, ge=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not an IP network: {item!r}") from exc
+        return value
+
+    @property
+    def base(self) -> str:
+        """The upstream URL without a trailing slash, so request paths can be appended as they are."""
+        return str(self.url).rstrip("/")
+
+
+class RedisSettings(_Section):
+    """The backend's Redis (cache entries, quota set, billing hashes)."""
+
+    url: RedisUrl = "redis://127.0.0.1:6379/0"
+    # Every Redis call is bounded by this; the seed's service used 500 ms.
+    timeout_seconds: Seconds = 0.5
+    max_connections: int = Field(default=16, ge=1)
+    # How often readiness pings Redis.
+    health_check_interval_seconds: Seconds = 1.0
+
+
+class RedisLayout(_Section):
+    """Key templates and codecs of the backend's cache entries (contract §2); PostHog's by default."""
+
+    key_prefix: str = "posthog"
+    key_version: int = 1
+    team_key: str = "team_token:{token}"
+    payload_key: str = "cache/teams/{team_id}/feature_flags/flags_with_cohorts.json"
+    etag_suffix: str = ":etag"
+    missing_marker: str = "__missing__"
+    quota_key: str = "@posthog/quota-limits/feature_flag_requests"
+    billing_team_key: str = "posthog:local_evaluation_requests:{team_id}"
+    billing_sdk_key: str = "posthog:local_evaluation_requests:sdk:{team_id}:{library}"
+    billing_bucket_seconds: int = Field(default=120, ge=1)
+    # A value that decompresses to more than this is refused (a decompression bomb in Redis).
+    max_decoded_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> Self:
+        for name, needed in (
+            ("team_key", "{token}"),
+            ("payload_key", "{team_id}"),
+            ("billing_team_key", "{team_id}"),
+            ("billing_sdk_key", "{team_id}"),
+        ):
+            if needed not in getattr(self, name):
+                raise ValueError(f"{name} must contain {needed}")
+        return self
+
+
+class DefinitionsSettings(_Section):
+    """The definitions endpoint: routes, memory cache and freshness."""
+
+    path: str = "/flags/definitions"
+    aliases: tuple[str, ...] = ("/api/feature_flag/local_evaluation", "/api/feature_flag/local_evaluation/")
+    # Bytes of cached payloads held in memory across all teams (LRU beyond that).
+    cache_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # How often the ETags of recently requested teams are re-read (one pipelined MGET).
+    refresh_interval_seconds: Seconds = 0.5
+    # A team not requested for this long is dropped from memory and no longer refreshed.
+    idle_evict_seconds: Seconds = 600.0
+    # Team records are re-read in the background after this long.
+    team_ttl_seconds: Seconds = 30.0
+    # A token without a team record in Redis is forwarded; the negative answer is remembered this long.
+    team_miss_ttl_seconds: Seconds = 1.0
+    # Flag keys with these prefixes are not billed when every flag of the payload has one.
+    unbilled_flag_prefixes: tuple[str, ...] = ("survey-targeting-", "product-tour-targeting-")
+
+    @field_validator("path", "aliases")
+    @classmethod
+    def _absolute(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for item in (value,) if isinstance(value, str) else value:
+            if not item.startswith("/"):
+                raise ValueError(f"route must start with '/': {item!r}")
+        return value
+
+
+class QuotaSettings(_Section):
+    """The quota-limited projects snapshot."""
+
+    poll_interval_seconds: Seconds = 2.0
+
+
+class BillingSettings(_Section):
+    """Billing counters: tallied in memory, flushed in one pipelined round trip."""
+
+    flush_interval_seconds: Seconds = 2.0
+    # Unflushed batches kept while Redis is down; beyond this the oldest is dropped and logged.
+    max_pending_batches: int = Field(default=1000, ge=1)
+
+
+class RateLimitSettings(_Section):
+    """Per-team rate limits (contract §3 step 4)."""
+
+    enabled: bool = True
+    default: RateString = "600/minute"
+    # A second budget for requests that carry If-None-Match.
+    etag: RateString = "6000/minute"
+    team_overrides: dict[str, RateString] = Field(default_factory=dict)
+    allowlist: tuple[str, ...] = ()
+
+
+class LoggingSettings(_Section):
+    """Log level and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = False
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Settings(_Section):
+    """Everything edge-proxy reads, in one frozen object."""
+
+    bind: str = "0.0.0.0:8080"
+    service_mode: ServiceMode = ServiceMode.ALL
+    workers: int = Field(default=1, ge=1, le=64)
+    # Below Kubernetes' default 30 s terminationGracePeriodSeconds, so the pod is never SIGKILLed mid-drain.
+    shutdown_timeout_seconds: Seconds = 25.0
+    upstream: UpstreamSettings = UpstreamSettings()
+    redis: RedisSettings = RedisSettings()
+    layout: RedisLayout = RedisLayout()
+    definitions: DefinitionsSettings = DefinitionsSettings()
+    quota: QuotaSettings = QuotaSettings()
+    billing: BillingSettings = BillingSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("service_mode", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"must be host:port, got {value!r}")
+        return value
+
+    @property
+    def bind_host(self) -> str:
+        """Host part of `bind`, brackets removed from an IPv6 literal."""
+        return self.bind.rpartition(":")[0].strip("[]")
+
+    @property
+    def bind_port(self) -> int:
+        """Port part of `bind`."""
+        return int(self.bind.rpartition(":")[2])
+
+
+# Plain environment variables, as a Kubernetes sidecar is configured. Any other key can be set with
+# EDGE_PROXY__<SECTION>__<KEY> (double underscores between levels).
+ENV_ALIASES: Mapping[str, tuple[str, ...]] = {
+    "UPSTREAM_URL": ("upstream", "url"),
+    "REDIS_URL": ("redis", "url"),
+    "SERVICE_MODE": ("service_mode",),
+    "BIND": ("bind",),
+    "WORKERS": ("workers",),
+    "LOG_LEVEL": ("logging", "level"),
+    "LOG_FORMAT": ("logging", "format"),
+    "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds",),
+}
+ENV_PREFIX = "EDGE_PROXY__"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
+    found: dict[tuple[str, ...], tuple[str, str]] = {}
+    for name, path in ENV_ALIASES.items():
+        if name in environ:
+            found[path] = (name, environ[name])
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+            found[path] = (name, value)
+    return found
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        child = tree.setdefault(part, {})
+        if not isinstance(child, dict):
+            child = tree[part] = {}
+        tree = child
+    tree[path[-1]] = value
+
+
+def _env_value(raw: str) -> Any:
+    # YAML scalars and flow collections, so `EDGE_PROXY__RATE_LIMITS__ALLOWLIST='[1, 2]'` works too.
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (if any), apply environment overrides, validate; ConfigError on any problem."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+        tree = loaded
+    sources: dict[tuple[str, ...], str] = {}
+    for key_path, (name, raw) in _env_overrides(environ).items():
+        # The plain string for URLs and the like; YAML parsing only for values that need a type.
+        _set_path(tree, key_path, raw if key_path[-1] in {"url", "bind"} else _env_value(raw))
+        sources[key_path] = name
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from exc
+
+
+def _describe(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> str:
+    lines = []
+    for error in exc.errors():
+        key_path = tuple(str(part) for part in error["loc"])
+        key = ".".join(key_path) or "<root>"
+        origin = next((f" (from ${name})" for p, name in sources.items() if key_path[: len(p)] == p), "")
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"  {key}{origin}: {message}")
+    return f"invalid configuration ({len(lines)} problem{'s' * (len(lines) != 1)}):\n" + "\n".join(lines)
