@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from proxy import __version__, logs, server
 from proxy.settings import ConfigError, Settings, load_settings
 
@@ -25,9 +27,14 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     if getattr(args, "workers", None) is not None:
-        if args.workers < 1:
-            raise ConfigError("invalid configuration (1 problem):\n  workers (from --workers): must be >= 1")
-        settings = settings.model_copy(update={"workers": args.workers})
+        # Validated like the file and environment values (model_copy alone would skip the 1..64 bound).
+        try:
+            settings = Settings.model_validate({**settings.model_dump(), "workers": args.workers})
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            raise ConfigError(
+                f"invalid configuration (1 problem):\n  workers (from --workers): {problem}"
+            ) from exc
     return settings
 
 
@@ -40,7 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-proxy: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print(f"configuration OK: mode {settings.service_mode.value}, upstream {settings.upstream.base}")
+        print(
+            f"configuration OK: bind {settings.bind}, mode {settings.service_mode.value}, "
+            f"upstream {settings.upstream.base}, workers {settings.workers}"
+        )
         return 0
     logs.configure(settings.logging)
     if settings.workers > 1:

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from proxy import keys
 from proxy.app import create_app
 from proxy.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -27,71 +32,185 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def serve(settings: Settings) -> None:
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp 3.14 closes a connection after its current response once shutdown begins, but derives the
+    # response's Connection header from the request only; without this, a client would pool a connection
+    # that is about to close and could send its next request into the closing socket. The header is set
+    # directly because on_response_prepare runs after StreamResponse._prepare_headers wrote it.
+    if request.app[keys.HEALTH].draining:
+        response.force_close()
+        response.headers[hdrs.CONNECTION] = "close"
+
+
+async def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, readiness 503, finish in-flight, clean up."""
     app = create_app(settings)
+    app.on_response_prepare.append(_close_when_draining)
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        shutdown_timeout=settings.shutdown_timeout_seconds,
+        # Halved because aiohttp 3.14's RequestHandler.shutdown waits twice: up to shutdown_timeout for the
+        # handler, then fails only the request body stream and waits up to shutdown_timeout again before
+        # cancelling. A response stream keeps going through both halves, so it still gets the whole budget,
+        # and the process is gone by shutdown_timeout_seconds instead of twice that (Kubernetes SIGKILLs at
+        # 30 s). A handler still reading a request body sees it fail at the half.
+        shutdown_timeout=settings.shutdown_timeout_seconds / 2,
         access_log=logging.getLogger("proxy.access") if settings.logging.access_log else None,
     )
-    await runner.setup()
     stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.info("%s while draining: still draining", sig.name)
+        else:
+            log.info("%s: draining", sig.name)
+            stop.set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # Installed before startup, so a SIGTERM while Redis connects ends the process through the same
+    # clean path instead of the default action.
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
-        # SO_REUSEPORT always: N workers (or a new pod process during a restart) share the port.
-        site = web.TCPSite(runner, settings.bind_host, settings.bind_port, reuse_port=True, backlog=1024)
-        await site.start()
-        log.info("listening on %s (mode %s)", settings.bind, settings.service_mode.value)
-        await stop.wait()
-        log.info("draining: up to %.1fs for in-flight requests", settings.shutdown_timeout_seconds)
-        app[keys.HEALTH].draining = True
+        await runner.setup()
+        try:
+            if stop.is_set():
+                return 0
+            # SO_REUSEPORT always: N workers (or a new pod process during a restart) share the port.
+            site = web.TCPSite(runner, settings.bind_host, settings.bind_port, reuse_port=True, backlog=1024)
+            try:
+                await site.start()
+            except OSError as exc:
+                log.error("cannot listen on %s: %s", settings.bind, exc.strerror or exc)  # noqa: TRY400
+                return 1
+            log.info(
+                "listening on %s (mode %s, loop %s)",
+                settings.bind,
+                settings.service_mode.value,
+                type(loop).__module__.partition(".")[0],
+            )
+            await stop.wait()
+            # Before the listener closes, so every response from here on says 503 / Connection: close.
+            app[keys.HEALTH].draining = True
+            log.info("draining: up to %.1fs for in-flight requests", settings.shutdown_timeout_seconds)
+        finally:
+            # aiohttp 3.14 BaseRunner.cleanup: close the listening sockets; RequestHandler.close() on every
+            # connection (idle keep-alive ones close at once, busy ones after their current response); wait
+            # for running handlers (see shutdown_timeout above), then cancel the rest; then the cleanup
+            # contexts in reverse (billing's final flush last).
+            await runner.cleanup()
     finally:
-        # Closes the listener, lets in-flight handlers finish within shutdown_timeout, then runs the
-        # cleanup contexts in reverse (billing and telemetry flush last).
-        await runner.cleanup()
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
     log.info("stopped")
+    return 0
 
 
 def run(settings: Settings) -> int:
     """Run one serving process on uvloop when available; the exit code."""
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(serve(settings))
-    return 0
+        return runner.run(serve(settings))
+
+
+@dataclass
+class _Slot:
+    """One worker position: its process (None while a restart waits) and its crash history."""
+
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    crashes: int = 0
+
+
+# A worker that lived this long before crashing is restarted at once; quicker crashes back off
+# exponentially, so a worker that cannot start (port taken, upstream DNS) does not spin.
+_HEALTHY_RUN_SECONDS = 10.0
+_MAX_BACKOFF_SECONDS = 30.0
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Start `settings.workers` one-worker copies of this command; relay signals; restart crashes."""
     child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", "1"]
+    # The handlers only wake the loop below (the wakeup fd carries the signal numbers), so every decision
+    # about the children is made in one place and no signal can land between a check and a spawn.
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    handled = (*_STOP_SIGNALS, signal.SIGCHLD)
+    previous = {sig: signal.signal(sig, _noop) for sig in handled}
+    previous_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    slots = [_Slot() for _ in range(settings.workers)]
     stopping = False
-    children: list[subprocess.Popen[bytes]] = []
+    clean = True
+    try:
+        for slot in slots:
+            _spawn(slot, child_argv)
+        log.info("started %d workers: %s", len(slots), [s.process.pid for s in slots if s.process])
+        while True:
+            now = time.monotonic()
+            for slot in slots:
+                if slot.process is None and not stopping and slot.restart_at <= now:
+                    _spawn(slot, child_argv)
+            if all(slot.process is None for slot in slots) and stopping:
+                break
+            waits = [s.restart_at - now for s in slots if s.process is None and not stopping]
+            # Blocks until a signal (SIGCHLD included) or the next scheduled restart: no polling.
+            select.select([wake_r], [], [], max(0.0, min(waits)) if waits else None)
+            for signum in _read_signals(wake_r):
+                if signum in _STOP_SIGNALS:
+                    if not stopping:
+                        log.info("%s: stopping %d workers", signal.Signals(signum).name, len(slots))
+                    stopping = True
+                    for slot in slots:
+                        if slot.process is not None:
+                            slot.process.send_signal(signum)
+            clean = _reap(slots, stopping) and clean
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        wake_r.close()
+        wake_w.close()
+    return 0 if clean else 1
 
-    def relay(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, relay)
-    signal.signal(signal.SIGINT, relay)
-    children.extend(subprocess.Popen(child_argv) for _ in range(settings.workers))  # noqa: S603
-    log.info("started %d workers: %s", settings.workers, [c.pid for c in children])
-    worst = 0
-    while children:
-        time.sleep(0.2)
-        for index, child in enumerate(list(children)):
-            code = child.poll()
-            if code is None:
-                continue
-            children.remove(child)
-            worst = worst or code
-            if not stopping:
-                log.error("worker %d exited with %s; restarting it", child.pid, code)
-                time.sleep(min(5.0, 0.5 * (index + 1)))
-                children.append(subprocess.Popen(child_argv))  # noqa: S603
-                worst = 0
-    return worst
+def _noop(_signum: int, _frame: object) -> None:
+    """A Python-level handler, so the wakeup fd receives the signal."""
+
+
+def _spawn(slot: _Slot, argv: list[str]) -> None:
+    slot.process = subprocess.Popen(argv)  # noqa: S603 - our own interpreter and arguments
+    slot.started_at = time.monotonic()
+
+
+def _read_signals(sock: socket.socket) -> list[int]:
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except BlockingIOError:
+            return list(data)
+        if not chunk:
+            return list(data)
+        data += chunk
+
+
+def _reap(slots: list[_Slot], stopping: bool) -> bool:
+    """Collect exited workers (no zombies) and schedule restarts; False if one stopped uncleanly."""
+    clean = True
+    now = time.monotonic()
+    for slot in slots:
+        process = slot.process
+        if process is None or (code := process.poll()) is None:
+            continue
+        slot.process = None
+        if stopping:
+            if code != 0:
+                log.error("worker %d exited with %s while stopping", process.pid, code)
+                clean = False
+            continue
+        slot.crashes = 1 if now - slot.started_at >= _HEALTHY_RUN_SECONDS else slot.crashes + 1
+        delay = 0.0 if slot.crashes == 1 else min(_MAX_BACKOFF_SECONDS, 0.5 * 2 ** (slot.crashes - 2))
+        slot.restart_at = now + delay
+        log.error("worker %d exited with %s; restarting it in %.1fs", process.pid, code, delay)
+    return clean

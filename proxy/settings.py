@@ -116,6 +116,8 @@ class RedisLayout(_Section):
     quota_key: str = "@posthog/quota-limits/feature_flag_requests"
     billing_team_key: str = "posthog:local_evaluation_requests:{team_id}"
     billing_sdk_key: str = "posthog:local_evaluation_requests:sdk:{team_id}:{library}"
+    # Ours, not the backend's: marks a billing batch as applied, so a retried flush never counts twice.
+    billing_dedupe_key: str = "edge-proxy:billing-batch:{batch_id}"
     billing_bucket_seconds: int = Field(default=120, ge=1)
     # A value that decompresses to more than this is refused (a decompression bomb in Redis).
     max_decoded_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -127,6 +129,7 @@ class RedisLayout(_Section):
             ("payload_key", "{team_id}"),
             ("billing_team_key", "{team_id}"),
             ("billing_sdk_key", "{team_id}"),
+            ("billing_dedupe_key", "{batch_id}"),
         ):
             if needed not in getattr(self, name):
                 raise ValueError(f"{name} must contain {needed}")
@@ -144,6 +147,9 @@ class DefinitionsSettings(_Section):
     refresh_interval_seconds: Seconds = 0.5
     # A team not requested for this long is dropped from memory and no longer refreshed.
     idle_evict_seconds: Seconds = 600.0
+    # While Redis cannot be read, cached payloads are served this long after Redis last confirmed them;
+    # after that the definitions requests are forwarded to the backend.
+    max_staleness_seconds: Seconds = 30.0
     # Team records are re-read in the background after this long.
     team_ttl_seconds: Seconds = 30.0
     # A token without a team record in Redis is forwarded; the negative answer is remembered this long.
@@ -164,6 +170,9 @@ class QuotaSettings(_Section):
     """The quota-limited projects snapshot."""
 
     poll_interval_seconds: Seconds = 2.0
+    # While Redis cannot be read the last snapshot is kept this long (from its last successful read), then
+    # cleared: the check fails open (contract §3 step 5) rather than limiting anyone on stale data.
+    max_staleness_seconds: Seconds = 6.0
 
 
 class BillingSettings(_Section):
@@ -172,6 +181,8 @@ class BillingSettings(_Section):
     flush_interval_seconds: Seconds = 2.0
     # Unflushed batches kept while Redis is down; beyond this the oldest is dropped and logged.
     max_pending_batches: int = Field(default=1000, ge=1)
+    # Bound on the final flush at shutdown (all attempts together), well inside shutdown_timeout_seconds.
+    final_flush_timeout_seconds: Seconds = 5.0
 
 
 class RateLimitSettings(_Section):
@@ -224,8 +235,16 @@ class Settings(_Section):
     @classmethod
     def _bind(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"must be host:port, got {value!r}")
+        # An IPv6 host needs brackets ([::1]:8080): unbracketed, "::1" would parse as host ":" port 1.
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                host = ""
+        elif ":" in host:
+            host = ""
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
+            raise ValueError(f"must be host:port or [ipv6]:port with a port 1-65535, got {value!r}")
         return value
 
     @property
@@ -276,9 +295,13 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 def _env_value(raw: str) -> Any:
-    # YAML scalars and flow collections, so `EDGE_PROXY__RATE_LIMITS__ALLOWLIST='[1, 2]'` works too.
+    # Flow collections are parsed, so `EDGE_PROXY__RATE_LIMITS__ALLOWLIST='[1, 2]'` works; BaseLoader keeps
+    # every scalar a string (no YAML 1.1 "on" -> True, "0x10" -> 16) and pydantic converts it to the field's
+    # type, as it does for a plain value.
+    if not raw.lstrip().startswith(("[", "{")):
+        return raw
     try:
-        return yaml.safe_load(raw) if raw.strip() else raw
+        return yaml.load(raw, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds only str/list/dict
     except yaml.YAMLError:
         return raw
 

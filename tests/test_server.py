@@ -1,0 +1,325 @@
+"""The serving process as Kubernetes runs it: a real `python -m proxy serve` subprocess, signals, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.settings import ENV_ALIASES, ENV_PREFIX
+from tests.rig import Upstream, free_port
+
+pytestmark = pytest.mark.slow
+
+BODY = b"0123456789abcdef" * 4096  # 64 KiB: big enough that a truncated answer would show
+
+
+@contextmanager
+def proxy_process(
+    tmp_path: Path, env: Mapping[str, str], *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Start `python -m proxy serve` configured by `env` alone; killed on the way out, whatever happened."""
+    base = {k: v for k, v in os.environ.items() if k not in ENV_ALIASES and not k.startswith(ENV_PREFIX)}
+    log_path = tmp_path / f"proxy-{len(list(tmp_path.glob('proxy-*.log')))}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", *args],
+            env={**base, "LOG_FORMAT": "text", **env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process, log_path
+    finally:
+        for pid in _children(process.pid):
+            _kill(pid)
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def _kill(pid: int) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid`, from /proc (no psutil)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the parent pid; the command name (field 2) may contain spaces, so split after ')'.
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _listening_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on TCP `port` (its fds against /proc/net/tcp*)."""
+    inodes = set()
+    try:
+        # tcp6 is absent on a kernel without IPv6; the bind in these tests is IPv4 anyway.
+        table = Path(f"/proc/{pid}/net/tcp").read_text()
+        for line in table.splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+        fds = Path(f"/proc/{pid}/fd")
+        return any(os.readlink(fds / fd) in inodes for fd in os.listdir(fds))
+    except OSError:  # the process exited meanwhile
+        return False
+
+
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _log(path: Path) -> str:
+    return path.read_text()
+
+
+def _in_flight(recorder: Upstream) -> int:
+    return sum(seen.path_qs.startswith("/slow?") for seen in recorder.seen)
+
+
+def _listening_workers(supervisor: int, port: int) -> list[int]:
+    """The supervisor's children that listen on `port`."""
+    return [pid for pid in _children(supervisor) if _listening_on(pid, port)]
+
+
+async def wait_ready(port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Poll /_readiness until 200 (Redis reachable, startup done); fail fast if the process died."""
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"proxy exited with {process.returncode}:\n{_log(log_path)}"
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/_readiness") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"proxy never became ready:\n{_log(log_path)}")
+
+
+async def wait_exit(process: subprocess.Popen[bytes], within: float) -> int:
+    """The exit code, waiting without blocking the loop (the in-process upstream must keep answering)."""
+    return await asyncio.to_thread(process.wait, within)
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, within: float = 10) -> None:
+    """Poll `predicate()` until true."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def refused(port: int) -> bool:
+    """Whether a new TCP connection to `port` is refused."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
+
+
+@asynccontextmanager
+async def gated_upstream(upstream: tuple[Upstream, TestServer]) -> AsyncIterator[asyncio.Event]:
+    """Route /slow answers BODY once the yielded event is set, so the test decides when requests finish."""
+    recorder, _ = upstream
+    release = asyncio.Event()
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        # Bounded, so a failing test cannot leave the upstream handler hanging at teardown.
+        await asyncio.wait_for(release.wait(), 30)
+        return web.Response(body=BODY, content_type="application/octet-stream")
+
+    recorder.routes["/slow"] = slow
+    try:
+        yield release
+    finally:
+        release.set()
+
+
+def _env(port: int, upstream: TestServer, redis_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "BIND": f"127.0.0.1:{port}",
+        "UPSTREAM_URL": str(upstream.make_url("/")),
+        "REDIS_URL": redis_url,
+        **extra,
+    }
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes, str | None]:
+    async with session.get(url) as response:
+        return response.status, await response.read(), response.headers.get("Connection")
+
+
+async def test_sigterm_drains_in_flight_requests_and_exits_0(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    recorder, server = upstream
+    port = free_port()
+    timeout = 10.0
+    env = _env(port, server, redis_url, SHUTDOWN_TIMEOUT_SECONDS=str(timeout))
+    async with gated_upstream(upstream) as release, aiohttp.ClientSession() as session:
+        with proxy_process(tmp_path, env) as (process, log_path):
+            await wait_ready(port, process, log_path)
+            # An idle keep-alive connection, open before the signal.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /_readiness HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            await reader.readexactly(len(b'{"status":"ok"}'))
+
+            tasks = [
+                asyncio.create_task(_fetch(session, f"http://127.0.0.1:{port}/slow?i={i}")) for i in range(50)
+            ]
+            await wait_until(lambda: _in_flight(recorder) == 50, "50 requests upstream")
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+
+            # While the 50 are still held upstream: the listener is closed, so new connections are refused,
+            # and aiohttp 3.14 closes idle keep-alive connections at once (Server.pre_shutdown), cleanly (EOF,
+            # not a reset), so no further request, readiness included, can arrive on them.
+            deadline = time.monotonic() + 5
+            while not await refused(port):
+                assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+                await asyncio.sleep(0.02)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            await writer.wait_closed()
+            assert not any(task.done() for task in tasks)
+
+            release.set()
+            results = await asyncio.gather(*tasks)
+            code = await wait_exit(process, timeout + 5)
+            elapsed = time.monotonic() - signalled
+
+    assert code == 0, log_path.read_text()
+    assert elapsed < timeout + 5
+    assert [status for status, _, _ in results] == [200] * 50
+    assert all(body == BODY for _, body, _ in results)
+    # Prepared after draining began: each tells its client not to reuse the connection.
+    assert {connection for _, _, connection in results} == {"close"}
+    log = log_path.read_text()
+    assert "SIGTERM: draining" in log
+    # uvloop is a dependency on Linux, so the serving loop must be uvloop's.
+    assert "loop uvloop" in log
+
+
+async def test_streams_get_the_whole_timeout_and_the_process_exits_by_it(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    recorder, server = upstream
+    ends = {"/endless": asyncio.Event(), "/finite": asyncio.Event()}
+
+    async def ticking(request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            while not ends[request.path].is_set():
+                await response.write(b"tick\n")
+                await asyncio.sleep(0.05)
+        except ConnectionResetError:
+            pass  # the proxy gave up on the stream, as it should at its shutdown timeout
+        await response.write(b"end\n")
+        return response
+
+    recorder.routes.update(dict.fromkeys(ends, ticking))
+    port = free_port()
+    # 4 s and a 3 s margin: long enough to tell "exits at the timeout" from aiohttp's own worst case of
+    # twice the timeout (8 s), which would outlive Kubernetes' grace period at the 25 s default.
+    timeout = 4.0
+    env = _env(port, server, redis_url, SHUTDOWN_TIMEOUT_SECONDS=str(timeout))
+    try:
+        async with aiohttp.ClientSession() as session:
+            with proxy_process(tmp_path, env) as (process, log_path):
+                await wait_ready(port, process, log_path)
+                endless = await session.get(f"http://127.0.0.1:{port}/endless")
+                finite = await session.get(f"http://127.0.0.1:{port}/finite")
+                async with endless, finite:
+                    assert await endless.content.readline() == b"tick\n"
+                    assert await finite.content.readline() == b"tick\n"
+                    process.send_signal(signal.SIGTERM)
+                    signalled = time.monotonic()
+                    # Past half the budget (where aiohttp alone would start cutting), well before the end.
+                    await asyncio.sleep(timeout * 0.75)
+                    ends["/finite"].set()
+                    assert (await finite.read()).endswith(b"tick\nend\n")
+                    code = await wait_exit(process, timeout + 5)
+                    elapsed = time.monotonic() - signalled
+                    # Cut at the timeout: the chunked body never gets its terminating chunk.
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await endless.read()
+    finally:
+        for end in ends.values():
+            end.set()
+    assert code == 0, log_path.read_text()
+    assert elapsed < timeout + 3
+
+
+async def test_workers_share_the_port_restart_and_stop_together(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    recorder, server = upstream
+    port = free_port()
+    env = _env(port, server, redis_url, SHUTDOWN_TIMEOUT_SECONDS="10")
+    async with gated_upstream(upstream) as release, aiohttp.ClientSession() as session:
+        with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
+            await wait_ready(port, supervisor, log_path)
+            await wait_until(
+                lambda: len(_listening_workers(supervisor.pid, port)) == 2, "two workers listening"
+            )
+            first = _children(supervisor.pid)
+
+            os.kill(first[0], signal.SIGKILL)
+            await wait_until(
+                lambda: (w := _listening_workers(supervisor.pid, port)) != first and len(w) == 2,
+                "the killed worker replaced",
+            )
+            workers = _children(supervisor.pid)
+            assert first[0] not in workers
+            assert first[1] in workers
+            await wait_ready(port, supervisor, log_path)
+
+            tasks = [
+                asyncio.create_task(_fetch(session, f"http://127.0.0.1:{port}/slow?i={i}")) for i in range(20)
+            ]
+            await wait_until(lambda: _in_flight(recorder) == 20, "20 requests upstream")
+            supervisor.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while not await refused(port):
+                assert time.monotonic() < deadline, "a worker still accepts connections after SIGTERM"
+                await asyncio.sleep(0.02)
+            release.set()
+            results = await asyncio.gather(*tasks)
+            code = await wait_exit(supervisor, 10 + 5)
+            # Reaped by the supervisor before it exited: neither running (orphaned) nor a zombie.
+            leftover = [pid for pid in workers if _exists(pid)]
+
+    assert code == 0, log_path.read_text()
+    assert [(status, body) for status, body, _ in results] == [(200, BODY)] * 20
+    assert leftover == []
+    assert "restarting it" in log_path.read_text()

@@ -1,0 +1,298 @@
+"""load_settings: file, then environment; every problem reported at once with the key that caused it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import (
+    BillingSettings,
+    ConfigError,
+    DefinitionsSettings,
+    LoggingSettings,
+    QuotaSettings,
+    RateLimitSettings,
+    RedisLayout,
+    RedisSettings,
+    ServiceMode,
+    Settings,
+    UpstreamSettings,
+    load_settings,
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    """A config file holding `text`."""
+    path = tmp_path / "edge-proxy.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(path: Path | None = None, env: dict[str, str] | None = None) -> str:
+    """The ConfigError message for this file and environment."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env or {})
+    return str(caught.value)
+
+
+def test_defaults_of_every_section() -> None:
+    settings = load_settings(None, {})
+    assert settings == Settings()
+    assert (settings.bind_host, settings.bind_port) == ("0.0.0.0", 8080)
+    assert settings.service_mode is ServiceMode.ALL
+    assert settings.workers == 1
+    # Below Kubernetes' default 30 s grace period.
+    assert settings.shutdown_timeout_seconds == 25.0
+    assert settings.upstream == UpstreamSettings()
+    assert settings.upstream.base == "http://127.0.0.1:8000"
+    assert settings.upstream.host_header == "client"
+    assert settings.upstream.trusted_proxies == ()
+    assert settings.redis == RedisSettings()
+    assert settings.redis.url == "redis://127.0.0.1:6379/0"
+    assert settings.redis.timeout_seconds == 0.5
+    assert settings.layout == RedisLayout()
+    assert settings.layout.key_prefix == "posthog"
+    assert settings.layout.team_key == "team_token:{token}"
+    assert settings.definitions == DefinitionsSettings()
+    assert settings.definitions.path == "/flags/definitions"
+    assert "/api/feature_flag/local_evaluation" in settings.definitions.aliases
+    assert settings.quota == QuotaSettings()
+    assert settings.quota.poll_interval_seconds == 2.0
+    assert settings.billing == BillingSettings()
+    assert settings.billing.flush_interval_seconds == 2.0
+    assert settings.rate_limits == RateLimitSettings()
+    assert (settings.rate_limits.enabled, settings.rate_limits.default) == (True, "600/minute")
+    assert settings.logging == LoggingSettings()
+    assert (settings.logging.level, settings.logging.format) == ("INFO", "json")
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "# nothing set\n"), {}) == Settings()
+
+
+def test_file_values_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+bind: "127.0.0.1:9000"
+service_mode: definitions
+workers: 3
+upstream: {url: "http://backend:8000/prefix/", read_timeout_seconds: 5}
+rate_limits:
+  default: 10/second
+  team_overrides: {"42": 100 per minute}
+  allowlist: [phc_a, phc_b]
+logging: {level: debug, format: text}
+""",
+    )
+    settings = load_settings(path, {})
+    assert (settings.bind_host, settings.bind_port) == ("127.0.0.1", 9000)
+    assert settings.service_mode is ServiceMode.DEFINITIONS
+    assert settings.workers == 3
+    assert settings.upstream.base == "http://backend:8000/prefix"
+    assert settings.upstream.read_timeout_seconds == 5.0
+    assert settings.rate_limits.default == "10/second"
+    assert settings.rate_limits.team_overrides == {"42": "100 per minute"}
+    assert settings.rate_limits.allowlist == ("phc_a", "phc_b")
+    assert (settings.logging.level, settings.logging.format) == ("DEBUG", "text")
+
+
+def test_environment_wins_over_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+bind: "127.0.0.1:9000"
+service_mode: flags
+upstream: {url: "http://from-file:1", connect_timeout_seconds: 3}
+redis: {url: "redis://from-file:6379/0"}
+logging: {level: ERROR}
+shutdown_timeout_seconds: 10
+""",
+    )
+    env = {
+        "UPSTREAM_URL": "http://from-env:2",
+        "REDIS_URL": "redis://from-env:6380/1",
+        "SERVICE_MODE": "definitions",
+        "BIND": "127.0.0.2:9001",
+        "WORKERS": "4",
+        "LOG_LEVEL": "warning",
+        "LOG_FORMAT": "text",
+        "SHUTDOWN_TIMEOUT_SECONDS": "12.5",
+        "EDGE_PROXY__UPSTREAM__CONNECT_TIMEOUT_SECONDS": "7",
+    }
+    settings = load_settings(path, env)
+    assert settings.upstream.base == "http://from-env:2"
+    assert settings.redis.url == "redis://from-env:6380/1"
+    assert settings.service_mode is ServiceMode.DEFINITIONS
+    assert settings.bind == "127.0.0.2:9001"
+    assert settings.workers == 4
+    assert (settings.logging.level, settings.logging.format) == ("WARNING", "text")
+    assert settings.shutdown_timeout_seconds == 12.5
+    assert settings.upstream.connect_timeout_seconds == 7.0
+
+
+def test_environment_alone_without_a_file() -> None:
+    settings = load_settings(None, {"UPSTREAM_URL": "https://backend.internal"})
+    assert settings.upstream.base == "https://backend.internal"
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode"), [("FLAGS", "flags"), ("Definitions", "definitions"), ("all", "all")]
+)
+def test_service_mode_is_case_insensitive(raw: str, mode: str) -> None:
+    assert load_settings(None, {"SERVICE_MODE": raw}).service_mode.value == mode
+
+
+@pytest.mark.parametrize(
+    ("bind", "host", "port"),
+    [
+        ("0.0.0.0:8080", "0.0.0.0", 8080),
+        ("127.0.0.1:1", "127.0.0.1", 1),
+        ("localhost:65535", "localhost", 65535),
+        ("[::1]:8080", "::1", 8080),
+        ("[::]:9000", "::", 9000),
+    ],
+)
+def test_bind_parsing(bind: str, host: str, port: int) -> None:
+    settings = load_settings(None, {"BIND": bind})
+    assert (settings.bind_host, settings.bind_port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    "bind",
+    [
+        "8080",
+        "localhost",
+        ":8080",
+        "host:",
+        "host:0",
+        "host:65536",
+        "host:http",
+        "::1",
+        "a:b:80",
+        "[nope]:80",
+        "[::1]",
+        "host:\uff18\uff10",
+    ],
+)
+def test_bad_bind_is_refused(bind: str) -> None:
+    assert "bind (from $BIND): " in problems(env={"BIND": bind})
+
+
+def test_generic_nested_environment_values_are_typed_by_the_field() -> None:
+    settings = load_settings(
+        None,
+        {
+            "EDGE_PROXY__REDIS__TIMEOUT_SECONDS": "1.5",
+            "EDGE_PROXY__RATE_LIMITS__ENABLED": "false",
+            "EDGE_PROXY__DEFINITIONS__ALIASES": "[/a, /b/]",
+            "EDGE_PROXY__RATE_LIMITS__TEAM_OVERRIDES": '{"42": 10/second, 7: 1/minute}',
+            # Flow collections of numbers stay strings where the field holds strings.
+            "EDGE_PROXY__RATE_LIMITS__ALLOWLIST": "[1, 2]",
+            # YAML 1.1 would make these True and 16; a string field keeps them as written.
+            "EDGE_PROXY__LAYOUT__KEY_PREFIX": "on",
+            "EDGE_PROXY__LAYOUT__MISSING_MARKER": "0x10",
+            "EDGE_PROXY__UPSTREAM__TRUSTED_PROXIES": "[10.0.0.0/8, '::1']",
+        },
+    )
+    assert settings.redis.timeout_seconds == 1.5
+    assert settings.rate_limits.enabled is False
+    assert settings.definitions.aliases == ("/a", "/b/")
+    assert settings.rate_limits.team_overrides == {"42": "10/second", "7": "1/minute"}
+    assert settings.rate_limits.allowlist == ("1", "2")
+    assert settings.layout.key_prefix == "on"
+    assert settings.layout.missing_marker == "0x10"
+    assert settings.upstream.trusted_proxies == ("10.0.0.0/8", "::1")
+
+
+def test_top_level_generic_key() -> None:
+    assert load_settings(None, {"EDGE_PROXY__SERVICE_MODE": "FLAGS"}).service_mode is ServiceMode.FLAGS
+
+
+def test_unknown_keys_are_refused_with_their_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "upstream:\n  url: http://x\n  retries: 3\nmystery: 1\n")
+    message = problems(path, {"EDGE_PROXY__REDIS__PASSWORD": "x"})
+    assert "upstream.retries: unknown key" in message
+    assert "mystery: unknown key" in message
+    assert "redis.password (from $EDGE_PROXY__REDIS__PASSWORD): unknown key" in message
+    assert message.startswith("invalid configuration (3 problems):")
+
+
+def test_every_problem_in_one_message(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+service_mode: everything
+upstream: {url: "not a url"}
+rate_limits: {default: lots, team_overrides: {"1": "many/fortnight"}}
+redis: {url: "http://wrong-scheme"}
+workers: 0
+shutdown_timeout_seconds: 0
+definitions: {path: no-slash}
+upstream_typo: 1
+""",
+    )
+    message = problems(path)
+    for key in (
+        "service_mode",
+        "upstream.url",
+        "rate_limits.default",
+        "rate_limits.team_overrides.1",
+        "redis.url",
+        "workers",
+        "shutdown_timeout_seconds",
+        "definitions.path",
+        "upstream_typo",
+    ):
+        assert f"\n  {key}: " in message, key
+    assert message.startswith("invalid configuration (9 problems):")
+    assert "not a rate string like '600/minute': 'lots'" in message
+
+
+def test_environment_problems_name_the_variable() -> None:
+    message = problems(
+        env={
+            "UPSTREAM_URL": "ftp://backend",
+            "SERVICE_MODE": "both",
+            "WORKERS": "many",
+            "LOG_LEVEL": "chatty",
+            "EDGE_PROXY__RATE_LIMITS__DEFAULT": "fast",
+        }
+    )
+    assert "upstream.url (from $UPSTREAM_URL): " in message
+    assert "service_mode (from $SERVICE_MODE): " in message
+    assert "workers (from $WORKERS): " in message
+    assert "logging.level (from $LOG_LEVEL): " in message
+    assert "rate_limits.default (from $EDGE_PROXY__RATE_LIMITS__DEFAULT): " in message
+
+
+def test_layout_templates_must_keep_their_placeholders() -> None:
+    message = problems(env={"EDGE_PROXY__LAYOUT__TEAM_KEY": "team:{id}"})
+    assert "layout: " in message
+    assert "team_key must contain {token}" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("upstream: [unclosed\n", "not valid YAML"),
+        ("- a\n- b\n", "the top level must be a mapping"),
+    ],
+)
+def test_unusable_files(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    message = problems(path)
+    assert str(path) in message
+    assert expected in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    assert problems(path) == f"config file {path}: No such file or directory"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(None, {})
+    with pytest.raises(ValueError, match="frozen"):
+        settings.workers = 2
