@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import forward, health, keys
+from proxy import definitions, forward, health, keys
+from proxy.billing import billing_ctx
 from proxy.errors import error_middleware
+from proxy.quota import quota_ctx
 from proxy.redis_client import redis_ctx
 from proxy.settings import Settings
 
@@ -36,11 +38,15 @@ def create_app(settings: Settings) -> web.Application:
             redis_ctx,  # Redis pool (lazy connections)
             health.redis_monitor_ctx,  # readiness follows Redis
             forward.upstream_ctx,  # one pooled ClientSession to the upstream
+            quota_ctx,  # quota-limited tokens, polled into a memory snapshot
+            billing_ctx,  # billing tally; its cleanup flushes after the last in-flight request
+            definitions.definitions_ctx,  # team store, payload cache and its refresher
             _started_ctx,
         ]
     )
 
     health.add_routes(app)
+    definitions.add_routes(app)
     # Everything the proxy does not answer itself goes upstream unchanged.
     app.router.add_route("*", "/{tail:.*}", forward.forward_handler)
     return app

@@ -11,6 +11,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from proxy import keys
+from proxy.tasks import background
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,8 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
                 health.redis_ok = True
             await asyncio.sleep(interval)
 
-    task = asyncio.create_task(watch(), name="redis-monitor")
-    yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with background(watch(), name="redis-monitor"):
+        yield
 
 
 def add_routes(app: web.Application) -> None:

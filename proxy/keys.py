@@ -9,11 +9,17 @@ from aiohttp import web
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
+    from proxy.billing import BillingTally
+    from proxy.definitions import DefinitionsService
     from proxy.forward import Forwarder
     from proxy.health import Health
+    from proxy.quota import QuotaSnapshot
     from proxy.settings import Settings
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis")
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
+QUOTA: web.AppKey[QuotaSnapshot] = web.AppKey("quota")
+BILLING: web.AppKey[BillingTally] = web.AppKey("billing")
+DEFINITIONS: web.AppKey[DefinitionsService] = web.AppKey("definitions")

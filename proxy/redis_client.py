@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from proxy import keys
 from proxy.settings import RedisSettings
@@ -20,7 +22,9 @@ def make_client(settings: RedisSettings) -> aioredis.Redis:
         max_connections=settings.max_connections,
         # Raw bytes: values are pickles, often compressed, never text to be decoded by the client.
         decode_responses=False,
-        retry_on_timeout=False,
+        # One immediate retry, for a pooled connection that died with a Redis restart; no backoff, so a
+        # call is never much longer than twice the timeout.
+        retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
 

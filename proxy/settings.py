@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -136,6 +137,34 @@ class RedisLayout(_Section):
         return self
 
 
+CredentialKind = Literal["personal_api_key", "secret_api_token"]
+
+
+class AuthSettings(_Section):
+    """Auth verdicts learned from the backend (contract §4)."""
+
+    # Credential kinds the proxy may answer for locally; other kinds are always forwarded.
+    local_credentials: tuple[CredentialKind, ...] = ("personal_api_key", "secret_api_token")
+    # Off: every request the Redis entries cannot decide is forwarded, and nothing is remembered.
+    learn_verdicts: bool = True
+    # The key of the HMAC that names verdicts in Redis. Unset: verdicts stay in each process's memory.
+    # Set it from a Secret (env VERDICT_HMAC_KEY); it is never logged.
+    hmac_key: SecretStr | None = None
+    key_prefix: str = "edge-proxy:verdict:v1"
+    allowed_ttl_seconds: Seconds = 300.0
+    # Also the bound on how often one bad credential reaches the backend (once per TTL per replica).
+    denied_ttl_seconds: Seconds = 30.0
+    # How often verdicts held in memory are re-checked in Redis (one MGET): the revocation delay.
+    revalidate_interval_seconds: Seconds = 1.0
+
+    @field_validator("hmac_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+
 class DefinitionsSettings(_Section):
     """The definitions endpoint: routes, memory cache and freshness."""
 
@@ -156,6 +185,7 @@ class DefinitionsSettings(_Section):
     team_miss_ttl_seconds: Seconds = 1.0
     # Flag keys with these prefixes are not billed when every flag of the payload has one.
     unbilled_flag_prefixes: tuple[str, ...] = ("survey-targeting-", "product-tour-targeting-")
+    auth: AuthSettings = AuthSettings()
 
     @field_validator("path", "aliases")
     @classmethod
@@ -192,8 +222,26 @@ class RateLimitSettings(_Section):
     default: RateString = "600/minute"
     # A second budget for requests that carry If-None-Match.
     etag: RateString = "6000/minute"
+    # Team id -> rate of its default budget (the If-None-Match budget has no overrides, as in the reference).
     team_overrides: dict[str, RateString] = Field(default_factory=dict)
+    # Team ids that bypass both budgets (anything else is ignored, with a warning at startup).
     allowlist: tuple[str, ...] = ()
+    # "fast": admit from memory, reconcile with Redis every sync_interval_seconds (no Redis call per
+    # request; replicas may over-admit by what they admit between two syncs). "exact": a round trip each.
+    mode: Literal["fast", "exact"] = "fast"
+    sync_interval_seconds: Seconds = 0.2
+    # A team without a request for this long is no longer re-read at each sync (fast mode).
+    idle_seconds: Seconds = 10.0
+    # Prefix of the shared window counters in Redis; both modes use the same keys, so they can be mixed.
+    key_prefix: str = "edge-proxy:ratelimit"
+
+    @field_validator("team_overrides")
+    @classmethod
+    def _team_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        for team_id in value:
+            if not (team_id.isascii() and team_id.isdigit()):
+                raise ValueError(f"keys are team ids (integers), got {team_id!r}")
+        return value
 
 
 class LoggingSettings(_Section):
@@ -215,8 +263,8 @@ class Settings(_Section):
     bind: str = "0.0.0.0:8080"
     service_mode: ServiceMode = ServiceMode.ALL
     workers: int = Field(default=1, ge=1, le=64)
-    # Below Kubernetes' default 30 s terminationGracePeriodSeconds, so the pod is never SIGKILLed mid-drain.
-    shutdown_timeout_seconds: Seconds = 25.0
+    # Drain budget; with the final billing flush (<= 5 s) it stays inside Kubernetes' 30 s grace period.
+    shutdown_timeout_seconds: Seconds = 20.0
     upstream: UpstreamSettings = UpstreamSettings()
     redis: RedisSettings = RedisSettings()
     layout: RedisLayout = RedisLayout()
@@ -269,6 +317,7 @@ ENV_ALIASES: Mapping[str, tuple[str, ...]] = {
     "LOG_LEVEL": ("logging", "level"),
     "LOG_FORMAT": ("logging", "format"),
     "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds",),
+    "VERDICT_HMAC_KEY": ("definitions", "auth", "hmac_key"),
 }
 ENV_PREFIX = "EDGE_PROXY__"
 

@@ -43,7 +43,7 @@ def test_defaults_of_every_section() -> None:
     assert settings.service_mode is ServiceMode.ALL
     assert settings.workers == 1
     # Below Kubernetes' default 30 s grace period.
-    assert settings.shutdown_timeout_seconds == 25.0
+    assert settings.shutdown_timeout_seconds == 20.0
     assert settings.upstream == UpstreamSettings()
     assert settings.upstream.base == "http://127.0.0.1:8000"
     assert settings.upstream.host_header == "client"

@@ -1,0 +1,241 @@
+"""Billing counters (contract §3 step 8): tallied in memory per request, flushed to Redis exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from proxy import keys
+from proxy.contract import RedisContract
+from proxy.settings import BillingSettings
+from proxy.tasks import background
+
+log = logging.getLogger(__name__)
+
+# (team_id, library, bucket) -> requests
+Counts = dict[tuple[int, str, int], int]
+
+# Applies batches in order; each batch is [dedupe key][hash key]* in KEYS and [n][field, increment]* in ARGV.
+# A batch whose dedupe key already exists was applied by an attempt whose reply was lost: it is skipped, so
+# a retry (ours, or redis-py's own retry after a dropped connection) never counts twice. A script runs
+# atomically: no other client sees half a batch. (Redis does not roll back a script that fails midway; only a
+# billing key of the wrong type can do that, and the batch is then marked applied and not retried.)
+_APPLY_BATCHES = """
+local ttl = ARGV[1]
+local k, a = 1, 2
+local applied = 0
+while k <= #KEYS do
+  local n = tonumber(ARGV[a])
+  local fresh = redis.call('SET', KEYS[k], '1', 'NX', 'EX', ttl)
+  k, a = k + 1, a + 1
+  for _ = 1, n do
+    if fresh then
+      redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+    end
+    k, a = k + 1, a + 2
+  end
+  if fresh then
+    applied = applied + 1
+  end
+end
+return applied
+"""
+# A batch stays pending about max_pending_batches x flush_interval at most (~35 min by default), far below
+# this: a retry always finds the marker of an earlier attempt that was applied.
+_DEDUPE_TTL_SECONDS = 86400
+# Redis runs a script alone; ~1 µs per HINCRBY keeps one call under ~20 ms. A backlog drains over flushes.
+_MAX_INCREMENTS_PER_CALL = 20_000
+_FINAL_FLUSH_ATTEMPTS = 3
+_FINAL_FLUSH_PAUSE_SECONDS = 0.1
+
+
+@dataclass
+class _Batch:
+    counts: Counts
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.counts.values())
+
+
+def _describe(counts: Counts) -> str:
+    # Enough to re-apply by hand: team, library, bucket and requests of every entry.
+    return ", ".join(
+        f"{team}/{library}/{bucket}={n}" for (team, library, bucket), n in sorted(counts.items())
+    )
+
+
+class BillingTally:
+    """Requests billed per (team, library, bucket) since the last flush, and batches waiting to be written."""
+
+    def __init__(self, contract: RedisContract, settings: BillingSettings) -> None:
+        self.contract = contract
+        self.settings = settings
+        self._bucket_seconds = contract.layout.billing_bucket_seconds
+        self._counts: Counts = {}
+        self._pending: deque[_Batch] = deque()
+        self._script: AsyncScript | None = None
+        # Flushes must not overlap: a batch leaves the queue only once the call that carried it succeeded.
+        self._flushing = asyncio.Lock()
+        self._failing = False
+        # Counters for metrics.
+        self.flushed_requests = 0
+        self.failed_flushes = 0
+        self.dropped_counts = 0
+
+    @property
+    def pending_batches(self) -> int:
+        """Batches sealed but not yet confirmed written."""
+        return len(self._pending)
+
+    @property
+    def unflushed_requests(self) -> int:
+        """Requests counted but not yet confirmed written (tally plus pending batches)."""
+        return sum(self._counts.values()) + sum(batch.requests for batch in self._pending)
+
+    def count(self, team_id: int, library: str, now: float | None = None) -> None:
+        """Bill one request to the bucket of `now` (request time, not flush time); memory only."""
+        bucket = int((time.time() if now is None else now) // self._bucket_seconds)
+        counts = self._counts
+        entry = (team_id, library, bucket)
+        counts[entry] = counts.get(entry, 0) + 1
+
+    async def flush(self, redis: aioredis.Redis) -> bool:
+        """Seal the tally, then write the pending batches in order in one round trip; False if Redis fails."""
+        async with self._flushing:
+            self._seal()
+            if not self._pending:
+                return True
+            batches = self._next_call()
+            script_keys, args = self._encode(batches)
+            try:
+                await self._apply(redis)(keys=script_keys, args=args, client=redis)
+            except (RedisError, OSError) as exc:
+                # Outcome unknown: the batches stay pending with their ids, so the retry is idempotent.
+                self.failed_flushes += 1
+                if not self._failing:
+                    log.warning(
+                        "billing: flush failed (%s); %d request(s) kept for retry",
+                        type(exc).__name__,
+                        self.unflushed_requests,
+                    )
+                    self._failing = True
+                return False
+            for _ in batches:
+                self._pending.popleft()
+            self.flushed_requests += sum(batch.requests for batch in batches)
+            if self._failing:
+                log.info("billing: flush succeeded again; %d batch(es) still pending", len(self._pending))
+                self._failing = False
+            return True
+
+    async def close(self, redis: aioredis.Redis) -> None:
+        """Final flush at shutdown, bounded in attempts and time; logs at ERROR whatever stays unwritten."""
+        failures = 0
+        budget = self.settings.final_flush_timeout_seconds
+        deadline = asyncio.get_running_loop().time() + budget
+        try:
+            async with asyncio.timeout(budget):
+                while self._counts or self._pending:
+                    if await self.flush(redis):
+                        continue
+                    failures += 1
+                    # The deadline is checked too: redis-py can swallow the timeout's cancellation.
+                    if failures >= _FINAL_FLUSH_ATTEMPTS or asyncio.get_running_loop().time() >= deadline:
+                        break
+                    await asyncio.sleep(_FINAL_FLUSH_PAUSE_SECONDS)
+        except TimeoutError:
+            log.warning("billing: final flush timed out after %.1f s", budget)
+        self._seal()
+        if self._pending:
+            lost: Counts = {}
+            for batch in self._pending:
+                for entry, n in batch.counts.items():
+                    lost[entry] = lost.get(entry, 0) + n
+            log.error(
+                "billing: %d request(s) not confirmed written at shutdown (team/library/bucket=n): %s",
+                sum(lost.values()),
+                _describe(lost),
+            )
+
+    def _apply(self, redis: aioredis.Redis) -> AsyncScript:
+        # redis-py's script object sends EVALSHA and loads the script only on NOSCRIPT (e.g. after a restart).
+        if self._script is None or self._script.registered_client is not redis:
+            self._script = redis.register_script(_APPLY_BATCHES)
+        return self._script
+
+    def _seal(self) -> None:
+        if not self._counts:
+            return
+        self._pending.append(_Batch(self._counts))
+        self._counts = {}
+        while len(self._pending) > self.settings.max_pending_batches:
+            dropped = self._pending.popleft()
+            self.dropped_counts += dropped.requests
+            log.error(
+                "billing: more than %d batches unwritten; dropped the oldest, %d request(s) lost: %s",
+                self.settings.max_pending_batches,
+                dropped.requests,
+                _describe(dropped.counts),
+            )
+
+    def _next_call(self) -> list[_Batch]:
+        batches: list[_Batch] = []
+        increments = 0
+        for batch in self._pending:
+            increments += 2 * len(batch.counts)
+            if batches and increments > _MAX_INCREMENTS_PER_CALL:
+                break
+            batches.append(batch)
+        return batches
+
+    def _encode(self, batches: list[_Batch]) -> tuple[list[str], list[str | int]]:
+        script_keys: list[str] = []
+        args: list[str | int] = [_DEDUPE_TTL_SECONDS]
+        for batch in batches:
+            # Requests of one team over several libraries go into one HINCRBY of the team hash.
+            increments: dict[tuple[str, int], int] = {}
+            for (team_id, library, bucket), n in batch.counts.items():
+                for key in self.contract.billing_keys(team_id, library):
+                    increments[key, bucket] = increments.get((key, bucket), 0) + n
+            script_keys.append(self.contract.layout.billing_dedupe_key.format(batch_id=batch.batch_id))
+            args.append(len(increments))
+            for (key, bucket), n in increments.items():
+                script_keys.append(key)
+                args.extend((bucket, n))
+        return script_keys, args
+
+
+async def billing_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Create app[keys.BILLING] and flush it in the background; on cleanup, flush what is left."""
+    settings = app[keys.SETTINGS]
+    redis = app[keys.REDIS]
+    tally = BillingTally(RedisContract(settings.layout), settings.billing)
+    app[keys.BILLING] = tally
+    flusher = _flush_forever(tally, redis, settings.billing.flush_interval_seconds)
+    async with background(flusher, name="billing-flusher"):
+        yield
+    # After the flusher has stopped, so the two never write the same batch at once.
+    await tally.close(redis)
+
+
+async def _flush_forever(tally: BillingTally, redis: aioredis.Redis, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await tally.flush(redis)
+        # redis-py can swallow a cancellation that lands inside a command (redis/redis-py#2028): honour it,
+        # or cleanup would wait for this task forever and the final flush would never run.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError

@@ -1,0 +1,32 @@
+"""Request headers the definitions path parses: If-None-Match and Authorization."""
+
+from __future__ import annotations
+
+
+def none_match(header: str, etag: str) -> bool:
+    """Whether If-None-Match `header` matches `etag` (weak comparison, RFC 9110 §13.1.2).
+
+    Each member is trimmed, loses a leading `W/` and its quotes, as the reference does for a single value
+    (contract §3.6); a list is split on commas and `*` matches any current representation.
+    """
+    for member in header.split(","):
+        candidate = member.strip()
+        if candidate == "*":
+            return True
+        if candidate.startswith("W/"):
+            candidate = candidate[2:]
+        if candidate.strip('"') == etag:
+            return True
+    return False
+
+
+def bearer(header: str) -> str | None:
+    """The credential of `Bearer <credential>` (scheme case-insensitive, whitespace trimmed), else None.
+
+    None means malformed: the caller forwards, so the backend's answer decides, never a guess of ours.
+    """
+    scheme, _, credential = header.strip().partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential or any(c.isspace() for c in credential):
+        return None
+    return credential

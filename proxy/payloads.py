@@ -1,0 +1,215 @@
+"""Definitions payloads in process memory: byte-budgeted LRU, kept fresh by one pipelined MGET per cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.contract import DecodeError, RedisContract
+from proxy.settings import DefinitionsSettings
+from proxy.singleflight import SingleFlight
+
+log = logging.getLogger(__name__)
+
+# Contract §3.9: the weak ETag and this Cache-Control go together; with no stored ETag, neither is sent.
+CACHE_CONTROL = "private, must-revalidate"
+# Keys per MGET: large enough to make a cycle one or two round trips, small enough not to stall Redis.
+_MGET_CHUNK = 1000
+
+
+@dataclass(slots=True)
+class Definitions:
+    """One team's payload and ETag, read together; the response headers are computed once, here."""
+
+    team_id: int
+    etag: str | None
+    body: bytes | None  # None: only the ETag was read (a 304 never needs the payload)
+    billable: bool
+    checked_at: float  # monotonic time Redis last confirmed this entry
+    headers_200: dict[str, str] = field(init=False)
+    headers_304: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.headers_304 = {}
+        self.headers_200 = {"Content-Type": "application/json"}
+        if self.etag is not None:
+            self.headers_304 = {"ETag": f'W/"{self.etag}"', "Cache-Control": CACHE_CONTROL}
+            self.headers_200.update(self.headers_304)
+
+    @property
+    def size(self) -> int:
+        """Bytes this entry holds against the budget."""
+        return len(self.body) if self.body is not None else 0
+
+
+def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
+    """Contract §3.8: billed unless every flag key has an unbilled prefix; unparsable payloads are billed."""
+    try:
+        flags = json.loads(body).get("flags", [])
+        keys = [flag.get("key", "") for flag in flags]
+    except (ValueError, AttributeError, TypeError):
+        return True
+    return not all(isinstance(key, str) and key.startswith(unbilled_prefixes) for key in keys)
+
+
+class DefinitionsCache:
+    """team id -> Definitions: `get` reads memory, `load` reads Redis on a miss, `refresh` keeps it fresh."""
+
+    def __init__(
+        self, client: aioredis.Redis, contract: RedisContract, settings: DefinitionsSettings
+    ) -> None:
+        self._client = client
+        self._contract = contract
+        self._settings = settings
+        self._entries: OrderedDict[int, Definitions] = OrderedDict()
+        self._used_at: dict[int, float] = {}
+        self._flight: SingleFlight[tuple[int, bool], Definitions | None] = SingleFlight()
+        self.bytes_held = 0
+        self.refresh_failures = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, team_id: int) -> Definitions | None:
+        """The entry in memory, unless absent or older than max staleness (the caller loads or forwards)."""
+        entry = self._entries.get(team_id)
+        if entry is None:
+            return None
+        now = time.monotonic()
+        if now - entry.checked_at > self._settings.max_staleness_seconds:
+            return None
+        self._entries.move_to_end(team_id)
+        self._used_at[team_id] = now
+        return entry
+
+    async def load(self, team_id: int, *, with_body: bool) -> Definitions | None:
+        """Read the team's entry from Redis (concurrent loads share one read); None is a miss."""
+        entry = await self._flight.do((team_id, with_body), lambda: self._read(team_id, with_body))
+        if entry is not None:
+            self._used_at[team_id] = time.monotonic()
+        return entry
+
+    async def _read(self, team_id: int, with_body: bool) -> Definitions | None:
+        try:
+            if not with_body:
+                raw_etag = cast(bytes | None, await self._client.get(self._contract.etag_key(team_id)))
+                etag = self._decode_etag(team_id, raw_etag)
+                if etag is not None:
+                    return self._store(Definitions(team_id, etag, None, True, time.monotonic()))
+            keys = (self._contract.payload_key(team_id), self._contract.etag_key(team_id))
+            raw_body, raw_etag = cast(list[bytes | None], await self._client.mget(keys))
+        except RedisError as exc:
+            log.warning("definitions read failed for team %s: %s", team_id, type(exc).__name__)
+            return None
+        return self._build(team_id, raw_body, raw_etag)
+
+    def _decode_etag(self, team_id: int, raw: bytes | None) -> str | None:
+        try:
+            return self._contract.decode_text(raw)
+        except DecodeError as exc:
+            log.warning("undecodable ETag for team %s: %s", team_id, exc)
+            return None
+
+    def _build(self, team_id: int, raw_body: bytes | None, raw_etag: bytes | None) -> Definitions | None:
+        try:
+            text = self._contract.decode_text(raw_body)
+        except DecodeError as exc:
+            log.warning("undecodable definitions for team %s: %s", team_id, exc)
+            text = None
+        if text is None:
+            self._drop(team_id)
+            return None
+        body = text.encode()
+        billable = is_billable(body, self._settings.unbilled_flag_prefixes)
+        etag = self._decode_etag(team_id, raw_etag)
+        return self._store(Definitions(team_id, etag, body, billable, time.monotonic()))
+
+    def _store(self, entry: Definitions) -> Definitions:
+        self._drop(entry.team_id)
+        budget = self._settings.cache_budget_bytes
+        if entry.size > budget:
+            # Larger than the whole budget: served this once, never held.
+            return entry
+        self._entries[entry.team_id] = entry
+        self._used_at.setdefault(entry.team_id, time.monotonic())
+        self.bytes_held += entry.size
+        while self.bytes_held > budget:
+            self._drop(next(iter(self._entries)))
+        return entry
+
+    def _drop(self, team_id: int) -> None:
+        old = self._entries.pop(team_id, None)
+        if old is not None:
+            self.bytes_held -= old.size
+
+    async def refresh(self) -> None:
+        """One cycle: evict idle teams, MGET every ETag, re-read the payloads whose ETag changed."""
+        now = time.monotonic()
+        idle = [
+            t for t in self._entries if now - self._used_at.get(t, 0.0) > self._settings.idle_evict_seconds
+        ]
+        for team_id in idle:
+            self._drop(team_id)
+            self._used_at.pop(team_id, None)
+        team_ids = list(self._entries)
+        if not team_ids:
+            return
+        raw_etags = await self._mget([self._contract.etag_key(t) for t in team_ids])
+        stale: list[int] = []
+        for team_id, raw in zip(team_ids, raw_etags, strict=True):
+            entry = self._entries.get(team_id)
+            if entry is None:
+                continue
+            etag = self._decode_etag(team_id, raw)
+            if etag is not None and etag == entry.etag:
+                entry.checked_at = now
+            elif etag is not None and entry.body is None:
+                self._store(Definitions(team_id, etag, None, True, now))
+            else:
+                # Changed, deleted, or never had an ETag (then the payload is the only way to see a change).
+                stale.append(team_id)
+        if not stale:
+            return
+        keys = [k for t in stale for k in (self._contract.payload_key(t), self._contract.etag_key(t))]
+        raws = await self._mget(keys)
+        for index, team_id in enumerate(stale):
+            self._build(team_id, raws[2 * index], raws[2 * index + 1])
+
+    async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        if len(keys) <= _MGET_CHUNK:
+            return cast(list[bytes | None], await self._client.mget(keys))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for start in range(0, len(keys), _MGET_CHUNK):
+                pipe.mget(keys[start : start + _MGET_CHUNK])
+            chunks = cast(list[list[bytes | None]], await pipe.execute())
+        return [value for chunk in chunks for value in chunk]
+
+    async def run_refresher(self) -> None:
+        """Refresh forever at the configured interval; Redis errors are logged once per outage."""
+        failing = False
+        while True:
+            await asyncio.sleep(self._settings.refresh_interval_seconds)
+            try:
+                await self.refresh()
+            except RedisError as exc:
+                self.refresh_failures += 1
+                if not failing:
+                    log.warning("definitions refresh failing: %s; serving from memory", type(exc).__name__)
+                failing = True
+            else:
+                if failing:
+                    log.info("definitions refresh recovered")
+                failing = False
+
+    async def close(self) -> None:
+        """Cancel loads still in flight."""
+        await self._flight.close()

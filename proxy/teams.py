@@ -1,0 +1,114 @@
+"""Team records by project token: read through from the backend's Redis entry, held in memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.contract import DecodeError, RedisContract
+from proxy.singleflight import SingleFlight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """What the request path needs of a team record."""
+
+    id: int
+    # secret_api_token and secret_api_token_backup, as bytes for hmac.compare_digest; empty when unknown.
+    secrets: tuple[bytes, ...]
+
+
+@dataclass(slots=True)
+class _Cached:
+    team: Team | None  # None: Redis has no record (yet); the request is forwarded
+    expires_at: float
+
+
+def parse_team(text: str) -> Team:
+    """A Team from the backend's JSON team record; DecodeError if it has no integer id."""
+    try:
+        record = json.loads(text)
+        team_id = record["id"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DecodeError("team record is not a JSON object with an id") from exc
+    if not isinstance(team_id, int) or isinstance(team_id, bool):
+        raise DecodeError("team id is not an integer")
+    secrets = tuple(
+        value.encode()
+        for key in ("secret_api_token", "secret_api_token_backup")
+        if isinstance(value := record.get(key), str) and value
+    )
+    return Team(id=team_id, secrets=secrets)
+
+
+class TeamStore:
+    """Token -> Team in memory; a miss reads Redis once (concurrent misses share the read)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        contract: RedisContract,
+        *,
+        ttl_seconds: float,
+        miss_ttl_seconds: float,
+        max_entries: int = 100_000,
+    ) -> None:
+        self._client = client
+        self._contract = contract
+        self._ttl = ttl_seconds
+        self._miss_ttl = miss_ttl_seconds
+        self._max_entries = max_entries
+        self._cached: dict[str, _Cached] = {}
+        self._flight: SingleFlight[str, Team | None] = SingleFlight()
+
+    def __len__(self) -> int:
+        return len(self._cached)
+
+    async def get(self, token: str) -> Team | None:
+        """The team for `token`, or None when Redis has no record (or cannot be read): a miss."""
+        cached = self._cached.get(token)
+        if cached is None:
+            return await self._flight.do(token, lambda: self._read(token))
+        if cached.expires_at < time.monotonic():
+            # Stale-while-revalidate: this request answers from memory while one task re-reads the record.
+            self._flight.start(token, lambda: self._read(token))
+        return cached.team
+
+    async def _read(self, token: str) -> Team | None:
+        try:
+            raw = cast(bytes | None, await self._client.get(self._contract.team_key(token)))
+        except RedisError as exc:
+            # Not remembered: the next request tries again; this one is forwarded.
+            log.warning("team lookup failed: %s", type(exc).__name__)
+            return self._current(token)
+        try:
+            text = self._contract.decode_text(raw)
+            team = parse_team(text) if text is not None else None
+        except DecodeError as exc:
+            log.warning("undecodable team record for a token: %s", exc)
+            team = None
+        self._remember(token, team)
+        return team
+
+    def _current(self, token: str) -> Team | None:
+        cached = self._cached.get(token)
+        return cached.team if cached is not None else None
+
+    def _remember(self, token: str, team: Team | None) -> None:
+        if token not in self._cached and len(self._cached) >= self._max_entries:
+            # Oldest insertion first: a flood of random tokens cannot grow memory without bound.
+            del self._cached[next(iter(self._cached))]
+        ttl = self._ttl if team is not None else self._miss_ttl
+        self._cached[token] = _Cached(team, time.monotonic() + ttl)
+
+    async def close(self) -> None:
+        """Cancel reads still in flight."""
+        await self._flight.close()

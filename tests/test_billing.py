@@ -1,0 +1,240 @@
+"""Billing tally: counted in memory, written to the real Redis in one round trip, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from proxy import keys
+from proxy.billing import BillingTally, billing_ctx
+from proxy.contract import RedisContract
+from proxy.redis_client import make_client, redis_ctx
+from proxy.settings import BillingSettings, RedisLayout, RedisSettings
+from tests.conftest import settings_for
+from tests.rig import RedisServer, free_port
+
+CONTRACT = RedisContract(RedisLayout())
+BUCKET = 120
+T0 = 1_700_000_040.0  # the start of a bucket: 1_700_000_040 / 120 = 14_166_667
+B0 = int(T0 // BUCKET)
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """The proxy's own kind of client, on the test Redis."""
+    redis = make_client(RedisSettings(url=redis_url))
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+async def dead_client() -> AsyncIterator[aioredis.Redis]:
+    """A client for a port nobody listens on: every command fails as with Redis down."""
+    redis = make_client(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
+    yield redis
+    await redis.aclose()
+
+
+def tally(**settings: Any) -> BillingTally:
+    """A tally with the PostHog layout."""
+    return BillingTally(CONTRACT, BillingSettings(**settings))
+
+
+def hashes(redis_server: RedisServer, team_id: int, library: str) -> tuple[dict[int, int], dict[int, int]]:
+    """The team hash and the team+SDK hash, as {bucket: requests}."""
+    sync = redis_server.client()
+    team_key, sdk_key = CONTRACT.billing_keys(team_id, library)
+    team = {int(k): int(v) for k, v in sync.hgetall(team_key).items()}
+    sdk = {int(k): int(v) for k, v in sync.hgetall(sdk_key).items()}
+    sync.close()
+    return team, sdk
+
+
+def commandstats(sync: redis.Redis) -> dict[str, int]:
+    """Calls per command so far; one connection for every snapshot, so no handshake falls in between."""
+    stats = sync.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+
+
+def count_many(billing: BillingTally) -> None:
+    """Three teams, two libraries, two buckets: 12 requests in all."""
+    for _ in range(3):
+        billing.count(1, "posthog-python", now=T0)
+    billing.count(1, "posthog-node", now=T0 + 5)
+    billing.count(1, "posthog-python", now=T0 + BUCKET)  # the next bucket
+    for _ in range(5):
+        billing.count(2, "posthog-go", now=T0 + 119.9)
+    billing.count(3, "other", now=T0)
+    billing.count(3, "other", now=T0 + BUCKET + 1)
+
+
+def assert_counted_once(redis_server: RedisServer) -> None:
+    """Exactly what count_many counted."""
+    assert hashes(redis_server, 1, "posthog-python") == ({B0: 4, B0 + 1: 1}, {B0: 3, B0 + 1: 1})
+    assert hashes(redis_server, 1, "posthog-node") == ({B0: 4, B0 + 1: 1}, {B0: 1})
+    assert hashes(redis_server, 2, "posthog-go") == ({B0: 5}, {B0: 5})
+    assert hashes(redis_server, 3, "other") == ({B0: 1, B0 + 1: 1}, {B0: 1, B0 + 1: 1})
+
+
+async def test_flush_writes_exact_counts_per_team_library_and_bucket(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    billing = tally()
+    count_many(billing)
+    assert await billing.flush(client)
+    assert_counted_once(redis_server)
+    assert billing.flushed_requests == 12
+    assert billing.unflushed_requests == 0
+    # Nothing new: a second flush writes nothing.
+    assert await billing.flush(client)
+    assert_counted_once(redis_server)
+
+
+async def test_one_flush_is_one_script_call(
+    client: aioredis.Redis, dead_client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    billing = tally()
+    billing.count(9, "posthog-python", now=T0)
+    assert await billing.flush(client)  # loads the script (NOSCRIPT, SCRIPT LOAD) and opens the connection
+
+    # Two batches left over by failed flushes, plus the current tally: still one call.
+    billing.count(1, "posthog-python", now=T0)
+    assert not await billing.flush(dead_client)
+    billing.count(2, "posthog-node", now=T0)
+    assert not await billing.flush(dead_client)
+    assert billing.pending_batches == 2
+    count_many(billing)
+    with redis_server.client() as sync:
+        before = commandstats(sync)
+        assert await billing.flush(client)
+        after = commandstats(sync)
+
+    delta = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    # SET and HINCRBY run inside the script; INFO is the test's own.
+    assert {name: n for name, n in delta.items() if name not in {"set", "hincrby", "info"}} == {"evalsha": 1}
+    assert billing.pending_batches == 0
+    assert hashes(redis_server, 2, "posthog-node")[1] == {B0: 1}
+
+
+async def test_redis_down_keeps_counts_and_writes_them_once_when_it_returns(
+    client: aioredis.Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    billing = tally()
+    count_many(billing)
+    redis_server.stop()
+    with caplog.at_level(logging.WARNING, logger="proxy.billing"):
+        assert not await billing.flush(client)
+        assert not await billing.flush(client)
+    assert billing.failed_flushes == 2
+    assert billing.unflushed_requests == 12
+    # One warning for the outage, not one per failed flush.
+    assert len([r for r in caplog.records if r.name == "proxy.billing"]) == 1
+
+    redis_server.start()
+    assert await billing.flush(client)  # NOSCRIPT after the restart is handled by redis-py's script object
+    assert_counted_once(redis_server)
+    assert await billing.flush(client)
+    assert_counted_once(redis_server)
+    assert (billing.flushed_requests, billing.pending_batches, billing.dropped_counts) == (12, 0, 0)
+
+
+async def test_a_flush_whose_reply_is_lost_is_not_counted_twice(
+    client: aioredis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    billing = tally()
+    count_many(billing)
+    real_evalsha: Callable[..., Awaitable[Any]] = client.evalsha
+
+    async def applied_then_reply_lost(*args: Any) -> Any:
+        await real_evalsha(*args)
+        raise RedisConnectionError("connection dropped before the reply")
+
+    monkeypatch.setattr(client, "evalsha", applied_then_reply_lost)
+    assert not await billing.flush(client)
+    assert_counted_once(redis_server)  # Redis did apply it
+    assert billing.pending_batches == 1  # but the proxy cannot know, so it keeps the batch
+
+    monkeypatch.undo()
+    assert await billing.flush(client)  # the retry carries the same batch id: skipped by the script
+    assert_counted_once(redis_server)
+    assert billing.pending_batches == 0
+
+
+async def test_too_many_pending_batches_drops_the_oldest_with_an_error(
+    client: aioredis.Redis,
+    dead_client: aioredis.Redis,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    billing = tally(max_pending_batches=2)
+    for requests in (1, 2, 3):
+        for _ in range(requests):
+            billing.count(7, "posthog-ruby", now=T0)
+        assert not await billing.flush(dead_client)
+    errors = [r for r in caplog.records if r.name == "proxy.billing" and r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "1 request(s) lost" in errors[0].getMessage()
+    assert "7/posthog-ruby/" in errors[0].getMessage()
+    assert (billing.dropped_counts, billing.pending_batches) == (1, 2)
+
+    assert await billing.flush(client)
+    assert hashes(redis_server, 7, "posthog-ruby") == ({B0: 5}, {B0: 5})
+
+
+async def _app_with_billing(redis_url: str, **billing: float) -> web.AppRunner:
+    app = web.Application()
+    app[keys.SETTINGS] = settings_for("http://127.0.0.1:9", redis_url, billing=billing)
+    app.cleanup_ctx.extend([redis_ctx, billing_ctx])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    return runner
+
+
+async def test_cleanup_flushes_what_was_counted(redis_url: str, redis_server: RedisServer) -> None:
+    # The background flusher never runs within the test: only the shutdown flush can write these.
+    runner = await _app_with_billing(redis_url, flush_interval_seconds=3600)
+    count_many(runner.app[keys.BILLING])
+    assert hashes(redis_server, 1, "posthog-python") == ({}, {})
+    await runner.cleanup()
+    assert_counted_once(redis_server)
+
+
+async def test_cleanup_with_redis_down_ends_and_logs_the_lost_counts(
+    redis_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = await _app_with_billing(redis_url, flush_interval_seconds=3600, final_flush_timeout_seconds=2)
+    billing = runner.app[keys.BILLING]
+    billing.count(4, "posthog-php", now=T0)
+    billing.count(4, "posthog-php", now=T0)
+    redis_server.stop()
+    await runner.cleanup()
+    errors = [
+        r.getMessage() for r in caplog.records if r.name == "proxy.billing" and r.levelno == logging.ERROR
+    ]
+    assert len(errors) == 1
+    lost = f"2 request(s) not confirmed written at shutdown (team/library/bucket=n): 4/posthog-php/{B0}=2"
+    assert lost in errors[0]
+
+
+async def test_background_flusher_writes_without_a_request_touching_redis(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    runner = await _app_with_billing(redis_url, flush_interval_seconds=0.02)
+    try:
+        count_many(runner.app[keys.BILLING])
+        for _ in range(400):
+            if hashes(redis_server, 2, "posthog-go") == ({B0: 5}, {B0: 5}):
+                break
+            await asyncio.sleep(0.025)
+        assert_counted_once(redis_server)
+    finally:
+        await runner.cleanup()
+    assert_counted_once(redis_server)

@@ -1,0 +1,381 @@
+"""The definitions endpoint against Redis filled by django-redis exactly as the backend fills it."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import time
+from typing import Any
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from tests.backend_writer import BackendWriter
+from tests.conftest import MakeProxy
+from tests.rig import Upstream
+
+TOKEN = "phc_test_project_token"
+SECRET = "phs_test_secret_value"
+BACKUP_SECRET = "phs_test_backup_secret"
+TEAM_ID = 42
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+URL = f"/flags/definitions?token={TOKEN}&send_cohorts"
+CACHE_CONTROL = "private, must-revalidate"
+PAYLOAD_KEY = f"posthog:1:cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json"
+
+Client = TestClient[Any, Any]
+
+
+def flags(count: int, prefix: str = "flag-") -> list[dict[str, Any]]:
+    """`count` flag definitions; large counts make a payload past the 512-byte compression threshold."""
+    return [
+        {"id": i, "key": f"{prefix}{i}", "active": True, "filters": {"groups": [{"rollout_percentage": 50}]}}
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def backend(redis_url: str) -> BackendWriter:
+    """The test-only writer: Django's cache framework with django-redis, as the backend writes."""
+    writer = BackendWriter(redis_url)
+    writer.set_team(
+        TOKEN,
+        {
+            "id": TEAM_ID,
+            "api_token": TOKEN,
+            "project_id": TEAM_ID,
+            "name": "Test",
+            "secret_api_token": SECRET,
+            "secret_api_token_backup": BACKUP_SECRET,
+        },
+    )
+    return writer
+
+
+def sync_redis(url: str) -> redis.Redis:
+    """A synchronous client for arranging and inspecting Redis."""
+    return redis.Redis.from_url(url)
+
+
+async def proxy_for(make_proxy: MakeProxy, **overrides: Any) -> Client:
+    """The real app with a fast billing flush and quota poll, so tests wait little."""
+    overrides.setdefault("billing", {"flush_interval_seconds": 0.05})
+    overrides.setdefault("quota", {"poll_interval_seconds": 0.05})
+    return await make_proxy(**overrides)
+
+
+async def test_200_is_the_stored_json_byte_for_byte(
+    make_proxy: MakeProxy, backend: BackendWriter, upstream: tuple[Upstream, TestServer]
+) -> None:
+    text, etag = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    for _ in range(2):  # first from Redis, then from memory
+        response = await client.get(URL, headers=AUTH)
+        assert response.status == 200
+        assert await response.read() == text.encode()
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.headers["ETag"] == f'W/"{etag}"'
+        assert response.headers["Cache-Control"] == CACHE_CONTROL
+    assert upstream[0].seen == []
+
+
+async def test_large_compressed_payload_is_served_exactly(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    text, etag = backend.set_definitions(TEAM_ID, flags(2000))
+    assert len(text) > 100_000
+    raw = sync_redis(backend.redis_url).get(PAYLOAD_KEY)
+    assert raw is not None
+    assert raw[:4] == b"\x28\xb5\x2f\xfd"  # really zstd, as the backend writes it
+    client = await proxy_for(make_proxy)
+    response = await client.get(URL, headers=AUTH)
+    assert response.status == 200
+    assert await response.read() == text.encode()
+    assert response.headers["ETag"] == f'W/"{etag}"'
+
+
+@pytest.mark.parametrize(
+    "if_none_match",
+    ['W/"{e}"', '"{e}"', "{e}", '  W/"{e}"  ', '"other", W/"{e}"', "*", 'W/"nope",{e}'],
+)
+async def test_304_for_every_matching_form(
+    make_proxy: MakeProxy, backend: BackendWriter, if_none_match: str
+) -> None:
+    _, etag = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    response = await client.get(URL, headers={**AUTH, "If-None-Match": if_none_match.format(e=etag)})
+    assert response.status == 304
+    assert await response.read() == b""
+    assert response.headers["ETag"] == f'W/"{etag}"'
+    assert response.headers["Cache-Control"] == CACHE_CONTROL
+
+
+async def test_304_does_not_read_the_payload(make_proxy: MakeProxy, backend: BackendWriter) -> None:
+    _, etag = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    # Only the ETag key answers; were the payload read, it would be a miss and go upstream.
+    sync_redis(backend.redis_url).delete(PAYLOAD_KEY)
+    response = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{etag}"'})
+    assert response.status == 304
+
+
+@pytest.mark.parametrize("if_none_match", ['W/"stale"', '""', "W/", ",", '"abc', 'W/"x", "y"'])
+async def test_non_matching_etag_gets_200(
+    make_proxy: MakeProxy, backend: BackendWriter, if_none_match: str
+) -> None:
+    text, _ = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    response = await client.get(URL, headers={**AUTH, "If-None-Match": if_none_match})
+    assert response.status == 200
+    assert await response.read() == text.encode()
+
+
+async def test_no_stored_etag_means_no_etag_and_no_cache_control(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    text = backend.set_payload_without_etag(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    response = await client.get(URL, headers={**AUTH, "If-None-Match": "*"})
+    assert response.status == 200
+    assert await response.read() == text.encode()
+    assert "ETag" not in response.headers
+    assert "Cache-Control" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/feature_flag/local_evaluation", "/api/feature_flag/local_evaluation/"]
+)
+async def test_alias_routes_answer_the_same(make_proxy: MakeProxy, backend: BackendWriter, path: str) -> None:
+    text, etag = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    response = await client.get(f"{path}?token={TOKEN}&send_cohorts", headers=AUTH)
+    assert response.status == 200
+    assert await response.read() == text.encode()
+    assert response.headers["ETag"] == f'W/"{etag}"'
+
+
+async def test_methods_and_missing_token(make_proxy: MakeProxy, backend: BackendWriter) -> None:
+    backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    head = await client.head(URL, headers=AUTH)
+    assert head.status == 200
+    assert head.headers["Content-Type"] == "application/json"
+    assert await head.read() == b""
+    options = await client.options(URL)
+    assert options.status == 204
+    assert options.headers["Allow"] == "GET, OPTIONS, HEAD"
+    post = await client.post(URL, headers=AUTH)
+    assert post.status == 405
+    assert post.headers["Allow"] == "GET, OPTIONS, HEAD"
+    assert await post.json() == {
+        "type": "invalid_request",
+        "code": "method_not_allowed",
+        "detail": 'Method "POST" not allowed.',
+        "attr": None,
+    }
+    for url in ("/flags/definitions", "/flags/definitions?token=", "/flags/definitions?send_cohorts"):
+        missing = await client.get(url, headers=AUTH)
+        assert missing.status == 400, url
+        assert (await missing.json())["type"] == "validation_error"
+
+
+async def test_auth_answers_of_contract_step_3(
+    make_proxy: MakeProxy, backend: BackendWriter, upstream: tuple[Upstream, TestServer]
+) -> None:
+    backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    no_header = await client.get(URL)
+    assert no_header.status == 401
+    assert await no_header.read() == (
+        b'{"type":"authentication_error","code":"not_authenticated",'
+        b'"detail":"Authentication credentials were not provided.","attr":null}'
+    )
+    wrong = await client.get(URL, headers={"Authorization": "Bearer phs_wrong"})
+    assert wrong.status == 401
+    assert await wrong.json() == {
+        "type": "authentication_error",
+        "code": "authentication_failed",
+        "detail": "Secret API token is invalid.",
+        "attr": None,
+    }
+    for header in (f"Bearer {BACKUP_SECRET}", f"bearer   {SECRET}  ", f"BEARER {SECRET}"):
+        assert (await client.get(URL, headers={"Authorization": header})).status == 200, header
+    assert upstream[0].seen == []
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    ["Bearer phx_personal_api_key", "Basic dXNlcjpwYXNz", "Bearer", "Bearer a b", "Token phs_x"],
+)
+async def test_undecidable_credentials_are_forwarded(
+    make_proxy: MakeProxy, backend: BackendWriter, upstream: tuple[Upstream, TestServer], authorization: str
+) -> None:
+    backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    response = await client.get(URL, headers={"Authorization": authorization})
+    assert response.status == 200
+    assert (await response.json())["upstream"] is True
+    [seen] = upstream[0].seen
+    assert seen.path_qs == URL
+    assert seen.headers["Authorization"] == authorization
+
+
+async def test_misses_are_forwarded_with_the_original_request(
+    make_proxy: MakeProxy, backend: BackendWriter, upstream: tuple[Upstream, TestServer]
+) -> None:
+    client = await proxy_for(make_proxy)
+    # No payload yet, then the "known empty" marker, then a token without a team record.
+    for url in (URL, None, "/flags/definitions?token=phc_unknown&send_cohorts"):
+        if url is None:
+            backend.set_missing(TEAM_ID)
+            url = URL
+        response = await client.get(
+            url, headers={**AUTH, "If-None-Match": 'W/"abc"', "User-Agent": "posthog-python/7.4.0"}
+        )
+        assert response.status == 200
+        assert (await response.json())["upstream"] is True
+        seen = upstream[0].seen[-1]
+        assert seen.method == "GET"
+        assert seen.path_qs == url
+        assert seen.headers["Authorization"] == AUTH["Authorization"]
+        assert seen.headers["If-None-Match"] == 'W/"abc"'
+        assert seen.headers["User-Agent"] == "posthog-python/7.4.0"
+    assert len(upstream[0].seen) == 3
+
+
+async def test_hostile_pickle_is_a_miss_and_never_runs(
+    make_proxy: MakeProxy, backend: BackendWriter, upstream: tuple[Upstream, TestServer], tmp_path: Any
+) -> None:
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (open, (str(marker), "w"))
+
+    sync_redis(backend.redis_url).set(PAYLOAD_KEY, pickle.dumps(Exploit()))
+    client = await proxy_for(make_proxy)
+    response = await client.get(URL, headers=AUTH)
+    assert response.status == 200
+    assert (await response.json())["upstream"] is True
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("mode", "local"), [("all", True), ("DEFINITIONS", True), ("Flags", False)])
+async def test_service_mode_decides_who_answers(
+    make_proxy: MakeProxy,
+    backend: BackendWriter,
+    upstream: tuple[Upstream, TestServer],
+    mode: str,
+    local: bool,
+) -> None:
+    text, _ = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy, service_mode=mode)
+    response = await client.get(URL, headers=AUTH)
+    assert response.status == 200
+    assert (await response.read() == text.encode()) is local
+    assert len(upstream[0].seen) == (0 if local else 1)
+    health = await client.get("/_liveness")
+    assert health.status == 200
+
+
+async def test_a_new_payload_is_served_within_one_second(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    _, old = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    assert (await client.get(URL, headers=AUTH)).headers["ETag"] == f'W/"{old}"'
+    text, new = backend.set_definitions(TEAM_ID, flags(4))
+    written = time.monotonic()
+    while True:
+        response = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{old}"'})
+        if response.status == 200:
+            break
+        assert time.monotonic() - written < 1.0, "the change was not visible within 1 s"
+        await asyncio.sleep(0.02)
+    assert await response.read() == text.encode()
+    assert response.headers["ETag"] == f'W/"{new}"'
+
+
+async def test_quota_limited_project_gets_402_until_the_limit_ends(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    backend.set_definitions(TEAM_ID, flags(3))
+    store = sync_redis(backend.redis_url)
+    store.zadd("@posthog/quota-limits/feature_flag_requests", {TOKEN: time.time() + 3600})
+    client = await proxy_for(make_proxy)
+    response = await _wait_for_status(client, 402)
+    assert await response.read() == (
+        b'{"type":"quota_limited","code":"payment_required",'
+        b'"detail":"You have exceeded your feature flag request quota","attr":null}'
+    )
+    store.zrem("@posthog/quota-limits/feature_flag_requests", TOKEN)
+    await _wait_for_status(client, 200)
+
+
+async def test_billing_counts_equal_billed_requests(make_proxy: MakeProxy, backend: BackendWriter) -> None:
+    _, etag = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    agents = {"posthog-python/7.4.0": 5, "posthog-node/5.1.0": 3, "curl/8.0": 2}
+    for agent, count in agents.items():
+        for _ in range(count):
+            assert (await client.get(URL, headers={**AUTH, "User-Agent": agent})).status == 200
+    for _ in range(4):  # 304s are not billed
+        not_modified = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{etag}"'})
+        assert not_modified.status == 304
+    bucket = str(int(time.time() // 120)).encode()
+    store = sync_redis(backend.redis_url)
+    expected_sdk = {"posthog-python": 5, "posthog-node": 3, "other": 2}
+    await _wait_for(lambda: store.hgetall(f"posthog:local_evaluation_requests:{TEAM_ID}") == {bucket: b"10"})
+    for library, count in expected_sdk.items():
+        counts = store.hgetall(f"posthog:local_evaluation_requests:sdk:{TEAM_ID}:{library}")
+        assert counts == {bucket: str(count).encode()}, library
+
+
+async def test_survey_only_payloads_are_not_billed(make_proxy: MakeProxy, backend: BackendWriter) -> None:
+    backend.set_definitions(TEAM_ID, flags(2, "survey-targeting-") + flags(1, "product-tour-targeting-"))
+    client = await proxy_for(make_proxy)
+    for _ in range(3):
+        assert (await client.get(URL, headers=AUTH)).status == 200
+    await asyncio.sleep(0.2)  # several flush intervals
+    assert sync_redis(backend.redis_url).keys("posthog:local_evaluation_requests*") == []
+
+
+async def test_steady_state_costs_almost_no_redis_commands(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    _, etag = backend.set_definitions(TEAM_ID, flags(50))
+    client = await proxy_for(
+        make_proxy, billing={"flush_interval_seconds": 2.0}, quota={"poll_interval_seconds": 2.0}
+    )
+    assert (await client.get(URL, headers=AUTH)).status == 200
+    store = sync_redis(backend.redis_url)
+    before = _commands(store)
+    requests = 1000
+    for i in range(requests):
+        headers = {**AUTH, "If-None-Match": f'W/"{etag}"'} if i % 2 else AUTH
+        assert (await client.get(URL, headers=headers)).status in (200, 304)
+    spent = _commands(store) - before - 1  # the INFO call itself
+    assert spent / requests <= 0.05, f"{spent} Redis commands for {requests} requests"
+
+
+def _commands(store: redis.Redis) -> int:
+    stats = store.info("commandstats")
+    return sum(int(v["calls"]) for v in stats.values())
+
+
+async def _wait_for_status(client: Client, status: int) -> Any:
+    for _ in range(200):
+        response = await client.get(URL, headers=AUTH)
+        if response.status == status:
+            return response
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never answered {status}")
+
+
+async def _wait_for(condition: Any) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition never held")
