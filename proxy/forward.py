@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy import keys
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, json_response
@@ -15,21 +18,40 @@ from proxy.settings import UpstreamSettings
 
 log = logging.getLogger(__name__)
 
+# Told the upstream's status and headers, and its body when that was small enough to be buffered (else None).
+Observer = Callable[[int, Mapping[str, str], bytes | None], None]
+
 # RFC 9110 §7.6.1: connection-specific fields never cross a proxy; fields named in Connection join them.
 HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Connection",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
+# Rewritten by this hop from what it saw itself, so a client can never inject them verbatim.
+FORWARDED_BY_US = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# Other client assertions about where a request came from: believed only from a trusted proxy.
+CLIENT_ORIGIN_CLAIMS = frozenset({"forwarded", "x-real-ip"})
+# Host follows the configured policy; Expect was already answered by aiohttp's 100-continue handler, and a
+# second handshake with a backend that never sends 100 would stall the upload.
+REQUEST_SET_BY_US = frozenset({"host", "expect"})
+
+DROP_FROM_TRUSTED = HOP_BY_HOP | FORWARDED_BY_US | REQUEST_SET_BY_US
+DROP_FROM_UNTRUSTED = DROP_FROM_TRUSTED | CLIENT_ORIGIN_CLAIMS
+
+# Responses that declare a length up to this are read whole before the headers go out: most API answers
+# then fail as a clean 502/504 instead of a cut connection. Everything else is streamed chunk by chunk.
+BUFFERED_RESPONSE_BYTES = 64 * 1024
+# The same header limits the app accepts from clients (app.py handler_args), so a header that came in
+# can also come back.
+MAX_HEADER_BYTES = 16384
 
 
 class Forwarder:
@@ -37,37 +59,161 @@ class Forwarder:
 
     def __init__(self, session: aiohttp.ClientSession, settings: UpstreamSettings) -> None:
         self._session = session
-        self._settings = settings
-        self._base = settings.base
+        base = URL(settings.base, encoded=True)
+        self._scheme = base.scheme
+        self._authority = base.raw_authority
+        # A base path ("http://backend/prefix") is a prefix; request paths are appended byte for byte.
+        self._base_path = base.raw_path.rstrip("/")
+        self._keep_client_host = settings.host_header == "client"
+        self._buffer_request_bytes = settings.buffer_request_body_bytes
+        self._is_trusted = _trust_checker(ip_network(n, strict=False) for n in settings.trusted_proxies)
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(self, request: web.Request, observe: Observer | None = None) -> web.StreamResponse:
         """Forward `request` (origin-form path and query only) and stream the upstream's answer."""
-        url = self._base + request.rel_url.raw_path_qs if hasattr(request.rel_url, "raw_path_qs") else ""
+        # Only the raw origin-form target is used: an absolute-form target's authority ("GET http://x/ ...")
+        # is dropped by rel_url, and encoded=True keeps percent-escapes and repeated keys byte for byte.
+        target = request.rel_url
+        url = URL.build(
+            scheme=self._scheme,
+            authority=self._authority,
+            path=self._base_path + target.raw_path,
+            query_string=target.raw_query_string,
+            encoded=True,
+        )
+        headers = self._request_headers(request)
+        data = await self._request_body(request)
+        response = web.StreamResponse()
         try:
             async with self._session.request(
                 request.method,
                 url,
-                headers=self._request_headers(request),
-                data=request.content if request.body_exists else None,
+                headers=headers,
+                data=data,
                 allow_redirects=False,
                 auto_decompress=False,
             ) as upstream:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                response.headers.extend(
-                    (k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
-                )
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except TimeoutError:
-            return json_response(504, GATEWAY_TIMEOUT)
-        except aiohttp.ClientError:
-            return json_response(502, BAD_GATEWAY)
+                response.set_status(upstream.status, upstream.reason)
+                response.headers.extend(_end_to_end(upstream.headers))
+                await _relay(request, upstream, response, observe)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return _failed(request, response, exc)
+        return response
 
-    def _request_headers(self, request: web.Request) -> dict[str, str]:
-        return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    def _request_headers(self, request: web.Request) -> CIMultiDict[str]:
+        incoming = request.headers
+        transport = request.transport
+        peername = transport.get_extra_info("peername") if transport is not None else None
+        # A TCP peer is (host, port[, flow, scope]); a Unix socket has no address to vouch for.
+        peer = peername[0] if isinstance(peername, tuple) and peername else None
+        trusted = peer is not None and self._is_trusted(peer)
+
+        drop = DROP_FROM_TRUSTED if trusted else DROP_FROM_UNTRUSTED
+        if hdrs.CONNECTION in incoming:
+            drop = drop | _connection_options(incoming)
+        headers = CIMultiDict([(k, v) for k, v in incoming.items() if k.lower() not in drop])
+
+        # The Host header, never request.host: for an absolute-form target aiohttp reports the target's host.
+        host = incoming.get(hdrs.HOST)
+        if host is not None and self._keep_client_host:
+            headers[hdrs.HOST] = host
+        # Without a Host here aiohttp derives it from the upstream URL, which is the "upstream" policy.
+
+        if peer is not None:
+            prior_for = incoming.getall(hdrs.X_FORWARDED_FOR, ()) if trusted else ()
+            headers[hdrs.X_FORWARDED_FOR] = ", ".join([*prior_for, peer])
+        # Proto and Host describe the client-facing hop: a trusted proxy's value is the original one, kept.
+        proto = incoming.get(hdrs.X_FORWARDED_PROTO) if trusted else None
+        headers[hdrs.X_FORWARDED_PROTO] = proto or request.scheme
+        forwarded_host = (incoming.get(hdrs.X_FORWARDED_HOST) if trusted else None) or host
+        if forwarded_host:
+            headers[hdrs.X_FORWARDED_HOST] = forwarded_host
+        return headers
+
+    async def _request_body(self, request: web.Request) -> bytes | aiohttp.StreamReader | None:
+        if not request.body_exists:
+            return None
+        length = request.content_length
+        if length is not None and length <= self._buffer_request_bytes:
+            # One write upstream and no chunk bookkeeping for the common small body; read from the stream
+            # directly so this does not depend on the app's client_max_size.
+            return await request.content.read()
+        return request.content
+
+
+async def _relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    observe: Observer | None,
+) -> None:
+    length = upstream.content_length
+    if length is not None and length <= BUFFERED_RESPONSE_BYTES:
+        body = await upstream.read()
+        if observe is not None:
+            observe(upstream.status, upstream.headers, body)
+        await response.prepare(request)
+        await response.write_eof(body)
+        return
+    if observe is not None:
+        observe(upstream.status, upstream.headers, None)
+    await response.prepare(request)
+    # iter_any hands over whatever arrived, so server-sent events and chunked answers are not held back.
+    async for chunk in upstream.content.iter_any():
+        await response.write(chunk)
+    await response.write_eof()
+
+
+def _failed(request: web.Request, response: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
+    # The one place an upstream failure becomes an answer. Only the exception's type is logged: aiohttp's
+    # messages can carry the full upstream URL, query tokens included.
+    reason = type(exc).__name__
+    # Still percent-encoded, so an encoded newline cannot forge a log line; the query is left out.
+    method, path = request.method, request.rel_url.raw_path
+    if response.prepared:
+        # The status line is out, so a clean end would pass a truncated body off as complete. Closing the
+        # connection leaves the client with an unterminated chunked body or a short Content-Length.
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            log.debug("client left during %s %s", method, path)
+        else:
+            log.warning("upstream failed mid-response (%s) on %s %s", reason, method, path)
+        request.protocol.force_close()
+        return response
+    if isinstance(exc, TimeoutError):
+        log.warning("upstream timed out (%s) on %s %s", reason, method, path)
+        return json_response(504, GATEWAY_TIMEOUT)
+    log.warning("upstream unreachable (%s) on %s %s", reason, method, path)
+    return json_response(502, BAD_GATEWAY)
+
+
+def _connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    return frozenset(
+        name.strip().lower() for value in headers.getall(hdrs.CONNECTION, ()) for name in value.split(",")
+    )
+
+
+def _end_to_end(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    drop = HOP_BY_HOP | _connection_options(headers) if hdrs.CONNECTION in headers else HOP_BY_HOP
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+def _trust_checker(networks: Iterable[IPv4Network | IPv6Network]) -> Callable[[str], bool]:
+    trusted_networks = tuple(networks)
+    if not trusted_networks:
+        return lambda _peer: False
+
+    # Peers repeat (one per keep-alive connection, a handful of proxies): parse each address once.
+    @lru_cache(maxsize=4096)
+    def is_trusted(peer: str) -> bool:
+        try:
+            address = ip_address(peer)
+        except ValueError:
+            return False
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in trusted_networks)
+
+    return is_trusted
 
 
 async def forward_handler(request: web.Request) -> web.StreamResponse:
@@ -82,13 +228,19 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(
             limit=settings.max_connections, keepalive_timeout=settings.keepalive_timeout_seconds
         ),
+        # Waiting for a pooled connection is deliberately unbounded (the client's own deadline bounds it);
+        # opening one and every silence while reading the answer are bounded.
         timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_seconds, sock_read=settings.read_timeout_seconds
         ),
+        # The session is shared by every client: a jar would replay one client's cookies to the next.
+        cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        # The client's own values (or their absence) pass through; aiohttp must not invent any.
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        max_line_size=MAX_HEADER_BYTES,
+        max_field_size=MAX_HEADER_BYTES,
     )
     app[keys.FORWARDER] = Forwarder(session, settings)
     yield
     await session.close()
-    await asyncio.sleep(0)
