@@ -10,6 +10,7 @@ from proxy import definitions, forward, health, keys
 from proxy.billing import billing_ctx
 from proxy.errors import error_middleware
 from proxy.quota import quota_ctx
+from proxy.ratelimit import ratelimit_ctx
 from proxy.redis_client import redis_ctx
 from proxy.settings import Settings
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
             health.redis_monitor_ctx,  # readiness follows Redis
             forward.upstream_ctx,  # one pooled ClientSession to the upstream
             quota_ctx,  # quota-limited tokens, polled into a memory snapshot
+            ratelimit_ctx,  # per-team rate limits; fast mode reconciles with Redis in the background
             billing_ctx,  # billing tally; its cleanup flushes after the last in-flight request
             definitions.definitions_ctx,  # team store, payload cache and its refresher
             _started_ctx,

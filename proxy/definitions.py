@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
@@ -12,9 +14,13 @@ from proxy.conditional import bearer, none_match
 from proxy.contract import RedisContract, library_from_user_agent
 from proxy.errors import error_body, json_response
 from proxy.payloads import DefinitionsCache
+from proxy.ratelimit import too_many_requests
 from proxy.settings import ServiceMode
 from proxy.tasks import background
 from proxy.teams import TeamStore
+from proxy.verdicts import Verdict, VerdictStore, verdict_of
+
+log = logging.getLogger(__name__)
 
 ALLOW = {"Allow": "GET, OPTIONS, HEAD"}
 
@@ -31,10 +37,18 @@ QUOTA_LIMITED = error_body(
 class DefinitionsService:
     """What the definitions path reads: teams, payloads, quota snapshot, billing tally, forwarder."""
 
-    def __init__(self, app: web.Application, teams: TeamStore, cache: DefinitionsCache) -> None:
+    def __init__(
+        self, app: web.Application, teams: TeamStore, cache: DefinitionsCache, verdicts: VerdictStore
+    ) -> None:
         self.teams = teams
         self.cache = cache
+        self.verdicts = verdicts
+        auth = app[keys.SETTINGS].definitions.auth
+        self._local_credentials = frozenset(auth.local_credentials)
+        self._learn = auth.learn_verdicts
+        self._learning: dict[str, asyncio.Future[None]] = {}
         self._quota = app[keys.QUOTA]
+        self._rate_limits = app[keys.RATE_LIMITS]
         self._billing = app[keys.BILLING]
         self._forwarder = app[keys.FORWARDER]
         self._libraries: dict[str, str] = {}
@@ -62,32 +76,63 @@ class DefinitionsService:
         if team is None:
             return await self._forwarder.forward(request)
 
-        # 3. Authentication: Bearer only.
+        # 3. Authentication: Bearer only; what Redis cannot decide, the backend's learned verdict does.
         authorization = request.headers.get("Authorization")
         if authorization is None:
             return json_response(401, NOT_AUTHENTICATED)
         credential = bearer(authorization)
-        if credential is None or not credential.startswith("phs_") or not team.secrets:
-            # Malformed, a personal API key, or a secret we cannot check from Redis: the backend decides.
+        if credential is None:
+            # Malformed: however the backend reads it, its answer is the one to give.
             return await self._forwarder.forward(request)
-        presented = credential.encode()
-        # Compare with every secret, so the time taken does not tell which one (or whether any) matched.
-        if not sum(hmac.compare_digest(presented, secret) for secret in team.secrets):
-            return json_response(401, SECRET_INVALID)
+        if credential.startswith("phs_") and team.secrets:
+            if "secret_api_token" not in self._local_credentials:
+                return await self._forwarder.forward(request)
+            presented = credential.encode()
+            # Compare with every secret, so the time taken does not tell which one (or whether any) matched.
+            if not sum(hmac.compare_digest(presented, secret) for secret in team.secrets):
+                return json_response(401, SECRET_INVALID)
+        else:
+            kind = "secret_api_token" if credential.startswith("phs_") else "personal_api_key"
+            if kind not in self._local_credentials:
+                return await self._forwarder.forward(request)
+            verdict_key = self.verdicts.key(team.id, credential)
+            verdict = self.verdicts.cached(verdict_key) or await self._verdict(verdict_key)
+            if verdict is None:
+                return await self._forward_and_learn(request, verdict_key)
+            if not verdict.allowed:
+                return web.Response(status=verdict.status, body=verdict.body, headers=verdict.headers)
 
-        # 4. Rate limits slot in here (contract §3.4).
+        # 4. Rate limit per team: requests with If-None-Match spend the conditional budget instead of the full
+        # one (the reference's two per-team limiters).
+        if_none_match = request.headers.get("If-None-Match")
+        conditional = if_none_match is not None
+        limiter = self._rate_limits
+        retry_after = (
+            limiter.check(team.id, conditional)
+            if limiter.fast
+            else await limiter.acheck(team.id, conditional)
+        )
+        if retry_after is not None:
+            return too_many_requests(retry_after)
 
         # 5. Quota, from the background snapshot.
         if self._quota.is_limited(token):
             return json_response(402, QUOTA_LIMITED)
 
         # 6. ETag: a 304 never reads the payload.
-        if_none_match = request.headers.get("If-None-Match")
         entry = self.cache.get(team.id) or await self.cache.load(team.id, with_body=if_none_match is None)
         if entry is None:
             return await self._forwarder.forward(request)
         if if_none_match is not None and entry.etag is not None and none_match(if_none_match, entry.etag):
             return web.Response(status=304, headers=entry.headers_304)
+
+        # A stale ETag gets a full answer, so the reference charges it to the full budget too.
+        if conditional:
+            retry_after = (
+                limiter.check(team.id, False) if limiter.fast else await limiter.acheck(team.id, False)
+            )
+            if retry_after is not None:
+                return too_many_requests(retry_after)
 
         # 7. Payload; missing is a miss (the backend can rebuild it), never a 503.
         if entry.body is None:
@@ -101,6 +146,33 @@ class DefinitionsService:
 
         # 9. The stored JSON, byte for byte.
         return web.Response(status=200, body=entry.body, headers=entry.headers_200)
+
+    async def _verdict(self, key: str) -> Verdict | None:
+        """Redis (shared by replicas), else the verdict another request is learning right now."""
+        verdict = await self.verdicts.lookup(key)
+        if verdict is None and (learning := self._learning.get(key)) is not None:
+            # A flood of one credential reaches the backend once: the rest wait for that answer.
+            await asyncio.shield(learning)
+            verdict = self.verdicts.cached(key)
+        return verdict
+
+    async def _forward_and_learn(self, request: web.Request, key: str) -> web.StreamResponse:
+        """Forward an undecided request; the backend's answer, if it is a verdict, decides later ones."""
+        if not self._learn:
+            return await self._forwarder.forward(request)
+        learning = asyncio.get_running_loop().create_future()
+        self._learning[key] = learning
+
+        def observe(status: int, headers: Mapping[str, str], body: bytes | None) -> None:
+            verdict = verdict_of(status, headers, body)
+            if verdict is not None:
+                self.verdicts.learn(key, verdict)
+
+        try:
+            return await self._forwarder.forward(request, observe=observe)
+        finally:
+            del self._learning[key]
+            learning.set_result(None)
 
     def _library(self, user_agent: str | None) -> str:
         if user_agent is None:
@@ -130,11 +202,25 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
         miss_ttl_seconds=settings.definitions.team_miss_ttl_seconds,
     )
     cache = DefinitionsCache(client, contract, settings.definitions)
-    app[keys.DEFINITIONS] = DefinitionsService(app, teams, cache)
-    async with background(cache.run_refresher(), name="definitions-refresher"):
+    auth = settings.definitions.auth
+    if auth.learn_verdicts and auth.hmac_key is None:
+        log.warning("definitions.auth.hmac_key is not set: verdicts are kept per process, not shared")
+    verdicts = VerdictStore(
+        client,
+        hmac_key=auth.hmac_key.get_secret_value().encode() if auth.hmac_key else None,
+        key_prefix=auth.key_prefix,
+        allowed_ttl_seconds=auth.allowed_ttl_seconds,
+        denied_ttl_seconds=auth.denied_ttl_seconds,
+    )
+    app[keys.DEFINITIONS] = DefinitionsService(app, teams, cache, verdicts)
+    async with (
+        background(cache.run_refresher(), name="definitions-refresher"),
+        background(verdicts.run_revalidation(auth.revalidate_interval_seconds), name="verdict-revalidation"),
+    ):
         yield
     await teams.close()
     await cache.close()
+    await verdicts.close()
 
 
 def serves_definitions(mode: ServiceMode) -> bool:

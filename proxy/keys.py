@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from proxy.forward import Forwarder
     from proxy.health import Health
     from proxy.quota import QuotaSnapshot
+    from proxy.ratelimit import RateLimiter
     from proxy.settings import Settings
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -21,5 +22,6 @@ HEALTH: web.AppKey[Health] = web.AppKey("health")
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis")
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
 QUOTA: web.AppKey[QuotaSnapshot] = web.AppKey("quota")
+RATE_LIMITS: web.AppKey[RateLimiter] = web.AppKey("rate_limits")
 BILLING: web.AppKey[BillingTally] = web.AppKey("billing")
 DEFINITIONS: web.AppKey[DefinitionsService] = web.AppKey("definitions")

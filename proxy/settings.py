@@ -230,8 +230,9 @@ class RateLimitSettings(_Section):
     # request; replicas may over-admit by what they admit between two syncs). "exact": a round trip each.
     mode: Literal["fast", "exact"] = "fast"
     sync_interval_seconds: Seconds = 0.2
-    # A team without a request for this long is no longer re-read at each sync (fast mode).
-    idle_seconds: Seconds = 10.0
+    # A team without a request for this long is no longer re-read at each sync (fast mode): each sync's Redis
+    # work is proportional to the teams seen within this time.
+    idle_seconds: Seconds = 2.0
     # Prefix of the shared window counters in Redis; both modes use the same keys, so they can be mixed.
     key_prefix: str = "edge-proxy:ratelimit"
 

@@ -379,3 +379,39 @@ async def _wait_for(condition: Any) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition never held")
+
+
+async def test_rate_limits_answer_429_per_team_and_budget(
+    make_proxy: MakeProxy, backend: BackendWriter, upstream: tuple[Upstream, TestServer]
+) -> None:
+    _, etag = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy, rate_limits={"default": "3/minute", "etag": "5/minute"})
+    fresh = {**AUTH, "If-None-Match": f'W/"{etag}"'}
+    for _ in range(3):
+        async with client.get(URL, headers=AUTH) as response:
+            assert response.status == 200
+    async with client.get(URL, headers=AUTH) as response:
+        assert response.status == 429
+        assert 0 < int(response.headers["Retry-After"]) <= 60
+        assert await response.read() == (
+            b'{"type":"validation_error","code":"rate_limit_exceeded",'
+            b'"detail":"Rate limit exceeded","attr":null}'
+        )
+    # Revalidations have their own budget: 304s still flow while full answers are limited...
+    for _ in range(4):
+        async with client.get(URL, headers=fresh) as response:
+            assert response.status == 304
+    # ...but a stale ETag gets a full answer, so it spends the full budget too (as the reference does).
+    async with client.get(URL, headers={**AUTH, "If-None-Match": 'W/"stale"'}) as response:
+        assert response.status == 429
+    async with client.get(URL, headers=fresh) as response:
+        assert response.status == 429  # the conditional budget (5) is now spent as well
+    assert upstream[0].seen == []
+
+
+async def test_allowlisted_team_is_not_rate_limited(make_proxy: MakeProxy, backend: BackendWriter) -> None:
+    backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy, rate_limits={"default": "1/minute", "allowlist": [str(TEAM_ID)]})
+    for _ in range(5):
+        async with client.get(URL, headers=AUTH) as response:
+            assert response.status == 200

@@ -1,0 +1,268 @@
+"""Per-team rate limits (contract §3 step 4): fixed windows shared by every replica through Redis.
+
+Two budgets per team, as in the reference's flag-definitions limiter: "full" (default 600/minute, per-team
+overrides) and "conditional" (default 6000/minute) for requests that carry If-None-Match. Allowlisted teams
+bypass both. The window counters are the keys `limits`' FixedWindowRateLimiter uses
+(`<key_prefix>:LIMITER/<budget>/<team>/<amount>/<multiples>/<granularity>`, started by the first increment,
+expiring with the window), so both modes below can run side by side during a rollout.
+
+exact: `limits`' async Redis storage and fixed-window strategy, one round trip per request (two when limited).
+
+fast (default): a request is admitted from memory when `shared + pending < limit`, where `shared` is the
+count read from Redis at this replica's last sync and `pending` what it admitted since. Every
+`sync_interval_seconds` one Lua call pushes the pending counts of all recently active teams into the shared
+counters and reads them back with their time left. A replica never over-admits on its own, but it cannot
+see what other replicas have admitted and not pushed yet. Over-admission bound, per team and window, with N
+replicas: admitted <= limit + (N - 1) * a, where a is the most one replica holds admitted but not yet
+pushed (what it admits in about one sync interval plus one round trip; before its first sync for a team, a
+replica's view of the shared count is zero, or the last it read if idle_seconds passed); and never more
+than N * limit, since each replica counts its own admissions. All counters live in one Redis (no cluster:
+the sync script touches many keys).
+
+Redis unreachable: both modes fail open (the request is served, `fail_open` counts it), logged once per
+outage; exact mode then tries Redis again only every sync interval, so requests do not each wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from limits import RateLimitItem, parse
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import FixedWindowRateLimiter
+from limits.errors import StorageError
+from redis.exceptions import RedisError
+
+from proxy import keys
+from proxy.errors import error_body, json_response
+from proxy.settings import RateLimitSettings
+from proxy.tasks import background
+
+log = logging.getLogger(__name__)
+
+RATE_LIMITED = error_body("validation_error", "rate_limit_exceeded", "Rate limit exceeded")
+
+Budget = Literal["full", "conditional"]
+
+# KEYS: window counters; ARGV: expiry seconds and admitted delta per key. Adds each delta as limits'
+# incr_expire.lua does (the increment that creates the key starts the window) and returns, per key, the
+# shared count and the milliseconds left in its window (-2: no key, nothing counted in this window yet).
+SYNC_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local delta = tonumber(ARGV[2 * i])
+  local count
+  if delta > 0 then
+    count = redis.call("incrby", key, delta)
+    if count == delta then
+      redis.call("expire", key, ARGV[2 * i - 1])
+    end
+  else
+    count = tonumber(redis.call("get", key) or "0")
+  end
+  out[2 * i - 1] = count
+  out[2 * i] = redis.call("pttl", key)
+end
+return out
+"""
+
+
+class _Window:
+    """One team's budget as this replica sees it (fast mode)."""
+
+    __slots__ = ("epoch", "expiry", "key", "limit", "pending", "reset_at", "seen", "shared")
+
+    def __init__(self, key: str, item: RateLimitItem) -> None:
+        self.key = key
+        self.limit = item.amount
+        self.expiry = item.get_expiry()
+        self.shared = 0  # the shared count at the last sync, this replica's pushed admissions included
+        self.pending = 0  # admitted here since the last sync
+        self.reset_at = 0.0  # monotonic end of the window; provisional until a sync reads its TTL
+        self.seen = 0.0
+        self.epoch = 0  # bumped when the window ends, so a sync in flight does not touch the next one
+
+
+class RateLimiter:
+    """Admits or limits a team's request; `check` in fast mode (no I/O), `acheck` in either mode."""
+
+    def __init__(
+        self,
+        settings: RateLimitSettings,
+        redis: aioredis.Redis,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.enabled = settings.enabled
+        # check() is valid (and never waits) unless limits are on in exact mode.
+        self.fast = settings.mode == "fast" or not settings.enabled
+        self.sync_interval_seconds = settings.sync_interval_seconds
+        self.failing = False
+        self.fail_open = 0
+        self.limited = 0
+        self._clock = clock
+        self._idle_seconds = settings.idle_seconds
+        self._prefix = settings.key_prefix
+        self._default = parse(settings.default)
+        self._etag = parse(settings.etag)
+        self._overrides = {int(team): parse(rate) for team, rate in settings.team_overrides.items()}
+        self._allowlist = frozenset(
+            int(team) for team in settings.allowlist if team.isascii() and team.isdigit()
+        )
+        ignored = [team for team in settings.allowlist if not (team.isascii() and team.isdigit())]
+        if ignored:
+            log.warning("rate limits: allowlist entries must be team ids; ignoring %d other(s)", len(ignored))
+        self._full: dict[int, _Window] = {}
+        self._conditional: dict[int, _Window] = {}
+        self._script = redis.register_script(SYNC_SCRIPT)
+        # limits' storage on the app's own pool: it cannot be closed, and needs not be (the pool's owner is).
+        self._storage = RedisStorage(
+            "async+redis://",
+            implementation="redispy",
+            wrap_exceptions=True,
+            key_prefix=settings.key_prefix,
+            connection_pool=redis.connection_pool,  # type: ignore[arg-type]  # typed as scalars only
+        )
+        self._strategy = FixedWindowRateLimiter(self._storage)
+        self._probe_at = 0.0
+
+    def item(self, team_id: int, budget: Budget) -> RateLimitItem:
+        """The rate that applies to `team_id` in `budget`; overrides apply to the full budget only."""
+        if budget == "conditional":
+            return self._etag
+        return self._overrides.get(team_id, self._default)
+
+    def key(self, team_id: int, budget: Budget) -> str:
+        """The Redis key of the team's current window counter, as `limits` names it."""
+        return f"{self._prefix}:{self.item(team_id, budget).key_for(budget, team_id)}"
+
+    def check(self, team_id: int, conditional: bool) -> float | None:
+        """Fast mode: None if admitted (and counted), else seconds until the window frees."""
+        if team_id in self._allowlist or not self.enabled:
+            return None
+        if not self.fast:
+            raise TypeError("check() is for fast mode; exact mode needs `await acheck()`")
+        windows = self._conditional if conditional else self._full
+        window = windows.get(team_id)
+        if window is None:
+            budget: Budget = "conditional" if conditional else "full"
+            window = windows[team_id] = _Window(self.key(team_id, budget), self.item(team_id, budget))
+        now = self._clock()
+        # Marked even while failing open: the next sync then reads it, which is how recovery is noticed.
+        window.seen = now
+        if self.failing:
+            self.fail_open += 1
+            return None
+        if now >= window.reset_at:
+            window.shared = window.pending = 0
+            window.reset_at = now + window.expiry
+            window.epoch += 1
+        if window.shared + window.pending >= window.limit:
+            self.limited += 1
+            return window.reset_at - now
+        window.pending += 1
+        return None
+
+    async def acheck(self, team_id: int, conditional: bool) -> float | None:
+        """Either mode: None if admitted (and counted), else seconds until the window frees."""
+        if self.fast:
+            return self.check(team_id, conditional)
+        if team_id in self._allowlist:
+            return None
+        if self.failing and self._clock() < self._probe_at:
+            self.fail_open += 1
+            return None
+        budget: Budget = "conditional" if conditional else "full"
+        item = self.item(team_id, budget)
+        try:
+            if await self._strategy.hit(item, budget, str(team_id)):
+                self._recovered()
+                return None
+            reset = await self._storage.get_expiry(item.key_for(budget, team_id))
+        except StorageError as exc:
+            self._failed(exc)
+            self._probe_at = self._clock() + self.sync_interval_seconds
+            self.fail_open += 1
+            return None
+        self._recovered()
+        self.limited += 1
+        return max(reset - time.time(), 0.0)
+
+    async def sync(self) -> None:
+        """Fast mode: push admitted counts and re-read the shared ones of active teams, in one round trip."""
+        now = self._clock()
+        batch: list[tuple[_Window, int, int]] = []
+        names: list[str] = []
+        args: list[int] = []
+        for windows in (self._full, self._conditional):
+            for team_id, window in list(windows.items()):
+                if not window.pending:
+                    if now - window.seen > self._idle_seconds:
+                        # Kept while its window lasts: a stale shared count is still a floor of the real one.
+                        if now >= window.reset_at:
+                            del windows[team_id]
+                        continue
+                    if window.shared >= window.limit and now < window.reset_at and not self.failing:
+                        continue  # limited until a known reset: a fixed window's count only grows
+                batch.append((window, window.pending, window.epoch))
+                names.append(window.key)
+                args += (window.expiry, window.pending)
+        if not batch:
+            return
+        try:
+            reply: list[int] = await self._script(keys=names, args=args)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return
+        done = self._clock()
+        for i, (window, delta, epoch) in enumerate(batch):
+            if window.epoch != epoch:
+                continue  # the window ended while the reply was on its way; this one is the next window's
+            window.pending -= delta
+            window.shared = int(reply[2 * i])
+            ttl_ms = int(reply[2 * i + 1])
+            if ttl_ms > 0:
+                window.reset_at = done + ttl_ms / 1000
+        self._recovered()
+
+    async def run(self) -> None:
+        """Sync every sync_interval_seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.sync_interval_seconds)
+            await self.sync()
+
+    def _failed(self, exc: BaseException) -> None:
+        if not self.failing:
+            log.warning(
+                "rate limits: redis unavailable (%s); failing open until it answers", type(exc).__name__
+            )
+            self.failing = True
+
+    def _recovered(self) -> None:
+        if self.failing:
+            log.info(
+                "rate limits: redis answers again; %d request(s) were admitted unchecked", self.fail_open
+            )
+            self.failing = False
+
+
+def too_many_requests(retry_after: float) -> web.Response:
+    """The contract's 429, with Retry-After in whole seconds (at least 1)."""
+    return json_response(429, RATE_LIMITED, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Create app[keys.RATE_LIMITS] on the app's Redis pool; in fast mode, sync it in the background."""
+    limiter = RateLimiter(app[keys.SETTINGS].rate_limits, app[keys.REDIS])
+    app[keys.RATE_LIMITS] = limiter
+    if not (limiter.enabled and limiter.fast):
+        yield
+        return
+    async with background(limiter.run(), name="ratelimit-sync"):
+        yield

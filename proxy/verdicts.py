@@ -1,0 +1,221 @@
+"""Auth verdicts learned from the backend (contract §4), shared by every replica through Redis.
+
+Key format, so the backend (or `edge-proxy revoke`) can delete one to revoke at once:
+
+    <key_prefix>:<team_id>:<hex HMAC-SHA256(hmac_key, credential)>
+
+The value is JSON: `{"s": 200}` for allowed, `{"s": 401|403, "b": "<exact body>", "h": {<headers>}}` for
+denied. Neither the credential nor an unkeyed hash of it is ever stored, logged or used as a label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.singleflight import SingleFlight
+
+log = logging.getLogger(__name__)
+
+# Response headers of a denial that a client may act on; everything else is the backend's business.
+DENIAL_HEADERS = ("Content-Type", "WWW-Authenticate")
+MAX_DENIAL_BODY_BYTES = 8192
+_MGET_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The backend's answer on one credential for one team: allowed, or denied with its exact answer."""
+
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] | None = None
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the backend let this credential read this team's definitions."""
+        return self.status < 400
+
+    def encode(self) -> bytes:
+        """The JSON stored in Redis."""
+        if self.allowed:
+            return b'{"s":200}'
+        return json.dumps({"s": self.status, "b": self.body.decode(), "h": dict(self.headers or {})}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Verdict | None:
+        """A verdict from its stored JSON; None if it is not one (then the backend decides again)."""
+        try:
+            data = json.loads(raw)
+            status = int(data["s"])
+            body = str(data.get("b", "")).encode()
+            headers = {str(k): str(v) for k, v in dict(data.get("h") or {}).items()}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if status not in (200, 401, 403):
+            return None
+        return cls(status, body, headers or None)
+
+
+def verdict_of(status: int, headers: Mapping[str, str], body: bytes | None) -> Verdict | None:
+    """The verdict an upstream answer carries: 2xx/304 allowed, 401/403 denied; None for anything else."""
+    if 200 <= status < 300 or status == 304:
+        return Verdict(200)
+    if status in (401, 403) and body is not None and len(body) <= MAX_DENIAL_BODY_BYTES:
+        kept = {name: headers[name] for name in DENIAL_HEADERS if name in headers}
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            return None
+        return Verdict(status, body, kept)
+    return None
+
+
+@dataclass(slots=True)
+class _Held:
+    verdict: Verdict
+    expires_at: float  # monotonic; never later than the Redis key's own expiry
+
+
+class VerdictStore:
+    """Verdicts in memory (the hot path) and in Redis (shared); re-validated in one MGET per cycle."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        hmac_key: bytes | None,
+        key_prefix: str,
+        allowed_ttl_seconds: float,
+        denied_ttl_seconds: float,
+        max_entries: int = 200_000,
+    ) -> None:
+        self._client = client
+        # Without a configured key verdicts stay in this process: a random key cannot be shared.
+        self.shared = hmac_key is not None
+        self._hmac_key = hmac_key if hmac_key is not None else secrets.token_bytes(32)
+        self._prefix = key_prefix
+        self._allowed_ttl = allowed_ttl_seconds
+        self._denied_ttl = denied_ttl_seconds
+        self._max_entries = max_entries
+        self._held: dict[str, _Held] = {}
+        self._flight: SingleFlight[str, Verdict | None] = SingleFlight()
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def key(self, team_id: int, credential: str) -> str:
+        """The Redis key of a (team, credential) verdict: keyed hash only, never the credential."""
+        digest = hmac.digest(self._hmac_key, credential.encode(), "sha256").hex()
+        return f"{self._prefix}:{team_id}:{digest}"
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def cached(self, key: str) -> Verdict | None:
+        """The verdict held in memory, if any and not expired."""
+        held = self._held.get(key)
+        if held is None:
+            return None
+        if held.expires_at < time.monotonic():
+            del self._held[key]
+            return None
+        return held.verdict
+
+    async def lookup(self, key: str) -> Verdict | None:
+        """Memory, else one Redis read shared by concurrent callers; None means undecided."""
+        verdict = self.cached(key)
+        if verdict is not None or not self.shared:
+            return verdict
+        return await self._flight.do(key, lambda: self._read(key))
+
+    async def _read(self, key: str) -> Verdict | None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                raw, pttl = cast(tuple[bytes | None, int], await pipe.execute())
+        except RedisError as exc:
+            log.warning("verdict lookup failed: %s", type(exc).__name__)
+            return None
+        verdict = Verdict.decode(raw) if raw is not None else None
+        if verdict is not None and pttl > 0:
+            self._hold(key, verdict, pttl / 1000)
+        return verdict
+
+    def learn(self, key: str, verdict: Verdict) -> None:
+        """Remember the backend's verdict: in memory now (waiting requests read it), in Redis soon after."""
+        ttl = self._allowed_ttl if verdict.allowed else self._denied_ttl
+        self._hold(key, verdict, ttl)
+        if self.shared:
+            task = asyncio.create_task(self._share(key, verdict, ttl))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _share(self, key: str, verdict: Verdict, ttl: float) -> None:
+        try:
+            await self._client.set(key, verdict.encode(), px=int(ttl * 1000))
+        except RedisError as exc:
+            log.warning("verdict not shared: %s", type(exc).__name__)
+
+    def forget(self, key: str) -> None:
+        """Drop a verdict from memory (the backend's answer changed)."""
+        self._held.pop(key, None)
+
+    def _hold(self, key: str, verdict: Verdict, ttl: float) -> None:
+        if key not in self._held and len(self._held) >= self._max_entries:
+            del self._held[next(iter(self._held))]
+        self._held[key] = _Held(verdict, time.monotonic() + ttl)
+
+    async def revalidate(self) -> None:
+        """One cycle: drop expired verdicts and those whose Redis key is gone (revoked) or changed."""
+        now = time.monotonic()
+        for key in [k for k, held in self._held.items() if held.expires_at < now]:
+            del self._held[key]
+        if not self.shared or not self._held:
+            return
+        keys = list(self._held)
+        raws: list[bytes | None] = []
+        for start in range(0, len(keys), _MGET_CHUNK):
+            raws += cast(list[bytes | None], await self._client.mget(keys[start : start + _MGET_CHUNK]))
+        for key, raw in zip(keys, raws, strict=True):
+            held = self._held.get(key)
+            if held is None:
+                continue
+            verdict = Verdict.decode(raw) if raw is not None else None
+            if verdict is None:
+                del self._held[key]
+            elif verdict != held.verdict:
+                held.verdict = verdict
+
+    async def run_revalidation(self, interval: float) -> None:
+        """Revalidate forever; while Redis cannot be read, held verdicts live out their own TTL."""
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.revalidate()
+            except RedisError as exc:
+                if not failing:
+                    log.warning("verdict revalidation failing: %s", type(exc).__name__)
+                failing = True
+            else:
+                failing = False
+
+    async def close(self) -> None:
+        """Finish verdict writes, cancel reads still in flight."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._flight.close()
+
+
+def revoke_pattern(key_prefix: str, team_id: int | None) -> str:
+    """The SCAN pattern for every verdict of a team (or of all teams)."""
+    return f"{key_prefix}:{team_id if team_id is not None else '*'}:*"

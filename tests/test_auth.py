@@ -1,0 +1,242 @@
+"""Auth can never disagree with the backend: every credential shape, first and learned, equals its answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+import redis
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy import keys
+from tests.backend_writer import BackendWriter
+from tests.conftest import MakeProxy
+from tests.rig import Upstream
+from tests.standin_backend import StandInBackend
+
+TOKEN = "phc_auth_project"
+OPEN_TOKEN = "phc_project_without_secrets"
+TEAM_ID = 7
+OPEN_TEAM_ID = 8
+SECRET = "phs_right_secret_value"
+BACKUP = "phs_backup_secret_value"
+GOOD_KEY = "phx_good_personal_key"
+HMAC_KEY = "test-verdict-hmac-key-0123456789"
+Client = TestClient[Any, Any]
+
+CREDENTIALS: dict[str, str | None] = {
+    "none": None,
+    "empty": "",
+    "scheme only": "Bearer",
+    "wrong scheme": "Basic dXNlcjpwYXNz",
+    "three parts": "Bearer a b",
+    "secret right": f"Bearer {SECRET}",
+    "secret wrong": "Bearer phs_wrong_secret",
+    "secret backup": f"bearer {BACKUP}",
+    "key valid": f"Bearer {GOOD_KEY}",
+    "key invalid": "Bearer phx_not_a_key",
+    "key without scope": "Bearer phx_insights_only",
+    "key star scope": "Bearer phx_star_scope",
+    "key other team": "Bearer phx_other_team",
+    "oversized": "Bearer phx_" + "a" * 6000,
+    "non-ascii": "Bearer phx_cl\xe9",
+}
+
+
+@pytest.fixture
+def standin(redis_url: str, upstream: tuple[Upstream, TestServer]) -> StandInBackend:
+    """The stand-in backend behind the proxy, with Redis filled for the same teams by the django writer."""
+    writer = BackendWriter(redis_url)
+    backend = StandInBackend()
+    flags = [{"id": 1, "key": "beta", "active": True}]
+    for token, team_id, secrets in ((TOKEN, TEAM_ID, True), (OPEN_TOKEN, OPEN_TEAM_ID, False)):
+        team: dict[str, Any] = {"id": team_id, "api_token": token, "project_id": team_id, "name": token}
+        if secrets:
+            team |= {"secret_api_token": SECRET, "secret_api_token_backup": BACKUP}
+        writer.set_team(token, team)
+        backend.teams[token] = team
+        backend.payloads[team_id] = writer.set_definitions(team_id, flags)
+    backend.add_key(GOOD_KEY)
+    backend.add_key("phx_insights_only", scopes=("insight:read",))
+    backend.add_key("phx_star_scope", scopes=("*",))
+    backend.add_key("phx_other_team", scoped_teams=(999,))
+    upstream[0].routes["/flags/definitions"] = backend.definitions
+    return backend
+
+
+async def _proxy(make_proxy: MakeProxy, **auth: Any) -> Client:
+    return await make_proxy(definitions={"auth": {"hmac_key": HMAC_KEY, **auth}})
+
+
+def _headers(authorization: str | None) -> dict[str, str]:
+    return {} if authorization is None else {"Authorization": authorization}
+
+
+async def _answer(
+    session: Any, url: str, authorization: str | None
+) -> tuple[int, bytes, dict[str, str | None]]:
+    async with session.get(url, headers=_headers(authorization)) as response:
+        body = await response.read()
+        kept = {h: response.headers.get(h) for h in ("Content-Type", "ETag", "Cache-Control")}
+        return response.status, body, kept
+
+
+@pytest.mark.parametrize("token", [TOKEN, OPEN_TOKEN])
+@pytest.mark.parametrize("shape", list(CREDENTIALS))
+async def test_proxy_answers_exactly_as_the_backend(
+    make_proxy: MakeProxy,
+    standin: StandInBackend,
+    upstream: tuple[Upstream, TestServer],
+    shape: str,
+    token: str,
+) -> None:
+    authorization = CREDENTIALS[shape]
+    url = f"/flags/definitions?token={token}&send_cohorts"
+    async with ClientSession() as direct:
+        expected = await _answer(direct, str(upstream[1].make_url(url)), authorization)
+    client = await _proxy(make_proxy)
+    first = await _answer(client, url, authorization)
+    learned = await _answer(client, url, authorization)
+    assert first == expected
+    assert learned == expected
+
+
+async def test_learned_verdicts_are_answered_locally(make_proxy: MakeProxy, standin: StandInBackend) -> None:
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    for authorization in (f"Bearer {GOOD_KEY}", "Bearer phx_not_a_key", "Bearer phx_insights_only"):
+        before = standin.decided
+        for _ in range(5):
+            await (await client.get(url, headers=_headers(authorization))).read()
+        assert standin.decided == before + 1, authorization
+
+
+async def test_verdicts_are_shared_through_redis(make_proxy: MakeProxy, standin: StandInBackend) -> None:
+    url = f"/flags/definitions?token={TOKEN}"
+    first = await _proxy(make_proxy)
+    assert (await first.get(url, headers={"Authorization": "Bearer phx_not_a_key"})).status == 401
+    await _wait(lambda: _verdict_keys(first) != [])
+    second = await _proxy(make_proxy)  # another replica, same Redis and HMAC key
+    response = await second.get(url, headers={"Authorization": "Bearer phx_not_a_key"})
+    assert response.status == 401
+    assert standin.decided == 1
+
+
+async def test_deleting_the_verdict_key_revokes_at_once(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    client = await _proxy(make_proxy, revalidate_interval_seconds=0.05)
+    url = f"/flags/definitions?token={TOKEN}"
+    auth = {"Authorization": f"Bearer {GOOD_KEY}"}
+    assert (await client.get(url, headers=auth)).status == 200
+    await _wait(lambda: len(_verdict_keys(client)) == 1)
+    standin.keys = [
+        k for k in standin.keys if k.scopes or k.scoped_teams
+    ]  # the key is deleted in the backend
+    with _redis(client) as store:
+        store.delete(*_verdict_keys(client))  # ... and the backend revokes the verdict
+    await _wait_status(client, url, auth, 401)
+    assert standin.decided == 2
+
+
+async def test_allowed_verdicts_expire_after_their_ttl(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    client = await _proxy(make_proxy, allowed_ttl_seconds=0.2)
+    url = f"/flags/definitions?token={TOKEN}"
+    auth = {"Authorization": f"Bearer {GOOD_KEY}"}
+    assert (await client.get(url, headers=auth)).status == 200
+    await asyncio.sleep(0.3)
+    assert (await client.get(url, headers=auth)).status == 200
+    assert standin.decided == 2
+
+
+async def test_bad_credential_flood_reaches_the_backend_once(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    auth = {"Authorization": "Bearer phx_flood_key"}
+
+    async def one() -> int:
+        async with client.get(url, headers=auth) as response:
+            await response.read()
+            return response.status
+
+    statuses: list[int] = []
+    for _ in range(10):  # 1,000 requests, 100 at a time
+        statuses += await asyncio.gather(*(one() for _ in range(100)))
+    assert statuses == [401] * 1000
+    assert standin.decided == 1
+
+
+async def test_learning_off_forwards_every_undecided_request(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    client = await _proxy(make_proxy, learn_verdicts=False)
+    url = f"/flags/definitions?token={TOKEN}"
+    for _ in range(3):
+        assert (await client.get(url, headers={"Authorization": f"Bearer {GOOD_KEY}"})).status == 200
+    assert standin.decided == 3
+    assert _verdict_keys(client) == []
+
+
+async def test_credential_kinds_not_local_are_always_forwarded(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    client = await _proxy(make_proxy, local_credentials=["personal_api_key"])
+    url = f"/flags/definitions?token={TOKEN}"
+    for _ in range(3):
+        assert (await client.get(url, headers={"Authorization": f"Bearer {SECRET}"})).status == 200
+    assert standin.decided == 3
+
+
+async def test_no_credential_is_stored_or_logged(
+    make_proxy: MakeProxy, standin: StandInBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    for authorization in CREDENTIALS.values():
+        await (await client.get(url, headers=_headers(authorization))).read()
+    await _wait(lambda: len(_verdict_keys(client)) >= 4)
+    with _redis(client) as store:
+        dump = b"".join(key + (store.dump(key) or b"") for key in store.scan_iter())
+    secrets = [
+        c.split()[-1] for c in CREDENTIALS.values() if c and c.split()[-1].startswith(("phx_", "phs_"))
+    ]
+    for secret in secrets:
+        assert secret.encode() not in dump
+        assert secret not in caplog.text
+
+
+def _redis(client: Client) -> redis.Redis:
+    app = client.app
+    assert app is not None
+    return redis.Redis.from_url(app[keys.SETTINGS].redis.url)
+
+
+def _verdict_keys(client: Client) -> list[bytes]:
+    with _redis(client) as store:
+        return list(store.scan_iter("edge-proxy:verdict:v1:*"))
+
+
+async def _wait(condition: Any) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition never held")
+
+
+async def _wait_status(client: Client, url: str, headers: dict[str, str], status: int) -> None:
+    for _ in range(200):
+        response = await client.get(url, headers=headers)
+        await response.read()
+        if response.status == status:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never answered {status}")

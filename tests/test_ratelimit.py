@@ -1,0 +1,311 @@
+"""Rate limits on a real Redis: exact boundaries, both budgets, replicas sharing one counter, fail-open."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from limits import parse
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import FixedWindowRateLimiter
+from pytest_aiohttp import AiohttpClient
+
+from proxy import keys
+from proxy.ratelimit import RateLimiter, ratelimit_ctx, too_many_requests
+from proxy.redis_client import make_client, redis_ctx
+from proxy.settings import RateLimitSettings, RedisSettings
+from tests.conftest import settings_for
+from tests.rig import RedisServer
+
+TEAM = 42
+MODES = pytest.mark.parametrize("mode", ["fast", "exact"])
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """The proxy's own kind of client, on the test Redis."""
+    redis = make_client(RedisSettings(url=redis_url))
+    yield redis
+    await redis.aclose()
+
+
+def limiter(client: aioredis.Redis, **settings: Any) -> RateLimiter:
+    """A limiter with `settings` over the defaults (which tests never reach)."""
+    return RateLimiter(RateLimitSettings(**settings), client)
+
+
+async def request(rl: RateLimiter, team_id: int = TEAM, conditional: bool = False) -> float | None:
+    """One request's check, through the method the handler uses in this mode."""
+    return rl.check(team_id, conditional) if rl.fast else await rl.acheck(team_id, conditional)
+
+
+async def burst(rl: RateLimiter, n: int, team_id: int = TEAM, conditional: bool = False) -> int:
+    """Send `n` requests; how many were admitted."""
+    return sum([await request(rl, team_id, conditional) is None for _ in range(n)])
+
+
+async def shared_count(client: aioredis.Redis, rl: RateLimiter, budget: str = "full") -> int:
+    """The shared window counter, as Redis holds it."""
+    raw = await client.get(rl.key(TEAM, "full" if budget == "full" else "conditional"))
+    return int(raw or 0)
+
+
+@MODES
+async def test_limit_admits_exactly_its_amount_then_429_with_retry_after(
+    client: aioredis.Redis, mode: str
+) -> None:
+    rl = limiter(client, default="5/minute", mode=mode)
+    assert await burst(rl, 5) == 5
+    retry_after = await request(rl)
+    assert retry_after is not None
+    assert 0 < retry_after <= 60
+    await rl.sync()
+    assert await shared_count(client, rl) >= 5
+    assert 0 < await client.ttl(rl.key(TEAM, "full")) <= 60
+    assert rl.limited == 1
+
+
+def test_429_is_the_contract_body_with_whole_seconds() -> None:
+    response = too_many_requests(12.2)
+    assert response.status == 429
+    assert response.content_type == "application/json"
+    assert response.headers["Retry-After"] == "13"
+    assert isinstance(response.body, bytes)
+    assert json.loads(response.body) == {
+        "type": "validation_error",
+        "code": "rate_limit_exceeded",
+        "detail": "Rate limit exceeded",
+        "attr": None,
+    }
+    assert too_many_requests(0.01).headers["Retry-After"] == "1"
+
+
+@MODES
+async def test_team_override_replaces_the_default(client: aioredis.Redis, mode: str) -> None:
+    rl = limiter(client, default="3/minute", team_overrides={"123": "7/minute"}, mode=mode)
+    assert await burst(rl, 10, team_id=123) == 7
+    assert await burst(rl, 10, team_id=TEAM) == 3
+
+
+@MODES
+async def test_allowlisted_team_is_never_limited_nor_counted(client: aioredis.Redis, mode: str) -> None:
+    rl = limiter(client, default="1/minute", etag="1/minute", allowlist=("9",), mode=mode)
+    assert await burst(rl, 20, team_id=9) == 20
+    assert await burst(rl, 20, team_id=9, conditional=True) == 20
+    await rl.sync()
+    assert await client.keys("edge-proxy:ratelimit:*") == []
+
+
+@MODES
+async def test_if_none_match_requests_spend_their_own_budget(client: aioredis.Redis, mode: str) -> None:
+    rl = limiter(
+        client, default="2/minute", etag="4/minute", team_overrides={str(TEAM): "3/minute"}, mode=mode
+    )
+    assert await burst(rl, 10, conditional=True) == 4  # the override is for the full budget only
+    assert await burst(rl, 10) == 3  # and the conditional budget did not spend it
+    await rl.sync()
+    assert await shared_count(client, rl, "conditional") >= 4
+
+
+async def test_disabled_admits_everything_without_redis(client: aioredis.Redis) -> None:
+    rl = limiter(client, enabled=False, default="1/minute", mode="exact")
+    assert rl.fast  # check() is valid: nothing to wait for
+    assert await burst(rl, 10) == 10
+    assert rl.check(TEAM, conditional=True) is None
+    assert await client.keys("*") == []
+
+
+async def test_check_refuses_exact_mode(client: aioredis.Redis) -> None:
+    rl = limiter(client, mode="exact")
+    with pytest.raises(TypeError, match="acheck"):
+        rl.check(TEAM, conditional=False)
+
+
+async def test_fast_mode_makes_no_redis_call_per_request(client: aioredis.Redis) -> None:
+    rl = limiter(client, default="5/minute")
+    await burst(rl, 50)
+    assert await client.keys("*") == []  # only sync() writes
+    await rl.sync()
+    assert await shared_count(client, rl) == 5
+
+
+async def test_fast_and_exact_replicas_share_one_counter(client: aioredis.Redis) -> None:
+    exact = limiter(client, default="5/minute", mode="exact")
+    fast = limiter(client, default="5/minute")
+    assert await burst(exact, 3) == 3
+    fast.check(TEAM, conditional=False)  # admitted from an empty view, then reconciled
+    await fast.sync()
+    assert await burst(fast, 5) == 1
+    await fast.sync()
+    assert await burst(exact, 5) == 0
+    # The key is the one limits' own fixed-window limiter counts in.
+    storage = RedisStorage(
+        "async+redis://",
+        implementation="redispy",
+        key_prefix="edge-proxy:ratelimit",
+        connection_pool=client.connection_pool,  # type: ignore[arg-type]
+    )
+    assert not await FixedWindowRateLimiter(storage).test(parse("5/minute"), "full", str(TEAM))
+
+
+async def test_two_replicas_admit_exactly_the_limit_when_synced_between_bursts(
+    client: aioredis.Redis,
+) -> None:
+    a, b = limiter(client, default="10/minute"), limiter(client, default="10/minute")
+    admitted = 0
+    for replica in (a, b):
+        admitted += replica.check(TEAM, False) is None
+    for replica in (a, b, a):
+        await replica.sync()
+    for _ in range(6):
+        for first, second in ((a, b), (b, a)):
+            admitted += await burst(first, 3)
+            await first.sync()
+            await second.sync()
+    assert admitted == 10
+    assert await shared_count(client, a) == 10
+    assert a.check(TEAM, False) is not None
+    assert b.check(TEAM, False) is not None
+
+
+async def test_two_replicas_hammered_between_syncs_stay_within_the_bound(client: aioredis.Redis) -> None:
+    a, b = limiter(client, default="10/minute"), limiter(client, default="10/minute")
+    # Four each from an empty view: 8 in all, still under the limit.
+    assert await burst(a, 4) == 4
+    assert await burst(b, 4) == 4
+    await a.sync()
+    await b.sync()
+    await a.sync()
+    # Both now see 8 and admit 2 each from that view: 12 = limit + (N - 1) * 2.
+    assert await burst(a, 5) == 2
+    assert await burst(b, 5) == 2
+    await a.sync()
+    await b.sync()
+    assert await shared_count(client, a) == 12
+    assert a.check(TEAM, False) is not None
+    assert b.check(TEAM, False) is not None
+
+
+async def test_concurrent_replicas_with_background_sync_stay_within_the_bound(
+    client: aioredis.Redis,
+) -> None:
+    limit, replicas = 50, 2
+    pool = [limiter(client, default=f"{limit}/minute", sync_interval_seconds=0.002) for _ in range(replicas)]
+    most_unpushed = [0] * replicas
+    admitted = 0
+
+    async def requests(index: int) -> None:
+        nonlocal admitted
+        rl = pool[index]
+        for i in range(400):
+            admitted += rl.check(TEAM, False) is None
+            window = rl._full.get(TEAM)
+            if window is not None:
+                most_unpushed[index] = max(most_unpushed[index], window.pending)
+            if i % 5 == 0:
+                await asyncio.sleep(0.001)  # let the sync loops run between small bursts
+
+    syncs = [asyncio.create_task(rl.run()) for rl in pool]
+    await asyncio.gather(*(requests(i) for i in range(replicas)))
+    for task in syncs:
+        task.cancel()
+    await asyncio.gather(*syncs, return_exceptions=True)
+    for rl in pool:
+        await rl.sync()
+    assert limit <= admitted <= limit + (replicas - 1) * max(most_unpushed)
+    assert admitted <= replicas * limit
+    assert await shared_count(client, pool[0]) == admitted
+
+
+async def test_a_new_window_admits_again(client: aioredis.Redis) -> None:
+    rl = limiter(client, default="2/second")
+    assert await burst(rl, 3) == 2
+    await rl.sync()
+    deadline = time.monotonic() + 10
+    while rl.check(TEAM, False) is not None:
+        assert time.monotonic() < deadline, "the window never ended"
+        await asyncio.sleep(0.05)
+        await rl.sync()
+
+
+@pytest.mark.slow
+async def test_fast_mode_fails_open_while_redis_is_down_then_recovers(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    rl = limiter(client, default="3/minute")
+    assert await burst(rl, 3) == 3
+    await rl.sync()
+    assert rl.check(TEAM, False) is not None
+    redis_server.stop()
+    assert rl.check(TEAM + 1, False) is None  # something to push, so the next sync meets the outage
+    await rl.sync()
+    assert rl.failing
+    assert await burst(rl, 10) == 10
+    assert rl.fail_open == 10
+    redis_server.start()  # empty: the outage lost the shared counts
+    deadline = time.monotonic() + 30
+    while rl.failing:
+        assert time.monotonic() < deadline, "never noticed that Redis is back"
+        await asyncio.sleep(0.05)
+        await rl.sync()
+    # Enforced again from what Redis holds now: at most a full limit more, then 429.
+    assert 1 <= await burst(rl, 10) <= 3
+    assert rl.fail_open == 10
+
+
+@pytest.mark.slow
+async def test_exact_mode_fails_open_while_redis_is_down_then_recovers(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    rl = limiter(client, default="3/minute", mode="exact", sync_interval_seconds=0.2)
+    assert await burst(rl, 4) == 3
+    redis_server.stop()
+    assert await rl.acheck(TEAM, False) is None
+    assert rl.failing
+    # Until the next probe, requests do not wait on Redis at all.
+    assert await rl.acheck(TEAM, False) is None
+    assert rl.fail_open == 2
+    redis_server.start()
+    deadline = time.monotonic() + 30
+    while rl.failing:
+        assert time.monotonic() < deadline, "never noticed that Redis is back"
+        await asyncio.sleep(0.05)
+        await rl.acheck(TEAM, False)
+    assert await burst(rl, 10) < 3
+    assert await rl.acheck(TEAM, False) is not None
+
+
+async def test_ratelimit_ctx_syncs_in_the_background_and_stops_cleanly(
+    aiohttp_client: AiohttpClient, redis_url: str, client: aioredis.Redis
+) -> None:
+    settings = settings_for(
+        "http://127.0.0.1:9", redis_url, rate_limits={"default": "5/minute", "sync_interval_seconds": 0.01}
+    )
+
+    async def handler(request: web.Request) -> web.Response:
+        retry_after = request.app[keys.RATE_LIMITS].check(TEAM, "If-None-Match" in request.headers)
+        return web.Response(text="ok") if retry_after is None else too_many_requests(retry_after)
+
+    app = web.Application()
+    app[keys.SETTINGS] = settings
+    app.cleanup_ctx.extend([redis_ctx, ratelimit_ctx])
+    app.router.add_get("/", handler)
+    http = await aiohttp_client(app)
+    for _ in range(5):
+        async with http.get("/") as response:
+            assert response.status == 200
+    async with http.get("/") as response:
+        assert response.status == 429
+        assert 0 < int(response.headers["Retry-After"]) <= 60
+        assert (await response.json())["code"] == "rate_limit_exceeded"
+    rl = app[keys.RATE_LIMITS]
+    deadline = time.monotonic() + 10
+    while await shared_count(client, rl) < 5:
+        assert time.monotonic() < deadline, "the background sync never ran"
+        await asyncio.sleep(0.01)
