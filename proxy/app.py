@@ -8,7 +8,6 @@ from aiohttp import web
 
 from proxy import definitions, forward, health, keys
 from proxy.billing import billing_ctx
-from proxy.errors import error_middleware
 from proxy.quota import quota_ctx
 from proxy.ratelimit import ratelimit_ctx
 from proxy.redis_client import redis_ctx
@@ -25,8 +24,7 @@ async def _started_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """Build the app for `settings`; every resource opens and closes in a cleanup context listed here."""
     app = web.Application(
-        # The one error middleware; the hot path adds no other, because each costs every request.
-        middlewares=[error_middleware],
+        # No middleware: each one costs every request; route handlers are wrapped by errors.guarded instead.
         # Forwarded bodies are streamed and never read through this limit; it only bounds local reads.
         client_max_size=1024**2,
         handler_args={"max_field_size": 16384, "max_line_size": 16384},

@@ -25,8 +25,8 @@ def bearer(header: str) -> str | None:
 
     None means malformed: the caller forwards, so the backend's answer decides, never a guess of ours.
     """
-    scheme, _, credential = header.strip().partition(" ")
-    credential = credential.strip()
-    if scheme.lower() != "bearer" or not credential or any(c.isspace() for c in credential):
+    # str.split() (C, no generator) trims and splits on any whitespace: exactly two parts or it is malformed.
+    parts = header.split()
+    if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
-    return credential
+    return parts[1]

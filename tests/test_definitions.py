@@ -11,6 +11,7 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
+from proxy import keys
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -415,3 +416,27 @@ async def test_allowlisted_team_is_not_rate_limited(make_proxy: MakeProxy, backe
     for _ in range(5):
         async with client.get(URL, headers=AUTH) as response:
             assert response.status == 200
+
+
+async def test_an_internal_bug_is_a_logged_500_without_secrets(
+    make_proxy: MakeProxy, backend: BackendWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await proxy_for(make_proxy)
+    assert client.app is not None
+    service = client.app[keys.DEFINITIONS]
+
+    async def broken(token: str) -> None:
+        raise RuntimeError("a bug")
+
+    service.teams.get = broken
+    response = await client.get(URL, headers=AUTH)
+    assert response.status == 500
+    assert await response.json() == {
+        "type": "server_error",
+        "code": "internal_error",
+        "detail": "The proxy failed to handle this request.",
+        "attr": None,
+    }
+    assert "unhandled error on GET /flags/definitions" in caplog.text
+    assert TOKEN not in caplog.text
+    assert SECRET not in caplog.text
