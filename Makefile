@@ -29,5 +29,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix proxy tests bench
 	$(VENV)/bin/ruff format proxy tests bench
 
+# Benchmark (needs wrk; nginx optional): `make bench`, or `make bench BENCH_ARGS=--quick` for a smoke run.
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The edge-proxy benchmark harness: `make bench` (or `python bench/run.py --help`)."""
