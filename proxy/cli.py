@@ -1,4 +1,4 @@
-"""The `edge-proxy` command: serve, check-config."""
+"""The `edge-proxy` command: serve, check-config, offload, revoke."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
-from proxy import __version__, logs, server
+from proxy import __version__, control, logs, server
 from proxy.settings import ConfigError, Settings, load_settings
 
 
@@ -21,7 +22,53 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (serve, check):
         sub.add_argument("--config", metavar="FILE", help="YAML config file (environment overrides it)")
     serve.add_argument("--workers", type=int, metavar="N", help="processes sharing the port (default 1)")
+
+    offload = commands.add_parser(
+        "offload", help="the definitions offload weight, kill switch and shadow mode"
+    )
+    offload.add_argument("--config", metavar="FILE", help="YAML config file (for the Redis URL and keys)")
+    actions = offload.add_subparsers(dest="action", required=True)
+    actions.add_parser("status", help="what every replica follows now")
+    weight = actions.add_parser("set", help="share of requests answered locally, 0-100")
+    weight.add_argument("percent", type=float)
+    for name, text in (("kill", "forward everything at once (rollback)"), ("shadow", "compare answers")):
+        toggle = actions.add_parser(name, help=text)
+        toggle.add_argument("state", choices=("on", "off"))
+    actions.add_parser("reset", help="forget runtime changes: back to the config file")
+
+    revoke = commands.add_parser("revoke", help="delete learned auth verdicts")
+    revoke.add_argument("--config", metavar="FILE", help="YAML config file (for the Redis URL and keys)")
+    scope = revoke.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--team", type=int, metavar="ID", help="every verdict of this team")
+    scope.add_argument("--all", action="store_true", help="every verdict of every team")
+    revoke.add_argument(
+        "--credential-stdin", action="store_true", help="with --team: only the credential read from stdin"
+    )
     return parser
+
+
+def _operate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "revoke":
+        credential = control.read_credential() if args.credential_stdin else None
+        if credential is not None and args.team is None:
+            print("edge-proxy: --credential-stdin needs --team", file=sys.stderr)
+            return 2
+        deleted = control.revoke(settings, args.team, credential)
+        print(f"revoked {deleted} verdict{'s' * (deleted != 1)}")
+        return 0
+    if args.action == "set":
+        if not 0 <= args.percent <= 100:
+            print("edge-proxy: the offload weight is a percentage, 0 to 100", file=sys.stderr)
+            return 2
+        state = control.offload_update(settings, weight_percent=f"{args.percent:g}")
+    elif args.action in ("kill", "shadow"):
+        state = control.offload_update(settings, **{args.action: "1" if args.state == "on" else "0"})
+    elif args.action == "reset":
+        state = control.offload_reset(settings)
+    else:
+        state = control.offload_status(settings)
+    print(control.describe(state))
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -52,6 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"upstream {settings.upstream.base}, workers {settings.workers}"
         )
         return 0
+    if args.command in ("offload", "revoke"):
+        try:
+            return _operate(args, settings)
+        except (RedisError, ValueError) as exc:
+            print(f"edge-proxy: {args.command} failed: {exc}", file=sys.stderr)
+            return 1
     logs.configure(settings.logging)
     if settings.workers > 1:
         return server.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -13,9 +14,11 @@ from proxy import keys
 from proxy.conditional import bearer, none_match
 from proxy.contract import RedisContract, library_from_user_agent
 from proxy.errors import error_body, guarded, json_response
+from proxy.offload import BUCKETS, Offload
 from proxy.payloads import DefinitionsCache
 from proxy.ratelimit import too_many_requests
 from proxy.settings import ServiceMode
+from proxy.shadow import COMPARED_HEADERS, Shadow, UpstreamAnswer
 from proxy.tasks import background
 from proxy.teams import TeamStore
 from proxy.verdicts import Verdict, VerdictStore, verdict_of
@@ -23,6 +26,16 @@ from proxy.verdicts import Verdict, VerdictStore, verdict_of
 log = logging.getLogger(__name__)
 
 ALLOW = {"Allow": "GET, OPTIONS, HEAD"}
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Only the backend can answer; with a verdict key, its answer is learned."""
+
+    learn_key: str | None = None
+
+
+FORWARD = Forward()
 
 MISSING_TOKEN = error_body("validation_error", "missing_token", "API key is required (token parameter).")
 NOT_AUTHENTICATED = error_body(
@@ -38,11 +51,19 @@ class DefinitionsService:
     """What the definitions path reads: teams, payloads, quota snapshot, billing tally, forwarder."""
 
     def __init__(
-        self, app: web.Application, teams: TeamStore, cache: DefinitionsCache, verdicts: VerdictStore
+        self,
+        app: web.Application,
+        teams: TeamStore,
+        cache: DefinitionsCache,
+        verdicts: VerdictStore,
+        offload: Offload,
+        shadow: Shadow,
     ) -> None:
         self.teams = teams
         self.cache = cache
         self.verdicts = verdicts
+        self.offload = offload
+        self.shadow = shadow
         auth = app[keys.SETTINGS].definitions.auth
         self._local_credentials = frozenset(auth.local_credentials)
         self._learn = auth.learn_verdicts
@@ -54,7 +75,24 @@ class DefinitionsService:
         self._libraries: dict[str, str] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """The request path, top to bottom; anything not decidable from memory goes to the backend."""
+        """Offload choice (sticky per client), then the contract path or the backend."""
+        offload = self.offload
+        if offload.threshold < BUCKETS and not offload.local(
+            request.headers.get("Authorization", ""), request.query.get("token", "")
+        ):
+            return await self._forward_with_shadow(request)
+        answer = await self.decide(request)
+        if isinstance(answer, Forward):
+            if answer.learn_key is not None:
+                return await self._forward_and_learn(request, answer.learn_key)
+            return await self._forwarder.forward(request)
+        return answer
+
+    async def decide(self, request: web.Request, *, live: bool = True) -> web.Response | Forward:
+        """Contract §3 top to bottom from memory; Forward where only the backend can answer.
+
+        `live=False` is a shadow comparison: nothing is billed or counted against a rate limit.
+        """
         # 1. Method, then token.
         method = request.method
         if method != "GET":
@@ -68,13 +106,13 @@ class DefinitionsService:
             return json_response(400, MISSING_TOKEN)
         if len(tokens) > 1:
             # Which one would the backend pick? Ask it rather than guess.
-            return await self._forwarder.forward(request)
+            return FORWARD
         token = tokens[0]
 
         # 2. Team by token. No record in Redis (the backend fills it lazily): the backend decides.
         team = await self.teams.get(token)
         if team is None:
-            return await self._forwarder.forward(request)
+            return FORWARD
 
         # 3. Authentication: Bearer only; what Redis cannot decide, the backend's learned verdict does.
         authorization = request.headers.get("Authorization")
@@ -83,10 +121,10 @@ class DefinitionsService:
         credential = bearer(authorization)
         if credential is None:
             # Malformed: however the backend reads it, its answer is the one to give.
-            return await self._forwarder.forward(request)
+            return FORWARD
         if credential.startswith("phs_") and team.secrets:
             if "secret_api_token" not in self._local_credentials:
-                return await self._forwarder.forward(request)
+                return FORWARD
             presented = credential.encode()
             # Compare with every secret, so the time taken does not tell which one (or whether any) matched.
             if not sum(hmac.compare_digest(presented, secret) for secret in team.secrets):
@@ -94,11 +132,11 @@ class DefinitionsService:
         else:
             kind = "secret_api_token" if credential.startswith("phs_") else "personal_api_key"
             if kind not in self._local_credentials:
-                return await self._forwarder.forward(request)
+                return FORWARD
             verdict_key = self.verdicts.key(team.id, credential)
             verdict = self.verdicts.cached(verdict_key) or await self._verdict(verdict_key)
             if verdict is None:
-                return await self._forward_and_learn(request, verdict_key)
+                return Forward(verdict_key)
             if not verdict.allowed:
                 return web.Response(status=verdict.status, body=verdict.body, headers=verdict.headers)
 
@@ -107,13 +145,14 @@ class DefinitionsService:
         if_none_match = request.headers.get("If-None-Match")
         conditional = if_none_match is not None
         limiter = self._rate_limits
-        retry_after = (
-            limiter.check(team.id, conditional)
-            if limiter.fast
-            else await limiter.acheck(team.id, conditional)
-        )
-        if retry_after is not None:
-            return too_many_requests(retry_after)
+        if live:
+            retry_after = (
+                limiter.check(team.id, conditional)
+                if limiter.fast
+                else await limiter.acheck(team.id, conditional)
+            )
+            if retry_after is not None:
+                return too_many_requests(retry_after)
 
         # 5. Quota, from the background snapshot.
         if self._quota.is_limited(token):
@@ -122,12 +161,12 @@ class DefinitionsService:
         # 6. ETag: a 304 never reads the payload.
         entry = self.cache.get(team.id) or await self.cache.load(team.id, with_body=if_none_match is None)
         if entry is None:
-            return await self._forwarder.forward(request)
+            return FORWARD
         if if_none_match is not None and entry.etag is not None and none_match(if_none_match, entry.etag):
             return web.Response(status=304, headers=entry.headers_304)
 
         # A stale ETag gets a full answer, so the reference charges it to the full budget too.
-        if conditional:
+        if conditional and live:
             retry_after = (
                 limiter.check(team.id, False) if limiter.fast else await limiter.acheck(team.id, False)
             )
@@ -138,14 +177,47 @@ class DefinitionsService:
         if entry.body is None:
             entry = await self.cache.load(team.id, with_body=True)
             if entry is None or entry.body is None:
-                return await self._forwarder.forward(request)
+                return FORWARD
 
         # 8. Billing, tallied in memory and flushed in the background.
-        if entry.billable:
+        if entry.billable and live:
             self._billing.count(team.id, self._library(request.headers.get("User-Agent")))
 
         # 9. The stored JSON, byte for byte.
         return web.Response(status=200, body=entry.body, headers=entry.headers_200)
+
+    async def _forward_with_shadow(self, request: web.Request) -> web.StreamResponse:
+        """Forward; when shadowing, also compare the local answer afterwards, off the client's path."""
+        shadow = self.shadow
+        if not self.offload.state.shadow or not shadow.admit():
+            return await self._forwarder.forward(request)
+        answers: list[UpstreamAnswer] = []
+
+        def observe(status: int, headers: Mapping[str, str], body: bytes | None) -> None:
+            answers.append(
+                UpstreamAnswer(status, {h: headers[h] for h in COMPARED_HEADERS if h in headers}, body)
+            )
+
+        try:
+            response = await self._forwarder.forward(
+                request, observe=observe, capture_bytes=shadow.max_body_bytes
+            )
+        finally:
+            if answers:
+                shadow.spawn(self._compare(request, answers[0]))
+            else:
+                shadow.release()
+        return response
+
+    async def _compare(self, request: web.Request, upstream: UpstreamAnswer) -> None:
+        local = await self.decide(request, live=False)
+        team = await self.teams.get(request.query.get("token", ""))
+        self.shadow.record(
+            local if isinstance(local, web.Response) else None,
+            upstream,
+            route=request.path,
+            team_id=team.id if team else None,
+        )
 
     async def _verdict(self, key: str) -> Verdict | None:
         """Redis (shared by replicas), else the verdict another request is learning right now."""
@@ -212,12 +284,16 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
         allowed_ttl_seconds=auth.allowed_ttl_seconds,
         denied_ttl_seconds=auth.denied_ttl_seconds,
     )
-    app[keys.DEFINITIONS] = DefinitionsService(app, teams, cache, verdicts)
+    offload = Offload(client, settings.definitions.offload)
+    shadow = Shadow(settings.definitions.offload)
+    app[keys.DEFINITIONS] = DefinitionsService(app, teams, cache, verdicts, offload, shadow)
     async with (
         background(cache.run_refresher(), name="definitions-refresher"),
         background(verdicts.run_revalidation(auth.revalidate_interval_seconds), name="verdict-revalidation"),
+        background(offload.watch(), name="offload-watch"),
     ):
         yield
+    await shadow.close()
     await teams.close()
     await cache.close()
     await verdicts.close()

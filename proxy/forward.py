@@ -68,7 +68,9 @@ class Forwarder:
         self._buffer_request_bytes = settings.buffer_request_body_bytes
         self._is_trusted = _trust_checker(ip_network(n, strict=False) for n in settings.trusted_proxies)
 
-    async def forward(self, request: web.Request, observe: Observer | None = None) -> web.StreamResponse:
+    async def forward(
+        self, request: web.Request, observe: Observer | None = None, capture_bytes: int = 0
+    ) -> web.StreamResponse:
         """Forward `request` (origin-form path and query only) and stream the upstream's answer."""
         # Only the raw origin-form target is used: an absolute-form target's authority ("GET http://x/ ...")
         # is dropped by rel_url, and encoded=True keeps percent-escapes and repeated keys byte for byte.
@@ -107,7 +109,7 @@ class Forwarder:
                     )
                 response.set_status(upstream.status, upstream.reason)
                 response.headers.extend(_end_to_end(upstream.headers))
-                await _relay(request, upstream, response, observe)
+                await _relay(request, upstream, response, observe, capture_bytes)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return _failed(request, response, exc)
         return response
@@ -158,14 +160,24 @@ async def _relay(
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
     observe: Observer | None,
+    capture_bytes: int,
 ) -> None:
-    if observe is not None:
-        observe(upstream.status, upstream.headers, None)
+    """Stream the answer through; an observer sees it at the end, with the body if within `capture_bytes`."""
+    captured: list[bytes] | None = [] if observe is not None and capture_bytes > 0 else None
+    size = 0
     await response.prepare(request)
     # iter_any hands over whatever arrived, so server-sent events and chunked answers are not held back.
     async for chunk in upstream.content.iter_any():
         await response.write(chunk)
+        if captured is not None:
+            size += len(chunk)
+            if size <= capture_bytes:
+                captured.append(chunk)
+            else:
+                captured = None
     await response.write_eof()
+    if observe is not None:
+        observe(upstream.status, upstream.headers, b"".join(captured) if captured is not None else None)
 
 
 def _failed(request: web.Request, response: web.StreamResponse, exc: BaseException) -> web.StreamResponse:

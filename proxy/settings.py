@@ -165,6 +165,27 @@ class AuthSettings(_Section):
         return value
 
 
+class OffloadSettings(_Section):
+    """Gradual offload of the definitions route group: weight, shadow comparisons, runtime control."""
+
+    # Share of eligible requests answered locally (sticky per client); the rest go to the backend.
+    weight_percent: float = Field(default=100.0, ge=0, le=100)
+    # Compare: forwarded requests are also answered locally in the background and the answers diffed.
+    shadow: bool = False
+    # Fraction of forwarded requests that get a shadow comparison.
+    shadow_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    # Shadow comparisons running at once; beyond this they are skipped (and counted), never queued.
+    shadow_max_concurrency: int = Field(default=4, ge=1)
+    # Upstream bodies larger than this are not compared (counted as "body_not_captured").
+    shadow_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
+    # Mismatches logged per kind (a sample to reproduce from); all are counted.
+    shadow_log_samples: int = Field(default=20, ge=0)
+    # Redis hash every replica watches: fields weight_percent, kill (1 = forward everything), shadow (0/1).
+    # Absent fields fall back to this file. `edge-proxy offload set|kill|status` write and read it.
+    control_key: str = "edge-proxy:offload:definitions"
+    watch_interval_seconds: Seconds = 0.5
+
+
 class DefinitionsSettings(_Section):
     """The definitions endpoint: routes, memory cache and freshness."""
 
@@ -186,6 +207,7 @@ class DefinitionsSettings(_Section):
     # Flag keys with these prefixes are not billed when every flag of the payload has one.
     unbilled_flag_prefixes: tuple[str, ...] = ("survey-targeting-", "product-tour-targeting-")
     auth: AuthSettings = AuthSettings()
+    offload: OffloadSettings = OffloadSettings()
 
     @field_validator("path", "aliases")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
+from proxy.cli import main
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -240,3 +242,24 @@ async def _wait_status(client: Client, url: str, headers: dict[str, str], status
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"never answered {status}")
+
+
+@pytest.mark.parametrize("scope", ["credential", "team", "all"])
+async def test_revoke_command_deletes_verdicts(
+    make_proxy: MakeProxy,
+    standin: StandInBackend,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    scope: str,
+) -> None:
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    for key in (GOOD_KEY, "phx_not_a_key"):
+        await (await client.get(url, headers={"Authorization": f"Bearer {key}"})).read()
+    await _wait(lambda: len(_verdict_keys(client)) == 2)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("VERDICT_HMAC_KEY", HMAC_KEY)
+    argv = {"credential": ["--team", str(TEAM_ID), "--credential-stdin"], "team": ["--team", str(TEAM_ID)]}
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{GOOD_KEY}\n"))
+    assert main(["revoke", *argv.get(scope, ["--all"])]) == 0
+    assert len(_verdict_keys(client)) == (1 if scope == "credential" else 0)

@@ -1,0 +1,69 @@
+"""Operator commands against the shared Redis: offload weight, kill switch, shadow, verdict revocation."""
+
+from __future__ import annotations
+
+import hmac
+import sys
+from typing import cast
+
+import redis
+
+from proxy.offload import OffloadState, parse_state
+from proxy.settings import Settings
+from proxy.verdicts import revoke_pattern
+
+
+def _client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=5)
+
+
+def offload_status(settings: Settings) -> OffloadState:
+    """The state every replica follows now: the control hash over the configured defaults."""
+    offload = settings.definitions.offload
+    configured = OffloadState(offload.weight_percent, kill=False, shadow=offload.shadow)
+    with _client(settings) as client:
+        fields = cast(dict[bytes, bytes], client.hgetall(offload.control_key))
+    return parse_state(fields, configured)
+
+
+def offload_update(settings: Settings, **fields: str) -> OffloadState:
+    """Write fields of the control hash (every replica follows within its watch interval)."""
+    with _client(settings) as client:
+        client.hset(settings.definitions.offload.control_key, mapping=fields)
+    return offload_status(settings)
+
+
+def offload_reset(settings: Settings) -> OffloadState:
+    """Delete the control hash: every replica returns to its configuration file."""
+    with _client(settings) as client:
+        client.delete(settings.definitions.offload.control_key)
+    return offload_status(settings)
+
+
+def describe(state: OffloadState) -> str:
+    """One line for the terminal."""
+    return (
+        f"definitions offload {state.weight_percent:g}% "
+        f"(kill switch {'ON: everything forwarded' if state.kill else 'off'}, "
+        f"shadow {'on' if state.shadow else 'off'})"
+    )
+
+
+def revoke(settings: Settings, team_id: int | None, credential: str | None) -> int:
+    """Delete learned verdicts: one (team + credential), a team's, or all; the number deleted."""
+    auth = settings.definitions.auth
+    with _client(settings) as client:
+        if credential is not None and team_id is not None:
+            if auth.hmac_key is None:
+                raise ValueError("definitions.auth.hmac_key is not set: verdicts are not in Redis")
+            digest = hmac.digest(auth.hmac_key.get_secret_value().encode(), credential.encode(), "sha256")
+            return int(cast(int, client.delete(f"{auth.key_prefix}:{team_id}:{digest.hex()}")))
+        deleted = 0
+        for key in client.scan_iter(revoke_pattern(auth.key_prefix, team_id), count=1000):
+            deleted += int(cast(int, client.delete(key)))
+        return deleted
+
+
+def read_credential() -> str:
+    """A credential from standard input (never from argv, where `ps` and shell history would keep it)."""
+    return sys.stdin.readline().strip()

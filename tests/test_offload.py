@@ -1,0 +1,317 @@
+"""Gradual offload: sticky weights, runtime control across replicas, shadow comparisons, billing once."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy import keys
+from proxy.cli import main
+from proxy.offload import BUCKETS, bucket
+from tests.backend_writer import BackendWriter
+from tests.conftest import MakeProxy
+from tests.rig import Upstream
+
+SECRET = "phs_offload_secret"
+CONTROL_KEY = "edge-proxy:offload:definitions"
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+def teams(redis_url: str) -> dict[str, tuple[int, str, str]]:
+    """300 projects sharing one secret: token -> (team id, payload text, etag)."""
+    writer = BackendWriter(redis_url)
+    made = {}
+    for team_id in range(1, 301):
+        token = f"phc_offload_{team_id}"
+        writer.set_team(token, {"id": team_id, "api_token": token, "secret_api_token": SECRET})
+        text, etag = writer.set_definitions(team_id, [{"id": 1, "key": f"flag-{team_id}", "active": True}])
+        made[token] = (team_id, text, etag)
+    return made
+
+
+def url(token: str) -> str:
+    """The SDK's definitions URL for `token`."""
+    return f"/flags/definitions?token={token}&send_cohorts"
+
+
+def auth(**extra: str) -> dict[str, str]:
+    """The secret-token Authorization header (plus extra headers)."""
+    return {"Authorization": f"Bearer {SECRET}", "User-Agent": "posthog-python/7.4.0", **extra}
+
+
+def test_buckets_spread_evenly_and_are_stable() -> None:
+    clients = [(f"phx_key_{i}", f"phc_project_{i % 37}") for i in range(20_000)]
+    first = [bucket(credential, token) for credential, token in clients]
+    assert first == [bucket(credential, token) for credential, token in clients]  # sticky
+    for weight in (10, 50, 90):
+        share = sum(b < weight * BUCKETS // 100 for b in first) / len(first)
+        bound = 4 * math.sqrt(weight / 100 * (1 - weight / 100) / len(first))  # 4 sigma, binomial
+        assert abs(share - weight / 100) < bound, weight
+
+
+@pytest.mark.parametrize("weight", [0, 10, 50, 100])
+async def test_weight_decides_the_local_share_sticky_per_client(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    weight: int,
+) -> None:
+    client = await make_proxy(definitions={"offload": {"weight_percent": weight}})
+    answered: dict[str, set[bool]] = {}
+    for _ in range(2):
+        for token in teams:
+            seen = len(upstream[0].seen)
+            response = await client.get(url(token), headers=auth())
+            assert response.status == 200
+            await response.read()
+            answered.setdefault(token, set()).add(len(upstream[0].seen) == seen)
+    assert all(len(choices) == 1 for choices in answered.values())  # no client flip-flops
+    local = sum(choices == {True} for choices in answered.values()) / len(teams)
+    expected = sum(bucket(f"Bearer {SECRET}", t) < weight * BUCKETS // 100 for t in teams) / len(teams)
+    assert local == expected
+    bound = 4 * math.sqrt(max(weight / 100 * (1 - weight / 100), 1e-9) / len(teams))
+    assert abs(local - weight / 100) <= bound + 1e-9
+
+
+async def test_every_replica_follows_the_control_key_within_two_seconds(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    replicas = [await make_proxy(), await make_proxy()]
+    token = next(iter(teams))
+    for replica in replicas:
+        assert (await replica.get(url(token), headers=auth())).status == 200
+    assert upstream[0].seen == []
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    assert main(["offload", "kill", "on"]) == 0
+    changed = time.monotonic()
+    for replica in replicas:
+        await _until(lambda r=replica: _forwarded(r, token, upstream), deadline=changed + 2.0)
+    assert main(["offload", "kill", "off"]) == 0
+    assert main(["offload", "set", "0"]) == 0
+    with redis.Redis.from_url(redis_url) as store:
+        assert store.hgetall(CONTROL_KEY) == {b"kill": b"0", b"weight_percent": b"0"}
+    assert main(["offload", "reset"]) == 0
+    for replica in replicas:
+        await _until(lambda r=replica: _local(r, token, upstream), deadline=time.monotonic() + 2.0)
+
+
+async def test_no_request_is_dropped_while_the_weight_flips(
+    make_proxy: MakeProxy, teams: dict[str, tuple[int, str, str]], redis_url: str
+) -> None:
+    client = await make_proxy(definitions={"offload": {"watch_interval_seconds": 0.05}})
+    tokens = list(teams)[:20]
+    statuses: list[int] = []
+
+    async def poll() -> None:
+        for _ in range(15):
+            for token in tokens:
+                async with client.get(url(token), headers=auth()) as response:
+                    await response.read()
+                    statuses.append(response.status)
+
+    with redis.Redis.from_url(redis_url) as store:
+        task = asyncio.create_task(poll())
+        for weight in ("0", "100", "50", "0", "100"):
+            store.hset(CONTROL_KEY, "weight_percent", weight)
+            await asyncio.sleep(0.05)
+        await task
+    assert statuses == [200] * len(statuses)
+
+
+async def test_kill_switch_and_weight_from_the_cli_are_reported(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    assert main(["offload", "set", "10"]) == 0
+    assert main(["offload", "status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "definitions offload 10% (kill switch off, shadow off)"
+    )
+    assert main(["offload", "set", "101"]) == 2
+    assert main(["offload", "kill", "on"]) == 0
+    assert "kill switch ON: everything forwarded" in capsys.readouterr().out
+
+
+async def _forwarded(client: Client, token: str, upstream: tuple[Upstream, TestServer]) -> bool:
+    before = len(upstream[0].seen)
+    await (await client.get(url(token), headers=auth())).read()
+    return len(upstream[0].seen) > before
+
+
+async def _local(client: Client, token: str, upstream: tuple[Upstream, TestServer]) -> bool:
+    return not await _forwarded(client, token, upstream)
+
+
+async def _until(check: Any, deadline: float) -> None:
+    while not await check():
+        assert time.monotonic() < deadline, "not followed within 2 s"
+        await asyncio.sleep(0.05)
+
+
+# --- shadow mode -------------------------------------------------------------------------------------------
+
+
+def _backend(
+    teams: dict[str, tuple[int, str, str]],
+    *,
+    status: int = 200,
+    etag: str | None = None,
+    body: bytes | None = None,
+) -> Any:
+    """An upstream answering definitions like the backend, optionally disagreeing in one respect."""
+
+    async def answer(request: web.Request, _body: bytes) -> web.StreamResponse:
+        _, text, real_etag = teams[request.query["token"]]
+        headers = {"ETag": f'W/"{etag or real_etag}"', "Cache-Control": "private, must-revalidate"}
+        return web.Response(
+            status=status,
+            body=text.encode() if body is None else body,
+            content_type="application/json",
+            headers=headers,
+        )
+
+    return answer
+
+
+def _reordered(text: str) -> bytes:
+    """The same JSON with keys in another order: equal as canonical JSON, not byte-equal."""
+    import json
+
+    return json.dumps(dict(reversed(list(json.loads(text).items())))).encode()
+
+
+@pytest.mark.parametrize(
+    ("disagreement", "kind"),
+    [
+        ({}, "match"),
+        ({"status": 201}, "status"),
+        ({"etag": "0000000000000000"}, "header_etag"),
+        ({"body": "one byte"}, "body"),
+        ({"body": "key order"}, "match_json"),
+    ],
+)
+async def test_shadow_detects_and_classifies_each_disagreement(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    disagreement: dict[str, Any],
+    kind: str,
+) -> None:
+    token = next(iter(teams))
+    _, text, _ = teams[token]
+    if disagreement.get("body") == "one byte":
+        disagreement["body"] = text.encode()[:-2] + b"]}"
+    elif disagreement.get("body") == "key order":
+        disagreement["body"] = _reordered(text)
+    upstream[0].routes["/flags/definitions"] = _backend(teams, **disagreement)
+    client = await make_proxy(definitions={"offload": {"weight_percent": 0, "shadow": True}})
+    assert client.app is not None
+    shadow = client.app[keys.DEFINITIONS].shadow
+    for _ in range(3):
+        response = await client.get(url(token), headers=auth())
+        assert response.status == disagreement.get("status", 200)
+        await response.read()
+    await _settle(shadow)
+    assert dict(shadow.outcomes) == {kind: 3}
+
+
+async def test_client_never_waits_for_the_shadow_comparison(
+    make_proxy: MakeProxy, teams: dict[str, tuple[int, str, str]], upstream: tuple[Upstream, TestServer]
+) -> None:
+    upstream[0].routes["/flags/definitions"] = _backend(teams)
+    client = await make_proxy(definitions={"offload": {"weight_percent": 0, "shadow": True}})
+    assert client.app is not None
+    service = client.app[keys.DEFINITIONS]
+    release = asyncio.Event()
+    real_decide = service.decide
+
+    async def slow_decide(request: web.Request, *, live: bool = True) -> Any:
+        await release.wait()  # the local (shadow) path is stuck until the client has its answer
+        return await real_decide(request, live=live)
+
+    service.decide = slow_decide
+    token = next(iter(teams))
+    response = await asyncio.wait_for(client.get(url(token), headers=auth()), timeout=5)
+    assert response.status == 200
+    assert await response.read() == teams[token][1].encode()
+    assert service.shadow.running == 1  # still comparing after the client is done
+    release.set()
+    await _settle(service.shadow)
+    assert dict(service.shadow.outcomes) == {"match": 1}
+
+
+async def test_shadow_work_is_bounded(
+    make_proxy: MakeProxy, teams: dict[str, tuple[int, str, str]], upstream: tuple[Upstream, TestServer]
+) -> None:
+    upstream[0].routes["/flags/definitions"] = _backend(teams)
+    client = await make_proxy(
+        definitions={"offload": {"weight_percent": 0, "shadow": True, "shadow_max_concurrency": 1}}
+    )
+    assert client.app is not None
+    service = client.app[keys.DEFINITIONS]
+    release = asyncio.Event()
+    real_decide = service.decide
+
+    async def slow_decide(request: web.Request, *, live: bool = True) -> Any:
+        await release.wait()
+        return await real_decide(request, live=live)
+
+    service.decide = slow_decide
+    for token in list(teams)[:5]:
+        assert (await client.get(url(token), headers=auth())).status == 200
+    release.set()
+    await _settle(service.shadow)
+    assert dict(service.shadow.outcomes) == {"match": 1, "skipped_busy": 4}
+
+
+@pytest.mark.parametrize(
+    ("offload", "billed_by_proxy"),
+    [({"weight_percent": 100}, 4), ({"weight_percent": 0}, 0), ({"weight_percent": 0, "shadow": True}, 0)],
+)
+async def test_billing_counts_each_request_once_in_every_mode(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    offload: dict[str, Any],
+    billed_by_proxy: int,
+) -> None:
+    upstream[0].routes["/flags/definitions"] = _backend(teams)
+    client = await make_proxy(definitions={"offload": offload}, billing={"flush_interval_seconds": 0.05})
+    assert client.app is not None
+    token = next(iter(teams))
+    team_id = teams[token][0]
+    for _ in range(4):
+        assert (await client.get(url(token), headers=auth())).status == 200
+    await _settle(client.app[keys.DEFINITIONS].shadow)
+    forwarded = sum(seen.path_qs.startswith("/flags/definitions") for seen in upstream[0].seen)
+    assert forwarded == 4 - billed_by_proxy  # the backend bills these itself
+    key = f"posthog:local_evaluation_requests:{team_id}"
+    with redis.Redis.from_url(redis_url) as store:
+        for _ in range(100):
+            if billed_by_proxy == 0 or store.hgetall(key):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.15)  # several flushes: nothing more arrives
+        counts = store.hgetall(key)
+    assert sum(int(v) for v in counts.values()) == billed_by_proxy
+
+
+async def _settle(shadow: Any) -> None:
+    for _ in range(250):
+        if shadow.running == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("shadow comparisons did not finish")
