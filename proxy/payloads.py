@@ -73,6 +73,7 @@ class DefinitionsCache:
         self._entries: OrderedDict[int, Definitions] = OrderedDict()
         self._used_at: dict[int, float] = {}
         self._flight: SingleFlight[tuple[int, bool], Definitions | None] = SingleFlight()
+        self._billable: dict[str, bool] = {}
         self.bytes_held = 0
         self.refresh_failures = 0
 
@@ -129,8 +130,16 @@ class DefinitionsCache:
             self._drop(team_id)
             return None
         body = text.encode()
-        billable = is_billable(body, self._settings.unbilled_flag_prefixes)
         etag = self._decode_etag(team_id, raw_etag)
+        # The ETag is a hash of the payload: parse each payload once, not at every re-read (a cache
+        # smaller than the working set re-reads the same payloads over and over).
+        billable = self._billable.get(etag) if etag is not None else None
+        if billable is None:
+            billable = is_billable(body, self._settings.unbilled_flag_prefixes)
+            if etag is not None:
+                if len(self._billable) >= 16384:
+                    self._billable.clear()
+                self._billable[etag] = billable
         return self._store(Definitions(team_id, etag, body, billable, time.monotonic()))
 
     def _store(self, entry: Definitions) -> Definitions:

@@ -14,9 +14,11 @@ count read from Redis at this replica's last sync and `pending` what it admitted
 counters and reads them back with their time left. A replica never over-admits on its own, but it cannot
 see what other replicas have admitted and not pushed yet. Over-admission bound, per team and window, with N
 replicas: admitted <= limit + (N - 1) * a, where a is the most one replica holds admitted but not yet
-pushed (what it admits in about one sync interval plus one round trip; before its first sync for a team, a
-replica's view of the shared count is zero, or the last it read if idle_seconds passed); and never more
-than N * limit, since each replica counts its own admissions. All counters live in one Redis (no cluster:
+pushed: below half the limit (as it last saw the shared count) a replica pushes in lumps of
+push_fraction * limit, so a <= push_fraction * limit there; past half, it syncs every interval, so a is what
+it admits in about one sync interval plus one round trip. Never more than N * limit, since each replica
+counts its own admissions. Redis cost: nothing for teams far below their limit, one script entry per sync
+interval for a team past half of it. All counters live in one Redis (no cluster:
 the sync script touches many keys).
 
 Redis unreachable: both modes fail open (the request is served, `fail_open` counts it), logged once per
@@ -77,11 +79,12 @@ return out
 class _Window:
     """One team's budget as this replica sees it (fast mode)."""
 
-    __slots__ = ("epoch", "expiry", "key", "limit", "pending", "reset_at", "seen", "shared")
+    __slots__ = ("epoch", "expiry", "key", "limit", "pending", "push_lump", "reset_at", "seen", "shared")
 
-    def __init__(self, key: str, item: RateLimitItem) -> None:
+    def __init__(self, key: str, item: RateLimitItem, push_fraction: float) -> None:
         self.key = key
         self.limit = item.amount
+        self.push_lump = max(1, math.floor(item.amount * push_fraction))
         self.expiry = item.get_expiry()
         self.shared = 0  # the shared count at the last sync, this replica's pushed admissions included
         self.pending = 0  # admitted here since the last sync
@@ -108,6 +111,7 @@ class RateLimiter:
         self.limited = 0
         self._clock = clock
         self._idle_seconds = settings.idle_seconds
+        self._push_fraction = settings.push_fraction
         self._prefix = settings.key_prefix
         self._default = parse(settings.default)
         self._etag = parse(settings.etag)
@@ -152,7 +156,9 @@ class RateLimiter:
         window = windows.get(team_id)
         if window is None:
             budget: Budget = "conditional" if conditional else "full"
-            window = windows[team_id] = _Window(self.key(team_id, budget), self.item(team_id, budget))
+            window = windows[team_id] = _Window(
+                self.key(team_id, budget), self.item(team_id, budget), self._push_fraction
+            )
         now = self._clock()
         # Marked even while failing open: the next sync then reads it, which is how recovery is noticed.
         window.seen = now
@@ -210,6 +216,8 @@ class RateLimiter:
                         continue
                     if window.shared >= window.limit and now < window.reset_at and not self.failing:
                         continue  # limited until a known reset: a fixed window's count only grows
+                elif not self.failing and not self._worth_syncing(window):
+                    continue
                 batch.append((window, window.pending, window.epoch))
                 names.append(window.key)
                 args += (window.expiry, window.pending)
@@ -230,6 +238,13 @@ class RateLimiter:
             if ttl_ms > 0:
                 window.reset_at = done + ttl_ms / 1000
         self._recovered()
+
+    def _worth_syncing(self, window: _Window) -> bool:
+        # A team far below its limit costs Redis nothing: its admissions are pushed in lumps of
+        # push_fraction * limit, and only a team past half its budget is synced every interval. SDKs poll
+        # every 30 s, so most teams never come near their limit, and Redis sees O(teams near limit).
+        used = window.shared + window.pending
+        return used * 2 >= window.limit or window.pending >= window.push_lump
 
     async def run(self) -> None:
         """Sync every sync_interval_seconds until cancelled."""

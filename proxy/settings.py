@@ -252,6 +252,9 @@ class RateLimitSettings(_Section):
     # request; replicas may over-admit by what they admit between two syncs). "exact": a round trip each.
     mode: Literal["fast", "exact"] = "fast"
     sync_interval_seconds: Seconds = 0.2
+    # Fast mode: below half its limit a team's admissions are pushed to Redis in lumps of this fraction of
+    # the limit (the over-admission bound per other replica); past half, every sync interval.
+    push_fraction: float = Field(default=0.1, gt=0, le=1)
     # A team without a request for this long is no longer re-read at each sync (fast mode): each sync's Redis
     # work is proportional to the teams seen within this time.
     idle_seconds: Seconds = 2.0

@@ -17,7 +17,7 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from pytest_aiohttp import AiohttpClient
 
 from proxy import keys
-from proxy.ratelimit import RateLimiter, ratelimit_ctx, too_many_requests
+from proxy.ratelimit import SYNC_SCRIPT, RateLimiter, ratelimit_ctx, too_many_requests
 from proxy.redis_client import make_client, redis_ctx
 from proxy.settings import RateLimitSettings, RedisSettings
 from tests.conftest import settings_for
@@ -309,3 +309,25 @@ async def test_ratelimit_ctx_syncs_in_the_background_and_stops_cleanly(
     while await shared_count(client, rl) < 5:
         assert time.monotonic() < deadline, "the background sync never ran"
         await asyncio.sleep(0.01)
+
+
+async def test_fast_mode_costs_redis_nothing_for_teams_far_below_their_limit(client: aioredis.Redis) -> None:
+    rl = limiter(client, default="600/minute", etag="6000/minute", push_fraction=0.1)
+    await client.script_load(SYNC_SCRIPT)  # so the one call below is one EVALSHA, not EVALSHA + EVAL
+    before = await _script_calls(client)
+    for team_id in range(100):  # a typical fleet: many teams, each polling a few times a minute
+        assert await burst(rl, 3, team_id=team_id) == 3
+        assert await burst(rl, 3, team_id=team_id, conditional=True) == 3
+    for _ in range(5):
+        await rl.sync()
+    assert await _script_calls(client) == before
+    # A team reaching a lump (10 % of 600) is pushed; past half its limit, it is synced every interval.
+    assert await burst(rl, 57) == 57
+    await rl.sync()
+    assert await shared_count(client, rl) == 60
+    assert await _script_calls(client) == before + 1
+
+
+async def _script_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
