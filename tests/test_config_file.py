@@ -1,0 +1,23 @@
+"""The documented config file is the settings model: every key, every default, nothing stale."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from proxy.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config" / "edge-proxy.yaml"
+
+
+def test_config_file_holds_exactly_the_defaults() -> None:
+    assert load_settings(CONFIG, environ={}) == Settings()
+
+
+def test_config_file_is_regenerated_from_the_settings_module() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_config.py"), "--check"], cwd=ROOT, check=False
+    )
+    assert result.returncode == 0, "config/edge-proxy.yaml is stale: run scripts/gen_config.py"
