@@ -31,6 +31,8 @@ format: $(STAMP)
 
 # Benchmark (needs wrk; nginx optional): `make bench`, or `make bench BENCH_ARGS=--quick` for a smoke run.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v nginx >/dev/null || apt-get install -y -qq nginx-light || echo "no nginx: that row is skipped"
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
