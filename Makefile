@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run demo test lint format bench chart docker-lint clean
 
 install: $(STAMP)
 
@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,lint]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-run: $(STAMP)
-	$(VENV)/bin/edge-proxy serve --config config/edge-proxy.yaml
+# The demo: redis-server, the reference Django backend and edge-proxy, with SDK clients polling through it
+# for ~20 s and a live summary (`make run DEMO_ARGS="--seconds 60 --clients 24"`). Stops all it started.
+run demo: $(STAMP)
+	$(PY) -m examples.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -34,6 +36,15 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v nginx >/dev/null || apt-get install -y -qq nginx-light || echo "no nginx: that row is skipped"
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Helm chart checks (lint, render, kubernetes-validate, check-config); .ci/chart-tools.sh pins and caches the tools in .tools/.
+chart: $(STAMP)
+	.ci/chart-tools.sh
+	EDGE_PROXY_CHART_TOOLS=required $(PY) -m pytest tests/test_chart.py
+
+docker-lint:
+	.ci/chart-tools.sh
+	.tools/bin/hadolint Dockerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,7 @@ from proxy.settings import ServiceMode
 from proxy.shadow import COMPARED_HEADERS, Shadow, UpstreamAnswer
 from proxy.tasks import background
 from proxy.teams import TeamStore
-from proxy.verdicts import Verdict, VerdictStore, verdict_of
+from proxy.verdicts import MAX_DENIAL_BODY_BYTES, Verdict, VerdictStore, verdict_of
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Forward:
 
 FORWARD = Forward()
 
-MISSING_TOKEN = error_body("validation_error", "missing_token", "API key is required (token parameter).")
+MISSING_TOKEN = error_body("validation_error", "missing_token", "API key is required.")
 NOT_AUTHENTICATED = error_body(
     "authentication_error", "not_authenticated", "Authentication credentials were not provided."
 )
@@ -102,11 +102,11 @@ class DefinitionsService:
                 return web.Response(status=204, headers=ALLOW)
             return json_response(405, _method_not_allowed(method), headers=ALLOW)
         tokens = request.query.getall("token", ())
+        if len(tokens) > 1:
+            # Which one would the backend pick (Django takes the last)? Ask it rather than guess.
+            return FORWARD
         if not tokens or not tokens[0]:
             return json_response(400, MISSING_TOKEN)
-        if len(tokens) > 1:
-            # Which one would the backend pick? Ask it rather than guess.
-            return FORWARD
         token = tokens[0]
 
         # 2. Team by token. No record in Redis (the backend fills it lazily): the backend decides.
@@ -241,7 +241,10 @@ class DefinitionsService:
                 self.verdicts.learn(key, verdict)
 
         try:
-            return await self._forwarder.forward(request, observe=observe)
+            # Captured even when streamed: a refusal sent chunked (no Content-Length) is still learned.
+            return await self._forwarder.forward(
+                request, observe=observe, capture_bytes=MAX_DENIAL_BODY_BYTES
+            )
         finally:
             del self._learning[key]
             learning.set_result(None)
