@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import definitions, forward, health, keys
+from proxy import definitions, forward, health, keys, telemetry
 from proxy.billing import billing_ctx
 from proxy.quota import quota_ctx
 from proxy.ratelimit import ratelimit_ctx
@@ -27,13 +27,23 @@ def create_app(settings: Settings) -> web.Application:
         # No middleware: each one costs every request; route handlers are wrapped by errors.guarded instead.
         # Forwarded bodies are streamed and never read through this limit; it only bounds local reads.
         client_max_size=1024**2,
-        handler_args={"max_field_size": 16384, "max_line_size": 16384},
+        handler_args={
+            "max_field_size": 16384,
+            "max_line_size": 16384,
+            # aiohttp's default (3630 s) would let a silent or slowloris connection hold a socket for an hour.
+            "keepalive_timeout": settings.client_limits.keepalive_timeout_seconds,
+        },
     )
     app[keys.SETTINGS] = settings
     app[keys.HEALTH] = health.Health()
+    # Plain counters only; the OpenTelemetry providers open in telemetry_ctx.
+    app[keys.TELEMETRY] = telemetry.Telemetry(settings)
 
     app.cleanup_ctx.extend(
         [
+            # First in, last out: spans and metrics exist for everything below, and the final export
+            # (OTLP) happens after billing's final flush.
+            telemetry.telemetry_ctx,
             redis_ctx,  # Redis pool (lazy connections)
             health.redis_monitor_ctx,  # readiness follows Redis
             forward.upstream_ctx,  # one pooled ClientSession to the upstream
@@ -46,6 +56,7 @@ def create_app(settings: Settings) -> web.Application:
     )
 
     health.add_routes(app)
+    telemetry.add_routes(app)  # /metrics: answered in every mode, never forwarded
     definitions.add_routes(app)
     # Everything the proxy does not answer itself goes upstream unchanged.
     app.router.add_route("*", "/{tail:.*}", forward.forward_handler)

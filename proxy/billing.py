@@ -90,6 +90,7 @@ class BillingTally:
         self._flushing = asyncio.Lock()
         self._failing = False
         # Counters for metrics.
+        self.flushes = 0
         self.flushed_requests = 0
         self.failed_flushes = 0
         self.dropped_counts = 0
@@ -134,6 +135,7 @@ class BillingTally:
                 return False
             for _ in batches:
                 self._pending.popleft()
+            self.flushes += 1
             self.flushed_requests += sum(batch.requests for batch in batches)
             if self._failing:
                 log.info("billing: flush succeeded again; %d batch(es) still pending", len(self._pending))

@@ -29,4 +29,12 @@ def bearer(header: str) -> str | None:
     parts = header.split()
     if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
-    return parts[1]
+    credential = parts[1]
+    if not credential.isascii():  # O(1): the usual credential skips the check below
+        try:
+            # aiohttp decodes header bytes that are not UTF-8 as lone surrogates, which the HMAC and the
+            # secret comparison cannot encode: such a credential is malformed.
+            credential.encode()
+        except UnicodeEncodeError:
+            return None
+    return credential

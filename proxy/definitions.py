@@ -21,6 +21,7 @@ from proxy.settings import ServiceMode
 from proxy.shadow import COMPARED_HEADERS, Shadow, UpstreamAnswer
 from proxy.tasks import background
 from proxy.teams import TeamStore
+from proxy.telemetry import DEFINITIONS, observed
 from proxy.verdicts import MAX_DENIAL_BODY_BYTES, Verdict, VerdictStore, verdict_of
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,7 @@ def serves_definitions(mode: ServiceMode) -> bool:
     return mode in (ServiceMode.ALL, ServiceMode.DEFINITIONS)
 
 
+@observed(DEFINITIONS)
 @guarded
 async def handle(request: web.Request) -> web.StreamResponse:
     """Route handler for the definitions path and its aliases."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -13,8 +15,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import keys
-from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, guarded, json_response
-from proxy.settings import UpstreamSettings
+from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, guarded, json_response
+from proxy.settings import ClientLimitsSettings, UpstreamSettings
+from proxy.telemetry import FORWARD, observed
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +56,40 @@ BUFFERED_RESPONSE_BYTES = 64 * 1024
 # can also come back.
 MAX_HEADER_BYTES = 16384
 
+BODY_TIMEOUT = error_body("invalid_request", "request_timeout", "The request body did not arrive in time.")
+BODY_TOO_LARGE = error_body("invalid_request", "payload_too_large", "The request body is too large.")
+BODY_INCOMPLETE = error_body("invalid_request", "incomplete_body", "The request body ended early.")
+
+
+class ClientBodyError(Exception):
+    """The client's body, not the upstream, ended the request: too slow, too large, or cut off."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+    def response(self) -> web.Response:
+        """The answer; the connection closes, since the rest of the body will never be read."""
+        answer = json_response(self.status, self.body)
+        answer.force_close()
+        return answer
+
 
 class Forwarder:
     """Sends a request to the upstream as it came and streams the answer back."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: UpstreamSettings) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: UpstreamSettings,
+        limits: ClientLimitsSettings = ClientLimitsSettings(),  # noqa: B008 - frozen, never mutated
+    ) -> None:
         self._session = session
+        # Upstream failures by kind (refused, timeout, disconnected, 5xx), for metrics.
+        self.failures: Counter[str] = Counter()
+        self._body_timeout = limits.body_read_timeout_seconds
+        self._max_body_bytes = limits.max_body_bytes
         base = URL(settings.base, encoded=True)
         self._scheme = base.scheme
         self._authority = base.raw_authority
@@ -74,6 +105,7 @@ class Forwarder:
         """Forward `request` (origin-form path and query only) and stream the upstream's answer."""
         # Only the raw origin-form target is used: an absolute-form target's authority ("GET http://x/ ...")
         # is dropped by rel_url, and encoded=True keeps percent-escapes and repeated keys byte for byte.
+        request[keys.FORWARDED] = True
         target = request.rel_url
         url = URL.build(
             scheme=self._scheme,
@@ -83,7 +115,11 @@ class Forwarder:
             encoded=True,
         )
         headers = self._request_headers(request)
-        data = await self._request_body(request)
+        failure: list[ClientBodyError] = []
+        try:
+            data = await self._request_body(request, failure)
+        except ClientBodyError as exc:
+            return exc.response()
         response = web.StreamResponse()
         try:
             async with self._session.request(
@@ -94,6 +130,8 @@ class Forwarder:
                 allow_redirects=False,
                 auto_decompress=False,
             ) as upstream:
+                if upstream.status >= 500:
+                    self.failures["5xx"] += 1
                 length = upstream.content_length
                 if length is not None and length <= BUFFERED_RESPONSE_BYTES and request.method != "HEAD":
                     # Small answers: read whole, then headers and body leave in one write (measured: the
@@ -111,6 +149,10 @@ class Forwarder:
                 response.headers.extend(_end_to_end(upstream.headers))
                 await _relay(request, upstream, response, observe, capture_bytes)
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if failure and not response.prepared:
+                # aiohttp wraps what the body stream raised; the client's fault is not a 502 or 504.
+                return failure[0].response()
+            self.failures[failure_kind(exc)] += 1
             return _failed(request, response, exc)
         return response
 
@@ -144,15 +186,45 @@ class Forwarder:
             headers[hdrs.X_FORWARDED_HOST] = forwarded_host
         return headers
 
-    async def _request_body(self, request: web.Request) -> bytes | aiohttp.StreamReader | None:
+    async def _request_body(
+        self, request: web.Request, failure: list[ClientBodyError]
+    ) -> bytes | AsyncIterator[bytes] | None:
         if not request.body_exists:
             return None
         length = request.content_length
+        if length is not None and length > self._max_body_bytes:
+            raise ClientBodyError(413, BODY_TOO_LARGE)
+        chunks = self._body_chunks(request.content, failure)
         if length is not None and length <= self._buffer_request_bytes:
-            # One write upstream and no chunk bookkeeping for the common small body; read from the stream
-            # directly so this does not depend on the app's client_max_size.
-            return await request.content.read()
-        return request.content
+            # One write upstream for the common small body; read from the stream directly so this does not
+            # depend on the app's client_max_size.
+            return b"".join([chunk async for chunk in chunks])
+        return chunks
+
+    async def _body_chunks(
+        self, content: aiohttp.StreamReader, failure: list[ClientBodyError]
+    ) -> AsyncIterator[bytes]:
+        # aiohttp's server has no body read timeout: without this a client that stalls mid-body would hold
+        # an upstream connection (and the pool is bounded) for as long as it likes.
+        size = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._body_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                failure.append(ClientBodyError(408, BODY_TIMEOUT))
+            except (OSError, aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError):
+                # The client went away or sent less than its Content-Length.
+                failure.append(ClientBodyError(400, BODY_INCOMPLETE))
+            else:
+                if not chunk:
+                    return
+                size += len(chunk)
+                if size <= self._max_body_bytes:
+                    yield chunk
+                    continue
+                failure.append(ClientBodyError(413, BODY_TOO_LARGE))
+            raise failure[-1]
 
 
 async def _relay(
@@ -203,6 +275,15 @@ def _failed(request: web.Request, response: web.StreamResponse, exc: BaseExcepti
     return json_response(502, BAD_GATEWAY)
 
 
+def failure_kind(exc: BaseException) -> str:
+    """The metrics label of an upstream failure: no connection, no answer in time, or a broken one."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "refused"  # refused, unreachable or unresolvable: no connection could be opened
+    return "disconnected"
+
+
 def _connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     return frozenset(
         name.strip().lower() for value in headers.getall(hdrs.CONNECTION, ()) for name in value.split(",")
@@ -233,6 +314,7 @@ def _trust_checker(networks: Iterable[IPv4Network | IPv6Network]) -> Callable[[s
     return is_trusted
 
 
+@observed(FORWARD)
 @guarded
 async def forward_handler(request: web.Request) -> web.StreamResponse:
     """Route handler for everything the proxy does not answer itself."""
@@ -258,7 +340,9 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         max_line_size=MAX_HEADER_BYTES,
         max_field_size=MAX_HEADER_BYTES,
+        # Upstream spans and the traceparent they send, when tracing; none otherwise.
+        trace_configs=telemetry.upstream_trace_configs() if (telemetry := app.get(keys.TELEMETRY)) else None,
     )
-    app[keys.FORWARDER] = Forwarder(session, settings)
+    app[keys.FORWARDER] = Forwarder(session, settings, app[keys.SETTINGS].client_limits)
     yield
     await session.close()

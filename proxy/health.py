@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from proxy import keys
 from proxy.tasks import background
+from proxy.telemetry import HEALTH, observed
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,13 @@ def _json(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
+@observed(HEALTH)
 async def liveness(request: web.Request) -> web.Response:
     """The process answers: the event loop is alive."""
     return _json(200, _OK)
 
 
+@observed(HEALTH)
 async def readiness(request: web.Request) -> web.Response:
     """503 until Redis answers a PING, and from the moment draining begins."""
     health = request.app[keys.HEALTH]
@@ -62,6 +65,7 @@ async def readiness(request: web.Request) -> web.Response:
     return _json(503, f'{{"status":"unavailable","reasons":[{reasons}]}}'.encode())
 
 
+@observed(HEALTH)
 async def startup(request: web.Request) -> web.Response:
     """200 once every cleanup context has started."""
     return _json(200, _OK) if request.app[keys.HEALTH].started else _json(503, b'{"status":"starting"}')

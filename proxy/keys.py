@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from proxy.quota import QuotaSnapshot
     from proxy.ratelimit import RateLimiter
     from proxy.settings import Settings
+    from proxy.telemetry import Telemetry
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 HEALTH: web.AppKey[Health] = web.AppKey("health")
@@ -25,3 +26,7 @@ QUOTA: web.AppKey[QuotaSnapshot] = web.AppKey("quota")
 RATE_LIMITS: web.AppKey[RateLimiter] = web.AppKey("rate_limits")
 BILLING: web.AppKey[BillingTally] = web.AppKey("billing")
 DEFINITIONS: web.AppKey[DefinitionsService] = web.AppKey("definitions")
+TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
+
+# Set on a request the forwarder sent upstream: its answer is the upstream's (telemetry's answered_by).
+FORWARDED: web.RequestKey[bool] = web.RequestKey("forwarded")

@@ -76,18 +76,30 @@ class DefinitionsCache:
         self._billable: dict[str, bool] = {}
         self.bytes_held = 0
         self.refresh_failures = 0
+        # Lookups in memory, for metrics (a miss reads Redis).
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def oldest_check_age(self) -> float:
+        """Seconds since Redis last confirmed the least recently confirmed entry (0 with none held)."""
+        # list() copies in one step: an OTLP export thread may call this while the loop changes entries.
+        entries = list(self._entries.values())
+        return time.monotonic() - min(e.checked_at for e in entries) if entries else 0.0
 
     def get(self, team_id: int) -> Definitions | None:
         """The entry in memory, unless absent or older than max staleness (the caller loads or forwards)."""
         entry = self._entries.get(team_id)
         if entry is None:
+            self.misses += 1
             return None
         now = time.monotonic()
         if now - entry.checked_at > self._settings.max_staleness_seconds:
+            self.misses += 1
             return None
+        self.hits += 1
         self._entries.move_to_end(team_id)
         self._used_at[team_id] = now
         return entry

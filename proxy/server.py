@@ -55,7 +55,9 @@ async def serve(settings: Settings) -> int:
         # and the process is gone by shutdown_timeout_seconds instead of twice that (Kubernetes SIGKILLs at
         # 30 s). A handler still reading a request body sees it fail at the half.
         shutdown_timeout=settings.shutdown_timeout_seconds / 2,
-        access_log=logging.getLogger("proxy.access") if settings.logging.access_log else None,
+        # aiohttp's own access log prints the query string, project tokens included: telemetry writes a
+        # structured line per request instead (logging.access_log, proxy/access_log.py).
+        access_log=None,
     )
     stop = asyncio.Event()
 

@@ -44,10 +44,22 @@ def _rate(value: str) -> str:
     return value
 
 
+# redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]: the master that Sentinel names.
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
 def _redis_url(value: str) -> str:
-    schemes = ("redis://", "rediss://", "unix://")
+    schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
     if not value.startswith(schemes):
         raise ValueError(f"must start with one of {', '.join(schemes)}")
+    if value.startswith(SENTINEL_SCHEME):
+        hosts = value[len(SENTINEL_SCHEME) :].partition("/")[0].rpartition("@")[2]
+        service, _, db = value[len(SENTINEL_SCHEME) :].partition("/")[2].strip("/").partition("/")
+        ports = [host.rpartition(":")[2] for host in hosts.split(",")]
+        if not service or not all(p.isascii() and p.isdigit() for p in ports) or not (db.isdigit() or not db):
+            raise ValueError(
+                "must be redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
+            )
     return value
 
 
@@ -270,11 +282,54 @@ class RateLimitSettings(_Section):
         return value
 
 
+class ClientLimitsSettings(_Section):
+    """What one client connection may hold: request-head and body deadlines, forwarded body size."""
+
+    # aiohttp closes a connection whose next request head has not fully arrived this long after it opened
+    # (or after its previous response). It is aiohttp's only request-head deadline, so it also ends slowloris
+    # headers. Above the 60 s idle timeout of common load balancers, so they close idle connections first.
+    keepalive_timeout_seconds: Seconds = 75.0
+    # Longest silence while reading a forwarded request's body: then 408, and the upstream request is dropped.
+    body_read_timeout_seconds: Seconds = 30.0
+    # Forwarded request bodies over this are refused with 413 (before anything goes upstream when the
+    # Content-Length says so; a chunked body is cut when it crosses the limit).
+    max_body_bytes: int = Field(default=100 * 1024**2, ge=0)
+
+
+class TelemetrySettings(_Section):
+    """Metrics (Prometheus scraping, OTLP export) and traces."""
+
+    # Prometheus text on metrics_path, answered in every service mode and never forwarded.
+    metrics_enabled: bool = True
+    metrics_path: str = "/metrics"
+    # OTLP/HTTP collector base URL (e.g. http://otel-collector:4318): metrics go to /v1/metrics every
+    # otlp_export_interval_seconds, sampled spans to /v1/traces. Unset: nothing is pushed. Needs the
+    # `otlp` extra (opentelemetry-exporter-otlp-proto-http).
+    otlp_endpoint: AnyHttpUrl | None = None
+    otlp_export_interval_seconds: Seconds = 15.0
+    # Share of new traces recorded (a sampled parent traceparent is always followed). 0: no spans at all;
+    # the client's traceparent still reaches the upstream unchanged.
+    trace_sampling_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Label sets per histogram; new ones past the cap share one otel_metric_overflow series. No label ever
+    # holds a team id, token or path.
+    max_series_per_metric: int = Field(default=1000, ge=10)
+    service_name: str = "edge-proxy"
+
+    @field_validator("metrics_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"route must start with '/': {value!r}")
+        return value
+
+
 class LoggingSettings(_Section):
     """Log level and format."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
+    # One structured line per request on the proxy.access logger (route, status, answered_by, duration,
+    # trace id; the path without its query string). Costs ~10 us per request: off at full load.
     access_log: bool = False
 
     @field_validator("level", mode="before")
@@ -298,7 +353,9 @@ class Settings(_Section):
     quota: QuotaSettings = QuotaSettings()
     billing: BillingSettings = BillingSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
+    client_limits: ClientLimitsSettings = ClientLimitsSettings()
     logging: LoggingSettings = LoggingSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @field_validator("service_mode", mode="before")
     @classmethod
@@ -344,6 +401,8 @@ ENV_ALIASES: Mapping[str, tuple[str, ...]] = {
     "LOG_FORMAT": ("logging", "format"),
     "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds",),
     "VERDICT_HMAC_KEY": ("definitions", "auth", "hmac_key"),
+    # The OpenTelemetry SDKs' own variable, so a collector configured for the pod's other apps applies here.
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
 }
 ENV_PREFIX = "EDGE_PROXY__"
 

@@ -1,0 +1,208 @@
+"""Telemetry on the request path: one wrapper per route handler, plain counters, providers in a cleanup_ctx.
+
+A handler wrapper rather than a middleware (measured: an empty middleware costs ~0.14 µs per request in
+aiohttp 3.14, a wrapper ~0.07 µs; the route group is then a constant, not a lookup). Per request, with
+metrics on: two perf_counter() calls, an in-memory histogram observation and a few int increments. The
+OpenTelemetry SDK only runs when a reader collects (metrics.py), never per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from time import perf_counter
+
+import aiohttp
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from proxy import access_log, keys, metrics, tracing
+from proxy.conditional import bearer
+from proxy.histogram import InMemoryHistogram
+from proxy.redis_observer import RedisObserver
+from proxy.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Route groups: the label values of `route` (never a path: paths are client-chosen).
+DEFINITIONS = "definitions"
+FORWARD = "forward"
+HEALTH = "health"  # probes and /metrics
+LOCAL = "local"
+UPSTREAM = "upstream"
+# Client-chosen too: any other method is counted as _OTHER (the OTel HTTP semantic conventions' value).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The handler was cancelled (the client left, or shutdown's deadline passed): nginx's code for it.
+CLIENT_CLOSED = 499
+
+
+class Telemetry:
+    """Per-app state: counters the request path increments, providers opened by `telemetry_ctx`."""
+
+    def __init__(self, settings: Settings) -> None:
+        config = settings.telemetry
+        self.settings = config
+        self.metrics_enabled = config.metrics_enabled
+        self.access_log = settings.logging.access_log
+        # Everything off: the wrapper only reads this flag.
+        self.enabled = self.metrics_enabled or self.access_log or config.trace_sampling_ratio > 0
+        self.requests = InMemoryHistogram(
+            "edge_proxy.request.duration",
+            "Request handling time by route group, method, status code and who answered",
+            "s",
+            ("route", "method", "status_code", "answered_by"),
+            config.max_series_per_metric,
+        )
+        self.in_flight = 0
+        self.etag = dict.fromkeys(("hit", "miss", "none"), 0)
+        self.auth_denied = dict.fromkeys(("missing", "secret_api_token", "personal_api_key"), 0)
+        self.redis = RedisObserver(config.max_series_per_metric)
+        self.tracer: trace.Tracer | None = None
+        self.registry: CollectorRegistry | None = None
+        self._meter_provider: MeterProvider | None = None
+        self.tracer_provider: TracerProvider | None = None
+
+    async def timed(
+        self, handler: Handler, request: web.Request, route: str, span: trace.Span | None
+    ) -> web.StreamResponse:
+        """Run the handler, then count, time and log the answer."""
+        self.in_flight += 1
+        start = perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        else:
+            status = response.status
+            return response
+        finally:
+            self._finish(request, route, status, perf_counter() - start, span)
+
+    def _finish(
+        self, request: web.Request, route: str, status: int, seconds: float, span: trace.Span | None
+    ) -> None:
+        self.in_flight -= 1
+        if route == DEFINITIONS:
+            # Set by the forwarder: the definitions path forwards what it cannot answer from memory.
+            # len() first: `in` raises and catches a KeyError when the key is absent (~0.2 µs, measured), and
+            # a request's state is empty unless the forwarder marked it.
+            answered_by = UPSTREAM if len(request) and keys.FORWARDED in request else LOCAL
+            if answered_by == LOCAL:
+                self._definitions_answer(request, status)
+        else:
+            answered_by = UPSTREAM if route == FORWARD else LOCAL
+        method = request.method
+        if self.metrics_enabled:
+            self.requests.observe(
+                (route, method if method in _METHODS else "_OTHER", status, answered_by), seconds
+            )
+        if span is not None:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(trace.StatusCode.ERROR)
+        if self.access_log:
+            access_log.write(request, route, status, answered_by, seconds, tracing.trace_id(span, request))
+
+    def _definitions_answer(self, request: web.Request, status: int) -> None:
+        if status == 304:
+            self.etag["hit"] += 1
+        elif status == 200:
+            if request.method == "GET":
+                self.etag["miss" if hdrs.IF_NONE_MATCH in request.headers else "none"] += 1
+        elif status in (401, 403):
+            self.auth_denied[_credential_kind(request)] += 1
+
+    def redis_observer(self) -> RedisObserver | None:
+        """The observer for the app's Redis client: none when neither metrics nor traces want it."""
+        return self.redis if self.metrics_enabled or self.tracer is not None else None
+
+    def upstream_trace_configs(self) -> list[aiohttp.TraceConfig]:
+        """Hooks for the upstream ClientSession: none unless tracing (so forwarding pays nothing)."""
+        return [] if self.tracer is None else [tracing.upstream_trace_config(self.tracer)]
+
+    def start(self, app: web.Application) -> None:
+        """Create the providers the settings ask for."""
+        config = self.settings
+        resource = Resource.create({"service.name": config.service_name})
+        if self.metrics_enabled:
+            self._meter_provider, self.registry = metrics.meter_provider(app, self, config, resource)
+        if config.trace_sampling_ratio > 0:
+            self.tracer_provider = tracing.tracer_provider(config, resource)
+            self.tracer = self.tracer_provider.get_tracer("proxy")
+            self.redis.tracer = self.tracer
+
+    def shutdown(self) -> None:
+        """Flush and close the providers (a final OTLP export when one is configured); blocking."""
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown(timeout_millis=metrics.EXPORT_TIMEOUT_SECONDS * 1000)
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+
+
+def _credential_kind(request: web.Request) -> str:
+    authorization = request.headers.get(hdrs.AUTHORIZATION)
+    if authorization is None:
+        return "missing"
+    credential = bearer(authorization)
+    return (
+        "secret_api_token" if credential is not None and credential.startswith("phs_") else "personal_api_key"
+    )
+
+
+def observed(route: str) -> Callable[[Handler], Handler]:
+    """Decorate a route handler of group `route`: counted, timed, traced and logged as telemetry is set."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            telemetry = request.app[keys.TELEMETRY]
+            if not telemetry.enabled:
+                return await handler(request)
+            tracer = telemetry.tracer
+            if tracer is None:
+                return await telemetry.timed(handler, request, route, None)
+            span = tracing.server_span(tracer, request, route)
+            # Current for the handler's awaits, so Redis and upstream spans become its children.
+            with trace.use_span(span, end_on_exit=True, record_exception=False):
+                return await telemetry.timed(handler, request, route, span)
+
+        return wrapper
+
+    return decorate
+
+
+@observed(HEALTH)
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus text exposition; collecting runs every observable instrument's callback."""
+    registry = request.app[keys.TELEMETRY].registry
+    if registry is None:
+        raise web.HTTPNotFound
+    return web.Response(body=generate_latest(registry), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    """The metrics path, in every service mode and never forwarded, when metrics are enabled."""
+    config = app[keys.SETTINGS].telemetry
+    if config.metrics_enabled:
+        app.router.add_get(config.metrics_path, metrics_handler, allow_head=False)
+
+
+async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Providers for the app's lifetime; first in, last out, so the final billing flush is still exported."""
+    telemetry = app[keys.TELEMETRY]
+    telemetry.start(app)
+    yield
+    # Off the loop: a configured OTLP exporter sends its last batch synchronously.
+    await asyncio.to_thread(telemetry.shutdown)

@@ -1,0 +1,118 @@
+"""Traces: a server span per sampled request, child spans for Redis and the upstream, W3C propagation.
+
+Off (sampling ratio 0, the default) no tracer exists and the request path only tests `tracer is None`; the
+client's own `traceparent` still reaches the upstream untouched, as every end-to-end header does.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import aiohttp
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from proxy.metrics import EXPORT_TIMEOUT_SECONDS
+from proxy.settings import TelemetrySettings
+
+# An instance, not the global propagator: nothing here touches OpenTelemetry's process-wide state.
+PROPAGATOR = TraceContextTextMapPropagator()
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def tracer_provider(settings: TelemetrySettings, resource: Resource) -> TracerProvider:
+    """A provider sampling `trace_sampling_ratio` of new traces (a sampled parent is always followed)."""
+    provider = TracerProvider(
+        resource=resource,
+        sampler=ParentBased(TraceIdRatioBased(settings.trace_sampling_ratio)),
+        shutdown_on_exit=False,
+    )
+    if settings.otlp_endpoint is not None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = f"{str(settings.otlp_endpoint).rstrip('/')}/v1/traces"
+        exporter = OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_SECONDS)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def server_span(tracer: trace.Tracer, request: web.Request, route: str) -> trace.Span:
+    """The request's span, child of the client's `traceparent` when it sent one."""
+    return tracer.start_span(
+        f"{request.method} {route}",
+        context=PROPAGATOR.extract(request.headers),
+        kind=SpanKind.SERVER,
+        # Without the query string (request.raw_path has it): query parameters carry project tokens.
+        attributes={
+            "http.request.method": request.method,
+            "http.route": route,
+            "url.path": request.rel_url.raw_path,
+        },
+    )
+
+
+def trace_id(span: trace.Span | None, request: web.Request) -> str | None:
+    """The trace id for the access log: the span's, else the one in the client's `traceparent`."""
+    if span is not None:
+        context = span.get_span_context()
+        return trace.format_trace_id(context.trace_id) if context.is_valid else None
+    traceparent = request.headers.get("traceparent")
+    if traceparent is None:
+        return None
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    return match.group(1) if match is not None else None
+
+
+def child_span(tracer: trace.Tracer | None, name: str, attributes: dict[str, str]) -> trace.Span | None:
+    """A client span under the current request's span, only when that span is being recorded."""
+    if tracer is None or not trace.get_current_span().is_recording():
+        return None
+    return tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+
+
+def upstream_trace_config(tracer: trace.Tracer) -> aiohttp.TraceConfig:
+    """aiohttp client hooks: a span per upstream request, and its `traceparent` on the outgoing headers."""
+    config = aiohttp.TraceConfig()
+
+    async def on_start(
+        _session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestStartParams
+    ) -> None:
+        span = tracer.start_span(
+            f"{params.method} upstream",
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": params.method, "server.address": params.url.host or ""},
+        )
+        ctx.span = span
+        # Replaces the client's traceparent (forwarded as an end-to-end header): the upstream's parent is
+        # this span, in the same trace. Unsampled requests get a span id too, flagged not sampled.
+        PROPAGATOR.inject(params.headers, context=trace.set_span_in_context(span))
+
+    async def on_end(
+        _session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        span: trace.Span = ctx.span
+        span.set_attribute("http.response.status_code", params.response.status)
+        if params.response.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    async def on_exception(
+        _session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestExceptionParams
+    ) -> None:
+        span: trace.Span = ctx.span
+        # The type only: aiohttp's messages can carry the full upstream URL, query tokens included.
+        span.set_status(Status(StatusCode.ERROR, type(params.exception).__name__))
+        span.end()
+
+    config.on_request_start.append(on_start)
+    config.on_request_end.append(on_end)
+    config.on_request_exception.append(on_exception)
+    config.freeze()
+    return config
