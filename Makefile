@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run demo test lint format bench chart docker-lint clean
+.PHONY: install run demo test lint format bench chart docker-lint soak clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ chart: $(STAMP)
 docker-lint:
 	.ci/chart-tools.sh
 	.tools/bin/hadolint Dockerfile
+
+# Soak (README "Failure modes"): 30 minutes at a steady rate by default; `make soak SOAK_ARGS="--minutes 5"`.
+soak: $(STAMP)
+	$(PY) -m tests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,508 @@
+"""Faults between the proxy and its dependencies: Redis killed, hung, cut off, flushed; upstream down or slow.
+
+Every promise of the README's "Failure modes" table that concerns a dependency is proved here against a real
+redis-server (through tests/chaos.py where the network has to misbehave) and a real in-process upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy import keys
+from proxy.settings import ConfigError, load_settings
+from tests.backend_writer import BackendWriter
+from tests.chaos import ChaosProxy, Mode
+from tests.conftest import MakeProxy
+from tests.rig import RedisServer, Upstream, free_port, redis_server_binary
+from tests.test_server import _env, proxy_process, wait_exit, wait_ready, wait_until
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "phc_reliability"
+SECRET = "phs_reliability_secret"
+TEAM_ID = 4242
+AUTH = {"Authorization": f"Bearer {SECRET}", "User-Agent": "posthog-python/7.4.0"}
+URL = f"/flags/definitions?token={TOKEN}&send_cohorts"
+FLAGS = [{"id": 1, "key": "beta", "active": True, "filters": {"groups": [{"rollout_percentage": 50}]}}]
+TEAM_HASH = f"posthog:local_evaluation_requests:{TEAM_ID}"
+SDK_HASH = f"posthog:local_evaluation_requests:sdk:{TEAM_ID}:posthog-python"
+# Small on purpose: each fault shows within a second or two. The staleness bound is generous so the
+# first requests after a fault are still inside it however slow the machine.
+REDIS_TIMEOUT = 0.2
+MAX_STALENESS = 1.5
+
+Client = TestClient[Any, Any]
+
+
+def fast_settings(redis_url: str) -> dict[str, Any]:
+    """Overrides that make every background loop tick quickly, Redis reached at `redis_url`."""
+    return {
+        "redis": {"url": redis_url, "timeout_seconds": REDIS_TIMEOUT, "health_check_interval_seconds": 0.05},
+        "definitions": {"refresh_interval_seconds": 0.05, "max_staleness_seconds": MAX_STALENESS},
+        "billing": {"flush_interval_seconds": 0.05},
+        "quota": {"poll_interval_seconds": 0.05, "max_staleness_seconds": 0.5},
+    }
+
+
+@pytest.fixture
+def backend(redis_url: str) -> BackendWriter:
+    """The team and its definitions, written with django-redis as the backend writes them."""
+    writer = BackendWriter(redis_url)
+    write_team(writer)
+    return writer
+
+
+def write_team(writer: BackendWriter) -> str:
+    """(Re)write the team record and its payload; returns the payload text."""
+    writer.set_team(TOKEN, {"id": TEAM_ID, "api_token": TOKEN, "secret_api_token": SECRET})
+    text, _ = writer.set_definitions(TEAM_ID, FLAGS)
+    return text
+
+
+@pytest.fixture
+async def chaos(redis_server: RedisServer, redis_url: str) -> AsyncIterator[ChaosProxy]:
+    """A TCP proxy in front of the real Redis, passing bytes until a test says otherwise."""
+    proxy = ChaosProxy(redis_server.port)
+    await proxy.start()
+    yield proxy
+    proxy.mode = Mode.PASS
+    await proxy.close()
+
+
+class Ledger:
+    """Every definitions answer, by who gave it: local (from memory or Redis) or forwarded to the backend."""
+
+    def __init__(self, local_body: bytes) -> None:
+        self.local_body = local_body
+        self.statuses: Counter[int] = Counter()
+        self.local = 0
+        self.forwarded = 0
+        self.buckets: Counter[int] = Counter()
+        self.straddled = False
+        self.slowest = 0.0
+
+    async def get(self, client: Client) -> str:
+        """One definitions request; 'local' or 'forwarded'. Local 200s are billed; their bucket is noted."""
+        before = time.time()
+        started = time.monotonic()
+        response = await client.get(URL, headers=AUTH)
+        body = await response.read()
+        self.slowest = max(self.slowest, time.monotonic() - started)
+        after = time.time()
+        self.statuses[response.status] += 1
+        assert response.status == 200, (response.status, body)
+        if body == self.local_body:
+            self.local += 1
+            self.buckets[int(before // 120)] += 1
+            self.straddled |= int(before // 120) != int(after // 120)
+            return "local"
+        assert json.loads(body)["upstream"] is True
+        self.forwarded += 1
+        return "forwarded"
+
+    async def until(self, client: Client, who: str, within: float) -> int:
+        """Request until an answer comes from `who`; how many requests that took."""
+        deadline = time.monotonic() + within
+        count = 0
+        while True:
+            count += 1
+            if await self.get(client) == who:
+                return count
+            assert time.monotonic() < deadline, f"no {who} answer within {within} s"
+            await asyncio.sleep(0.02)
+
+
+async def readiness(client: Client) -> int:
+    """The readiness status."""
+    response = await client.get("/_readiness")
+    await response.read()
+    return response.status
+
+
+async def eventually(predicate: Callable[[], Any], what: str, within: float = 10) -> None:
+    """Await `predicate()` (sync or async) until truthy; bounded."""
+    deadline = time.monotonic() + within
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def billing_hashes(redis_server: RedisServer) -> tuple[dict[int, int], dict[int, int]]:
+    """HGETALL of the team's two billing hashes, as ints."""
+    with redis_server.client() as sync:
+        return tuple(  # type: ignore[return-value]
+            {int(k): int(v) for k, v in sync.hgetall(key).items()} for key in (TEAM_HASH, SDK_HASH)
+        )
+
+
+async def assert_billed_exactly(client: Client, ledger: Ledger, redis_server: RedisServer) -> None:
+    """Once the tally is empty, both hashes hold exactly one increment per local 200, bucket by bucket."""
+    tally = client.app[keys.BILLING]
+    await eventually(lambda: tally.unflushed_requests == 0, "billing flushed")
+    team, sdk = billing_hashes(redis_server)
+    assert team == sdk
+    assert sum(team.values()) == ledger.local
+    if not ledger.straddled:
+        assert team == dict(ledger.buckets)
+    assert tally.dropped_counts == 0
+
+
+# Redis down, hung, partitioned, flushed
+
+
+async def test_redis_killed_serves_memory_then_forwards_then_reconnects_by_itself(
+    make_proxy: MakeProxy,
+    backend: BackendWriter,
+    redis_server: RedisServer,
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+) -> None:
+    text = write_team(backend)
+    ledger = Ledger(text.encode())
+    client = await make_proxy(**fast_settings(redis_url))
+    assert await ledger.get(client) == "local"
+    await eventually(lambda: _is(readiness(client), 200), "ready")
+
+    redis_server.stop()
+    # Straight after the crash the entry was confirmed moments ago: answered from memory.
+    assert await ledger.get(client) == "local"
+    await eventually(lambda: _is(readiness(client), 503), "readiness 503 while Redis is down")
+    # Past max staleness the backend answers; the count bounds how long memory was trusted.
+    await ledger.until(client, "forwarded", within=MAX_STALENESS + 5)
+
+    # Restarted empty (no persistence), then refilled by the backend: no proxy restart needed.
+    redis_server.start()
+    write_team(backend)
+    await eventually(lambda: _is(readiness(client), 200), "ready again")
+    await ledger.until(client, "local", within=5)
+
+    assert set(ledger.statuses) == {200}
+    # The payload is read again through the same pool: redis-py replaced the dead connections itself.
+    assert ledger.forwarded >= 1
+
+
+async def _is(status: Any, expected: int) -> bool:
+    return bool(await status == expected)
+
+
+async def test_hung_redis_costs_requests_at_most_the_timeout_and_recovers(
+    make_proxy: MakeProxy, backend: BackendWriter, redis_server: RedisServer, redis_url: str
+) -> None:
+    # SIGSTOP: the process keeps its sockets open and answers nothing, the worst kind of slow Redis.
+    text = write_team(backend)
+    ledger = Ledger(text.encode())
+    client = await make_proxy(**fast_settings(redis_url))
+    assert await ledger.get(client) == "local"
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert await ledger.get(client) == "local"
+        await eventually(lambda: _is(readiness(client), 503), "readiness 503 while Redis hangs")
+        await ledger.until(client, "forwarded", within=MAX_STALENESS + 5)
+        # Reads Redis for the team: every call is bounded (timeout, one retry), then the backend answers.
+        started = time.monotonic()
+        response = await client.get("/flags/definitions?token=phc_never_seen", headers=AUTH)
+        assert response.status == 200
+        assert json.loads(await response.read())["upstream"] is True
+        unknown_token_took = time.monotonic() - started
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await eventually(lambda: _is(readiness(client), 200), "ready again")
+    await ledger.until(client, "local", within=5)
+
+    assert set(ledger.statuses) == {200}
+    # Generous upper bounds: two attempts of REDIS_TIMEOUT each (connect and read are both bounded).
+    assert unknown_token_took < 10 * REDIS_TIMEOUT + 2
+    assert ledger.slowest < 10 * REDIS_TIMEOUT + 2
+    await assert_billed_exactly(client, ledger, redis_server)
+
+
+async def test_partition_keeps_billing_and_flushes_it_exactly_once(
+    chaos: ChaosProxy, make_proxy: MakeProxy, backend: BackendWriter, redis_server: RedisServer
+) -> None:
+    text = write_team(backend)
+    ledger = Ledger(text.encode())
+    client = await make_proxy(**fast_settings(chaos.url))
+    for _ in range(5):
+        assert await ledger.get(client) == "local"
+
+    chaos.mode = Mode.HOLD
+    await chaos.reset_all()
+    for _ in range(5):
+        assert await ledger.get(client) == "local"
+    await eventually(lambda: _is(readiness(client), 503), "readiness 503 during the partition")
+    await ledger.until(client, "forwarded", within=MAX_STALENESS + 5)
+    tally = client.app[keys.BILLING]
+    # Billed requests made while Redis was unreachable are kept, not dropped.
+    assert tally.unflushed_requests >= 10 - _flushed_before_partition(redis_server)
+    assert tally.failed_flushes >= 1
+
+    chaos.mode = Mode.PASS
+    await eventually(lambda: _is(readiness(client), 200), "ready after the partition")
+    await ledger.until(client, "local", within=5)
+    for _ in range(5):
+        assert await ledger.get(client) == "local"
+
+    assert set(ledger.statuses) == {200}
+    await assert_billed_exactly(client, ledger, redis_server)
+
+
+def _flushed_before_partition(redis_server: RedisServer) -> int:
+    return sum(billing_hashes(redis_server)[0].values())
+
+
+async def test_flush_applied_but_reply_lost_is_not_counted_twice(
+    chaos: ChaosProxy, make_proxy: MakeProxy, backend: BackendWriter, redis_server: RedisServer
+) -> None:
+    # The network drops every reply: Redis runs the billing script, the proxy never hears so and retries
+    # (redis-py's own retry and the flusher's). The batch id makes every retry a no-op.
+    text = write_team(backend)
+    ledger = Ledger(text.encode())
+    client = await make_proxy(**fast_settings(chaos.url))
+    tally = client.app[keys.BILLING]
+    assert await ledger.get(client) == "local"
+    await eventually(lambda: tally.unflushed_requests == 0, "first flush")
+
+    # Live pooled connections only: a new one would never finish redis-py's handshake, so the first attempt
+    # runs the script and every retry fails before sending it.
+    chaos.mode = Mode.SWALLOW_REPLIES
+    for _ in range(7):
+        assert await ledger.get(client) == "local"
+    # Applied in Redis (the script ran), unconfirmed in the proxy.
+    await eventually(lambda: sum(billing_hashes(redis_server)[0].values()) == 8, "script applied")
+    await eventually(lambda: tally.failed_flushes >= 2, "flush retried while replies are lost")
+    assert tally.unflushed_requests == 7
+
+    chaos.mode = Mode.PASS
+    await assert_billed_exactly(client, ledger, redis_server)
+    assert ledger.local == 8
+
+
+async def test_flushall_forwards_until_the_backend_refills(
+    make_proxy: MakeProxy,
+    backend: BackendWriter,
+    redis_server: RedisServer,
+    redis_url: str,
+    upstream: tuple[Upstream, TestServer],
+) -> None:
+    text = write_team(backend)
+    ledger = Ledger(text.encode())
+    overrides = fast_settings(redis_url)
+    overrides["definitions"]["team_ttl_seconds"] = 0.2
+    client = await make_proxy(**overrides)
+    assert await ledger.get(client) == "local"
+
+    with redis_server.client() as sync:
+        sync.flushall()
+    # The refresher sees the ETag gone and drops the payload: the backend answers (and would rebuild).
+    await ledger.until(client, "forwarded", within=5)
+    assert await readiness(client) == 200
+
+    write_team(backend)
+    await ledger.until(client, "local", within=5)
+    assert set(ledger.statuses) == {200}
+
+
+# Upstream refused, slow, restarted: the pool recovers
+
+
+async def test_pool_recovers_after_timeouts_and_an_upstream_restart(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer]
+) -> None:
+    recorder, _ = upstream
+    release = asyncio.Event()
+
+    async def stuck(request: web.Request, body: bytes) -> web.StreamResponse:
+        await asyncio.wait_for(release.wait(), 30)
+        return web.Response(text="late")
+
+    recorder.routes["/stuck"] = stuck
+    # A pool of two: if timed-out connections were not given back, the third request would wait forever.
+    client = await make_proxy(upstream={"read_timeout_seconds": 0.3, "max_connections": 2})
+    try:
+        statuses = await asyncio.gather(*(_status(client, "/stuck") for _ in range(4)))
+        assert statuses == [504] * 4
+        assert await asyncio.wait_for(_status(client, "/ok"), 5) == 200
+    finally:
+        release.set()
+
+
+async def test_upstream_restarted_on_the_same_port_is_reached_again(make_proxy: MakeProxy) -> None:
+    port = free_port()
+    client = await make_proxy(upstream={"url": f"http://127.0.0.1:{port}", "keepalive_timeout_seconds": 60})
+    assert await _status(client, "/x") == 502
+    for generation in range(2):
+        runner = web.AppRunner(Upstream().app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            # The first request also reuses a pooled keep-alive connection from the previous generation.
+            assert [await _status(client, f"/x?g={generation}") for _ in range(3)] == [200] * 3
+        finally:
+            await runner.cleanup()
+        assert await _status(client, "/x") == 502
+
+
+async def _status(client: Client, path: str) -> int:
+    response = await client.get(path)
+    await response.read()
+    return response.status
+
+
+# SIGTERM under load
+
+
+@dataclass
+class LoadReport:
+    """What a closed-loop load generator saw: answers by status, refused connects, and broken requests."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    refused: int = 0
+    broken: list[str] = field(default_factory=list)
+    after_signal: int = 0
+
+
+async def _load_worker(
+    port: int, paths: list[str], signalled: asyncio.Event, report: LoadReport, deadline: float
+) -> None:
+    # One keep-alive connection per worker, reopened when the proxy answers Connection: close.
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        i = 0
+        while time.monotonic() < deadline:
+            path = paths[i % len(paths)]
+            i += 1
+            try:
+                async with session.get(f"http://127.0.0.1:{port}{path}", headers=AUTH) as response:
+                    await response.read()
+                    report.statuses[response.status] += 1
+                    report.after_signal += signalled.is_set()
+            except aiohttp.ClientConnectorError:
+                # The listener is closed: this request was never accepted, as designed.
+                report.refused += 1
+                return
+            except (aiohttp.ClientError, OSError) as exc:
+                report.broken.append(type(exc).__name__)
+                return
+
+
+async def test_sigterm_under_load_drops_no_accepted_request(
+    tmp_path: Path, backend: BackendWriter, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    recorder, server = upstream
+
+    async def slowish(request: web.Request, body: bytes) -> web.StreamResponse:
+        await asyncio.sleep(0.05)
+        return web.Response(body=b"x" * 100_000, content_type="application/octet-stream")
+
+    recorder.routes["/slowish"] = slowish
+    port = free_port()
+    env = _env(
+        port, server, redis_url, SHUTDOWN_TIMEOUT_SECONDS="10", EDGE_PROXY__RATE_LIMITS__ENABLED="false"
+    )
+    report = LoadReport()
+    signalled = asyncio.Event()
+    with proxy_process(tmp_path, env) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        deadline = time.monotonic() + 30
+        workers = [
+            asyncio.create_task(_load_worker(port, [URL, "/slowish", URL], signalled, report, deadline))
+            for _ in range(24)
+        ]
+        await wait_until(lambda: sum(report.statuses.values()) >= 300, "load under way", within=20)
+        process.send_signal(signal.SIGTERM)
+        signalled.set()
+        await asyncio.wait_for(asyncio.gather(*workers), 40)
+        code = await wait_exit(process, 15)
+
+    assert code == 0, log_path.read_text()
+    assert report.broken == []
+    assert set(report.statuses) == {200}
+    # Requests were in flight (or pipelined on open connections) when the signal came, and all finished.
+    assert report.after_signal >= 1
+    assert report.refused == 24
+
+
+# Redis Sentinel
+
+
+@pytest.fixture
+def sentinel_url(redis_server: RedisServer, redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real redis-server in Sentinel mode monitoring the suite's Redis as service `edge`."""
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor edge 127.0.0.1 {redis_server.port} 1\n"
+    )
+    process = subprocess.Popen(
+        [redis_server_binary(), str(config), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(port=port, socket_timeout=0.5) as sentinel:
+                    if sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "edge"):
+                        break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "sentinel did not start"
+            time.sleep(0.05)
+        yield f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{port}/edge/0"
+    finally:
+        process.kill()
+        process.wait(5)
+
+
+async def test_sentinel_url_serves_bills_and_limits_through_the_named_master(
+    make_proxy: MakeProxy, backend: BackendWriter, redis_server: RedisServer, sentinel_url: str
+) -> None:
+    # The first sentinel listed is down: the client asks the next one.
+    text = write_team(backend)
+    ledger = Ledger(text.encode())
+    overrides = fast_settings(sentinel_url)
+    client = await make_proxy(**overrides, rate_limits={"mode": "exact", "default": "5/minute"})
+    await eventually(lambda: _is(readiness(client), 200), "ready through sentinel")
+    for _ in range(5):
+        assert await ledger.get(client) == "local"
+    limited = await client.get(URL, headers=AUTH)
+    assert limited.status == 429
+    await assert_billed_exactly(client, ledger, redis_server)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://127.0.0.1:26379",
+        "redis+sentinel://127.0.0.1:26379/",
+        "redis+sentinel://127.0.0.1:x/edge",
+        "redis+sentinel://127.0.0.1:26379/edge/zero",
+        "redis+cluster://127.0.0.1:7000",
+    ],
+)
+def test_malformed_sentinel_and_cluster_urls_are_refused_at_startup(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.url"):
+        load_settings(environ={"REDIS_URL": url})
