@@ -1,0 +1,217 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "edge-proxy.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name.
+We truncate at 63 chars because some Kubernetes name fields are limited to this (by the DNS naming spec).
+If release name contains chart name it will be used as a full name.
+*/}}
+{{- define "edge-proxy.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Create chart name and version as used by the chart label.
+*/}}
+{{- define "edge-proxy.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels
+*/}}
+{{- define "edge-proxy.labels" -}}
+helm.sh/chart: {{ include "edge-proxy.chart" . }}
+{{ include "edge-proxy.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/component: {{ ternary "sidecar" "definitions-fleet" (eq .Values.mode "sidecar") }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels
+*/}}
+{{- define "edge-proxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "edge-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Create the name of the service account to use
+*/}}
+{{- define "edge-proxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "edge-proxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image reference: a digest wins over a tag; the tag defaults to the chart's appVersion.
+*/}}
+{{- define "edge-proxy.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The config file edge-proxy reads (proxy/settings.py), as YAML: the chart-managed keys, then `.Values.config`
+on top. bind follows containerPort; service_mode, upstream.url, the memory budget and the metrics path follow
+the mode.
+Secrets never appear here: REDIS_URL and VERDICT_HMAC_KEY come from Secret references (env valueFrom).
+*/}}
+{{- define "edge-proxy.configYaml" -}}
+{{- $user := deepCopy (default (dict) .Values.config) }}
+{{- include "edge-proxy.validate" . }}
+{{- $managed := dict "bind" (printf "0.0.0.0:%d" (int .Values.containerPort)) }}
+{{- if eq .Values.mode "sidecar" }}
+{{- $_ := set $managed "service_mode" "all" }}
+{{- $_ := set $managed "upstream" (dict "url" (printf "http://127.0.0.1:%d" (int .Values.sidecar.appPort))) }}
+{{- $_ := set $managed "definitions" (dict "cache_budget_bytes" (int64 .Values.sidecar.cacheBudgetBytes)) }}
+{{- /* The app behind the sidecar may serve /metrics itself; the proxy answers its own path and never forwards it. */}}
+{{- $_ := set $managed "telemetry" (dict "metrics_path" .Values.sidecar.metricsPath) }}
+{{- else }}
+{{- $_ := set $managed "service_mode" "definitions" }}
+{{- end }}
+{{- toYaml (mustMergeOverwrite $managed $user) }}
+{{- end }}
+
+{{/*
+Refusals the schema cannot express: inline secrets, a bind the probes would not find, a fleet without an
+upstream, a drain that does not fit the grace period.
+*/}}
+{{- define "edge-proxy.validate" -}}
+{{- $config := default (dict) .Values.config }}
+{{- if hasKey $config "bind" }}
+{{- fail "config.bind is managed by the chart: set containerPort instead" }}
+{{- end }}
+{{- if hasKey (default (dict) $config.redis) "url" }}
+{{- fail "config.redis.url would put a credential in a ConfigMap: set redis.existingSecret.name/key instead" }}
+{{- end }}
+{{- if hasKey (default (dict) (default (dict) $config.definitions).auth) "hmac_key" }}
+{{- fail "config.definitions.auth.hmac_key would put a secret in a ConfigMap: set verdictHmacKey.existingSecret instead" }}
+{{- end }}
+{{- if not .Values.redis.existingSecret.name }}
+{{- fail "redis.existingSecret.name is required: the name of an existing Secret holding the Redis URL (never inline it)" }}
+{{- end }}
+{{- if and (eq .Values.mode "fleet") (not (dig "upstream" "url" "" $config)) }}
+{{- fail "mode fleet needs config.upstream.url: the legacy backend's Service URL, where misses are forwarded" }}
+{{- end }}
+{{- if and (eq .Values.mode "sidecar") (eq (int .Values.sidecar.appPort) (int .Values.containerPort)) }}
+{{- fail "sidecar.appPort and containerPort must differ: the proxy and the app share the pod's network namespace" }}
+{{- end }}
+{{- $drain := float64 (dig "shutdown_timeout_seconds" 20 $config) }}
+{{- $flush := float64 (dig "billing" "final_flush_timeout_seconds" 5 $config) }}
+{{- $budget := addf (float64 .Values.preStop.sleepSeconds) $drain $flush }}
+{{- if ge $budget (float64 .Values.terminationGracePeriodSeconds) }}
+{{- fail (printf "preStop.sleepSeconds + config.shutdown_timeout_seconds + config.billing.final_flush_timeout_seconds = %vs does not fit in terminationGracePeriodSeconds (%v) with a second to spare: Kubernetes would SIGKILL during the final billing flush" $budget .Values.terminationGracePeriodSeconds) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The proxy container, shared by the fleet Deployment and the sidecar. Called with
+(dict "root" <chart context> "sidecar" <bool>).
+*/}}
+{{- define "edge-proxy.container" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- $portName := ternary $v.sidecar.portName "http" .sidecar -}}
+- name: {{ ternary $v.sidecar.containerName $root.Chart.Name .sidecar }}
+  image: {{ include "edge-proxy.image" $root | quote }}
+  imagePullPolicy: {{ $v.image.pullPolicy }}
+  args: ["serve", "--config", "/etc/edge-proxy/config.yaml"]
+  ports:
+    - name: {{ $portName }}
+      containerPort: {{ $v.containerPort }}
+      protocol: TCP
+  env:
+    - name: REDIS_URL
+      valueFrom:
+        secretKeyRef:
+          name: {{ $v.redis.existingSecret.name }}
+          key: {{ $v.redis.existingSecret.key }}
+    {{- if $v.verdictHmacKey.existingSecret.name }}
+    - name: VERDICT_HMAC_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ $v.verdictHmacKey.existingSecret.name }}
+          key: {{ $v.verdictHmacKey.existingSecret.key }}
+    {{- end }}
+    {{- with $v.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $v.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.startupProbe }}
+  startupProbe:
+    {{- toYaml (mustMergeOverwrite (dict "httpGet" (dict "port" $portName)) .) | nindent 4 }}
+  {{- end }}
+  {{- with $v.livenessProbe }}
+  livenessProbe:
+    {{- toYaml (mustMergeOverwrite (dict "httpGet" (dict "port" $portName)) .) | nindent 4 }}
+  {{- end }}
+  {{- with (ternary $v.sidecar.readinessProbe $v.readinessProbe .sidecar) }}
+  readinessProbe:
+    {{- toYaml (mustMergeOverwrite (dict "httpGet" (dict "port" $portName)) .) | nindent 4 }}
+  {{- end }}
+  lifecycle:
+    preStop:
+      {{- if $v.preStop.useSleepAction }}
+      sleep:
+        seconds: {{ $v.preStop.sleepSeconds }}
+      {{- else }}
+      exec:
+        command: ["sleep", {{ $v.preStop.sleepSeconds | quote }}]
+      {{- end }}
+  {{- with (ternary $v.sidecar.resources $v.resources .sidecar) }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: {{ include "edge-proxy.volumeName" $root }}
+      mountPath: /etc/edge-proxy
+      readOnly: true
+    - name: {{ include "edge-proxy.volumeName" $root }}-tmp
+      mountPath: /tmp
+{{- end }}
+
+{{/*
+Volume names carry the chart name, so they cannot clash with the app's own volumes in sidecar mode.
+*/}}
+{{- define "edge-proxy.volumeName" -}}
+{{- include "edge-proxy.name" . | trunc 56 | trimSuffix "-" }}-config
+{{- end }}
+
+{{/*
+The proxy's volumes: its ConfigMap, and a small memory-backed /tmp (the root filesystem is read-only).
+*/}}
+{{- define "edge-proxy.volumes" -}}
+- name: {{ include "edge-proxy.volumeName" . }}
+  configMap:
+    name: {{ include "edge-proxy.fullname" . }}
+- name: {{ include "edge-proxy.volumeName" . }}-tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: 16Mi
+{{- end }}
