@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -14,15 +13,16 @@ from proxy import keys
 from proxy.conditional import bearer, none_match
 from proxy.contract import RedisContract, library_from_user_agent
 from proxy.errors import error_body, guarded, json_response
+from proxy.learning import VerdictLearner
 from proxy.offload import BUCKETS, Offload
 from proxy.payloads import DefinitionsCache
 from proxy.ratelimit import too_many_requests
 from proxy.settings import ServiceMode
-from proxy.shadow import COMPARED_HEADERS, Shadow, UpstreamAnswer
+from proxy.shadow import Shadow, UpstreamAnswer
 from proxy.tasks import background
 from proxy.teams import TeamStore
 from proxy.telemetry import DEFINITIONS, observed
-from proxy.verdicts import MAX_DENIAL_BODY_BYTES, Verdict, VerdictStore, verdict_of
+from proxy.verdicts import VerdictStore
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,11 @@ class DefinitionsService:
         self.shadow = shadow
         auth = app[keys.SETTINGS].definitions.auth
         self._local_credentials = frozenset(auth.local_credentials)
-        self._learn = auth.learn_verdicts
-        self._learning: dict[str, asyncio.Future[None]] = {}
         self._quota = app[keys.QUOTA]
         self._rate_limits = app[keys.RATE_LIMITS]
         self._billing = app[keys.BILLING]
         self._forwarder = app[keys.FORWARDER]
-        self._libraries: dict[str, str] = {}
+        self.learner = VerdictLearner(verdicts, self._forwarder, enabled=auth.learn_verdicts)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Offload choice (sticky per client), then the contract path or the backend."""
@@ -81,11 +79,13 @@ class DefinitionsService:
         if offload.threshold < BUCKETS and not offload.local(
             request.headers.get("Authorization", ""), request.query.get("token", "")
         ):
-            return await self._forward_with_shadow(request)
+            if self.offload.state.shadow:
+                return await self.shadow.forward(request, self._forwarder, self._compare)
+            return await self._forwarder.forward(request)
         answer = await self.decide(request)
         if isinstance(answer, Forward):
             if answer.learn_key is not None:
-                return await self._forward_and_learn(request, answer.learn_key)
+                return await self.learner.forward(request, answer.learn_key)
             return await self._forwarder.forward(request)
         return answer
 
@@ -135,7 +135,7 @@ class DefinitionsService:
             if kind not in self._local_credentials:
                 return FORWARD
             verdict_key = self.verdicts.key(team.id, credential)
-            verdict = self.verdicts.cached(verdict_key) or await self._verdict(verdict_key)
+            verdict = await self.learner.verdict(verdict_key)
             if verdict is None:
                 return Forward(verdict_key)
             if not verdict.allowed:
@@ -182,35 +182,13 @@ class DefinitionsService:
 
         # 8. Billing, tallied in memory and flushed in the background.
         if entry.billable and live:
-            self._billing.count(team.id, self._library(request.headers.get("User-Agent")))
+            self._billing.count(team.id, library_from_user_agent(request.headers.get("User-Agent")))
 
         # 9. The stored JSON, byte for byte.
         return web.Response(status=200, body=entry.body, headers=entry.headers_200)
 
-    async def _forward_with_shadow(self, request: web.Request) -> web.StreamResponse:
-        """Forward; when shadowing, also compare the local answer afterwards, off the client's path."""
-        shadow = self.shadow
-        if not self.offload.state.shadow or not shadow.admit():
-            return await self._forwarder.forward(request)
-        answers: list[UpstreamAnswer] = []
-
-        def observe(status: int, headers: Mapping[str, str], body: bytes | None) -> None:
-            answers.append(
-                UpstreamAnswer(status, {h: headers[h] for h in COMPARED_HEADERS if h in headers}, body)
-            )
-
-        try:
-            response = await self._forwarder.forward(
-                request, observe=observe, capture_bytes=shadow.max_body_bytes
-            )
-        finally:
-            if answers:
-                shadow.spawn(self._compare(request, answers[0]))
-            else:
-                shadow.release()
-        return response
-
     async def _compare(self, request: web.Request, upstream: UpstreamAnswer) -> None:
+        """The shadow side: the local answer to a request the backend answered, counted by difference."""
         local = await self.decide(request, live=False)
         team = await self.teams.get(request.query.get("token", ""))
         self.shadow.record(
@@ -219,46 +197,6 @@ class DefinitionsService:
             route=request.path,
             team_id=team.id if team else None,
         )
-
-    async def _verdict(self, key: str) -> Verdict | None:
-        """Redis (shared by replicas), else the verdict another request is learning right now."""
-        verdict = await self.verdicts.lookup(key)
-        if verdict is None and (learning := self._learning.get(key)) is not None:
-            # A flood of one credential reaches the backend once: the rest wait for that answer.
-            await asyncio.shield(learning)
-            verdict = self.verdicts.cached(key)
-        return verdict
-
-    async def _forward_and_learn(self, request: web.Request, key: str) -> web.StreamResponse:
-        """Forward an undecided request; the backend's answer, if it is a verdict, decides later ones."""
-        if not self._learn:
-            return await self._forwarder.forward(request)
-        learning = asyncio.get_running_loop().create_future()
-        self._learning[key] = learning
-
-        def observe(status: int, headers: Mapping[str, str], body: bytes | None) -> None:
-            verdict = verdict_of(status, headers, body)
-            if verdict is not None:
-                self.verdicts.learn(key, verdict)
-
-        try:
-            # Captured even when streamed: a refusal sent chunked (no Content-Length) is still learned.
-            return await self._forwarder.forward(
-                request, observe=observe, capture_bytes=MAX_DENIAL_BODY_BYTES
-            )
-        finally:
-            del self._learning[key]
-            learning.set_result(None)
-
-    def _library(self, user_agent: str | None) -> str:
-        if user_agent is None:
-            return library_from_user_agent(None)
-        library = self._libraries.get(user_agent)
-        if library is None:
-            library = library_from_user_agent(user_agent)
-            if len(self._libraries) < 1024:  # User-Agents are client-chosen: bound the memo
-                self._libraries[user_agent] = library
-        return library
 
 
 def _method_not_allowed(method: str) -> bytes:

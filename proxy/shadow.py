@@ -7,12 +7,13 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from proxy.forward import Forwarder
 from proxy.settings import OffloadSettings
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,29 @@ class Shadow:
             return False
         self.running += 1
         return True
+
+    async def forward(
+        self,
+        request: web.Request,
+        forwarder: Forwarder,
+        compare_with: Callable[[web.Request, UpstreamAnswer], Coroutine[Any, Any, None]],
+    ) -> web.StreamResponse:
+        """Forward; if admitted, compare the local answer afterwards, in the background."""
+        if not self.admit():
+            return await forwarder.forward(request)
+        answers: list[UpstreamAnswer] = []
+
+        def observe(status: int, headers: Mapping[str, str], body: bytes | None) -> None:
+            kept = {name: headers[name] for name in COMPARED_HEADERS if name in headers}
+            answers.append(UpstreamAnswer(status, kept, body))
+
+        try:
+            return await forwarder.forward(request, observe=observe, capture_bytes=self.max_body_bytes)
+        finally:
+            if answers:
+                self.spawn(compare_with(request, answers[0]))
+            else:
+                self.release()
 
     def release(self) -> None:
         """Give back a slot that was not used (the upstream failed before answering)."""

@@ -1,0 +1,51 @@
+"""Learning auth verdicts from the backend: ask once per (credential, team), remember, answer the rest."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from proxy.forward import Forwarder
+from proxy.verdicts import MAX_DENIAL_BODY_BYTES, Verdict, VerdictStore, verdict_of
+
+
+class VerdictLearner:
+    """Undecided requests go to the backend; a flood of one credential waits for the first answer."""
+
+    def __init__(self, verdicts: VerdictStore, forwarder: Forwarder, *, enabled: bool) -> None:
+        self._verdicts = verdicts
+        self._forwarder = forwarder
+        self._enabled = enabled
+        self._learning: dict[str, asyncio.Future[None]] = {}
+
+    async def verdict(self, key: str) -> Verdict | None:
+        """Memory, then Redis (shared by replicas), then the verdict another request is learning now."""
+        verdict = self._verdicts.cached(key) or await self._verdicts.lookup(key)
+        if verdict is None and (learning := self._learning.get(key)) is not None:
+            # A flood of one credential reaches the backend once: the rest wait for that answer.
+            await asyncio.shield(learning)
+            verdict = self._verdicts.cached(key)
+        return verdict
+
+    async def forward(self, request: web.Request, key: str) -> web.StreamResponse:
+        """Forward an undecided request; the backend's answer, if it is a verdict, decides later ones."""
+        if not self._enabled:
+            return await self._forwarder.forward(request)
+        learning = asyncio.get_running_loop().create_future()
+        self._learning[key] = learning
+
+        def observe(status: int, headers: Mapping[str, str], body: bytes | None) -> None:
+            verdict = verdict_of(status, headers, body)
+            if verdict is not None:
+                self._verdicts.learn(key, verdict)
+
+        try:
+            # Captured even when streamed: a refusal sent chunked (no Content-Length) is still learned.
+            return await self._forwarder.forward(
+                request, observe=observe, capture_bytes=MAX_DENIAL_BODY_BYTES
+            )
+        finally:
+            del self._learning[key]
+            learning.set_result(None)
