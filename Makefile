@@ -23,13 +23,13 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check proxy tests bench scripts
-	$(VENV)/bin/ruff format --check proxy tests bench scripts
+	$(VENV)/bin/ruff check proxy tests bench scripts examples
+	$(VENV)/bin/ruff format --check proxy tests bench scripts examples
 	$(VENV)/bin/mypy
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix proxy tests bench scripts
-	$(VENV)/bin/ruff format proxy tests bench scripts
+	$(VENV)/bin/ruff check --fix proxy tests bench scripts examples
+	$(VENV)/bin/ruff format proxy tests bench scripts examples
 
 # Benchmark (needs wrk; nginx optional): `make bench`, or `make bench BENCH_ARGS=--quick` for a smoke run.
 bench: $(STAMP)
