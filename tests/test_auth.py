@@ -210,9 +210,13 @@ async def test_no_credential_is_stored_or_logged(
     secrets = [
         c.split()[-1] for c in CREDENTIALS.values() if c and c.split()[-1].startswith(("phx_", "phs_"))
     ]
+    metrics = await (await client.get("/metrics")).text()
+    assert "edge_proxy_definitions_auth_denied_total" in metrics  # the scrape is real, not empty
     for secret in secrets:
         assert secret.encode() not in dump
         assert secret not in caplog.text
+        assert secret not in metrics
+    assert TOKEN not in metrics  # not even the project token is a label
 
 
 def _redis(client: Client) -> redis.Redis:

@@ -440,3 +440,21 @@ async def test_an_internal_bug_is_a_logged_500_without_secrets(
     assert "unhandled error on GET /flags/definitions" in caplog.text
     assert TOKEN not in caplog.text
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+async def test_two_replicas_enforce_one_limit(
+    make_proxy: MakeProxy, backend: BackendWriter, mode: str
+) -> None:
+    backend.set_definitions(TEAM_ID, flags(3))
+    limits = {"default": "10/minute", "mode": mode, "sync_interval_seconds": 0.05}
+    replicas = [await proxy_for(make_proxy, rate_limits=limits) for _ in range(2)]
+    admitted = 0
+    for _ in range(3):  # bursts alternate between replicas, with syncs in between (fast mode)
+        for replica in replicas:
+            for _ in range(4):
+                async with replica.get(URL, headers=AUTH) as response:
+                    assert response.status in (200, 429)
+                    admitted += response.status == 200
+            await asyncio.sleep(0.2)
+    assert admitted == 10
