@@ -227,6 +227,7 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
         denied_ttl_seconds=auth.denied_ttl_seconds,
     )
     offload = Offload(client, settings.definitions.offload)
+    await offload.start()
     shadow = Shadow(settings.definitions.offload)
     app[keys.DEFINITIONS] = DefinitionsService(app, teams, cache, verdicts, offload, shadow)
     async with (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import zlib
 from collections.abc import Mapping
@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.settings import OffloadSettings
+from proxy.tasks import every
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,14 @@ class Offload:
         self.state = state
         self.threshold = state.threshold
 
+    async def start(self) -> None:
+        """Read the control hash before serving, so a replica starting during a rollback forwards at once.
+
+        Bounded by the Redis timeout; an unreadable Redis leaves the configured state.
+        """
+        with contextlib.suppress(RedisError):
+            await self.poll()
+
     async def poll(self) -> None:
         """Read the control hash once."""
         fields = cast(dict[bytes, bytes], await self._client.hgetall(self._settings.control_key))
@@ -100,14 +109,9 @@ class Offload:
 
     async def watch(self) -> None:
         """Follow the control hash forever; while Redis is unreadable the last state stays in force."""
-        failing = False
-        while True:
-            try:
-                await self.poll()
-            except RedisError as exc:
-                if not failing:
-                    log.warning("offload control unreadable (%s); keeping the last state", type(exc).__name__)
-                failing = True
-            else:
-                failing = False
-            await asyncio.sleep(self._settings.watch_interval_seconds)
+        await every(
+            self._settings.watch_interval_seconds,
+            self.poll,
+            what="offload control (keeping the last state)",
+            log=log,
+        )

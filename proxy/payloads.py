@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -17,6 +16,7 @@ from redis.exceptions import RedisError
 from proxy.contract import DecodeError, RedisContract
 from proxy.settings import DefinitionsSettings
 from proxy.singleflight import SingleFlight
+from proxy.tasks import every
 
 log = logging.getLogger(__name__)
 
@@ -215,21 +215,17 @@ class DefinitionsCache:
         return [value for chunk in chunks for value in chunk]
 
     async def run_refresher(self) -> None:
-        """Refresh forever at the configured interval; Redis errors are logged once per outage."""
-        failing = False
-        while True:
-            await asyncio.sleep(self._settings.refresh_interval_seconds)
-            try:
-                await self.refresh()
-            except RedisError as exc:
-                self.refresh_failures += 1
-                if not failing:
-                    log.warning("definitions refresh failing: %s; serving from memory", type(exc).__name__)
-                failing = True
-            else:
-                if failing:
-                    log.info("definitions refresh recovered")
-                failing = False
+        """Refresh forever at the configured interval; while Redis fails, memory keeps serving."""
+        await every(
+            self._settings.refresh_interval_seconds,
+            self.refresh,
+            what="definitions refresh (serving from memory)",
+            log=log,
+            on_error=self._refresh_failed,
+        )
+
+    def _refresh_failed(self) -> None:
+        self.refresh_failures += 1
 
     async def close(self) -> None:
         """Cancel loads still in flight."""

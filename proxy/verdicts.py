@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.singleflight import SingleFlight
+from proxy.tasks import every
 
 log = logging.getLogger(__name__)
 
@@ -198,17 +199,7 @@ class VerdictStore:
 
     async def run_revalidation(self, interval: float) -> None:
         """Revalidate forever; while Redis cannot be read, held verdicts live out their own TTL."""
-        failing = False
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.revalidate()
-            except RedisError as exc:
-                if not failing:
-                    log.warning("verdict revalidation failing: %s", type(exc).__name__)
-                failing = True
-            else:
-                failing = False
+        await every(interval, self.revalidate, what="verdict revalidation", log=log)
 
     async def close(self) -> None:
         """Finish verdict writes, cancel reads still in flight."""

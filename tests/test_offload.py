@@ -315,3 +315,16 @@ async def _settle(shadow: Any) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("shadow comparisons did not finish")
+
+
+async def test_a_replica_starting_during_a_rollback_forwards_from_its_first_request(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+) -> None:
+    with redis.Redis.from_url(redis_url) as store:
+        store.hset(CONTROL_KEY, "kill", "1")
+    client = await make_proxy(definitions={"offload": {"watch_interval_seconds": 30}})
+    token = next(iter(teams))
+    assert await _forwarded(client, token, upstream)
