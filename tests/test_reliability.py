@@ -380,6 +380,7 @@ class LoadReport:
     refused: int = 0
     broken: list[str] = field(default_factory=list)
     after_signal: int = 0
+    billed: int = 0  # definitions answered by the proxy itself (they carry its ETag)
 
 
 async def _load_worker(
@@ -397,6 +398,7 @@ async def _load_worker(
                     await response.read()
                     report.statuses[response.status] += 1
                     report.after_signal += signalled.is_set()
+                    report.billed += path == URL and "ETag" in response.headers
             except aiohttp.ClientConnectorError:
                 # The listener is closed: this request was never accepted, as designed.
                 report.refused += 1
@@ -441,6 +443,11 @@ async def test_sigterm_under_load_drops_no_accepted_request(
     # Requests were in flight (or pipelined on open connections) when the signal came, and all finished.
     assert report.after_signal >= 1
     assert report.refused == 24
+    # Every request the proxy answered and billed reached the billing hash, none lost to the shutdown.
+    with redis.Redis.from_url(redis_url) as store:
+        billed = sum(int(count) for count in store.hgetall(TEAM_HASH).values())
+    assert report.billed > 0
+    assert billed == report.billed
 
 
 # Redis Sentinel
