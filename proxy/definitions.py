@@ -111,7 +111,7 @@ class DefinitionsService:
         token = tokens[0]
 
         # 2. Team by token. No record in Redis (the backend fills it lazily): the backend decides.
-        team = await self.teams.get(token)
+        team = self.teams.fresh(token) or await self.teams.get(token)
         if team is None:
             return FORWARD
 
@@ -128,14 +128,17 @@ class DefinitionsService:
                 return FORWARD
             presented = credential.encode()
             # Compare with every secret, so the time taken does not tell which one (or whether any) matched.
-            if not sum(hmac.compare_digest(presented, secret) for secret in team.secrets):
+            matched = False
+            for secret in team.secrets:
+                matched |= hmac.compare_digest(presented, secret)
+            if not matched:
                 return json_response(401, SECRET_INVALID)
         else:
             kind = "secret_api_token" if credential.startswith("phs_") else "personal_api_key"
             if kind not in self._local_credentials:
                 return FORWARD
             verdict_key = self.verdicts.key(team.id, credential)
-            verdict = await self.learner.verdict(verdict_key)
+            verdict = self.verdicts.cached(verdict_key) or await self.learner.verdict(verdict_key)
             if verdict is None:
                 return Forward(verdict_key)
             if not verdict.allowed:

@@ -237,6 +237,8 @@ async def _relay(
     """Stream the answer through; an observer sees it at the end, with the body if within `capture_bytes`."""
     captured: list[bytes] | None = [] if observe is not None and capture_bytes > 0 else None
     size = 0
+    if request.app[keys.HEALTH].draining:
+        response.force_close()  # Connection: close on a stream started during the drain (see telemetry)
     await response.prepare(request)
     # iter_any hands over whatever arrived, so server-sent events and chunked answers are not held back.
     async for chunk in upstream.content.iter_any():

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from proxy import keys
 from proxy.app import create_app
@@ -32,20 +32,9 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp 3.14 closes a connection after its current response once shutdown begins, but derives the
-    # response's Connection header from the request only; without this, a client would pool a connection
-    # that is about to close and could send its next request into the closing socket. The header is set
-    # directly because on_response_prepare runs after StreamResponse._prepare_headers wrote it.
-    if request.app[keys.HEALTH].draining:
-        response.force_close()
-        response.headers[hdrs.CONNECTION] = "close"
-
-
 async def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, readiness 503, finish in-flight, clean up."""
     app = create_app(settings)
-    app.on_response_prepare.append(_close_when_draining)
     runner = web.AppRunner(
         app,
         handle_signals=False,

@@ -72,6 +72,13 @@ class TeamStore:
     def __len__(self) -> int:
         return len(self._cached)
 
+    def fresh(self, token: str) -> Team | None:
+        """The team when memory holds a fresh record (no coroutine: the hot path's common case)."""
+        cached = self._cached.get(token)
+        if cached is None or cached.expires_at < time.monotonic():
+            return None
+        return cached.team
+
     async def get(self, token: str) -> Team | None:
         """The team for `token`, or None when Redis has no record (or cannot be read): a miss."""
         cached = self._cached.get(token)

@@ -19,6 +19,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy import forward, keys
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT
+from proxy.health import Health
 from tests.conftest import MakeProxy, settings_for
 from tests.rig import Upstream, free_port
 
@@ -627,6 +628,7 @@ async def test_observer_gets_small_bodies_and_only_the_head_of_streamed_ones(
     # A bare app around the forwarder's own cleanup context: the real app has no route that observes.
     app = web.Application()
     app[keys.SETTINGS] = settings_for(str(server.make_url("/")), redis_url)
+    app[keys.HEALTH] = Health()
     app.cleanup_ctx.append(forward.upstream_ctx)
     app.router.add_route("*", "/{tail:.*}", observing)
     client = await aiohttp_client(app)
