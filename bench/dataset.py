@@ -224,6 +224,39 @@ def base_flags(target_bytes: int, seed: int = 1) -> tuple[list[dict[str, Any]], 
     return flags, cohorts
 
 
+FIRST_TEAM_ID = 1000
+# The miss team: the backend's database knows it as MISS_TEAM_ID (whose payload is in Redis), but its
+# Redis team record says MISS_RECORD_ID, whose payload key is absent: the proxy finds the team and no
+# payload, so it forwards every request, and the backend answers them in full from its own row. (Had the
+# ids matched, the backend would rebuild the missing payload on the first forwarded request, and the
+# next ones would be hits.)
+MISS_TEAM_ID = 5000
+MISS_RECORD_ID = 9_000_000
+
+
+def credentials(team_id: int) -> tuple[str, str]:
+    """The bench's deterministic (project token, secret token) of a team id."""
+    suffix = hashlib.sha256(f"bench-{team_id}".encode()).hexdigest()[:24]
+    return f"phc_{suffix}", f"phs_{suffix[::-1]}"
+
+
+def backend_rows(teams: int) -> list[tuple[int, str, str]]:
+    """(id, token, secret) of `teams` bench teams and of the miss team, for the backend's database."""
+    ids = [*range(FIRST_TEAM_ID, FIRST_TEAM_ID + teams), MISS_TEAM_ID]
+    return [(team_id, *credentials(team_id)) for team_id in ids]
+
+
+def fill_miss_team(writer: Writer, target_bytes: int) -> Team:
+    """The miss team's record (pointing at an id without a payload) and its payload under the backend's id."""
+    token, secret = credentials(MISS_TEAM_ID)
+    writer.set_team(token, team_record(MISS_RECORD_ID, token, secret))
+    flags, cohorts = base_flags(target_bytes)
+    text, etag = writer.set_definitions(
+        MISS_TEAM_ID, [dict(flag, team_id=MISS_TEAM_ID) for flag in flags], _GROUP_TYPES, cohorts
+    )
+    return Team(MISS_TEAM_ID, token, secret, text.encode(), etag)
+
+
 def fill(writer: Writer, redis_url: str, *, teams: int, target_bytes: int, www: Path) -> list[Team]:
     """Write `teams` teams with distinct ~`target_bytes` payloads; each body also to www/t/<token>.json."""
     client = redis.Redis.from_url(redis_url)
@@ -235,9 +268,8 @@ def fill(writer: Writer, redis_url: str, *, teams: int, target_bytes: int, www: 
     (www / "t").mkdir(parents=True, exist_ok=True)
     out = []
     for n in range(teams):
-        team_id = 1000 + n
-        suffix = hashlib.sha256(f"bench-{team_id}".encode()).hexdigest()[:24]
-        token, secret = f"phc_{suffix}", f"phs_{suffix[::-1]}"
+        team_id = FIRST_TEAM_ID + n
+        token, secret = credentials(team_id)
         writer.set_team(token, team_record(team_id, token, secret))
         team_flags = [dict(flag, team_id=team_id) for flag in flags]
         text, etag = writer.set_definitions(team_id, team_flags, _GROUP_TYPES, cohorts)

@@ -58,7 +58,11 @@ class Supervisor:
         self.stop_all()
 
     def start(
-        self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        command: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start `command` in its own process group, output to <log_dir>/<name>.log."""
         log_path = self.log_dir / f"{name}.log"
@@ -69,6 +73,7 @@ class Supervisor:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None,
+                cwd=cwd,
                 start_new_session=True,
             )
         self._children.append((name, process))
@@ -201,5 +206,16 @@ def peak_rss_mib(pid: int) -> float:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
+                    total_kib += int(line.split()[1])
+    return total_kib / 1024
+
+
+def rss_mib(pid: int) -> float:
+    """VmRSS (current resident set) of `pid` and its descendants, in MiB."""
+    total_kib = 0
+    for member in descendants(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
                     total_kib += int(line.split()[1])
     return total_kib / 1024

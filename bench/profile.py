@@ -1,6 +1,9 @@
 """Profile the proxy under wrk load with py-spy: where the CPU goes, per scenario.
 
 Usage: python bench/profile.py [--scenario 200|304|forward] [--teams 1] [--size 50k] [--seconds 10] [--native]
+                               [--upstream aiohttp|django]
+(--upstream django: forward to the reference Django backend under gunicorn, one sync worker on core 1, which
+closes every connection, instead of the bench's keep-alive aiohttp upstream.)
 Writes bench/results/profile-<scenario>.txt (top frames) and .speedscope.json (open in speedscope.app).
 Needs py-spy in the venv (`.venv/bin/pip install py-spy`) and ptrace rights (root).
 """
@@ -20,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import dataset, procs, wrk  # noqa: E402
+from bench import backend, dataset, procs, wrk  # noqa: E402
 from bench.run import (  # noqa: E402
     FORWARD_PATH,
     RESULTS,
@@ -79,22 +82,46 @@ def main() -> int:
     parser.add_argument("--nonblocking", action="store_true", help="do not pause the proxy per sample")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--target", choices=("proxy", "ceiling"), default="proxy", help="what to profile")
+    parser.add_argument("--upstream", choices=("aiohttp", "django"), default="aiohttp", help="forwarded to")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         print("profile: py-spy not found (.venv/bin/pip install py-spy)", file=sys.stderr)
         return 2
     size = int(float(args.size.lower().rstrip("k")) * (1000 if args.size.lower().endswith("k") else 1))
-    config = Config(
-        1, args.seconds, 1, 32, 1, [size], [args.teams], [args.scenario], False, 1, 0, RESULTS, False
-    )
     workdir = Path(tempfile.mkdtemp(prefix="edge-proxy-profile-"))
+    config = Config(
+        runs=1,
+        seconds=args.seconds,
+        half_seconds=1,
+        warmup=1,
+        connections=32,
+        threads=1,
+        sizes=[size],
+        team_counts=[args.teams],
+        scenarios=[args.scenario],
+        with_nginx=False,
+        proxy_attempts=1,
+        proxy_retry_wait=0,
+        out=RESULTS,
+        keep=False,
+        workdir=workdir,
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"profile-{args.target}-{args.scenario}-{args.teams}x{args.size}"
+    if args.upstream == "django":
+        stem = stem.with_name(stem.name + "-django")
     try:
         with procs.Supervisor(workdir) as sup:
             redis_url, client = start_redis(sup, workdir)
-            upstream = start_python_app(sup, "upstream", "upstream.py", core=procs.LOAD_CORE)
+            if args.upstream == "django":
+                database = backend.migrate(workdir, redis_url)
+                backend.insert_teams(database, dataset.backend_rows(args.teams))
+                django = backend.start(sup, workdir, redis_url, workers=1, core=procs.LOAD_CORE)
+                upstream_url = f"http://127.0.0.1:{django.port}"
+            else:
+                upstream = start_python_app(sup, "upstream", "upstream.py", core=procs.LOAD_CORE)
+                upstream_url = f"http://127.0.0.1:{upstream.port}"
             writer, _ = dataset.open_writer(redis_url)
             try:
                 teams = dataset.fill(
@@ -109,16 +136,24 @@ def main() -> int:
                     sup, "ceiling", "ceiling.py", "--manifest", str(manifest), core=procs.SERVER_CORE
                 )
             else:
-                proxy = start_proxy(sup, config, redis_url, upstream)
+                proxy = start_proxy(sup, config, redis_url, upstream_url)
             if args.scenario == "forward":
                 load = wrk.Load(FORWARD_PATH, {"User-Agent": "bench/1.0"})
             else:
-                load = definitions_load(teams, args.scenario == "304", workdir)
-            wrk.run(proxy.port, load, seconds=2, connections=32, threads=1)  # warm-up (and loads every team)
+                load = definitions_load(teams, args.scenario == "304")
+            # Warm-up (and loads every team).
+            wrk.run(proxy.port, load, seconds=2, connections=32, threads=1, script_dir=workdir)
             results: list[wrk.WrkResult] = []
             loader = threading.Thread(
                 target=lambda: results.append(
-                    wrk.run(proxy.port, load, seconds=args.seconds + 2, connections=32, threads=1)
+                    wrk.run(
+                        proxy.port,
+                        load,
+                        seconds=args.seconds + 2,
+                        connections=32,
+                        threads=1,
+                        script_dir=workdir,
+                    )
                 )
             )
             loader.start()

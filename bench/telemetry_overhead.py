@@ -108,10 +108,18 @@ def main() -> int:
             for name in variants:
                 with sup.scope():
                     port, pid = start_proxy(sup, redis_url, VARIANTS[name])
-                    wrk.run(port, load, seconds=1, connections=args.connections, threads=1)  # warm-up
+                    # Warm-up.
+                    wrk.run(
+                        port, load, seconds=1, connections=args.connections, threads=1, script_dir=Path(tmp)
+                    )
                     cpu = procs.cpu_seconds(pid)
                     result = wrk.run(
-                        port, load, seconds=args.seconds, connections=args.connections, threads=1
+                        port,
+                        load,
+                        seconds=args.seconds,
+                        connections=args.connections,
+                        threads=1,
+                        script_dir=Path(tmp),
                     )
                     cpu_us[name].append((procs.cpu_seconds(pid) - cpu) / result.requests * 1e6)
                 if result.non_2xx_3xx or result.socket_errors:
