@@ -24,7 +24,7 @@ async def _started_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """Build the app for `settings`; every resource opens and closes in a cleanup context listed here."""
     app = web.Application(
-        # No middleware: each one costs every request; route handlers are wrapped by errors.guarded instead.
+        # No middleware: each one costs every request; route handlers are wrapped by telemetry.observed.
         # Forwarded bodies are streamed and never read through this limit; it only bounds local reads.
         client_max_size=1024**2,
         handler_args={

@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy import keys
 from proxy.conditional import bearer, none_match
 from proxy.contract import RedisContract, library_from_user_agent
-from proxy.errors import error_body, guarded, json_response
+from proxy.errors import error_body, json_response
 from proxy.learning import VerdictLearner
 from proxy.offload import BUCKETS, Offload
 from proxy.payloads import DefinitionsCache
@@ -251,7 +251,6 @@ def serves_definitions(mode: ServiceMode) -> bool:
 
 
 @observed(DEFINITIONS)
-@guarded
 async def handle(request: web.Request) -> web.StreamResponse:
     """Route handler for the definitions path and its aliases."""
     return await request.app[keys.DEFINITIONS].handle(request)

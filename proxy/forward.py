@@ -15,7 +15,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import keys
-from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, guarded, json_response
+from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
 from proxy.telemetry import FORWARD, observed
 
@@ -317,7 +317,6 @@ def _trust_checker(networks: Iterable[IPv4Network | IPv6Network]) -> Callable[[s
 
 
 @observed(FORWARD)
-@guarded
 async def forward_handler(request: web.Request) -> web.StreamResponse:
     """Route handler for everything the proxy does not answer itself."""
     return await request.app[keys.FORWARDER].forward(request)

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from proxy import access_log, keys, metrics, tracing
 from proxy.conditional import bearer
+from proxy.errors import internal_error
 from proxy.histogram import InMemoryHistogram
 from proxy.redis_observer import RedisObserver
 from proxy.settings import Settings
@@ -162,22 +163,27 @@ def _credential_kind(request: web.Request) -> str:
 
 
 def observed(route: str) -> Callable[[Handler], Handler]:
-    """Decorate a route handler of group `route`: counted, timed, traced and logged as telemetry is set."""
+    """Wrap a route handler of group `route`: guarded (a bug is a 500), counted, timed, traced, logged."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
             app = request.app
             telemetry = app[keys.TELEMETRY]
-            if not telemetry.enabled:
-                response = await handler(request)
-            elif (tracer := telemetry.tracer) is None:
-                response = await telemetry.timed(handler, request, route, None)
-            else:
-                span = tracing.server_span(tracer, request, route)
-                # Current for the handler's awaits, so Redis and upstream spans become its children.
-                with trace.use_span(span, end_on_exit=True, record_exception=False):
-                    response = await telemetry.timed(handler, request, route, span)
+            try:
+                if not telemetry.enabled:
+                    response = await handler(request)
+                elif (tracer := telemetry.tracer) is None:
+                    response = await telemetry.timed(handler, request, route, None)
+                else:
+                    span = tracing.server_span(tracer, request, route)
+                    # Current for the handler's awaits, so Redis and upstream spans become its children.
+                    with trace.use_span(span, end_on_exit=True, record_exception=False):
+                        response = await telemetry.timed(handler, request, route, span)
+            except web.HTTPException:
+                raise
+            except Exception:  # one wrapper, not two: each coroutine layer costs every request
+                response = internal_error(request)
             if app[keys.HEALTH].draining and not response.prepared:
                 # aiohttp closes each connection after its answer once shutdown begins, but would still
                 # say keep-alive; a client pooling it could send its next request into a closing socket.
