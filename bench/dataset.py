@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import redis
-import zstandard
+
+from tests.backend_writer import BackendWriter
 
 DEFINITIONS_PATH = "/flags/definitions"
 USER_AGENT = "posthog-python/7.4.0"
@@ -46,72 +46,13 @@ class Team:
         return headers
 
 
-class Writer(Protocol):
-    """The part of tests/backend_writer.py's BackendWriter the bench uses."""
-
-    def set_team(self, token: str, team: Mapping[str, Any]) -> None:
-        """Write a team record."""
-
-    def set_definitions(
-        self,
-        team_id: int,
-        flags: Sequence[Mapping[str, Any]],
-        group_type_mapping: Mapping[str, str] | None = None,
-        cohorts: Mapping[str, Any] | None = None,
-    ) -> tuple[str, str]:
-        """Write payload and ETag together; (json_text, etag)."""
-
-    def close(self) -> None:
-        """Disconnect."""
-
-
-class MiniWriter:
-    """django-redis-compatible fallback: pickled str (protocol 5), zstd above 512 bytes, PostHog's keys."""
-
-    _PREFIX = "posthog:1:"
-
-    def __init__(self, redis_url: str) -> None:
-        self._client = redis.Redis.from_url(redis_url)
-        self._zstd = zstandard.ZstdCompressor(level=3)
-
-    def _encode(self, text: str) -> bytes:
-        data = pickle.dumps(text, protocol=5)
-        return self._zstd.compress(data) if len(data) > 512 else data
-
-    def set_team(self, token: str, team: Mapping[str, Any]) -> None:
-        """The team record as json.dumps text."""
-        self._client.set(f"{self._PREFIX}team_token:{token}", self._encode(json.dumps(team)))
-
-    def set_definitions(
-        self,
-        team_id: int,
-        flags: Sequence[Mapping[str, Any]],
-        group_type_mapping: Mapping[str, str] | None = None,
-        cohorts: Mapping[str, Any] | None = None,
-    ) -> tuple[str, str]:
-        """Payload (sorted keys) and its 16-hex sha256 ETag, in one MSET."""
-        payload = {
-            "flags": list(flags),
-            "group_type_mapping": group_type_mapping or {},
-            "cohorts": cohorts or {},
-        }
-        text = json.dumps(payload, sort_keys=True)
-        etag = hashlib.sha256(text.encode()).hexdigest()[:16]
-        key = f"{self._PREFIX}cache/teams/{team_id}/feature_flags/flags_with_cohorts.json"
-        self._client.mset({key: self._encode(text), key + ":etag": self._encode(etag)})
-        return text, etag
-
-    def close(self) -> None:
-        """Disconnect."""
-        self._client.close()
+# The bench fills Redis only the way the backend does (Django's cache + django-redis), never with a
+# re-implementation of its codecs.
+Writer = BackendWriter
 
 
 def open_writer(redis_url: str) -> tuple[Writer, str]:
-    """tests/backend_writer.py's BackendWriter (Django + django-redis) when importable, else MiniWriter."""
-    try:
-        from tests.backend_writer import BackendWriter
-    except ImportError:
-        return MiniWriter(redis_url), "bench MiniWriter (tests/backend_writer.py not importable)"
+    """tests/backend_writer.py's BackendWriter and its description for the report."""
     return BackendWriter(redis_url), "tests/backend_writer.py BackendWriter (django-redis, zstd)"
 
 

