@@ -112,6 +112,8 @@ class VerdictStore:
         self._held: dict[str, _Held] = {}
         self._flight: SingleFlight[str, Verdict | None] = SingleFlight()
         self._writes: set[asyncio.Task[None]] = set()
+        # Learned here, Redis write still in flight: revalidation must not read "absent" as "revoked".
+        self._unshared: set[str] = set()
 
     def key(self, team_id: int, credential: str) -> str:
         """The Redis key of a (team, credential) verdict: keyed hash only, never the credential."""
@@ -157,6 +159,7 @@ class VerdictStore:
         ttl = self._allowed_ttl if verdict.allowed else self._denied_ttl
         self._hold(key, verdict, ttl)
         if self.shared:
+            self._unshared.add(key)
             task = asyncio.create_task(self._share(key, verdict, ttl))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
@@ -166,6 +169,8 @@ class VerdictStore:
             await self._client.set(key, verdict.encode(), px=int(ttl * 1000))
         except RedisError as exc:
             log.warning("verdict not shared: %s", type(exc).__name__)
+        finally:
+            self._unshared.discard(key)
 
     def forget(self, key: str) -> None:
         """Drop a verdict from memory (the backend's answer changed)."""
@@ -183,13 +188,16 @@ class VerdictStore:
             del self._held[key]
         if not self.shared or not self._held:
             return
-        keys = list(self._held)
+        before = dict(self._held)
+        unshared = set(self._unshared)
+        keys = list(before)
         raws: list[bytes | None] = []
         for start in range(0, len(keys), _MGET_CHUNK):
             raws += cast(list[bytes | None], await self._client.mget(keys[start : start + _MGET_CHUNK]))
         for key, raw in zip(keys, raws, strict=True):
             held = self._held.get(key)
-            if held is None:
+            # Re-learned while the MGET was out, or not yet written when it left: Redis cannot know yet.
+            if held is None or held is not before[key] or key in unshared:
                 continue
             verdict = Verdict.decode(raw) if raw is not None else None
             if verdict is None:
