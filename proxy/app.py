@@ -58,6 +58,5 @@ def create_app(settings: Settings) -> web.Application:
     health.add_routes(app)
     telemetry.add_routes(app)  # /metrics: answered in every mode, never forwarded
     definitions.add_routes(app)
-    # Everything the proxy does not answer itself goes upstream unchanged.
-    app.router.add_route("*", "/{tail:.*}", forward.forward_handler)
+    forward.add_routes(app)  # last: the catch-all
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -71,6 +71,10 @@ class DefinitionsService:
         self._rate_limits = app[keys.RATE_LIMITS]
         self._billing = app[keys.BILLING]
         self._forwarder = app[keys.FORWARDER]
+        # Counted here, where the answer is decided (the route wrapper would have to re-read the headers).
+        telemetry = app[keys.TELEMETRY]
+        self._etag_counts = telemetry.etag
+        self._auth_denied = telemetry.auth_denied
         self.learner = VerdictLearner(verdicts, self._forwarder, enabled=auth.learn_verdicts)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -118,6 +122,8 @@ class DefinitionsService:
         # 3. Authentication: Bearer only; what Redis cannot decide, the backend's learned verdict does.
         authorization = request.headers.get("Authorization")
         if authorization is None:
+            if live:
+                self._auth_denied["missing"] += 1
             return json_response(401, NOT_AUTHENTICATED)
         credential = bearer(authorization)
         if credential is None:
@@ -132,6 +138,8 @@ class DefinitionsService:
             for secret in team.secrets:
                 matched |= hmac.compare_digest(presented, secret)
             if not matched:
+                if live:
+                    self._auth_denied["secret_api_token"] += 1
                 return json_response(401, SECRET_INVALID)
         else:
             kind = "secret_api_token" if credential.startswith("phs_") else "personal_api_key"
@@ -142,6 +150,8 @@ class DefinitionsService:
             if verdict is None:
                 return Forward(verdict_key)
             if not verdict.allowed:
+                if live and verdict.status in (401, 403):
+                    self._auth_denied[kind] += 1
                 return web.Response(status=verdict.status, body=verdict.body, headers=verdict.headers)
 
         # 4. Rate limit per team: requests with If-None-Match spend the conditional budget instead of the full
@@ -166,7 +176,13 @@ class DefinitionsService:
         entry = self.cache.get(team.id) or await self.cache.load(team.id, with_body=if_none_match is None)
         if entry is None:
             return FORWARD
-        if if_none_match is not None and entry.etag is not None and none_match(if_none_match, entry.etag):
+        # First what SDKs send, the header as received; anything else is parsed (lists, `*`, no W/, spaces).
+        if if_none_match is not None and (
+            if_none_match == entry.etag_header
+            or (entry.etag is not None and none_match(if_none_match, entry.etag))
+        ):
+            if live:
+                self._etag_counts["hit"] += 1
             return web.Response(status=304, headers=entry.headers_304)
 
         # A stale ETag gets a full answer, so the reference charges it to the full budget too.
@@ -184,8 +200,10 @@ class DefinitionsService:
                 return FORWARD
 
         # 8. Billing, tallied in memory and flushed in the background.
-        if entry.billable and live:
-            self._billing.count(team.id, library_from_user_agent(request.headers.get("User-Agent")))
+        if live:
+            self._etag_counts["miss" if conditional else "none"] += 1
+            if entry.billable:
+                self._billing.count(team.id, library_from_user_agent(request.headers.get("User-Agent")))
 
         # 9. The stored JSON, byte for byte.
         return web.Response(status=200, body=entry.body, headers=entry.headers_200)
@@ -250,16 +268,16 @@ def serves_definitions(mode: ServiceMode) -> bool:
     return mode in (ServiceMode.ALL, ServiceMode.DEFINITIONS)
 
 
-@observed(DEFINITIONS)
-async def handle(request: web.Request) -> web.StreamResponse:
-    """Route handler for the definitions path and its aliases."""
-    return await request.app[keys.DEFINITIONS].handle(request)
-
-
 def add_routes(app: web.Application) -> None:
     """The definitions path and every configured alias (the old SDK URLs), when the mode serves them."""
     settings = app[keys.SETTINGS]
     if not serves_definitions(settings.service_mode):
         return
+
+    def handle(request: web.Request) -> Awaitable[web.StreamResponse]:
+        # Not a coroutine itself: the service's is awaited by the route wrapper, one frame less per request.
+        return app[keys.DEFINITIONS].handle(request)
+
+    handler = observed(app, DEFINITIONS, handle)
     for path in dict.fromkeys((settings.definitions.path, *settings.definitions.aliases)):
-        app.router.add_route("*", path, handle)
+        app.router.add_route("*", path, handler)

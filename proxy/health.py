@@ -49,13 +49,11 @@ def _json(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-@observed(HEALTH)
 async def liveness(request: web.Request) -> web.Response:
     """The process answers: the event loop is alive."""
     return _json(200, _OK)
 
 
-@observed(HEALTH)
 async def readiness(request: web.Request) -> web.Response:
     """503 until Redis answers a PING, and from the moment draining begins."""
     health = request.app[keys.HEALTH]
@@ -65,7 +63,6 @@ async def readiness(request: web.Request) -> web.Response:
     return _json(503, f'{{"status":"unavailable","reasons":[{reasons}]}}'.encode())
 
 
-@observed(HEALTH)
 async def startup(request: web.Request) -> web.Response:
     """200 once every cleanup context has started."""
     return _json(200, _OK) if request.app[keys.HEALTH].started else _json(503, b'{"status":"starting"}')
@@ -97,6 +94,5 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def add_routes(app: web.Application) -> None:
     """Register the health routes; they exist in every SERVICE_MODE."""
-    app.router.add_get("/_liveness", liveness, allow_head=True)
-    app.router.add_get("/_readiness", readiness, allow_head=True)
-    app.router.add_get("/_startup", startup, allow_head=True)
+    for path, handler in (("/_liveness", liveness), ("/_readiness", readiness), ("/_startup", startup)):
+        app.router.add_get(path, observed(app, HEALTH, handler), allow_head=True)

@@ -37,9 +37,11 @@ class Definitions:
     checked_at: float  # monotonic time Redis last confirmed this entry
     headers_200: dict[str, str] = field(init=False)
     headers_304: dict[str, str] = field(init=False)
+    etag_header: str | None = field(init=False)  # the ETag header as sent, which SDKs send back as is
 
     def __post_init__(self) -> None:
         self.headers_304 = {}
+        self.etag_header = None if self.etag is None else f'W/"{self.etag}"'
         self.headers_200 = {"Content-Type": "application/json"}
         if self.etag is not None:
             self.headers_304 = {"ETag": f'W/"{self.etag}"', "Cache-Control": CACHE_CONTROL}

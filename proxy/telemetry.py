@@ -11,20 +11,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from time import perf_counter
 
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy import access_log, keys, metrics, tracing
-from proxy.conditional import bearer
 from proxy.errors import internal_error
 from proxy.histogram import InMemoryHistogram
 from proxy.redis_observer import RedisObserver
@@ -70,38 +69,16 @@ class Telemetry:
         self._meter_provider: MeterProvider | None = None
         self.tracer_provider: TracerProvider | None = None
 
-    async def timed(
-        self, handler: Handler, request: web.Request, route: str, span: trace.Span | None
-    ) -> web.StreamResponse:
-        """Run the handler, then count, time and log the answer."""
-        self.in_flight += 1
-        start = perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
-        else:
-            status = response.status
-            return response
-        finally:
-            self._finish(request, route, status, perf_counter() - start, span)
-
-    def _finish(
+    def finish(
         self, request: web.Request, route: str, status: int, seconds: float, span: trace.Span | None
     ) -> None:
+        """Count, time and log one answered request (the ETag and auth counters are the handler's)."""
         self.in_flight -= 1
         if route == DEFINITIONS:
             # Set by the forwarder: the definitions path forwards what it cannot answer from memory.
             # len() first: `in` raises and catches a KeyError when the key is absent (~0.2 µs, measured), and
             # a request's state is empty unless the forwarder marked it.
             answered_by = UPSTREAM if len(request) and keys.FORWARDED in request else LOCAL
-            if answered_by == LOCAL:
-                self._definitions_answer(request, status)
         else:
             answered_by = UPSTREAM if route == FORWARD else LOCAL
         method = request.method
@@ -115,15 +92,6 @@ class Telemetry:
                 span.set_status(trace.StatusCode.ERROR)
         if self.access_log:
             access_log.write(request, route, status, answered_by, seconds, tracing.trace_id(span, request))
-
-    def _definitions_answer(self, request: web.Request, status: int) -> None:
-        if status == 304:
-            self.etag["hit"] += 1
-        elif status == 200:
-            if request.method == "GET":
-                self.etag["miss" if hdrs.IF_NONE_MATCH in request.headers else "none"] += 1
-        elif status in (401, 403):
-            self.auth_denied[_credential_kind(request)] += 1
 
     def redis_observer(self) -> RedisObserver | None:
         """The observer for the app's Redis client: none when neither metrics nor traces want it."""
@@ -152,52 +120,58 @@ class Telemetry:
             self.tracer_provider.shutdown()
 
 
-def _credential_kind(request: web.Request) -> str:
-    authorization = request.headers.get(hdrs.AUTHORIZATION)
-    if authorization is None:
-        return "missing"
-    credential = bearer(authorization)
-    return (
-        "secret_api_token" if credential is not None and credential.startswith("phs_") else "personal_api_key"
-    )
+def observed(app: web.Application, route: str, handler: Handler) -> Handler:
+    """`handler` as a route handler of group `route`: guarded (a bug is a 500), counted, timed, logged.
 
+    One coroutine around the handler and nothing looked up per request: the app's telemetry and health
+    are bound here, at registration. `handler` may be a plain function returning an awaitable, which
+    saves the request one more coroutine.
+    """
+    telemetry = app[keys.TELEMETRY]
+    health = app[keys.HEALTH]
 
-def observed(route: str) -> Callable[[Handler], Handler]:
-    """Wrap a route handler of group `route`: guarded (a bug is a 500), counted, timed, traced, logged."""
-
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(request: web.Request) -> web.StreamResponse:
-            app = request.app
-            telemetry = app[keys.TELEMETRY]
-            try:
-                if not telemetry.enabled:
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            if telemetry.enabled:
+                tracer = telemetry.tracer
+                span = None if tracer is None else tracing.server_span(tracer, request, route)
+                # Current for the handler's awaits, so Redis and upstream spans become its children.
+                context_token = None if span is None else context.attach(trace.set_span_in_context(span))
+                telemetry.in_flight += 1
+                status = 500
+                start = perf_counter()
+                try:
                     response = await handler(request)
-                elif (tracer := telemetry.tracer) is None:
-                    response = await telemetry.timed(handler, request, route, None)
-                else:
-                    span = tracing.server_span(tracer, request, route)
-                    # Current for the handler's awaits, so Redis and upstream spans become its children.
-                    with trace.use_span(span, end_on_exit=True, record_exception=False):
-                        response = await telemetry.timed(handler, request, route, span)
-            except web.HTTPException:
-                raise
-            except Exception:  # one wrapper, not two: each coroutine layer costs every request
-                response = internal_error(request)
-            if app[keys.HEALTH].draining and not response.prepared:
-                # aiohttp closes each connection after its answer once shutdown begins, but would still
-                # say keep-alive; a client pooling it could send its next request into a closing socket.
-                # Here rather than an on_response_prepare signal, which costs every response ~1 µs
-                # (profiled). Answers the handler prepared itself (streams) are marked where they start.
-                response.force_close()
-            return response
+                    status = response.status
+                except web.HTTPException as exc:
+                    status = exc.status
+                    raise
+                except asyncio.CancelledError:
+                    status = CLIENT_CLOSED
+                    raise
+                finally:
+                    telemetry.finish(request, route, status, perf_counter() - start, span)
+                    if span is not None:
+                        context.detach(context_token)  # type: ignore[arg-type]  # set with the span
+                        span.end()
+            else:
+                response = await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:  # one wrapper, not two: each coroutine layer costs every request
+            response = internal_error(request)
+        if health.draining and not response.prepared:
+            # aiohttp closes each connection after its answer once shutdown begins, but would still
+            # say keep-alive; a client pooling it could send its next request into a closing socket.
+            # Here rather than an on_response_prepare signal, which costs every response ~1 µs
+            # (profiled). Answers the handler prepared itself (streams) are marked where they start.
+            response.force_close()
+        return response
 
-        return wrapper
-
-    return decorate
+    return wrapper
 
 
-@observed(HEALTH)
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text exposition; collecting runs every observable instrument's callback."""
     registry = request.app[keys.TELEMETRY].registry
@@ -210,7 +184,7 @@ def add_routes(app: web.Application) -> None:
     """The metrics path, in every service mode and never forwarded, when metrics are enabled."""
     config = app[keys.SETTINGS].telemetry
     if config.metrics_enabled:
-        app.router.add_get(config.metrics_path, metrics_handler, allow_head=False)
+        app.router.add_get(config.metrics_path, observed(app, HEALTH, metrics_handler), allow_head=False)
 
 
 async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:

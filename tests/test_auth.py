@@ -18,6 +18,7 @@ from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
 from tests.standin_backend import StandInBackend
+from tests.test_telemetry import scrape, value
 
 TOKEN = "phc_auth_project"
 OPEN_TOKEN = "phc_project_without_secrets"
@@ -114,6 +115,23 @@ async def test_learned_verdicts_are_answered_locally(make_proxy: MakeProxy, stan
         for _ in range(5):
             await (await client.get(url, headers=_headers(authorization))).read()
         assert standin.decided == before + 1, authorization
+
+
+async def test_local_refusals_are_counted_by_credential_kind(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    answers = [
+        (await client.get(url, headers=_headers(authorization))).status
+        for authorization in [None, "Bearer phs_wrong_secret"] + ["Bearer phx_not_a_key"] * 3
+    ]
+    assert answers == [401] * 5
+    samples = await scrape(client)
+    # The first refusal of the personal key was the backend's (forwarded, then learned): not counted here.
+    for kind, n in {"missing": 1, "secret_api_token": 1, "personal_api_key": 2}.items():
+        assert value(samples, "edge_proxy_definitions_auth_denied_total", kind=kind) == n, kind
+    assert standin.decided == 1
 
 
 async def test_verdicts_are_shared_through_redis(make_proxy: MakeProxy, standin: StandInBackend) -> None:

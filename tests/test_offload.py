@@ -225,6 +225,8 @@ async def test_shadow_detects_and_classifies_each_disagreement(
         await response.read()
     await _settle(shadow)
     assert dict(shadow.outcomes) == {kind: 3}
+    # The backend answered every request: the local answers it was compared with are not counted as served.
+    assert client.app[keys.TELEMETRY].etag == {"hit": 0, "miss": 0, "none": 0}
 
 
 async def test_client_never_waits_for_the_shadow_comparison(
