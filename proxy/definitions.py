@@ -194,10 +194,13 @@ class DefinitionsService:
                 return too_many_requests(retry_after)
 
         # 7. Payload; missing is a miss (the backend can rebuild it), never a 503.
-        if entry.body is None:
-            entry = await self.cache.load(team.id, with_body=True)
-            if entry is None or entry.body is None:
+        body = self.cache.body(entry)
+        if body is None:
+            loaded = await self.cache.load(team.id, with_body=True)
+            body = None if loaded is None else self.cache.body(loaded)
+            if loaded is None or body is None:
                 return FORWARD
+            entry = loaded
 
         # 8. Billing, tallied in memory and flushed in the background.
         if live:
@@ -206,7 +209,7 @@ class DefinitionsService:
                 self._billing.count(team.id, library_from_user_agent(request.headers.get("User-Agent")))
 
         # 9. The stored JSON, byte for byte.
-        return web.Response(status=200, body=entry.body, headers=entry.headers_200)
+        return web.Response(status=200, body=body, headers=entry.headers_200)
 
     async def _compare(self, request: web.Request, upstream: UpstreamAnswer) -> None:
         """The shadow side: the local answer to a request the backend answered, counted by difference."""

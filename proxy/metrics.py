@@ -154,6 +154,17 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
     )
     gauge("edge_proxy.definitions.cache.entries", "Teams held", _value(cache, len))
     gauge(
+        "edge_proxy.definitions.cache.decoded_size",
+        "Payload bytes held decoded, ready to send (the rest of cache.size is compressed copies)",
+        _value(cache, lambda c: c.decoded_size),
+        "By",
+    )
+    counter(
+        "edge_proxy.definitions.cache.decompressions",
+        "200s answered by decompressing a payload held compressed only (cache_decoded_budget_bytes)",
+        _value(cache, lambda c: c.decompressions),
+    )
+    gauge(
         "edge_proxy.definitions.cache.staleness",
         "Age of the oldest ETag check among held teams (grows while Redis cannot be read)",
         _value(cache, lambda c: c.oldest_check_age()),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import redis.asyncio as aioredis
+import zstandard
 from redis.exceptions import RedisError
 
 from proxy.contract import DecodeError, RedisContract
@@ -32,9 +33,10 @@ class Definitions:
 
     team_id: int
     etag: str | None
-    body: bytes | None  # None: only the ETag was read (a 304 never needs the payload)
+    body: bytes | None  # None: only the ETag was read (a 304 never needs the payload), or held packed only
     billable: bool
     checked_at: float  # monotonic time Redis last confirmed this entry
+    packed: bytes | None = None  # the payload zstd-compressed, when the cache keeps compressed copies
     headers_200: dict[str, str] = field(init=False)
     headers_304: dict[str, str] = field(init=False)
     etag_header: str | None = field(init=False)  # the ETag header as sent, which SDKs send back as is
@@ -50,7 +52,9 @@ class Definitions:
     @property
     def size(self) -> int:
         """Bytes this entry holds against the budget."""
-        return len(self.body) if self.body is not None else 0
+        return (len(self.body) if self.body is not None else 0) + (
+            len(self.packed) if self.packed is not None else 0
+        )
 
 
 def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
@@ -77,6 +81,14 @@ class DefinitionsCache:
         self._flight: SingleFlight[tuple[int, bool], Definitions | None] = SingleFlight()
         self._billable: dict[str, bool] = {}
         self.bytes_held = 0
+        # With a decoded budget, every payload is also held compressed, and only the most recently served are
+        # held decoded too: these team ids, least recently served first, holding decoded_bytes.
+        self._decoded_budget = settings.cache_decoded_budget_bytes
+        self._decoded: OrderedDict[int, None] | None = None if self._decoded_budget is None else OrderedDict()
+        self.decoded_bytes = 0
+        self._compressor = zstandard.ZstdCompressor(level=3) if self._decoded_budget is not None else None
+        self._decompressor = zstandard.ZstdDecompressor()
+        self.decompressions = 0
         self.refresh_failures = 0
         # Lookups in memory, for metrics (a miss reads Redis).
         self.hits = 0
@@ -84,6 +96,11 @@ class DefinitionsCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def decoded_size(self) -> int:
+        """Payload bytes held decoded, ready to send."""
+        return self.bytes_held if self._decoded is None else self.decoded_bytes
 
     def oldest_check_age(self) -> float:
         """Seconds since Redis last confirmed the least recently confirmed entry (0 with none held)."""
@@ -105,6 +122,23 @@ class DefinitionsCache:
         self._entries.move_to_end(team_id)
         self._used_at[team_id] = now
         return entry
+
+    def body(self, entry: Definitions) -> bytes | None:
+        """The payload to send: held decoded, else decompressed from the compressed copy (and held again)."""
+        body = entry.body
+        decoded = self._decoded
+        if body is not None:
+            if decoded is not None and entry.team_id in decoded:
+                decoded.move_to_end(entry.team_id)
+            return body
+        if entry.packed is None:
+            return None
+        body = self._decompressor.decompress(entry.packed)
+        self.decompressions += 1
+        if decoded is not None and self._entries.get(entry.team_id) is entry:
+            entry.body = body
+            self._hold_decoded(entry, body)
+        return body
 
     async def load(self, team_id: int, *, with_body: bool) -> Definitions | None:
         """Read the team's entry from Redis (concurrent loads share one read); None is a miss."""
@@ -158,21 +192,47 @@ class DefinitionsCache:
 
     def _store(self, entry: Definitions) -> Definitions:
         self._drop(entry.team_id)
-        budget = self._settings.cache_budget_bytes
-        if entry.size > budget:
+        if self._compressor is not None and entry.body is not None:
+            entry.packed = self._compressor.compress(entry.body)
+        if entry.size > self._settings.cache_budget_bytes:
             # Larger than the whole budget: served this once, never held.
             return entry
         self._entries[entry.team_id] = entry
         self._used_at.setdefault(entry.team_id, time.monotonic())
-        self.bytes_held += entry.size
-        while self.bytes_held > budget:
-            self._drop(next(iter(self._entries)))
+        self.bytes_held += entry.size - (len(entry.body) if entry.body is not None else 0)
+        if entry.body is not None:
+            self._hold_decoded(entry, entry.body)
+        self._fit()
         return entry
+
+    def _hold_decoded(self, entry: Definitions, body: bytes) -> None:
+        """Count a held entry's decoded payload; with a decoded budget, compress-only the least recent."""
+        self.bytes_held += len(body)
+        decoded = self._decoded
+        if decoded is None or self._decoded_budget is None:
+            return
+        decoded[entry.team_id] = None
+        self.decoded_bytes += len(body)
+        while self.decoded_bytes > self._decoded_budget and decoded:
+            team_id, _ = decoded.popitem(last=False)
+            held = self._entries[team_id]
+            if held.body is not None:
+                self.decoded_bytes -= len(held.body)
+                self.bytes_held -= len(held.body)
+                held.body = None  # its compressed copy stays: the next 200 decompresses it
+        self._fit()
+
+    def _fit(self) -> None:
+        while self.bytes_held > self._settings.cache_budget_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
 
     def _drop(self, team_id: int) -> None:
         old = self._entries.pop(team_id, None)
         if old is not None:
             self.bytes_held -= old.size
+            if old.body is not None and self._decoded is not None:
+                del self._decoded[team_id]
+                self.decoded_bytes -= len(old.body)
 
     async def refresh(self) -> None:
         """One cycle: evict idle teams, MGET every ETag, re-read the payloads whose ETag changed."""
@@ -195,7 +255,7 @@ class DefinitionsCache:
             etag = self._decode_etag(team_id, raw)
             if etag is not None and etag == entry.etag:
                 entry.checked_at = now
-            elif etag is not None and entry.body is None:
+            elif etag is not None and entry.body is None and entry.packed is None:
                 self._store(Definitions(team_id, etag, None, True, now))
             else:
                 # Changed, deleted, or never had an ETag (then the payload is the only way to see a change).

@@ -205,6 +205,11 @@ class DefinitionsSettings(_Section):
     aliases: tuple[str, ...] = ("/api/feature_flag/local_evaluation", "/api/feature_flag/local_evaluation/")
     # Bytes of cached payloads held in memory across all teams (LRU beyond that).
     cache_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Of those, how many are held decoded, ready to send. Unset: all of them. Set: every payload is also held
+    # zstd-compressed (about a tenth of its size for flag JSON), and beyond this budget the least recently
+    # served are held compressed only, decompressed in memory for each 200 (~11 us per 50 KB; a 304 never
+    # needs the payload). For many teams in little memory: 1,000 x 50 KB fit in ~5 MiB compressed.
+    cache_decoded_budget_bytes: int | None = Field(default=None, ge=0)
     # How often the ETags of recently requested teams are re-read (one pipelined MGET).
     refresh_interval_seconds: Seconds = 0.5
     # A team not requested for this long is dropped from memory and no longer refreshed.
