@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -25,33 +25,38 @@ log = logging.getLogger(__name__)
 # (team_id, library, bucket) -> requests
 Counts = dict[tuple[int, str, int], int]
 
-# Applies batches in order; each batch is [dedupe key][hash key]* in KEYS and [n][field, increment]* in ARGV.
-# A batch whose dedupe key already exists was applied by an attempt whose reply was lost: it is skipped, so
-# a retry (ours, or redis-py's own retry after a dropped connection) never counts twice. A script runs
-# atomically: no other client sees half a batch. (Redis does not roll back a script that fails midway; only a
-# billing key of the wrong type can do that, and the batch is then marked applied and not retried.)
+# Applies batches in order; each batch is [mark][hash key]* in KEYS and [seq][n][field, increment]* in ARGV.
+# Batches carry increasing sequence numbers, and a mark holds the last one applied (a high-water mark): a
+# batch not above it was applied by an attempt whose reply was lost, and is skipped, so a retry (ours, or
+# redis-py's own after a dropped connection, or a stale copy that arrives late) never counts twice. Pending
+# batches are always sent oldest first, so no batch is ever applied after a later one under the same mark.
+# A script runs atomically: no other client sees half a batch. (Redis does not roll back a script that fails
+# midway; only a billing key of the wrong type can do that, and the batch is then marked applied and not
+# retried.) One mark per tally, that is per process: a handful of keys, where a mark per batch made 17,280 a
+# day per process.
 _APPLY_BATCHES = """
 local ttl = ARGV[1]
 local k, a = 1, 2
 local applied = 0
 while k <= #KEYS do
-  local n = tonumber(ARGV[a])
-  local fresh = redis.call('SET', KEYS[k], '1', 'NX', 'EX', ttl)
-  k, a = k + 1, a + 1
+  local seq, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local fresh = seq > (tonumber(redis.call('GET', KEYS[k])) or 0)
+  if fresh then
+    redis.call('SET', KEYS[k], seq, 'EX', ttl)
+    applied = applied + 1
+  end
+  k, a = k + 1, a + 2
   for _ = 1, n do
     if fresh then
       redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
     end
     k, a = k + 1, a + 2
   end
-  if fresh then
-    applied = applied + 1
-  end
 end
 return applied
 """
 # A batch stays pending about max_pending_batches x flush_interval at most (~35 min by default), far below
-# this: a retry always finds the marker of an earlier attempt that was applied.
+# this: a retry always finds the mark of an earlier attempt that was applied. Each write renews it.
 _DEDUPE_TTL_SECONDS = 86400
 # Redis runs a script alone; ~1 µs per HINCRBY keeps one call under ~20 ms. A backlog drains over flushes.
 _MAX_INCREMENTS_PER_CALL = 20_000
@@ -62,7 +67,7 @@ _FINAL_FLUSH_PAUSE_SECONDS = 0.1
 @dataclass
 class _Batch:
     counts: Counts
-    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    seq: int  # increasing in the order batches are sealed
 
     @property
     def requests(self) -> int:
@@ -85,6 +90,9 @@ class BillingTally:
         self._bucket_seconds = contract.layout.billing_bucket_seconds
         self._counts: Counts = {}
         self._pending: deque[_Batch] = deque()
+        self._sealed = 0
+        # This tally's mark (one per process): a fresh id, so no two processes ever share one.
+        self._mark = contract.layout.billing_dedupe_key.format(batch_id=uuid.uuid4().hex)
         self._script: AsyncScript | None = None
         # Flushes must not overlap: a batch leaves the queue only once the call that carried it succeeded.
         self._flushing = asyncio.Lock()
@@ -180,7 +188,8 @@ class BillingTally:
     def _seal(self) -> None:
         if not self._counts:
             return
-        self._pending.append(_Batch(self._counts))
+        self._sealed += 1
+        self._pending.append(_Batch(self._counts, self._sealed))
         self._counts = {}
         while len(self._pending) > self.settings.max_pending_batches:
             dropped = self._pending.popleft()
@@ -211,8 +220,8 @@ class BillingTally:
             for (team_id, library, bucket), n in batch.counts.items():
                 for key in self.contract.billing_keys(team_id, library):
                     increments[key, bucket] = increments.get((key, bucket), 0) + n
-            script_keys.append(self.contract.layout.billing_dedupe_key.format(batch_id=batch.batch_id))
-            args.append(len(increments))
+            script_keys.append(self._mark)
+            args += (batch.seq, len(increments))
             for (key, bucket), n in increments.items():
                 script_keys.append(key)
                 args.extend((bucket, n))

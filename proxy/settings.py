@@ -129,7 +129,8 @@ class RedisLayout(_Section):
     quota_key: str = "@posthog/quota-limits/feature_flag_requests"
     billing_team_key: str = "posthog:local_evaluation_requests:{team_id}"
     billing_sdk_key: str = "posthog:local_evaluation_requests:sdk:{team_id}:{library}"
-    # Ours, not the backend's: marks a billing batch as applied, so a retried flush never counts twice.
+    # Ours, not the backend's: the last billing batch a process applied ({batch_id}: the process's own id), so
+    # a retried flush never counts twice.
     billing_dedupe_key: str = "edge-proxy:billing-batch:{batch_id}"
     billing_bucket_seconds: int = Field(default=120, ge=1)
     # A value that decompresses to more than this is refused (a decompression bomb in Redis).
