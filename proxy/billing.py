@@ -10,12 +10,13 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy import keys
+from proxy.cluster import RedisClient, ScriptCall, hash_tagged, run_script, slot_of
 from proxy.contract import RedisContract
 from proxy.settings import BillingSettings
 from proxy.tasks import background
@@ -32,8 +33,11 @@ Counts = dict[tuple[int, str, int], int]
 # batches are always sent oldest first, so no batch is ever applied after a later one under the same mark.
 # A script runs atomically: no other client sees half a batch. (Redis does not roll back a script that fails
 # midway; only a billing key of the wrong type can do that, and the batch is then marked applied and not
-# retried.) One mark per tally, that is per process: a handful of keys, where a mark per batch made 17,280 a
-# day per process.
+# retried.) One mark per tally (per process) on one node. On a Cluster a script may touch one slot only, so a
+# batch is applied per slot group of its hashes, all pipelined; each group is marked in its own slot (a mark
+# per process and group, hash-tagged with the group's smallest key). Each group is then applied exactly once,
+# as a whole batch is on one node; only the groups of one batch are not applied atomically together (a
+# reader may see the team hash counted before the SDK hash, never a count twice or lost).
 _APPLY_BATCHES = """
 local ttl = ARGV[1]
 local k, a = 1, 2
@@ -120,18 +124,20 @@ class BillingTally:
         entry = (team_id, library, bucket)
         counts[entry] = counts.get(entry, 0) + 1
 
-    async def flush(self, redis: aioredis.Redis) -> bool:
-        """Seal the tally, then write the pending batches in order in one round trip; False if Redis fails."""
+    async def flush(self, redis: RedisClient) -> bool:
+        """Seal the tally, then write the pending batches in order in one round trip; False if Redis fails.
+
+        One round trip per node on a Cluster, where the batches are applied slot by slot.
+        """
         async with self._flushing:
             self._seal()
             if not self._pending:
                 return True
             batches = self._next_call()
-            script_keys, args = self._encode(batches)
             try:
-                await self._apply(redis)(keys=script_keys, args=args, client=redis)
+                await run_script(redis, self._apply(redis), self._encode(batches, redis))
             except (RedisError, OSError) as exc:
-                # Outcome unknown: the batches stay pending with their ids, so the retry is idempotent.
+                # Outcome unknown: the batches stay pending with their numbers, so the retry is idempotent.
                 self.failed_flushes += 1
                 if not self._failing:
                     log.warning(
@@ -150,7 +156,7 @@ class BillingTally:
                 self._failing = False
             return True
 
-    async def close(self, redis: aioredis.Redis) -> None:
+    async def close(self, redis: RedisClient) -> None:
         """Final flush at shutdown, bounded in attempts and time; logs at ERROR whatever stays unwritten."""
         failures = 0
         budget = self.settings.final_flush_timeout_seconds
@@ -179,7 +185,7 @@ class BillingTally:
                 _describe(lost),
             )
 
-    def _apply(self, redis: aioredis.Redis) -> AsyncScript:
+    def _apply(self, redis: RedisClient) -> AsyncScript:
         # redis-py's script object sends EVALSHA and loads the script only on NOSCRIPT (e.g. after a restart).
         if self._script is None or self._script.registered_client is not redis:
             self._script = redis.register_script(_APPLY_BATCHES)
@@ -211,21 +217,31 @@ class BillingTally:
             batches.append(batch)
         return batches
 
-    def _encode(self, batches: list[_Batch]) -> tuple[list[str], list[str | int]]:
-        script_keys: list[str] = []
-        args: list[str | int] = [_DEDUPE_TTL_SECONDS]
+    def _encode(self, batches: list[_Batch], redis: RedisClient) -> list[ScriptCall]:
+        # One script call per slot: a single one on one node, where every key is in "slot 0".
+        slot = slot_of(redis)
+        clustered = isinstance(redis, RedisCluster)
+        calls: dict[int, tuple[list[str], list[str | int]]] = {}
         for batch in batches:
             # Requests of one team over several libraries go into one HINCRBY of the team hash.
             increments: dict[tuple[str, int], int] = {}
             for (team_id, library, bucket), n in batch.counts.items():
                 for key in self.contract.billing_keys(team_id, library):
                     increments[key, bucket] = increments.get((key, bucket), 0) + n
-            script_keys.append(self._mark)
-            args += (batch.seq, len(increments))
+            groups: dict[int, list[tuple[str, int, int]]] = {}
             for (key, bucket), n in increments.items():
-                script_keys.append(key)
-                args.extend((bucket, n))
-        return script_keys, args
+                groups.setdefault(slot(key), []).append((key, bucket, n))
+            for group_slot, group in groups.items():
+                script_keys, args = calls.setdefault(group_slot, ([], [_DEDUPE_TTL_SECONDS]))
+                # A retry must find the same mark: the group's smallest key names it, whatever the order.
+                script_keys.append(
+                    hash_tagged(self._mark, min(k for k, _, _ in group)) if clustered else self._mark
+                )
+                args += (batch.seq, len(group))
+                for key, bucket, n in group:
+                    script_keys.append(key)
+                    args.extend((bucket, n))
+        return list(calls.values())
 
 
 async def billing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -241,7 +257,7 @@ async def billing_ctx(app: web.Application) -> AsyncIterator[None]:
     await tally.close(redis)
 
 
-async def _flush_forever(tally: BillingTally, redis: aioredis.Redis, interval: float) -> None:
+async def _flush_forever(tally: BillingTally, redis: RedisClient, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         await tally.flush(redis)

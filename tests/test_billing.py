@@ -31,6 +31,7 @@ B0 = int(T0 // BUCKET)
 async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """The proxy's own kind of client, on the test Redis."""
     redis = make_client(RedisSettings(url=redis_url))
+    assert isinstance(redis, aioredis.Redis)  # a redis:// URL: the one-node client
     yield redis
     await redis.aclose()
 
@@ -39,6 +40,7 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 async def dead_client() -> AsyncIterator[aioredis.Redis]:
     """A client for a port nobody listens on: every command fails as with Redis down."""
     redis = make_client(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
+    assert isinstance(redis, aioredis.Redis)  # a redis:// URL: the one-node client
     yield redis
     await redis.aclose()
 
