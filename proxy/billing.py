@@ -8,14 +8,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy import keys
+from proxy.cluster import RedisClient, ScriptCall, hash_tagged, run_script, slot_of
 from proxy.contract import RedisContract
 from proxy.settings import BillingSettings
 from proxy.tasks import background
@@ -25,33 +26,41 @@ log = logging.getLogger(__name__)
 # (team_id, library, bucket) -> requests
 Counts = dict[tuple[int, str, int], int]
 
-# Applies batches in order; each batch is [dedupe key][hash key]* in KEYS and [n][field, increment]* in ARGV.
-# A batch whose dedupe key already exists was applied by an attempt whose reply was lost: it is skipped, so
-# a retry (ours, or redis-py's own retry after a dropped connection) never counts twice. A script runs
-# atomically: no other client sees half a batch. (Redis does not roll back a script that fails midway; only a
-# billing key of the wrong type can do that, and the batch is then marked applied and not retried.)
+# Applies batches in order; each batch is [mark][hash key]* in KEYS and [seq][n][field, increment]* in ARGV.
+# Batches carry increasing sequence numbers, and a mark holds the last one applied (a high-water mark): a
+# batch not above it was applied by an attempt whose reply was lost, and is skipped, so a retry (ours, or
+# redis-py's own after a dropped connection, or a stale copy that arrives late) never counts twice. Pending
+# batches are always sent oldest first, so no batch is ever applied after a later one under the same mark.
+# A script runs atomically: no other client sees half a batch. (Redis does not roll back a script that fails
+# midway; only a billing key of the wrong type can do that, and the batch is then marked applied and not
+# retried.) One mark per tally (per process) on one node. On a Cluster a script may touch one slot only, so a
+# batch is applied per slot group of its hashes, all pipelined; each group is marked in its own slot (a mark
+# per process and group, hash-tagged with the group's smallest key). Each group is then applied exactly once,
+# as a whole batch is on one node; only the groups of one batch are not applied atomically together (a
+# reader may see the team hash counted before the SDK hash, never a count twice or lost).
 _APPLY_BATCHES = """
 local ttl = ARGV[1]
 local k, a = 1, 2
 local applied = 0
 while k <= #KEYS do
-  local n = tonumber(ARGV[a])
-  local fresh = redis.call('SET', KEYS[k], '1', 'NX', 'EX', ttl)
-  k, a = k + 1, a + 1
+  local seq, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local fresh = seq > (tonumber(redis.call('GET', KEYS[k])) or 0)
+  if fresh then
+    redis.call('SET', KEYS[k], seq, 'EX', ttl)
+    applied = applied + 1
+  end
+  k, a = k + 1, a + 2
   for _ = 1, n do
     if fresh then
       redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
     end
     k, a = k + 1, a + 2
   end
-  if fresh then
-    applied = applied + 1
-  end
 end
 return applied
 """
 # A batch stays pending about max_pending_batches x flush_interval at most (~35 min by default), far below
-# this: a retry always finds the marker of an earlier attempt that was applied.
+# this: a retry always finds the mark of an earlier attempt that was applied. Each write renews it.
 _DEDUPE_TTL_SECONDS = 86400
 # Redis runs a script alone; ~1 µs per HINCRBY keeps one call under ~20 ms. A backlog drains over flushes.
 _MAX_INCREMENTS_PER_CALL = 20_000
@@ -62,7 +71,7 @@ _FINAL_FLUSH_PAUSE_SECONDS = 0.1
 @dataclass
 class _Batch:
     counts: Counts
-    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    seq: int  # increasing in the order batches are sealed
 
     @property
     def requests(self) -> int:
@@ -85,6 +94,9 @@ class BillingTally:
         self._bucket_seconds = contract.layout.billing_bucket_seconds
         self._counts: Counts = {}
         self._pending: deque[_Batch] = deque()
+        self._sealed = 0
+        # This tally's mark (one per process): a fresh id, so no two processes ever share one.
+        self._mark = contract.layout.billing_dedupe_key.format(batch_id=uuid.uuid4().hex)
         self._script: AsyncScript | None = None
         # Flushes must not overlap: a batch leaves the queue only once the call that carried it succeeded.
         self._flushing = asyncio.Lock()
@@ -112,18 +124,20 @@ class BillingTally:
         entry = (team_id, library, bucket)
         counts[entry] = counts.get(entry, 0) + 1
 
-    async def flush(self, redis: aioredis.Redis) -> bool:
-        """Seal the tally, then write the pending batches in order in one round trip; False if Redis fails."""
+    async def flush(self, redis: RedisClient) -> bool:
+        """Seal the tally, then write the pending batches in order in one round trip; False if Redis fails.
+
+        One round trip per node on a Cluster, where the batches are applied slot by slot.
+        """
         async with self._flushing:
             self._seal()
             if not self._pending:
                 return True
             batches = self._next_call()
-            script_keys, args = self._encode(batches)
             try:
-                await self._apply(redis)(keys=script_keys, args=args, client=redis)
+                await run_script(redis, self._apply(redis), self._encode(batches, redis))
             except (RedisError, OSError) as exc:
-                # Outcome unknown: the batches stay pending with their ids, so the retry is idempotent.
+                # Outcome unknown: the batches stay pending with their numbers, so the retry is idempotent.
                 self.failed_flushes += 1
                 if not self._failing:
                     log.warning(
@@ -142,7 +156,7 @@ class BillingTally:
                 self._failing = False
             return True
 
-    async def close(self, redis: aioredis.Redis) -> None:
+    async def close(self, redis: RedisClient) -> None:
         """Final flush at shutdown, bounded in attempts and time; logs at ERROR whatever stays unwritten."""
         failures = 0
         budget = self.settings.final_flush_timeout_seconds
@@ -171,7 +185,7 @@ class BillingTally:
                 _describe(lost),
             )
 
-    def _apply(self, redis: aioredis.Redis) -> AsyncScript:
+    def _apply(self, redis: RedisClient) -> AsyncScript:
         # redis-py's script object sends EVALSHA and loads the script only on NOSCRIPT (e.g. after a restart).
         if self._script is None or self._script.registered_client is not redis:
             self._script = redis.register_script(_APPLY_BATCHES)
@@ -180,7 +194,8 @@ class BillingTally:
     def _seal(self) -> None:
         if not self._counts:
             return
-        self._pending.append(_Batch(self._counts))
+        self._sealed += 1
+        self._pending.append(_Batch(self._counts, self._sealed))
         self._counts = {}
         while len(self._pending) > self.settings.max_pending_batches:
             dropped = self._pending.popleft()
@@ -202,21 +217,31 @@ class BillingTally:
             batches.append(batch)
         return batches
 
-    def _encode(self, batches: list[_Batch]) -> tuple[list[str], list[str | int]]:
-        script_keys: list[str] = []
-        args: list[str | int] = [_DEDUPE_TTL_SECONDS]
+    def _encode(self, batches: list[_Batch], redis: RedisClient) -> list[ScriptCall]:
+        # One script call per slot: a single one on one node, where every key is in "slot 0".
+        slot = slot_of(redis)
+        clustered = isinstance(redis, RedisCluster)
+        calls: dict[int, tuple[list[str], list[str | int]]] = {}
         for batch in batches:
             # Requests of one team over several libraries go into one HINCRBY of the team hash.
             increments: dict[tuple[str, int], int] = {}
             for (team_id, library, bucket), n in batch.counts.items():
                 for key in self.contract.billing_keys(team_id, library):
                     increments[key, bucket] = increments.get((key, bucket), 0) + n
-            script_keys.append(self.contract.layout.billing_dedupe_key.format(batch_id=batch.batch_id))
-            args.append(len(increments))
+            groups: dict[int, list[tuple[str, int, int]]] = {}
             for (key, bucket), n in increments.items():
-                script_keys.append(key)
-                args.extend((bucket, n))
-        return script_keys, args
+                groups.setdefault(slot(key), []).append((key, bucket, n))
+            for group_slot, group in groups.items():
+                script_keys, args = calls.setdefault(group_slot, ([], [_DEDUPE_TTL_SECONDS]))
+                # A retry must find the same mark: the group's smallest key names it, whatever the order.
+                script_keys.append(
+                    hash_tagged(self._mark, min(k for k, _, _ in group)) if clustered else self._mark
+                )
+                args += (batch.seq, len(group))
+                for key, bucket, n in group:
+                    script_keys.append(key)
+                    args.extend((bucket, n))
+        return list(calls.values())
 
 
 async def billing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -232,7 +257,7 @@ async def billing_ctx(app: web.Application) -> AsyncIterator[None]:
     await tally.close(redis)
 
 
-async def _flush_forever(tally: BillingTally, redis: aioredis.Redis, interval: float) -> None:
+async def _flush_forever(tally: BillingTally, redis: RedisClient, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         await tally.flush(redis)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy import __version__, control, logs, server
 from proxy.settings import ConfigError, Settings, load_settings
@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("offload", "revoke"):
         try:
             return _operate(args, settings)
-        except (RedisError, ValueError) as exc:
+        # RedisClusterException: no node of a Cluster answered (redis-py does not make it a RedisError).
+        except (RedisError, RedisClusterException, ValueError) as exc:
             print(f"edge-proxy: {args.command} failed: {exc}", file=sys.stderr)
             return 1
     logs.configure(settings.logging)

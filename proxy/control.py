@@ -7,14 +7,28 @@ import sys
 from typing import cast
 
 import redis
+from redis.cluster import ClusterNode
 
 from proxy.offload import OffloadState, parse_state
-from proxy.settings import Settings
+from proxy.settings import CLUSTER_SCHEME, Settings, cluster_nodes
 from proxy.verdicts import revoke_pattern
 
 
-def _client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=5)
+def _client(settings: Settings) -> redis.Redis | redis.RedisCluster:
+    url = settings.redis.url
+    if url.startswith(CLUSTER_SCHEME):
+        # Connects at once (finding the slot map); SCAN then walks every primary.
+        nodes, username, password = cluster_nodes(url)
+        # redis-py leaves the synchronous ClusterNode unannotated.
+        startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+        return redis.RedisCluster(
+            startup_nodes=startup,
+            username=username,
+            password=password,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+        )
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
 def offload_status(settings: Settings) -> OffloadState:

@@ -6,8 +6,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy import keys
@@ -55,7 +57,7 @@ async def liveness(request: web.Request) -> web.Response:
 
 
 async def readiness(request: web.Request) -> web.Response:
-    """503 until Redis answers a PING, and from the moment draining begins."""
+    """503 until Redis (every primary of a Cluster) answers a PING, and from the moment draining begins."""
     health = request.app[keys.HEALTH]
     if health.ready:
         return _json(200, _OK)
@@ -73,11 +75,17 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     health = app[keys.HEALTH]
     client = app[keys.REDIS]
     interval = app[keys.SETTINGS].redis.health_check_interval_seconds
+    # On a Cluster every primary must answer (redis-py would ask one node): each serves a share of the teams.
+    ping = (
+        partial(client.ping, target_nodes=RedisCluster.PRIMARIES)
+        if isinstance(client, RedisCluster)
+        else client.ping
+    )
 
     async def watch() -> None:
         while True:
             try:
-                await client.ping()
+                await ping()
             except (RedisError, OSError) as exc:
                 if health.redis_ok:
                     log.warning("redis unreachable: %s", type(exc).__name__)

@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
     from proxy.billing import BillingTally
+    from proxy.cluster import RedisClient
     from proxy.definitions import DefinitionsService
     from proxy.forward import Forwarder
     from proxy.health import Health
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 HEALTH: web.AppKey[Health] = web.AppKey("health")
-REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis")
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
 QUOTA: web.AppKey[QuotaSnapshot] = web.AppKey("quota")
 RATE_LIMITS: web.AppKey[RateLimiter] = web.AppKey("rate_limits")

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from proxy.cluster import RedisClient
 from proxy.settings import OffloadSettings
 from proxy.tasks import every
 
@@ -68,7 +68,7 @@ def parse_state(fields: Mapping[bytes, bytes], default: OffloadState) -> Offload
 class Offload:
     """The current state, re-read from Redis in the background; the request path reads attributes only."""
 
-    def __init__(self, client: aioredis.Redis, settings: OffloadSettings) -> None:
+    def __init__(self, client: RedisClient, settings: OffloadSettings) -> None:
         self._client = client
         self._settings = settings
         self.configured = OffloadState(settings.weight_percent, kill=False, shadow=settings.shadow)

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-import redis.asyncio as aioredis
 import zstandard
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from proxy.cluster import RedisClient, mget
 from proxy.contract import DecodeError, RedisContract
 from proxy.settings import DefinitionsSettings
 from proxy.singleflight import SingleFlight
@@ -70,9 +71,7 @@ def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
 class DefinitionsCache:
     """team id -> Definitions: `get` reads memory, `load` reads Redis on a miss, `refresh` keeps it fresh."""
 
-    def __init__(
-        self, client: aioredis.Redis, contract: RedisContract, settings: DefinitionsSettings
-    ) -> None:
+    def __init__(self, client: RedisClient, contract: RedisContract, settings: DefinitionsSettings) -> None:
         self._client = client
         self._contract = contract
         self._settings = settings
@@ -155,7 +154,7 @@ class DefinitionsCache:
                 if etag is not None:
                     return self._store(Definitions(team_id, etag, None, True, time.monotonic()))
             keys = (self._contract.payload_key(team_id), self._contract.etag_key(team_id))
-            raw_body, raw_etag = cast(list[bytes | None], await self._client.mget(keys))
+            raw_body, raw_etag = await mget(self._client, keys)
         except RedisError as exc:
             log.warning("definitions read failed for team %s: %s", team_id, type(exc).__name__)
             return None
@@ -268,9 +267,11 @@ class DefinitionsCache:
             self._build(team_id, raws[2 * index], raws[2 * index + 1])
 
     async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        if len(keys) <= _MGET_CHUNK:
-            return cast(list[bytes | None], await self._client.mget(keys))
-        async with self._client.pipeline(transaction=False) as pipe:
+        client = self._client
+        if len(keys) <= _MGET_CHUNK or isinstance(client, RedisCluster):
+            # A Cluster splits the keys by slot and pipelines the MGETs itself.
+            return await mget(client, keys)
+        async with client.pipeline(transaction=False) as pipe:
             for start in range(0, len(keys), _MGET_CHUNK):
                 pipe.mget(keys[start : start + _MGET_CHUNK])
             chunks = cast(list[list[bytes | None]], await pipe.execute())

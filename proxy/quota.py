@@ -8,11 +8,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from proxy import keys
+from proxy.cluster import RedisClient
 from proxy.contract import RedisContract
 from proxy.tasks import background
 
@@ -44,7 +44,7 @@ class QuotaSnapshot:
             return False
         return until >= (time.time() if now is None else now)
 
-    async def refresh(self, redis: aioredis.Redis, now: float | None = None) -> None:
+    async def refresh(self, redis: RedisClient, now: float | None = None) -> None:
         """Read the tokens limited at `now` or later (one ZRANGEBYSCORE), swap them in; raises RedisError."""
         now = time.time() if now is None else now
         rows = await redis.zrangebyscore(self.key, now, "+inf", withscores=True)
@@ -54,7 +54,7 @@ class QuotaSnapshot:
         self._until = {member.decode("utf-8", "replace"): float(score) for member, score in pairs}
         self.read_at = self._clock()
 
-    async def poll(self, redis: aioredis.Redis) -> None:
+    async def poll(self, redis: RedisClient) -> None:
         """Refresh; on a Redis error keep the snapshot up to max_staleness_seconds, then fail open."""
         try:
             await self.refresh(redis)
@@ -96,7 +96,7 @@ async def quota_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _poll_forever(snapshot: QuotaSnapshot, redis: aioredis.Redis, interval: float) -> None:
+async def _poll_forever(snapshot: QuotaSnapshot, redis: RedisClient, interval: float) -> None:
     while True:
         await snapshot.poll(redis)
         # redis-py can swallow a cancellation that lands inside a command (seen here with redis-py 8 when

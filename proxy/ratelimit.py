@@ -18,8 +18,9 @@ pushed: below half the limit (as it last saw the shared count) a replica pushes 
 push_fraction * limit, so a <= push_fraction * limit there; past half, it syncs every interval, so a is what
 it admits in about one sync interval plus one round trip. Never more than N * limit, since each replica
 counts its own admissions. Redis cost: nothing for teams far below their limit, one script entry per sync
-interval for a team past half of it. All counters live in one Redis (no cluster:
-the sync script touches many keys).
+interval for a team past half of it. On a Redis Cluster the counters are spread over the slots; the sync
+script then runs once per slot group of keys, all pipelined (one round trip per node), and exact mode uses
+`limits`' Cluster storage.
 
 Redis unreachable: both modes fail open (the request is served, `fail_open` counts it), logged once per
 outage; exact mode then tries Redis again only every sync interval, so requests do not each wait on it.
@@ -34,16 +35,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from limits import RateLimitItem, parse
-from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy import keys
+from proxy.cluster import RedisClient, run_script, slot_of
 from proxy.errors import error_body, json_response
+from proxy.redis_client import close_limits_storage, limits_storage
 from proxy.settings import RateLimitSettings
 from proxy.tasks import background
 
@@ -99,7 +100,7 @@ class RateLimiter:
     def __init__(
         self,
         settings: RateLimitSettings,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.enabled = settings.enabled
@@ -124,15 +125,9 @@ class RateLimiter:
             log.warning("rate limits: allowlist entries must be team ids; ignoring %d other(s)", len(ignored))
         self._full: dict[int, _Window] = {}
         self._conditional: dict[int, _Window] = {}
+        self._redis = redis
         self._script = redis.register_script(SYNC_SCRIPT)
-        # limits' storage on the app's own pool: it cannot be closed, and needs not be (the pool's owner is).
-        self._storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            wrap_exceptions=True,
-            key_prefix=settings.key_prefix,
-            connection_pool=redis.connection_pool,  # type: ignore[arg-type]  # typed as scalars only
-        )
+        self._storage = limits_storage(redis, settings.key_prefix)
         self._strategy = FixedWindowRateLimiter(self._storage)
         self._probe_at = 0.0
 
@@ -191,7 +186,8 @@ class RateLimiter:
                 self._recovered()
                 return None
             reset = await self._storage.get_expiry(item.key_for(budget, team_id))
-        except StorageError as exc:
+        # limits wraps RedisError only; its Cluster client raises RedisClusterException when no node answers.
+        except (StorageError, RedisClusterException) as exc:
             self._failed(exc)
             self._probe_at = self._clock() + self.sync_interval_seconds
             self.fail_open += 1
@@ -203,9 +199,9 @@ class RateLimiter:
     async def sync(self) -> None:
         """Fast mode: push admitted counts and re-read the shared ones of active teams, in one round trip."""
         now = self._clock()
-        batch: list[tuple[_Window, int, int]] = []
-        names: list[str] = []
-        args: list[int] = []
+        slot = slot_of(self._redis)
+        # Per slot (one on one node): the windows synced, the script's keys and its arguments.
+        calls: dict[int, tuple[list[tuple[_Window, int, int]], list[str], list[int]]] = {}
         for windows in (self._full, self._conditional):
             for team_id, window in list(windows.items()):
                 if not window.pending:
@@ -218,25 +214,29 @@ class RateLimiter:
                         continue  # limited until a known reset: a fixed window's count only grows
                 elif not self.failing and not self._worth_syncing(window):
                     continue
+                batch, names, args = calls.setdefault(slot(window.key), ([], [], []))
                 batch.append((window, window.pending, window.epoch))
                 names.append(window.key)
                 args += (window.expiry, window.pending)
-        if not batch:
+        if not calls:
             return
         try:
-            reply: list[int] = await self._script(keys=names, args=args)
+            replies = await run_script(
+                self._redis, self._script, [(names, args) for _, names, args in calls.values()]
+            )
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return
         done = self._clock()
-        for i, (window, delta, epoch) in enumerate(batch):
-            if window.epoch != epoch:
-                continue  # the window ended while the reply was on its way; this one is the next window's
-            window.pending -= delta
-            window.shared = int(reply[2 * i])
-            ttl_ms = int(reply[2 * i + 1])
-            if ttl_ms > 0:
-                window.reset_at = done + ttl_ms / 1000
+        for (batch, _, _), reply in zip(calls.values(), replies, strict=True):
+            for i, (window, delta, epoch) in enumerate(batch):
+                if window.epoch != epoch:
+                    continue  # the window ended while the reply was on its way; this one is the next window's
+                window.pending -= delta
+                window.shared = int(reply[2 * i])
+                ttl_ms = int(reply[2 * i + 1])
+                if ttl_ms > 0:
+                    window.reset_at = done + ttl_ms / 1000
         self._recovered()
 
     def _worth_syncing(self, window: _Window) -> bool:
@@ -245,6 +245,10 @@ class RateLimiter:
         # every 30 s, so most teams never come near their limit, and Redis sees O(teams near limit).
         used = window.shared + window.pending
         return used * 2 >= window.limit or window.pending >= window.push_lump
+
+    async def aclose(self) -> None:
+        """Close what `limits` holds of its own (a Cluster client; on one node it shares the app's pool)."""
+        await close_limits_storage(self._storage)
 
     async def run(self) -> None:
         """Sync every sync_interval_seconds until cancelled."""
@@ -276,8 +280,11 @@ async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
     """Create app[keys.RATE_LIMITS] on the app's Redis pool; in fast mode, sync it in the background."""
     limiter = RateLimiter(app[keys.SETTINGS].rate_limits, app[keys.REDIS])
     app[keys.RATE_LIMITS] = limiter
-    if not (limiter.enabled and limiter.fast):
-        yield
-        return
-    async with background(limiter.run(), name="ratelimit-sync"):
-        yield
+    try:
+        if not (limiter.enabled and limiter.fast):
+            yield
+            return
+        async with background(limiter.run(), name="ratelimit-sync"):
+            yield
+    finally:
+        await limiter.aclose()

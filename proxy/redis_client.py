@@ -1,4 +1,4 @@
-"""The one Redis connection pool: every call bounded by the configured timeout."""
+"""The one Redis client (one node, Sentinel's master or a Cluster): every call bounded by the timeout."""
 
 from __future__ import annotations
 
@@ -7,19 +7,25 @@ from typing import cast
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
+from limits.aio.storage import RedisClusterStorage, RedisStorage
+from limits.aio.storage.redis.redispy import RedispyBridge
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from proxy import keys
-from proxy.redis_observer import ObservedRedis
-from proxy.settings import SENTINEL_SCHEME, RedisSettings
+from proxy.cluster import RedisClient
+from proxy.redis_observer import ObservedRedis, ObservedRedisCluster
+from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, RedisSettings, cluster_nodes
 
 
-def make_client(settings: RedisSettings) -> ObservedRedis:
+def make_client(settings: RedisSettings) -> ObservedRedis | ObservedRedisCluster:
     """A client for `settings.url` whose every command and connect is bounded by `timeout_seconds`."""
     if settings.url.startswith(SENTINEL_SCHEME):
         return _sentinel_client(settings)
+    if settings.url.startswith(CLUSTER_SCHEME):
+        return _cluster_client(settings)
     # ObservedRedis behaves exactly as redis.asyncio.Redis until an observer is set (redis_ctx). from_url
     # builds `cls`, though redis-py annotates it as returning Redis.
     client = ObservedRedis.from_url(
@@ -73,8 +79,75 @@ def _sentinel_client(settings: RedisSettings) -> ObservedRedis:
     return cast(ObservedRedis, client)
 
 
-async def _close_sentinels(client: ObservedRedis) -> None:
-    manager = getattr(client.connection_pool, "sentinel_manager", None)
+def _cluster_client(settings: RedisSettings) -> ObservedRedisCluster:
+    """A Redis Cluster client, `redis+cluster://[user:password@]host:port[,host:port...]`.
+
+    The nodes listed are only where discovery starts (any one answering is enough); the client then follows
+    the slot map, MOVED/ASK redirections and failovers by itself. Connections are opened at first use.
+    """
+    nodes, username, password = cluster_nodes(settings.url)
+    return ObservedRedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        username=username,
+        password=password,
+        socket_timeout=settings.timeout_seconds,
+        socket_connect_timeout=settings.timeout_seconds,
+        # Per node; as with the one-node pool, a call that finds them all busy fails at once.
+        max_connections=settings.max_connections,
+        decode_responses=False,
+        # One retry after a connection error or timeout, which first re-reads the slot map; no backoff
+        # (redis-py's default is three with exponential backoff, seconds per call with a node down).
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
+def limits_storage(client: RedisClient, key_prefix: str) -> RedisStorage:
+    """`limits`' async storage on the app's Redis; close it with `close_limits_storage`.
+
+    On one node it shares the app's pool. `limits` cannot be handed a Cluster client, so on a Cluster it gets
+    its own, to the same nodes with the same credentials, timeouts and retry as the app's.
+    """
+    if not isinstance(client, RedisCluster):
+        return RedisStorage(
+            "async+redis://",
+            implementation="redispy",
+            wrap_exceptions=True,
+            key_prefix=key_prefix,
+            connection_pool=client.connection_pool,  # type: ignore[arg-type]  # typed as scalars only
+        )
+    hosts = ",".join(
+        f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}" for n in client.startup_nodes
+    )
+    options = client.connection_kwargs
+    return RedisClusterStorage(
+        f"async+{CLUSTER_SCHEME}{hosts}",
+        implementation="redispy",
+        wrap_exceptions=True,
+        key_prefix=key_prefix,
+        **{
+            name: options[name]
+            for name in (
+                "username",
+                "password",
+                "socket_timeout",
+                "socket_connect_timeout",
+                "max_connections",
+            )
+            if options.get(name) is not None
+        },
+        retry=Retry(NoBackoff(), 1),  # type: ignore[arg-type]  # typed as scalars only
+    )
+
+
+async def close_limits_storage(storage: RedisStorage) -> None:
+    """Close the client `limits_storage` opened for a Cluster (the one-node storage uses the app's pool)."""
+    if isinstance(storage, RedisClusterStorage):
+        await cast(RedisCluster, cast(RedispyBridge, storage.bridge).get_connection()).aclose()
+
+
+async def _close_sentinels(client: ObservedRedis | ObservedRedisCluster) -> None:
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
     for sentinel_client in manager.sentinels if manager is not None else ():
         await sentinel_client.aclose()
 

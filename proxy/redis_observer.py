@@ -1,13 +1,14 @@
 """Redis command latency, errors and (when a request is traced) spans, for every command of the app's client.
 
-A client subclass rather than redis-py's own observability, which reports through the process-global
-MeterProvider with the SDK's per-call cost. Covers commands, scripts and pipelines of the app's client,
-background loops included; `limits`' exact-mode storage builds its own client on the pool and is not seen.
+Client subclasses (one node, Cluster) rather than redis-py's own observability, which reports through the
+process-global MeterProvider with the SDK's per-call cost. Covers commands, scripts and pipelines of the
+app's client, background loops included; `limits`' exact-mode storage builds its own client and is not seen.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
@@ -15,10 +16,13 @@ import redis.asyncio as aioredis
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException, RedisError
 
 from proxy.histogram import InMemoryHistogram
 from proxy.tracing import child_span
+
+Send = Callable[..., Awaitable[Any]]
 
 
 class RedisObserver:
@@ -54,18 +58,30 @@ class RedisObserver:
                 span.end()
 
 
+def _command(
+    observer: RedisObserver | None, send: Send, args: tuple[Any, ...], options: Any
+) -> Awaitable[Any]:
+    # The command itself when unobserved: no closure, no extra frame on the hot path.
+    if observer is None:
+        return send(*args, **options)
+    # Commands are our own code's, so the names are a bounded set.
+    return observer.call(str(args[0]).upper(), lambda: send(*args, **options))
+
+
+def _pipeline(observer: RedisObserver | None, send: Send, *args: Any) -> Awaitable[Any]:
+    if observer is None:
+        return send(*args)
+    return observer.call("PIPELINE", lambda: send(*args))
+
+
 class ObservedRedis(aioredis.Redis):
     """The app's Redis client; reports to `observer` once one is set."""
 
     observer: RedisObserver | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        """As redis-py's, observed (commands are our own code's, so the names are a bounded set)."""
-        observer = self.observer
-        if observer is None:
-            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        send = super().execute_command
-        return await observer.call(str(args[0]).upper(), lambda: send(*args, **options))  # type: ignore[no-untyped-call]
+        """As redis-py's, observed."""
+        return await _command(self.observer, super().execute_command, args, options)
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         """A pipeline whose execute() is observed as one "PIPELINE" command."""
@@ -78,9 +94,43 @@ class _ObservedPipeline(Pipeline):
     observer: RedisObserver | None = None
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        observer = self.observer
-        if observer is None:
-            return await super().execute(raise_on_error)
-        send = super().execute
-        result: list[Any] = await observer.call("PIPELINE", lambda: send(raise_on_error))
+        result: list[Any] = await _pipeline(self.observer, super().execute, raise_on_error)
+        return result
+
+
+class ObservedRedisCluster(RedisCluster):
+    """The app's Redis Cluster client: observed like ObservedRedis; no reachable node is a RedisError."""
+
+    observer: RedisObserver | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """As redis-py's, observed (a command on several nodes, like PING, is one observation)."""
+        return await _command(self.observer, super().execute_command, args, kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        """A pipeline (one round trip per node) whose execute() is observed as one "PIPELINE" command."""
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        # Typed as abstract (an attribute redis-py sets in __init__); redis-py builds its own the same way.
+        pipe = _ObservedClusterPipeline(self, transaction)  # type: ignore[abstract]
+        pipe.observer = self.observer
+        return pipe
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        """Discover the cluster (at first use, and again after a connection error or a failover)."""
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            # redis-py raises this non-RedisError when no startup node answers (or slots are uncovered); the
+            # proxy's fail-open and forward policies catch RedisError, as for a single node that is down.
+            raise ClusterError(f"Redis Cluster unreachable: {exc}") from exc
+
+
+class _ObservedClusterPipeline(ClusterPipeline):
+    observer: RedisObserver | None = None
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        result: list[Any] = await _pipeline(
+            self.observer, super().execute, raise_on_error, allow_redirections
+        )
         return result

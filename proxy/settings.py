@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import unquote
 
 import yaml
 from limits import parse as parse_rate
@@ -46,12 +47,36 @@ def _rate(value: str) -> str:
 
 # redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]: the master that Sentinel names.
 SENTINEL_SCHEME = "redis+sentinel://"
+# redis+cluster://[user:password@]host:port[,host:port...]: a Redis Cluster, discovered from any listed node
+# (the scheme `limits` uses too; database 0 only, so no path).
+CLUSTER_SCHEME = "redis+cluster://"
+_CLUSTER_FORM = "must be redis+cluster://[user:password@]host:port[,host:port...] (ports 1-65535, no path)"
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """Startup nodes, username and password of a redis+cluster:// URL; ValueError if it is malformed."""
+    userinfo, _, rest = url[len(CLUSTER_SCHEME) :].rpartition("@")
+    hosts, _, path = rest.partition("/")
+    if path or not url.startswith(CLUSTER_SCHEME) or any(c in rest for c in "?#"):
+        raise ValueError(_CLUSTER_FORM)
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+            raise ValueError(_CLUSTER_FORM)
+        nodes.append((host, int(port)))
+    username, _, password = userinfo.partition(":")
+    return nodes, unquote(username) or None, unquote(password) or None
 
 
 def _redis_url(value: str) -> str:
-    schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
+    schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
     if not value.startswith(schemes):
         raise ValueError(f"must start with one of {', '.join(schemes)}")
+    if value.startswith(CLUSTER_SCHEME):
+        cluster_nodes(value)
     if value.startswith(SENTINEL_SCHEME):
         hosts = value[len(SENTINEL_SCHEME) :].partition("/")[0].rpartition("@")[2]
         service, _, db = value[len(SENTINEL_SCHEME) :].partition("/")[2].strip("/").partition("/")
@@ -109,6 +134,8 @@ class UpstreamSettings(_Section):
 class RedisSettings(_Section):
     """The backend's Redis (cache entries, quota set, billing hashes)."""
 
+    # redis://, rediss://, unix://, redis+sentinel://host:port[,...]/service_name[/db] (the master Sentinel
+    # names) or redis+cluster://host:port[,...] (a Redis Cluster; any reachable node is enough to find it).
     url: RedisUrl = "redis://127.0.0.1:6379/0"
     # Every Redis call is bounded by this; the seed's service used 500 ms.
     timeout_seconds: Seconds = 0.5
@@ -129,7 +156,8 @@ class RedisLayout(_Section):
     quota_key: str = "@posthog/quota-limits/feature_flag_requests"
     billing_team_key: str = "posthog:local_evaluation_requests:{team_id}"
     billing_sdk_key: str = "posthog:local_evaluation_requests:sdk:{team_id}:{library}"
-    # Ours, not the backend's: marks a billing batch as applied, so a retried flush never counts twice.
+    # Ours, not the backend's: the last billing batch a process applied ({batch_id}: the process's own id), so
+    # a retried flush never counts twice. On a Cluster one per process and slot group, `<this>:{<hash key>}`.
     billing_dedupe_key: str = "edge-proxy:billing-batch:{batch_id}"
     billing_bucket_seconds: int = Field(default=120, ge=1)
     # A value that decompresses to more than this is refused (a decompression bomb in Redis).
@@ -368,6 +396,18 @@ class Settings(_Section):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cluster_billing_marker(self) -> Self:
+        # On a Cluster each billing batch marker carries a hash tag naming the hash it guards (billing.py), so
+        # that both live in one slot; a brace of the template's own would become the tag instead.
+        template = self.layout.billing_dedupe_key.replace("{batch_id}", "")
+        if self.redis.url.startswith(CLUSTER_SCHEME) and ("{" in template or "}" in template):
+            raise ValueError(
+                "layout.billing_dedupe_key may hold no brace besides {batch_id} "
+                "with a redis+cluster:// redis.url"
+            )
+        return self
 
     @field_validator("bind")
     @classmethod

@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from proxy.cluster import RedisClient
 from proxy.contract import DecodeError, RedisContract
 from proxy.singleflight import SingleFlight
 
@@ -54,7 +54,7 @@ class TeamStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         contract: RedisContract,
         *,
         ttl_seconds: float,

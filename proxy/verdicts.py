@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from proxy.cluster import RedisClient, mget
 from proxy.singleflight import SingleFlight
 from proxy.tasks import every
 
@@ -93,7 +93,7 @@ class VerdictStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         hmac_key: bytes | None,
         key_prefix: str,
@@ -193,7 +193,7 @@ class VerdictStore:
         keys = list(before)
         raws: list[bytes | None] = []
         for start in range(0, len(keys), _MGET_CHUNK):
-            raws += cast(list[bytes | None], await self._client.mget(keys[start : start + _MGET_CHUNK]))
+            raws += await mget(self._client, keys[start : start + _MGET_CHUNK])
         for key, raw in zip(keys, raws, strict=True):
             held = self._held.get(key)
             # Re-learned while the MGET was out, or not yet written when it left: Redis cannot know yet.

@@ -155,6 +155,10 @@ class BackendWriter:
         self.cache.set(key, MISSING, timeout=MISSING_TTL_SECONDS)
         self.cache.delete(key + ETAG_SUFFIX)
 
+    def encoded(self, key: str, value: Any) -> tuple[str, bytes | int]:
+        """The Redis key and value django-redis writes for `key`, for a Redis it cannot reach (a Cluster)."""
+        return str(self.cache.make_key(key)), self.cache.client.encode(value)
+
     def close(self) -> None:
         """Disconnect the writer's Redis connections."""
         self.cache.close()

@@ -1,7 +1,9 @@
-"""The test rig: a real redis-server on a free port and a recording in-process upstream."""
+"""The test rig: a real redis-server (or Redis Cluster) on free ports and a recording in-process upstream."""
 
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from multidict import CIMultiDictProxy
 # One implementation for the test rig and the demo (examples/stack.py imports neither proxy nor Django).
 from examples.stack import free_port, redis_server_binary
 
-__all__ = ["RedisServer", "Seen", "Upstream", "free_port", "redis_server_binary"]
+__all__ = ["RedisClusterServers", "RedisServer", "Seen", "Upstream", "free_port", "redis_server_binary"]
 
 
 @dataclass
@@ -25,6 +27,8 @@ class RedisServer:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    # More redis-server options (a cluster node's).
+    options: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -46,6 +50,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -73,6 +78,85 @@ class RedisServer:
     def client(self) -> redis.Redis:
         """A synchronous client for arranging and inspecting state."""
         return redis.Redis(port=self.port, socket_timeout=2)
+
+
+def _free_cluster_port(taken: set[int]) -> int:
+    # Redis 6.2 puts a node's cluster bus on its port + 10000 (no cluster-port option before 7.0), so both
+    # must be free; below the kernel's ephemeral range, so the bus port stays under 65536.
+    while True:
+        port = random.randrange(20000, 30000)
+        if {port, port + 10000} & taken:
+            continue
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+
+
+@dataclass
+class RedisClusterServers:
+    """A real Redis Cluster of `masters` redis-server processes (no replicas), every slot assigned."""
+
+    workdir: Path
+    masters: int = 3
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """The redis+cluster:// URL listing every node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> None:
+        """Start the nodes, join them with `redis-cli --cluster create`, wait for cluster_state:ok."""
+        taken: set[int] = set()
+        for _ in range(self.masters):
+            port = _free_cluster_port(taken)
+            taken |= {port, port + 10000}
+            workdir = self.workdir / str(port)
+            workdir.mkdir()
+            options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+            node = RedisServer(port=port, workdir=workdir, options=options)
+            self.nodes.append(node)
+            node.start()
+        cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        for node in self.nodes:
+            with node.client() as client:
+                while client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Kill every node."""
+        for node in self.nodes:
+            node.stop()
+
+    def flush(self) -> None:
+        """Empty every node (each holds its own slots' keys)."""
+        for node in self.nodes:
+            with node.client() as client:
+                client.flushall()
+
+    def client(self) -> redis.RedisCluster:
+        """A synchronous cluster client for arranging and inspecting state."""
+        return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=2)
+
+    def node_of(self, key: str) -> RedisServer:
+        """The node that serves `key`'s slot."""
+        with self.client() as client:
+            port = client.get_node_from_key(key).port
+        return next(node for node in self.nodes if node.port == port)
 
 
 @dataclass

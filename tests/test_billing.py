@@ -31,6 +31,7 @@ B0 = int(T0 // BUCKET)
 async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """The proxy's own kind of client, on the test Redis."""
     redis = make_client(RedisSettings(url=redis_url))
+    assert isinstance(redis, aioredis.Redis)  # a redis:// URL: the one-node client
     yield redis
     await redis.aclose()
 
@@ -39,6 +40,7 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 async def dead_client() -> AsyncIterator[aioredis.Redis]:
     """A client for a port nobody listens on: every command fails as with Redis down."""
     redis = make_client(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
+    assert isinstance(redis, aioredis.Redis)  # a redis:// URL: the one-node client
     yield redis
     await redis.aclose()
 
@@ -118,8 +120,9 @@ async def test_one_flush_is_one_script_call(
         after = commandstats(sync)
 
     delta = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
-    # SET and HINCRBY run inside the script; INFO is the test's own.
-    assert {name: n for name, n in delta.items() if name not in {"set", "hincrby", "info"}} == {"evalsha": 1}
+    # GET, SET and HINCRBY run inside the script; INFO is the test's own.
+    inside = {"get", "set", "hincrby", "info"}
+    assert {name: n for name, n in delta.items() if name not in inside} == {"evalsha": 1}
     assert billing.pending_batches == 0
     assert hashes(redis_server, 2, "posthog-node")[1] == {B0: 1}
 
@@ -166,6 +169,30 @@ async def test_a_flush_whose_reply_is_lost_is_not_counted_twice(
     assert await billing.flush(client)  # the retry carries the same batch id: skipped by the script
     assert_counted_once(redis_server)
     assert billing.pending_batches == 0
+
+
+async def test_a_stale_copy_of_an_applied_flush_arriving_late_is_skipped(
+    client: aioredis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A flush sent to a Redis that hung: the proxy gave up on it, then wrote later batches; Redis resumes and
+    # runs the old command. The mark holds the last batch applied, so the late copy changes nothing.
+    billing = tally()
+    count_many(billing)
+    sent: list[tuple[Any, ...]] = []
+    real_evalsha: Callable[..., Awaitable[Any]] = client.evalsha
+
+    async def recorded(*args: Any) -> Any:
+        sent.append(args)
+        return await real_evalsha(*args)
+
+    monkeypatch.setattr(client, "evalsha", recorded)
+    assert await billing.flush(client)
+    billing.count(2, "posthog-go", now=T0)
+    assert await billing.flush(client)
+    assert len(sent) == 2
+    await real_evalsha(*sent[0])
+    assert hashes(redis_server, 2, "posthog-go") == ({B0: 6}, {B0: 6})
+    assert hashes(redis_server, 1, "posthog-python") == ({B0: 4, B0 + 1: 1}, {B0: 3, B0 + 1: 1})
 
 
 async def test_too_many_pending_batches_drops_the_oldest_with_an_error(

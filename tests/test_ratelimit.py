@@ -31,6 +31,7 @@ MODES = pytest.mark.parametrize("mode", ["fast", "exact"])
 async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """The proxy's own kind of client, on the test Redis."""
     redis = make_client(RedisSettings(url=redis_url))
+    assert isinstance(redis, aioredis.Redis)  # a redis:// URL: the one-node client
     yield redis
     await redis.aclose()
 

@@ -507,7 +507,7 @@ async def test_sentinel_url_serves_bills_and_limits_through_the_named_master(
         "redis+sentinel://127.0.0.1:26379/",
         "redis+sentinel://127.0.0.1:x/edge",
         "redis+sentinel://127.0.0.1:26379/edge/zero",
-        "redis+cluster://127.0.0.1:7000",
+        "redis+cluster://127.0.0.1:7000/0",  # a Cluster has database 0 only
     ],
 )
 def test_malformed_sentinel_and_cluster_urls_are_refused_at_startup(url: str) -> None:
