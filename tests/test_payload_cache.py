@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy import keys
+from proxy.payloads import DefinitionsCache
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.test_telemetry import scrape, value
@@ -119,3 +122,31 @@ async def test_a_compressed_only_payload_follows_a_backend_rewrite(
         await asyncio.sleep(0.05)
     status, _ = await served(client, 1, {"If-None-Match": f'W/"{etag}"'})
     assert status == 304
+
+
+async def test_compressed_copies_hold_only_their_own_size(
+    make_proxy: MakeProxy, payloads: tuple[BackendWriter, dict[int, tuple[bytes, str]]]
+) -> None:
+    # python-zstandard hands back its output in a buffer sized for the input: kept as is, each ~3 KB copy
+    # would hold ~30 KB of heap, and the compact cache would save almost nothing.
+    client = await make_proxy(definitions={"cache_decoded_budget_bytes": 0})
+    cache = client.app[keys.DEFINITIONS].cache
+    tracemalloc.start()
+    try:
+        for team_id in TEAMS:
+            assert (await served(client, team_id))[0] == 200
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    assert cache.decoded_size == 0
+    packed = cache.bytes_held
+    # What is still allocated by the line that makes the compressed copies: the copies, and nothing more.
+    source, first = inspect.getsourcelines(DefinitionsCache._store)
+    line = first + next(i for i, text in enumerate(source) if ".compress(" in text)
+    held = sum(
+        trace.size
+        for trace in snapshot.filter_traces(
+            [tracemalloc.Filter(True, inspect.getfile(DefinitionsCache), line)]
+        ).traces
+    )
+    assert packed < held < packed + 3 * 64, (held, packed)  # + a bytes object's header each
