@@ -47,6 +47,8 @@ from bench import backend, dataset, nginx, procs, report, wrk  # noqa: E402
 from bench.dataset import Team  # noqa: E402
 from bench.report import (  # noqa: E402
     CEILING,
+    COMPACT,
+    COMPACT_SUFFIX,
     DIRECT,
     DJANGO,
     FAST_DIRECT,
@@ -220,6 +222,7 @@ def start_proxy(
     redis_url: str,
     upstream_url: str,
     extra_env: Mapping[str, str] | None = None,
+    name: str = PROXY,
 ) -> Server:
     """`python -m proxy serve` pinned to the server core; retried (the code may be mid-edit by others)."""
     last = ""
@@ -239,18 +242,18 @@ def start_proxy(
             **(extra_env or {}),
         }
         process = sup.start(
-            "proxy", procs.pinned([sys.executable, "-m", "proxy", "serve"], procs.SERVER_CORE), env
+            name, procs.pinned([sys.executable, "-m", "proxy", "serve"], procs.SERVER_CORE), env
         )
         try:
             procs.wait_http(port, "/_startup", process)
         except procs.StartError as exc:
             sup.stop(process)
-            last = f"{exc}\n{sup.log_tail('proxy')}"
+            last = f"{exc}\n{sup.log_tail(name)}"
             say(f"proxy failed to start (attempt {attempt}/{config.proxy_attempts}): {exc}")
             if attempt < config.proxy_attempts:
                 time.sleep(config.proxy_retry_wait)
             continue
-        return Server(PROXY, port, process.pid, uses_redis=True)
+        return Server(name, port, process.pid, uses_redis=True)
     raise procs.StartError(f"proxy did not start after {config.proxy_attempts} attempts: {last}")
 
 
@@ -524,6 +527,10 @@ def _definitions_forwarded(ctx: Context) -> int:
     return ctx.django.requests_seen()["definitions"]
 
 
+# The compact cache's decoded budget: the rest of the payloads are held compressed only.
+COMPACT_DECODED_BYTES = 4 * 2**20
+
+
 def cache_budget(teams: int, size: int) -> int:
     """A payload budget that holds every team (the default 256 MiB, or 1.25x the bytes when larger)."""
     return max(268_435_456, int(teams * size * 1.25))
@@ -550,7 +557,9 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
     miss_team = dataset.fill_miss_team(ctx.writer, size)
     say(f"  {len(teams)} team(s), payload {len(teams[0].body)} bytes, ETag {teams[0].etag}")
     scenarios = [s for s in ("200", "304") if s in config.scenarios]
-    names = [PROXY, CEILING, *([NGINX] if config.with_nginx else []), DJANGO]
+    # With many teams, a second proxy holds most payloads compressed only: the memory-bounded setup.
+    compact = team_count > 1
+    names = [PROXY, *([COMPACT] if compact else []), CEILING, *([NGINX] if config.with_nginx else []), DJANGO]
     rows = {s: {n: Row(label, team_count, s, n) for n in names} for s in scenarios}
     out: list[Row] = []
 
@@ -563,8 +572,24 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
     budget = {
         "EDGE_PROXY__DEFINITIONS__CACHE_BUDGET_BYTES": str(cache_budget(team_count, len(teams[0].body)))
     }
+    compact_budget = {
+        **budget,
+        "EDGE_PROXY__DEFINITIONS__CACHE_DECODED_BUDGET_BYTES": str(COMPACT_DECODED_BYTES),
+    }
     starters: list[tuple[str, Callable[[], Server]]] = [
         (PROXY, lambda: start_proxy(ctx.sup, config, ctx.redis_url, ctx.backend_url, budget)),
+        *(
+            [
+                (
+                    COMPACT,
+                    lambda: start_proxy(
+                        ctx.sup, config, ctx.redis_url, ctx.backend_url, compact_budget, COMPACT
+                    ),
+                )
+            ]
+            if compact
+            else []
+        ),
         (
             CEILING,
             lambda: start_python_app(
@@ -575,6 +600,7 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
     if config.with_nginx:
         starters.append((NGINX, lambda: start_nginx(ctx.sup, workdir, www, teams)))
     servers: list[Server] = []
+    memories: dict[str, dict[str, float | None]] = {}
     with ctx.sup.scope():
         proxy: Server | None = None
         for name, starter in starters:
@@ -585,13 +611,14 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
                 continue
             before = _definitions_forwarded(ctx)
             try:
-                if name == PROXY:
+                if name in (PROXY, COMPACT):
                     # Every team is seen once here (ETags first, then bodies: the RSS of each stage), so
                     # the measured runs find them all in memory.
                     memory: dict[str, float | None] = {
                         "teams": team_count,
                         "payload_bytes": len(teams[0].body),
                     }
+                    memories[name] = memory
                     time.sleep(0.5)
                     memory["started_mib"] = procs.rss_mib(server.pid)
                     conditional_pass(server.port, teams)
@@ -603,7 +630,8 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
                         metrics, "edge_proxy_definitions_cache_size_bytes"
                     )
                     memory["cache_entries"] = metric_sum(metrics, "edge_proxy_definitions_cache_entries")
-                    proxy = server
+                    if name == PROXY:
+                        proxy = server
                 else:
                     check_definitions(server.port, [teams[0], teams[-1]])
                 forwarded = _definitions_forwarded(ctx) - before
@@ -623,20 +651,20 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
             say(f"  scenario {scenario}: {', '.join(s.name for s in servers)}")
             load = definitions_load(teams, scenario == "304")
             compare(servers, load, config, ctx.client, rows[scenario], ctx.django)
-            for name in (PROXY, CEILING, NGINX):
+            for name in (PROXY, COMPACT, CEILING, NGINX):
                 row = rows[scenario].get(name)
                 forwarded = sum(s.backend_hits or 0 for s in row.all_samples()) if row else 0
                 if row is not None and forwarded:
                     say(f"  WARNING: {forwarded} request(s) reached the backend during the {name} runs")
                     row.error = f"{forwarded} request(s) reached the backend during the runs"
         out += [row for per_scenario in rows.values() for row in per_scenario.values()]
-        if proxy is not None:
+        for name, memory in memories.items():
             peaks = [
-                row.median("peak_rss_mib") for s in rows.values() for row in s.values() if row.server == PROXY
+                row.median("peak_rss_mib") for s in rows.values() for row in s.values() if row.server == name
             ]
             memory["peak_under_load_mib"] = max((p for p in peaks if p is not None), default=None)
-            memory["rss_after_runs_mib"] = procs.rss_mib(proxy.pid)
-            ctx.memory[f"{team_count}x{label}"] = memory
+            ctx.memory[f"{team_count}x{label}{COMPACT_SUFFIX if name == COMPACT else ''}"] = memory
+        if proxy is not None:
             if "miss" in config.scenarios and team_count == min(config.team_counts):
                 out += bench_miss(ctx, proxy, miss_team, label, team_count)
             if with_extras:
