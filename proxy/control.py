@@ -8,9 +8,10 @@ from typing import cast
 
 import redis
 from redis.cluster import ClusterNode
+from redis.sentinel import Sentinel
 
 from proxy.offload import OffloadState, parse_state
-from proxy.settings import CLUSTER_SCHEME, Settings, cluster_nodes
+from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, Settings, cluster_nodes, sentinel_parts
 from proxy.verdicts import revoke_pattern
 
 
@@ -28,6 +29,14 @@ def _client(settings: Settings) -> redis.Redis | redis.RedisCluster:
             socket_timeout=5,
             socket_connect_timeout=5,
         )
+    if url.startswith(SENTINEL_SCHEME):
+        # The master the sentinels name now (asked without a password; the password is the master's).
+        sentinels, service, db, password = sentinel_parts(url)
+        timeouts = {"socket_timeout": 5, "socket_connect_timeout": 5}
+        # redis-py leaves the synchronous Sentinel unannotated.
+        sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+        master = sentinel.master_for(service, password=password, db=db, **timeouts)  # type: ignore[no-untyped-call]
+        return cast(redis.Redis, master)
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import cast
-from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 from limits.aio.storage import RedisClusterStorage, RedisStorage
@@ -17,7 +16,7 @@ from redis.backoff import NoBackoff
 from proxy import keys
 from proxy.cluster import RedisClient
 from proxy.redis_observer import ObservedRedis, ObservedRedisCluster
-from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, RedisSettings, cluster_nodes
+from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, RedisSettings, cluster_nodes, sentinel_parts
 
 
 def make_client(settings: RedisSettings) -> ObservedRedis | ObservedRedisCluster:
@@ -49,10 +48,7 @@ def _sentinel_client(settings: RedisSettings) -> ObservedRedis:
     Every connection asks the sentinels for the current master first, so a failover is followed without a
     restart; the password (if any) is the master's, the sentinels are asked without one.
     """
-    parts = urlsplit(settings.url)
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    nodes = [(host.rpartition(":")[0], int(host.rpartition(":")[2])) for host in hosts.split(",")]
-    service, _, db = parts.path.strip("/").partition("/")
+    nodes, service, db, password = sentinel_parts(settings.url)
     timeout = settings.timeout_seconds
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves __init__ unannotated
         nodes,
@@ -67,8 +63,8 @@ def _sentinel_client(settings: RedisSettings) -> ObservedRedis:
     client = sentinel.master_for(
         service,
         redis_class=ObservedRedis,
-        password=unquote(userinfo.partition(":")[2]) or None,
-        db=int(db or 0),
+        password=password,
+        db=db,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         max_connections=settings.max_connections,

@@ -47,6 +47,7 @@ def _rate(value: str) -> str:
 
 # redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]: the master that Sentinel names.
 SENTINEL_SCHEME = "redis+sentinel://"
+_SENTINEL_FORM = "must be redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
 # redis+cluster://[user:password@]host:port[,host:port...]: a Redis Cluster, discovered from any listed node
 # (the scheme `limits` uses too; database 0 only, so no path).
 CLUSTER_SCHEME = "redis+cluster://"
@@ -71,6 +72,22 @@ def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | No
     return nodes, unquote(username) or None, unquote(password) or None
 
 
+def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """Sentinels, service name, db and master password of a redis+sentinel:// URL; ValueError if malformed."""
+    netloc, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    service, _, db = path.strip("/").partition("/")
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":")
+        if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+            raise ValueError(_SENTINEL_FORM)
+        nodes.append((host, int(port)))
+    if not service or not ((db.isascii() and db.isdigit()) or not db):
+        raise ValueError(_SENTINEL_FORM)
+    return nodes, service, int(db or 0), unquote(userinfo.partition(":")[2]) or None
+
+
 def _redis_url(value: str) -> str:
     schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
     if not value.startswith(schemes):
@@ -78,13 +95,7 @@ def _redis_url(value: str) -> str:
     if value.startswith(CLUSTER_SCHEME):
         cluster_nodes(value)
     if value.startswith(SENTINEL_SCHEME):
-        hosts = value[len(SENTINEL_SCHEME) :].partition("/")[0].rpartition("@")[2]
-        service, _, db = value[len(SENTINEL_SCHEME) :].partition("/")[2].strip("/").partition("/")
-        ports = [host.rpartition(":")[2] for host in hosts.split(",")]
-        if not service or not all(p.isascii() and p.isdigit() for p in ports) or not (db.isdigit() or not db):
-            raise ValueError(
-                "must be redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
-            )
+        sentinel_parts(value)
     return value
 
 

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
+from proxy.cli import main
 from proxy.settings import ConfigError, load_settings
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy, Mode
@@ -498,6 +499,20 @@ async def test_sentinel_url_serves_bills_and_limits_through_the_named_master(
     limited = await client.get(URL, headers=AUTH)
     assert limited.status == 429
     await assert_billed_exactly(client, ledger, redis_server)
+
+
+def test_operator_cli_works_through_sentinel(
+    redis_server: RedisServer,
+    sentinel_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("REDIS_URL", sentinel_url)
+    assert main(["offload", "set", "25"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "definitions offload 25% (kill switch off, shadow off)"
+    # Written to the master the sentinels name.
+    with redis_server.client() as master:
+        assert master.hget("edge-proxy:offload:definitions", "weight_percent") == b"25"
 
 
 @pytest.mark.parametrize(
