@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run demo test lint format bench chart docker-lint soak clean
+.PHONY: install run demo test lint format bench microbench chart docker-lint soak clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v nginx >/dev/null || apt-get install -y -qq nginx-light || echo "no nginx: that row is skipped"
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The hot functions timed by pytest-benchmark; each run is saved under .benchmarks/ and compared with the last.
+microbench: $(STAMP)
+	$(PY) -m pytest tests/test_hot_functions.py --benchmark-enable --benchmark-autosave \
+		--benchmark-columns=min,median,ops $(MICROBENCH_ARGS)
 
 # Helm chart checks (lint, render, kubernetes-validate, check-config); .ci/chart-tools.sh pins and caches the tools in .tools/.
 chart: $(STAMP)

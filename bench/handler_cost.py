@@ -1,6 +1,6 @@
 """What the definitions handler costs per call, against the ceiling's handler, in one process.
 
-Usage: python bench/handler_cost.py [--calls 100000] [--rounds 5]
+Usage: python bench/handler_cost.py [--calls 100000] [--rounds 5] [--teams 1]
 
 The wrk benchmark (bench/run.py) measures whole requests; this isolates the part the proxy adds. Both
 handlers run in this process on uvloop, interleaved round by round, called directly with a request built
@@ -46,17 +46,21 @@ def _handler(app: web.Application, path: str) -> Handler:
     raise LookupError(path)
 
 
-async def _per_call(handler: Handler, request: web.Request, calls: int, status: int) -> float:
-    response = await handler(request)
-    if response.status != status:
-        raise RuntimeError(f"expected {status}, got {response.status}")
+async def _per_call(handler: Handler, requests: list[web.Request], calls: int, status: int) -> float:
+    """µs per call, cycling through `requests` (one per team)."""
+    for request in requests:
+        response = await handler(request)
+        if response.status != status:
+            raise RuntimeError(f"expected {status}, got {response.status}")
+    rounds = max(calls // len(requests), 1)
     start = time.perf_counter()
-    for _ in range(calls):
-        await handler(request)
-    return (time.perf_counter() - start) / calls * 1e6
+    for _ in range(rounds):
+        for request in requests:
+            await handler(request)
+    return (time.perf_counter() - start) / (rounds * len(requests)) * 1e6
 
 
-async def measure(redis_url: str, team: dataset.Team, calls: int, rounds: int, workdir: Path) -> None:
+async def measure(redis_url: str, teams: list[dataset.Team], calls: int, rounds: int, workdir: Path) -> None:
     """Both handlers, interleaved, for 304 and 200; medians printed."""
     settings = load_settings(
         None,
@@ -72,12 +76,15 @@ async def measure(redis_url: str, team: dataset.Team, calls: int, rounds: int, w
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
-        manifest = dataset.write_manifest(workdir / "manifest.json", [team], workdir)
+        manifest = dataset.write_manifest(workdir / "manifest.json", teams, workdir)
         path, table = ceiling.load(manifest)
         ceiling_handler = _handler(ceiling.make_app(path, table), path)
         proxy_handler = _handler(app, path)
         requests = {
-            status: make_mocked_request("GET", team.path, headers=team.headers(conditional=cond), app=app)
+            status: [
+                make_mocked_request("GET", team.path, headers=team.headers(conditional=cond), app=app)
+                for team in teams
+            ]
             for status, cond in ((304, True), (200, False))
         }
         results: dict[tuple[str, int], list[float]] = {}
@@ -101,6 +108,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--teams", type=int, default=1, help="requests cycle through this many teams")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-proxy-handler-") as tmp:
         workdir = Path(tmp)
@@ -108,8 +116,8 @@ def main() -> int:
         server.start()
         try:
             writer, _ = dataset.open_writer(server.url)
-            (team,) = dataset.fill(writer, server.url, teams=1, target_bytes=50_000, www=workdir)
-            uvloop.run(measure(server.url, team, args.calls, args.rounds, workdir))
+            teams = dataset.fill(writer, server.url, teams=args.teams, target_bytes=50_000, www=workdir)
+            uvloop.run(measure(server.url, teams, args.calls, args.rounds, workdir))
         finally:
             server.stop()
     return 0
