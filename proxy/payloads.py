@@ -55,8 +55,8 @@ class Definitions:
         self.headers_304 = {}
         self.etag_header = None if self.etag is None else f'W/"{self.etag}"'
         self.headers_200 = {"Content-Type": "application/json"}
-        if self.etag is not None:
-            self.headers_304 = {"ETag": f'W/"{self.etag}"', "Cache-Control": CACHE_CONTROL}
+        if self.etag_header is not None:
+            self.headers_304 = {"ETag": self.etag_header, "Cache-Control": CACHE_CONTROL}
             self.headers_200.update(self.headers_304)
 
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 from limits.aio.storage import RedisClusterStorage, RedisStorage
@@ -19,6 +19,23 @@ from proxy.redis_observer import ObservedRedis, ObservedRedisCluster
 from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, RedisSettings, cluster_nodes, sentinel_parts
 
 
+def _options(settings: RedisSettings) -> dict[str, Any]:
+    """What every client gets, on one node, through Sentinel or on a Cluster (there per node)."""
+    return {
+        "socket_timeout": settings.timeout_seconds,
+        "socket_connect_timeout": settings.timeout_seconds,
+        # A call that finds every pooled connection busy fails at once.
+        "max_connections": settings.max_connections,
+        # Raw bytes: values are pickles, often compressed, never text to be decoded by the client.
+        "decode_responses": False,
+        # One immediate retry, for a pooled connection that died with a Redis restart (on a Cluster it first
+        # re-reads the slot map); no backoff, so a call is never much longer than twice the timeout
+        # (redis-py's default is three retries with exponential backoff: seconds per call with a node down).
+        "retry": Retry(NoBackoff(), 1),
+        "health_check_interval": 30,
+    }
+
+
 def make_client(settings: RedisSettings) -> ObservedRedis | ObservedRedisCluster:
     """A client for `settings.url` whose every command and connect is bounded by `timeout_seconds`."""
     if settings.url.startswith(SENTINEL_SCHEME):
@@ -27,18 +44,7 @@ def make_client(settings: RedisSettings) -> ObservedRedis | ObservedRedisCluster
         return _cluster_client(settings)
     # ObservedRedis behaves exactly as redis.asyncio.Redis until an observer is set (redis_ctx). from_url
     # builds `cls`, though redis-py annotates it as returning Redis.
-    client = ObservedRedis.from_url(
-        settings.url,
-        socket_timeout=settings.timeout_seconds,
-        socket_connect_timeout=settings.timeout_seconds,
-        max_connections=settings.max_connections,
-        # Raw bytes: values are pickles, often compressed, never text to be decoded by the client.
-        decode_responses=False,
-        # One immediate retry, for a pooled connection that died with a Redis restart; no backoff, so a
-        # call is never much longer than twice the timeout.
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
+    client = ObservedRedis.from_url(settings.url, **_options(settings))
     return cast(ObservedRedis, client)
 
 
@@ -65,12 +71,7 @@ def _sentinel_client(settings: RedisSettings) -> ObservedRedis:
         redis_class=ObservedRedis,
         password=password,
         db=db,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        max_connections=settings.max_connections,
-        decode_responses=False,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
+        **_options(settings),
     )
     return cast(ObservedRedis, client)
 
@@ -86,15 +87,7 @@ def _cluster_client(settings: RedisSettings) -> ObservedRedisCluster:
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         username=username,
         password=password,
-        socket_timeout=settings.timeout_seconds,
-        socket_connect_timeout=settings.timeout_seconds,
-        # Per node; as with the one-node pool, a call that finds them all busy fails at once.
-        max_connections=settings.max_connections,
-        decode_responses=False,
-        # One retry after a connection error or timeout, which first re-reads the slot map; no backoff
-        # (redis-py's default is three with exponential backoff, seconds per call with a node down).
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
+        **_options(settings),
     )
 
 
