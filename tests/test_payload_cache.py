@@ -9,10 +9,16 @@ import tracemalloc
 from typing import Any
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy import keys
+from proxy.contract import RedisContract
 from proxy.payloads import DefinitionsCache
+from proxy.settings import DefinitionsSettings, RedisLayout
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.test_telemetry import scrape, value
@@ -150,3 +156,61 @@ async def test_compressed_copies_hold_only_their_own_size(
         ).traces
     )
     assert packed < held < packed + 3 * 64, (held, packed)  # + a bytes object's header each
+
+
+# Any sequence of reads, serves and backend rewrites keeps the cache's books right: what it says it holds is
+# what its entries hold, within both budgets, and every 200 is the payload the backend stored.
+
+Op = tuple[str, int, int]  # (what, team, flag count)
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["etag", "serve", "rewrite", "refresh"]), st.sampled_from(TEAMS), st.integers(1, 60)
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=ops, budget=st.integers(0, 40_000), decoded=st.one_of(st.none(), st.integers(0, 20_000)))
+def test_the_books_balance_under_any_sequence(
+    redis_url: str, steps: list[Op], budget: int, decoded: int | None
+) -> None:
+    asyncio.run(_run_books(redis_url, steps, budget, decoded))
+
+
+async def _run_books(redis_url: str, steps: list[Op], budget: int, decoded: int | None) -> None:
+    writer = BackendWriter(redis_url)
+    redis.Redis.from_url(redis_url).flushall()
+    current = {team: writer.set_definitions(team, flags(team)[:5]) for team in TEAMS}
+    versions = {team: {text.encode()} for team, (text, _) in current.items()}
+    settings_ = DefinitionsSettings(cache_budget_bytes=budget, cache_decoded_budget_bytes=decoded)
+    client = aioredis.Redis.from_url(redis_url)
+    cache = DefinitionsCache(client, RedisContract(RedisLayout()), settings_)
+    try:
+        for what, team, count in steps:
+            if what == "rewrite":
+                current[team] = writer.set_definitions(team, flags(team, version=count)[:count])
+                versions[team].add(current[team][0].encode())
+            elif what == "refresh":
+                await cache.refresh()
+                # Every team held was checked against Redis: none is left on an old payload.
+                assert all(e.etag == current[e.team_id][1] for e in cache._entries.values())
+            else:
+                entry = cache.get(team) or await cache.load(team, with_body=what == "serve")
+                if what == "serve":
+                    body = None if entry is None else cache.body(entry)
+                    if body is None:  # an ETag-only entry: the 200 path loads the payload
+                        loaded = await cache.load(team, with_body=True)
+                        body = None if loaded is None else cache.body(loaded)
+                    # One the backend stored (the latest, or one the last refresh has not seen replaced).
+                    assert body in versions[team]
+            held = list(cache._entries.values())  # the books, against the entries themselves
+            assert cache.bytes_held == sum(entry.size for entry in held)
+            assert cache.bytes_held <= budget
+            assert cache.decoded_size == sum(len(e.body) for e in held if e.body is not None)
+            if decoded is not None:
+                assert cache.decoded_size <= decoded
+                assert all(e.packed is not None for e in held if e.body is not None)
+    finally:
+        await client.aclose()
