@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from aiohttp import web
 from multidict import CIMultiDictProxy
+from redis.crc import key_slot
 
 # One implementation for the test rig and the demo (examples/stack.py imports neither proxy nor Django).
 from examples.stack import free_port, redis_server_binary
@@ -98,10 +99,16 @@ def _free_cluster_port(taken: set[int]) -> int:
 
 @dataclass
 class RedisClusterServers:
-    """A real Redis Cluster of `masters` redis-server processes (no replicas), every slot assigned."""
+    """A real Redis Cluster: `masters` redis-server processes, every slot assigned, `replicas` per master.
+
+    No replicas by default. With replicas, `node_timeout_ms` (redis-server's `cluster-node-timeout`, 15 s by
+    default) bounds how long a dead master goes unnoticed before its replica is promoted.
+    """
 
     workdir: Path
     masters: int = 3
+    replicas: int = 0
+    node_timeout_ms: int | None = None
     nodes: list[RedisServer] = field(default_factory=list)
 
     @property
@@ -110,53 +117,102 @@ class RedisClusterServers:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
 
     def start(self) -> None:
-        """Start the nodes, join them with `redis-cli --cluster create`, wait for cluster_state:ok."""
+        """Start the nodes, join them with `redis-cli --cluster create`, wait until every one is in place."""
         taken: set[int] = set()
-        for _ in range(self.masters):
+        options: tuple[str, ...] = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        if self.node_timeout_ms is not None:
+            options += ("--cluster-node-timeout", str(self.node_timeout_ms))
+        for _ in range(self.masters * (1 + self.replicas)):
             port = _free_cluster_port(taken)
             taken |= {port, port + 10000}
             workdir = self.workdir / str(port)
             workdir.mkdir()
-            options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
             node = RedisServer(port=port, workdir=workdir, options=options)
             self.nodes.append(node)
             node.start()
         cli = str(Path(redis_server_binary()).with_name("redis-cli"))
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        replicas = ("--cluster-replicas", str(self.replicas))
         subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "--cluster", "create", *addresses, *replicas, "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
         )
         deadline = time.monotonic() + 30
         for node in self.nodes:
-            with node.client() as client:
-                while client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
-                    time.sleep(0.05)
+            while not self._in_place(node):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+
+    def _in_place(self, node: RedisServer) -> bool:
+        # cluster_state:ok, every node known to this one, and a replica in sync with its master.
+        with node.client() as client:
+            info = client.execute_command("CLUSTER INFO")
+            if info.get("cluster_state") != "ok" or int(info["cluster_known_nodes"]) != len(self.nodes):
+                return False
+            replication = client.info("replication")
+        return bool(replication["role"] == "master" or replication.get("master_link_status") == "up")
 
     def stop(self) -> None:
         """Kill every node."""
         for node in self.nodes:
             node.stop()
 
+    def live(self) -> list[RedisServer]:
+        """The nodes whose process runs."""
+        return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+
     def flush(self) -> None:
-        """Empty every node (each holds its own slots' keys)."""
-        for node in self.nodes:
+        """Empty every master (each holds its own slots' keys; replicas follow)."""
+        for node in self.live():
             with node.client() as client:
-                client.flushall()
+                if client.info("replication")["role"] == "master":
+                    client.flushall()
 
     def client(self) -> redis.RedisCluster:
-        """A synchronous cluster client for arranging and inspecting state."""
-        return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=2)
+        """A synchronous cluster client for arranging and inspecting state (through a live node)."""
+        return redis.RedisCluster(host="127.0.0.1", port=self.live()[0].port, socket_timeout=2)
 
     def node_of(self, key: str) -> RedisServer:
         """The node that serves `key`'s slot."""
         with self.client() as client:
             port = client.get_node_from_key(key).port
         return next(node for node in self.nodes if node.port == port)
+
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """The nodes replicating `master`, as `master` sees them."""
+        with master.client() as client:
+            info = client.info("replication")
+        ports = {int(info[f"slave{i}"]["port"]) for i in range(int(info["connected_slaves"]))}
+        return [node for node in self.nodes if node.port in ports]
+
+    def promoted(self, key: str, dead: RedisServer, within: float = 30) -> RedisServer:
+        """The new master of `key`'s slot once `dead` has failed over: waits (bounded) until every live node
+        reports cluster_state:ok and names the same live master for the slot."""
+        slot = key_slot(key.encode())
+        deadline = time.monotonic() + within
+        while True:
+            owners: set[int] = set()
+            ok = True
+            for node in self.live():
+                with node.client() as client:
+                    try:
+                        ok &= client.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+                        # CLUSTER SLOTS rows: [start, end, [master host, port, id], replicas...]
+                        owners |= {
+                            int(row[2][1])
+                            for row in client.execute_command("CLUSTER SLOTS")
+                            if row[0] <= slot <= row[1]
+                        }
+                    except redis.RedisError:
+                        ok = False
+            if ok and len(owners) == 1 and (owner := owners.pop()) != dead.port:
+                return next(node for node in self.nodes if node.port == owner)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica promoted for slot {slot} within {within} s")
+            time.sleep(0.05)
 
 
 @dataclass

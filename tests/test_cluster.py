@@ -1,12 +1,14 @@
 """Redis Cluster URLs: every Redis use of the proxy, against a real local 3-master Redis Cluster.
 
 The cluster (redis-server from the suite's rig, joined with `redis-cli --cluster create`) starts once, the
-first time a test here needs it. The backend's keys have no hash tags, so each test first checks that the
-keys it reads or writes together really sit in different slots (most often on different nodes).
+first time a test here needs it; the failover test starts a 3-master, 3-replica one of its own. The
+backend's keys have no hash tags, so each test first checks that the keys it reads or writes together really
+sit in different slots (most often on different nodes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -334,6 +336,106 @@ async def test_offload_control_hash_is_followed_and_the_cli_reports_it(
         return not await forwarded()
 
     await eventually(local, "the reset followed")
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A 3-master, 3-replica cluster of its own (a test kills a master), promoting a replica within ~1-2 s."""
+    servers = RedisClusterServers(workdir=tmp_path, replicas=1, node_timeout_ms=500)
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+async def test_a_master_killed_with_billing_in_flight_is_followed_to_its_promoted_replica(
+    make_proxy: MakeProxy,
+    replicated_cluster: RedisClusterServers,
+    writer: BackendWriter,
+    upstream: tuple[Upstream, TestServer],
+) -> None:
+    cluster = replicated_cluster
+    text, etag = fill(cluster, writer)
+    etag_key = CONTRACT.etag_key(TEAM_ID)
+    billing_keys = CONTRACT.billing_keys(TEAM_ID, "posthog-python")
+    doomed = cluster.node_of(etag_key)
+    # The master to be killed serves the ETag and both billing hashes; the payload is on another one.
+    assert [cluster.node_of(key) for key in billing_keys] == [doomed, doomed]
+    assert cluster.node_of(CONTRACT.payload_key(TEAM_ID)) is not doomed
+    [replica] = cluster.replicas_of(doomed)
+    client = await make_proxy(
+        redis={"url": cluster.url, "timeout_seconds": 0.2},
+        definitions={"refresh_interval_seconds": 0.05},
+        billing={"flush_interval_seconds": 0.05},
+    )
+    tally = client.app[keys.BILLING]
+    served = {"local 200": 0, "304": 0, "forwarded": 0}
+    current = {"text": text, "etag": etag}
+
+    async def ask(conditional: bool) -> bytes:
+        headers = {**AUTH, "If-None-Match": f'W/"{current["etag"]}"'} if conditional else AUTH
+        forwarded = len(upstream[0].seen)
+        async with client.get(url(), headers=headers) as response:
+            body = await response.read()
+            assert response.status in (200, 304), (response.status, body)  # never a 5xx
+        if len(upstream[0].seen) > forwarded:
+            served["forwarded"] += 1
+        elif response.status == 304:
+            served["304"] += 1
+        else:
+            # Only the proxy's own 200s are billed by it (a forwarded one is the backend's to bill).
+            assert body in (text.encode(), current["text"].encode())
+            served["local 200"] += 1
+        return body
+
+    def billed() -> list[int]:
+        return [sum(counts.values()) for counts in billing_hashes(cluster, TEAM_ID, "posthog-python")]
+
+    for conditional in 5 * [False, True]:
+        await ask(conditional)
+    assert served == {"local 200": 5, "304": 5, "forwarded": 0}
+    await eventually(lambda: tally.unflushed_requests == 0, "billing flushed")
+    assert billed() == [5, 5]
+    with doomed.client() as master:  # what was acknowledged is on the replica too (replication is async)
+        assert master.execute_command("WAIT", 1, 5000) == 1
+
+    # Billing in flight: the master hangs, so a flush is sent but never applied and its outcome is unknown;
+    # then it is killed, and the requests that follow keep being answered while the cluster fails over.
+    assert doomed.process is not None
+    doomed.process.send_signal(signal.SIGSTOP)
+    failed = tally.failed_flushes
+    for conditional in 3 * [False, True]:
+        await ask(conditional)
+    await eventually(lambda: tally.failed_flushes > failed, "a flush to the hung master failed")
+    doomed.stop()  # SIGKILL
+    promotion = asyncio.create_task(asyncio.to_thread(cluster.promoted, etag_key, doomed))
+    during = 0
+    while not promotion.done():
+        await ask(conditional=during % 2 == 1)
+        during += 1
+        await asyncio.sleep(0.01)
+    assert await promotion is replica
+    assert during > 0
+
+    # The refresher follows the ETag slot to its new owner: a rewrite is served without a restart.
+    new_text, new_etag = fill(cluster, writer, flags=[{"id": 2, "key": "gamma", "active": True}])
+    current.update(text=new_text, etag=new_etag)
+
+    async def new_payload_served() -> bool:
+        return await ask(conditional=False) == new_text.encode()
+
+    await eventually(new_payload_served, "the rewritten payload served")
+    async with client.get(url(), headers={**AUTH, "If-None-Match": f'W/"{new_etag}"'}) as response:
+        assert response.status == 304
+    for conditional in 2 * [False, True]:
+        await ask(conditional)
+
+    # Every local 200 is in both hashes exactly once: nothing lost with the dead master, nothing doubled.
+    await eventually(lambda: tally.unflushed_requests == 0, "billing flushed after the failover")
+    assert billed() == [served["local 200"]] * 2
+    assert tally.dropped_counts == 0
+    assert served["local 200"] >= 5 + 3 + 1 + 2
 
 
 async def test_readiness_needs_every_node_to_answer(
