@@ -165,6 +165,7 @@ async def run(
     teams: int = 500,
     warmup_fraction: float = 0.3,
     workdir: Path | None = None,
+    decoded_budget: int | None = None,
 ) -> SoakReport:
     """Run the soak for `minutes` at `rate` requests/s; the report (problems empty when every bound held)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="soak-"))
@@ -193,6 +194,12 @@ async def run(
         "EDGE_PROXY__RATE_LIMITS__ENABLED": "false",
         # Idle teams leave memory within the run, so eviction is part of what is soaked.
         "EDGE_PROXY__DEFINITIONS__IDLE_EVICT_SECONDS": "20",
+        # The compact cache (payloads held compressed beyond this many decoded bytes), when asked for.
+        **(
+            {"EDGE_PROXY__DEFINITIONS__CACHE_DECODED_BUDGET_BYTES": str(decoded_budget)}
+            if decoded_budget is not None
+            else {}
+        ),
     }
     log_path = workdir / "proxy.log"
     statuses: Counter[int] = Counter()
@@ -315,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
     parser.add_argument("--teams", type=int, default=500)
+    parser.add_argument(
+        "--decoded-budget", type=int, default=None, help="soak the compact cache: decoded bytes it keeps"
+    )
     args = parser.parse_args(argv)
-    report = asyncio.run(run(args.minutes, args.rate, args.teams))
+    report = asyncio.run(run(args.minutes, args.rate, args.teams, decoded_budget=args.decoded_budget))
     print(json.dumps(asdict(report), indent=2))
     return 1 if report.problems else 0
 
