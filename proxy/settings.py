@@ -54,22 +54,27 @@ CLUSTER_SCHEME = "redis+cluster://"
 _CLUSTER_FORM = "must be redis+cluster://[user:password@]host:port[,host:port...] (ports 1-65535, no path)"
 
 
-def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """Startup nodes, username and password of a redis+cluster:// URL; ValueError if it is malformed."""
-    userinfo, _, rest = url[len(CLUSTER_SCHEME) :].rpartition("@")
-    hosts, _, path = rest.partition("/")
-    if path or not url.startswith(CLUSTER_SCHEME) or any(c in rest for c in "?#"):
-        raise ValueError(_CLUSTER_FORM)
+def _host_ports(hosts: str, form: str) -> list[tuple[str, int]]:
+    """`host:port[,host:port...]` (IPv6 hosts in brackets) as pairs; ValueError(form) if any is malformed."""
     nodes = []
     for item in hosts.split(","):
         host, colon, port = item.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
-            raise ValueError(_CLUSTER_FORM)
+            raise ValueError(form)
         nodes.append((host, int(port)))
+    return nodes
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """Startup nodes, username and password of a redis+cluster:// URL; ValueError if it is malformed."""
+    userinfo, _, rest = url[len(CLUSTER_SCHEME) :].rpartition("@")
+    hosts, _, path = rest.partition("/")
+    if path or not url.startswith(CLUSTER_SCHEME) or any(c in rest for c in "?#"):
+        raise ValueError(_CLUSTER_FORM)
     username, _, password = userinfo.partition(":")
-    return nodes, unquote(username) or None, unquote(password) or None
+    return _host_ports(hosts, _CLUSTER_FORM), unquote(username) or None, unquote(password) or None
 
 
 def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
@@ -77,12 +82,7 @@ def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | Non
     netloc, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
     userinfo, _, hosts = netloc.rpartition("@")
     service, _, db = path.strip("/").partition("/")
-    nodes = []
-    for item in hosts.split(","):
-        host, colon, port = item.rpartition(":")
-        if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
-            raise ValueError(_SENTINEL_FORM)
-        nodes.append((host, int(port)))
+    nodes = _host_ports(hosts, _SENTINEL_FORM)
     if not service or not ((db.isascii() and db.isdigit()) or not db):
         raise ValueError(_SENTINEL_FORM)
     return nodes, service, int(db or 0), unquote(userinfo.partition(":")[2]) or None
