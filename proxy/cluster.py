@@ -21,6 +21,8 @@ from redis.exceptions import DataError, NoScriptError
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 # One script call: its keys (all in one slot on a Cluster) and its arguments.
 ScriptCall: TypeAlias = tuple[Sequence[str], Sequence[str | int]]
+# Keys per MGET in `mget_many`: a cycle stays one or two round trips without stalling Redis on one command.
+MGET_CHUNK = 1000
 
 
 def _slot(key: str) -> int:
@@ -53,6 +55,18 @@ async def mget(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
     if isinstance(client, RedisCluster):
         return cast(list[bytes | None], await client.mget_nonatomic(keys))
     return cast(list[bytes | None], await client.mget(keys))
+
+
+async def mget_many(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
+    """`mget` of any number of keys: chunks of MGET_CHUNK pipelined in one round trip on one node."""
+    if len(keys) <= MGET_CHUNK or isinstance(client, RedisCluster):
+        # A Cluster splits the keys by slot and pipelines the MGETs itself.
+        return await mget(client, keys)
+    async with client.pipeline(transaction=False) as pipe:
+        for start in range(0, len(keys), MGET_CHUNK):
+            pipe.mget(keys[start : start + MGET_CHUNK])
+        chunks = cast(list[list[bytes | None]], await pipe.execute())
+    return [value for chunk in chunks for value in chunk]
 
 
 async def run_script(client: RedisClient, script: AsyncScript, calls: Sequence[ScriptCall]) -> list[Any]:

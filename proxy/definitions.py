@@ -256,6 +256,7 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.DEFINITIONS] = DefinitionsService(app, teams, cache, verdicts, offload, shadow)
     async with (
         background(cache.run_refresher(), name="definitions-refresher"),
+        background(teams.run_refresher(settings.definitions.refresh_interval_seconds), name="team-refresher"),
         background(verdicts.run_revalidation(auth.revalidate_interval_seconds), name="verdict-revalidation"),
         background(offload.watch(), name="offload-watch"),
     ):

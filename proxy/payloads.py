@@ -6,16 +6,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 import zstandard
 from multidict import CIMultiDict, CIMultiDictProxy
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from proxy.cluster import RedisClient, mget
+from proxy.cluster import RedisClient, mget, mget_many
 from proxy.contract import DecodeError, RedisContract
 from proxy.memory import release_free_memory
 from proxy.settings import DefinitionsSettings
@@ -32,8 +30,6 @@ _TRIM_AFTER_BYTES = 4 * 2**20
 _TRIM_INTERVAL_SECONDS = 5.0
 # LRU order and idle time are kept to this precision: a team polled many times a second is moved up once.
 _TOUCH_PRECISION_SECONDS = 1.0
-# Keys per MGET: large enough to make a cycle one or two round trips, small enough not to stall Redis.
-_MGET_CHUNK = 1000
 
 
 @dataclass(slots=True)
@@ -267,7 +263,7 @@ class DefinitionsCache:
         team_ids = list(self._entries)
         if not team_ids:
             return
-        raw_etags = await self._mget([self._contract.etag_key(t) for t in team_ids])
+        raw_etags = await mget_many(self._client, [self._contract.etag_key(t) for t in team_ids])
         stale: list[int] = []
         for team_id, raw in zip(team_ids, raw_etags, strict=True):
             entry = self._entries.get(team_id)
@@ -289,20 +285,9 @@ class DefinitionsCache:
         if not stale:
             return
         keys = [k for t in stale for k in (self._contract.payload_key(t), self._contract.etag_key(t))]
-        raws = await self._mget(keys)
+        raws = await mget_many(self._client, keys)
         for index, team_id in enumerate(stale):
             self._build(team_id, raws[2 * index], raws[2 * index + 1])
-
-    async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        client = self._client
-        if len(keys) <= _MGET_CHUNK or isinstance(client, RedisCluster):
-            # A Cluster splits the keys by slot and pipelines the MGETs itself.
-            return await mget(client, keys)
-        async with client.pipeline(transaction=False) as pipe:
-            for start in range(0, len(keys), _MGET_CHUNK):
-                pipe.mget(keys[start : start + _MGET_CHUNK])
-            chunks = cast(list[list[bytes | None]], await pipe.execute())
-        return [value for chunk in chunks for value in chunk]
 
     async def run_refresher(self) -> None:
         """Refresh forever at the configured interval; while Redis fails, memory keeps serving."""

@@ -249,14 +249,16 @@ class DefinitionsSettings(_Section):
     # served are held compressed only, decompressed in memory for each 200 (~11 us per 50 KB; a 304 never
     # needs the payload). For many teams in little memory: 1,000 x 50 KB fit in ~5 MiB compressed.
     cache_decoded_budget_bytes: int | None = Field(default=None, ge=0)
-    # How often the ETags of recently requested teams are re-read (one pipelined MGET).
+    # How often the ETags of recently requested teams are re-read (one pipelined MGET), and the team records
+    # requested past team_ttl_seconds (another).
     refresh_interval_seconds: Seconds = 0.5
     # A team not requested for this long is dropped from memory and no longer refreshed.
     idle_evict_seconds: Seconds = 600.0
     # While Redis cannot be read, cached payloads are served this long after Redis last confirmed them;
     # after that the definitions requests are forwarded to the backend.
     max_staleness_seconds: Seconds = 30.0
-    # Team records are re-read in the background after this long.
+    # Team records are re-read in the background after this long (at the next refresh after a request sees
+    # it: all such records in one MGET; until then the one in memory answers).
     team_ttl_seconds: Seconds = 30.0
     # A token without a team record in Redis is forwarded; the negative answer is remembered this long.
     team_miss_ttl_seconds: Seconds = 1.0

@@ -10,9 +10,10 @@ from typing import cast
 
 from redis.exceptions import RedisError
 
-from proxy.cluster import RedisClient
+from proxy.cluster import RedisClient, mget_many
 from proxy.contract import DecodeError, RedisContract
 from proxy.singleflight import SingleFlight
+from proxy.tasks import every
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,26 @@ class TeamStore:
         self._max_entries = max_entries
         self._cached: dict[str, _Cached] = {}
         self._flight: SingleFlight[str, Team | None] = SingleFlight()
+        # Tokens whose record was answered past its TTL: the refresher re-reads them together.
+        self._due: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._cached)
 
     def fresh(self, token: str) -> Team | None:
-        """The team when memory holds a fresh record (no coroutine: the hot path's common case)."""
+        """The team when memory holds its record (no coroutine, no Redis: the hot path's common case).
+
+        Past its TTL a record is still answered (stale-while-revalidate) and queued for the refresher,
+        which re-reads every queued record in one MGET: teams loaded together expire together, and that
+        must not become a burst of reads on the request path.
+        """
         cached = self._cached.get(token)
-        if cached is None or cached.expires_at < time.monotonic():
+        if cached is None:
             return None
-        return cached.team
+        team = cached.team
+        if team is not None and cached.expires_at < time.monotonic():
+            self._due.add(token)
+        return team
 
     async def get(self, token: str) -> Team | None:
         """The team for `token`, or None when Redis has no record (or cannot be read): a miss."""
@@ -85,9 +96,30 @@ class TeamStore:
         if cached is None:
             return await self._flight.do(token, lambda: self._read(token))
         if cached.expires_at < time.monotonic():
-            # Stale-while-revalidate: this request answers from memory while one task re-reads the record.
-            self._flight.start(token, lambda: self._read(token))
+            if cached.team is None:
+                # A remembered miss is re-read at once: a team the backend just created is found quickly.
+                self._flight.start(token, lambda: self._read(token))
+            else:
+                self._due.add(token)
         return cached.team
+
+    async def refresh(self) -> None:
+        """Re-read the records answered past their TTL since the last call, in one MGET; raises RedisError.
+
+        On failure the records stay as they were, past their TTL: the next request queues them again.
+        """
+        if not self._due:
+            return
+        tokens = [token for token in self._due if token in self._cached]
+        self._due.clear()
+        raws = await mget_many(self._client, [self._contract.team_key(token) for token in tokens])
+        for token, raw in zip(tokens, raws, strict=True):
+            if token in self._cached and token not in self._flight:
+                self._remember(token, self._decode(raw))
+
+    async def run_refresher(self, interval_seconds: float) -> None:
+        """Refresh forever; while Redis fails, records in memory keep answering."""
+        await every(interval_seconds, self.refresh, what="team record refresh (serving from memory)", log=log)
 
     async def _read(self, token: str) -> Team | None:
         try:
@@ -96,14 +128,17 @@ class TeamStore:
             # Not remembered: the next request tries again; this one is forwarded.
             log.warning("team lookup failed: %s", type(exc).__name__)
             return self._current(token)
-        try:
-            text = self._contract.decode_text(raw)
-            team = parse_team(text) if text is not None else None
-        except DecodeError as exc:
-            log.warning("undecodable team record for a token: %s", exc)
-            team = None
+        team = self._decode(raw)
         self._remember(token, team)
         return team
+
+    def _decode(self, raw: bytes | None) -> Team | None:
+        try:
+            text = self._contract.decode_text(raw)
+            return parse_team(text) if text is not None else None
+        except DecodeError as exc:
+            log.warning("undecodable team record for a token: %s", exc)
+            return None
 
     def _current(self, token: str) -> Team | None:
         cached = self._cached.get(token)

@@ -1,0 +1,164 @@
+"""Team records: read through on first use, answered from memory, re-read in the background in one MGET."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from proxy.contract import RedisContract
+from proxy.settings import RedisLayout
+from proxy.teams import Team, TeamStore
+from tests.backend_writer import BackendWriter
+from tests.conftest import MakeProxy
+
+TEAMS = 50
+TTL = 0.2
+URL = "/flags/definitions?token={token}"
+
+
+def token_of(team_id: int) -> str:
+    return f"phc_store_{team_id}"
+
+
+def secret_of(team_id: int, version: int = 1) -> str:
+    return f"phs_store_{team_id}_v{version}"
+
+
+@pytest.fixture
+def writer(redis_url: str) -> BackendWriter:
+    """TEAMS team records written as the backend writes them."""
+    writer = BackendWriter(redis_url)
+    for team_id in range(1, TEAMS + 1):
+        write_team(writer, team_id)
+    return writer
+
+
+def write_team(writer: BackendWriter, team_id: int, version: int = 1) -> None:
+    token = token_of(team_id)
+    record = {"id": team_id, "api_token": token, "secret_api_token": secret_of(team_id, version)}
+    writer.set_team(token, record)
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[TeamStore]:
+    """A TeamStore on its own client (nothing else of the proxy runs), records past their TTL after TTL s."""
+    client = aioredis.Redis.from_url(redis_url)
+    store = TeamStore(client, RedisContract(RedisLayout()), ttl_seconds=TTL, miss_ttl_seconds=TTL)
+    yield store
+    await store.close()
+    await client.aclose()
+
+
+def command_calls(redis_url: str) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT (INFO commandstats)."""
+    with redis.Redis.from_url(redis_url) as sync:
+        stats: dict[str, Any] = sync.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+
+
+def reset_stats(redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url) as sync:
+        sync.config_resetstat()
+
+
+async def test_expired_records_answer_from_memory_and_are_reread_together_in_one_mget(
+    store: TeamStore, writer: BackendWriter, redis_url: str
+) -> None:
+    for team_id in range(1, TEAMS + 1):
+        assert await store.get(token_of(team_id)) == Team(team_id, (secret_of(team_id).encode(),))
+    for team_id in range(1, TEAMS + 1):
+        write_team(writer, team_id, version=2)
+    await asyncio.sleep(TTL * 1.5)
+
+    reset_stats(redis_url)
+    # Past their TTL: every request is still answered from memory, with no Redis read of its own.
+    for team_id in range(1, TEAMS + 1):
+        assert store.fresh(token_of(team_id)) == Team(team_id, (secret_of(team_id).encode(),))
+    assert command_calls(redis_url).get("get", 0) == 0
+
+    await store.refresh()
+    calls = command_calls(redis_url)
+    assert calls.get("mget") == 1
+    assert calls.get("get", 0) == 0
+    for team_id in range(1, TEAMS + 1):
+        assert store.fresh(token_of(team_id)) == Team(team_id, (secret_of(team_id, 2).encode(),))
+
+    # Fresh again: nothing is due, so the next refresh reads nothing.
+    reset_stats(redis_url)
+    await store.refresh()
+    assert command_calls(redis_url).get("mget", 0) == 0
+
+
+async def test_only_records_requested_past_their_ttl_are_reread(
+    store: TeamStore, writer: BackendWriter, redis_url: str
+) -> None:
+    for team_id in (1, 2, 3):
+        await store.get(token_of(team_id))
+    await asyncio.sleep(TTL * 1.5)
+    write_team(writer, 1, version=2)
+    write_team(writer, 2, version=2)
+    store.fresh(token_of(1))  # only team 1 is asked for
+
+    await store.refresh()
+    assert store.fresh(token_of(1)) == Team(1, (secret_of(1, 2).encode(),))
+    # Team 2 was not asked for: still the record in memory, queued when it is next asked for.
+    assert store.fresh(token_of(2)) == Team(2, (secret_of(2).encode(),))
+    await store.refresh()
+    assert store.fresh(token_of(2)) == Team(2, (secret_of(2, 2).encode(),))
+
+
+async def test_a_record_gone_from_redis_becomes_a_miss_at_the_refresh(
+    store: TeamStore, writer: BackendWriter
+) -> None:
+    assert await store.get(token_of(7)) is not None
+    writer.delete_team(token_of(7))
+    await asyncio.sleep(TTL * 1.5)
+    assert store.fresh(token_of(7)) is not None  # until the refresh, memory answers
+    await store.refresh()
+    assert store.fresh(token_of(7)) is None
+    assert await store.get(token_of(7)) is None
+
+
+async def test_a_failed_refresh_keeps_the_records_and_retries_on_the_next_request(
+    store: TeamStore, writer: BackendWriter, redis_url: str
+) -> None:
+    assert await store.get(token_of(3)) is not None
+    await asyncio.sleep(TTL * 1.5)
+    store.fresh(token_of(3))
+    broken = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens there
+    healthy = store._client
+    store._client = broken
+    try:
+        with pytest.raises(redis.RedisError):
+            await store.refresh()
+    finally:
+        store._client = healthy
+        await broken.aclose()
+    assert store.fresh(token_of(3)) == Team(3, (secret_of(3).encode(),))
+    write_team(writer, 3, version=2)
+    await store.refresh()  # queued again by the request above
+    assert store.fresh(token_of(3)) == Team(3, (secret_of(3, 2).encode(),))
+
+
+async def test_rotated_secret_takes_effect_through_the_background_refresh(
+    make_proxy: MakeProxy, writer: BackendWriter
+) -> None:
+    writer.set_definitions(5, [{"id": 1, "key": "f", "active": True, "filters": {}}])
+    client = await make_proxy(definitions={"team_ttl_seconds": TTL, "refresh_interval_seconds": 0.05})
+    url = URL.format(token=token_of(5))
+    old = {"Authorization": f"Bearer {secret_of(5)}"}
+    new = {"Authorization": f"Bearer {secret_of(5, 2)}"}
+    assert (await client.get(url, headers=old)).status == 200
+    write_team(writer, 5, version=2)
+    deadline = time.monotonic() + 5
+    while (await client.get(url, headers=old)).status == 200:
+        assert time.monotonic() < deadline, "the rotated secret was never picked up"
+        await asyncio.sleep(0.02)
+    assert (await client.get(url, headers=old)).status == 401
+    assert (await client.get(url, headers=new)).status == 200
