@@ -107,6 +107,14 @@ class Config:
     out: Path
     keep: bool
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    # --baseline: a git revision whose proxy runs beside this checkout's on every dataset, and its checkout.
+    baseline: str | None = None
+    baseline_dir: Path | None = None
+
+    @property
+    def baseline_name(self) -> str:
+        """The baseline proxy's row name."""
+        return f"proxy @{self.baseline}"
 
 
 def _size(text: str) -> int:
@@ -146,6 +154,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str]]:
     parser.add_argument("--proxy-attempts", type=int, default=3, help="tries to start the proxy (default 3)")
     parser.add_argument("--proxy-retry-wait", type=float, default=30.0, help="seconds between tries")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the proxy of git revision REV (e.g. HEAD~3) on every dataset, for a before/after",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = parser.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -167,6 +180,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str]]:
         proxy_retry_wait=args.proxy_retry_wait,
         out=args.out,
         keep=args.keep,
+        baseline=args.baseline,
     )
     return config, list(sys.argv if argv is None else argv)
 
@@ -223,8 +237,13 @@ def start_proxy(
     upstream_url: str,
     extra_env: Mapping[str, str] | None = None,
     name: str = PROXY,
+    checkout: Path | None = None,
 ) -> Server:
-    """`python -m proxy serve` pinned to the server core; retried (the code may be mid-edit by others)."""
+    """`python -m proxy serve` pinned to the server core; retried (the code may be mid-edit by others).
+
+    From `checkout` (another revision's work tree) when given: `-m` finds the package in the working
+    directory before the editable install.
+    """
     last = ""
     for attempt in range(1, config.proxy_attempts + 1):
         port = procs.free_port()
@@ -242,7 +261,7 @@ def start_proxy(
             **(extra_env or {}),
         }
         process = sup.start(
-            name, procs.pinned([sys.executable, "-m", "proxy", "serve"], procs.SERVER_CORE), env
+            name, procs.pinned([sys.executable, "-m", "proxy", "serve"], procs.SERVER_CORE), env, checkout
         )
         try:
             procs.wait_http(port, "/_startup", process)
@@ -559,7 +578,9 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
     scenarios = [s for s in ("200", "304") if s in config.scenarios]
     # With many teams, a second proxy holds most payloads compressed only: the memory-bounded setup.
     compact = team_count > 1
-    names = [PROXY, *([COMPACT] if compact else []), CEILING, *([NGINX] if config.with_nginx else []), DJANGO]
+    baseline = [config.baseline_name] if config.baseline_dir is not None else []
+    proxies = [PROXY, *([COMPACT] if compact else []), *baseline]
+    names = [*proxies, CEILING, *([NGINX] if config.with_nginx else []), DJANGO]
     rows = {s: {n: Row(label, team_count, s, n) for n in names} for s in scenarios}
     out: list[Row] = []
 
@@ -597,6 +618,17 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
             ),
         ),
     ]
+    if config.baseline_dir is not None:
+        checkout = config.baseline_dir
+        starters.insert(
+            len(proxies) - 1,
+            (
+                config.baseline_name,
+                lambda: start_proxy(
+                    ctx.sup, config, ctx.redis_url, ctx.backend_url, budget, config.baseline_name, checkout
+                ),
+            ),
+        )
     if config.with_nginx:
         starters.append((NGINX, lambda: start_nginx(ctx.sup, workdir, www, teams)))
     servers: list[Server] = []
@@ -611,7 +643,7 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
                 continue
             before = _definitions_forwarded(ctx)
             try:
-                if name in (PROXY, COMPACT):
+                if name in proxies:
                     # Every team is seen once here (ETags first, then bodies: the RSS of each stage), so
                     # the measured runs find them all in memory.
                     memory: dict[str, float | None] = {
@@ -651,7 +683,7 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
             say(f"  scenario {scenario}: {', '.join(s.name for s in servers)}")
             load = definitions_load(teams, scenario == "304")
             compare(servers, load, config, ctx.client, rows[scenario], ctx.django)
-            for name in (PROXY, COMPACT, CEILING, NGINX):
+            for name in (*proxies, CEILING, NGINX):
                 row = rows[scenario].get(name)
                 forwarded = sum(s.backend_hits or 0 for s in row.all_samples()) if row else 0
                 if row is not None and forwarded:
@@ -663,7 +695,8 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
                 row.median("peak_rss_mib") for s in rows.values() for row in s.values() if row.server == name
             ]
             memory["peak_under_load_mib"] = max((p for p in peaks if p is not None), default=None)
-            ctx.memory[f"{team_count}x{label}{COMPACT_SUFFIX if name == COMPACT else ''}"] = memory
+            if name != config.baseline_name:
+                ctx.memory[f"{team_count}x{label}{COMPACT_SUFFIX if name == COMPACT else ''}"] = memory
         if proxy is not None:
             if "miss" in config.scenarios and team_count == min(config.team_counts):
                 out += bench_miss(ctx, proxy, miss_team, label, team_count)
@@ -972,6 +1005,17 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def checkout_revision(revision: str, path: Path) -> Path:
+    """A detached work tree of `revision` at `path` (removed by main() at the end)."""
+    say(f"baseline: {revision} checked out in {path}")
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(path), revision],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the matrix, print the table, write the results; 0 even when targets are missed (it reports)."""
     config, full_argv = parse_args(argv)
@@ -989,6 +1033,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer_name = "?"
     started = time.monotonic()
     try:
+        if config.baseline is not None:
+            config.baseline_dir = checkout_revision(config.baseline, workdir / "baseline")
         with procs.Supervisor(workdir) as sup:
             redis_url, client = start_redis(sup, workdir)
             say("legacy backend: migrate, team rows, gunicorn (1 sync worker, core 0)")
@@ -1008,6 +1054,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 writer.close()
                 client.close()
     finally:
+        if config.baseline_dir is not None:
+            _run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(config.baseline_dir)])
         if config.keep:
             say(f"work directory kept: {workdir}")
         else:
