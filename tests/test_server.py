@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import http_writer, web
 from aiohttp.test_utils import TestServer
 
+from proxy import server
 from proxy.settings import ENV_ALIASES, ENV_PREFIX
+from tests.backend_writer import BackendWriter
 from tests.rig import Upstream, free_port
 
 pytestmark = pytest.mark.slow
@@ -323,3 +327,77 @@ async def test_workers_share_the_port_restart_and_stop_together(
     assert [(status, body) for status, body, _ in results] == [(200, BODY)] * 20
     assert leftover == []
     assert "restarting it" in log_path.read_text()
+
+
+def test_responses_reach_uvloop_as_head_and_body_without_a_joined_copy() -> None:
+    """The serving loop lets aiohttp pass head and body to uvloop's writelines (no joined copy of the body).
+
+    The switch is aiohttp's module flag, read in StreamWriter._writelines: if an aiohttp upgrade stops
+    reading it there, this fails and the optimisation in proxy/server.py needs a new look.
+    """
+    assert "SKIP_WRITELINES" in inspect.getsource(http_writer.StreamWriter._writelines)
+    saved = http_writer.SKIP_WRITELINES
+    try:
+        loop = server._new_loop()
+        loop.close()
+        assert type(loop).__module__.startswith("uvloop")
+        assert http_writer.SKIP_WRITELINES is False
+    finally:
+        http_writer.SKIP_WRITELINES = saved
+
+
+async def _slow_exchange(port: int, request: bytes, pipelined: int) -> list[tuple[bytes, bytes]]:
+    """`pipelined` copies of `request` on one connection with a 4 KiB receive buffer, read in small sips.
+
+    The proxy's socket buffer fills, so its transport must buffer and pause (flow control) mid-body.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
+    writer.write(request * pipelined)
+    answers = []
+    try:
+        for _ in range(pipelined):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(
+                next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:]
+            )
+            body = bytearray()
+            while len(body) < length:
+                body += await asyncio.wait_for(reader.read(min(8192, length - len(body))), 30)
+                if len(body) % (64 * 8192) < 8192:
+                    await asyncio.sleep(0.005)
+            answers.append((head, bytes(body)))
+    finally:
+        writer.close()
+    return answers
+
+
+async def test_large_payloads_reach_slow_readers_byte_for_byte(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    _, upstream_server = upstream
+    token, secret, team_id = "phc_server_large", "phs_server_large", 4242
+    with BackendWriter(redis_url) as backend:
+        backend.set_team(token, {"id": team_id, "api_token": token, "secret_api_token": secret})
+        flags = [
+            {"id": i, "key": f"flag-{i}", "active": True, "filters": {"note": "x" * 900}} for i in range(2500)
+        ]
+        text, etag = backend.set_definitions(team_id, flags)
+    assert len(text) > 2_000_000
+    request = (
+        f"GET /flags/definitions?token={token} HTTP/1.1\r\nHost: proxy\r\n"
+        f"Authorization: Bearer {secret}\r\n\r\n"
+    ).encode()
+    port = free_port()
+    with proxy_process(tmp_path, _env(port, upstream_server, redis_url)) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        exchanges = await asyncio.gather(*(_slow_exchange(port, request, pipelined=3) for _ in range(6)))
+    for answers in exchanges:
+        assert len(answers) == 3
+        for head, body in answers:
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+            assert f'ETag: W/"{etag}"'.encode() in head
+            assert body == text.encode()
