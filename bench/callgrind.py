@@ -1,0 +1,219 @@
+"""Per-request cost that noise cannot move: instructions and simulated cache misses under callgrind.
+
+Usage: python bench/callgrind.py [--scenario 200|304] [--teams 1] [--size 50k] [--requests 2000]
+                                 [--baseline REV]
+Runs the aiohttp ceiling and the proxy (and, with --baseline, the proxy of git revision REV) under
+`valgrind --tool=callgrind --cache-sim=yes`, one at a time, sends the same warm-up and then `--requests`
+definitions requests over 4 keep-alive connections, and counts only the measured requests (instrumentation
+switched on with callgrind_control after the warm-up). Instruction counts are the same from run to run
+whatever else the machine does, so a change of a few percent is visible where wrk's req/s on this shared
+machine moves by ±8 %. They leave out the kernel (socket writes) and real cache latencies: read them as
+"user-space work per request", next to the wrk ratios of bench/run.py, not instead of them.
+
+The proxy's timed background loops are slowed to once an hour, because under valgrind (~50x slower) they
+would run ~50x more often per request than in real life. Needs valgrind (Debian package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import dataset, procs  # noqa: E402
+from bench.dataset import Team  # noqa: E402
+from bench.run import (  # noqa: E402
+    HMAC_KEY,
+    UNLIMITED,
+    cache_budget,
+    checkout_revision,
+    say,
+    start_redis,
+)
+
+EVENTS = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
+# The simulated caches: 32 KiB L1s and a 512 KiB last level (one EPYC core's L2), 64-byte lines.
+CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", "--LL=524288,8,64")
+QUIET = {
+    # Hourly: refresher, team refresh, rate-limit sync, billing flush, quota poll (and nothing goes stale).
+    "EDGE_PROXY__DEFINITIONS__REFRESH_INTERVAL_SECONDS": "3600",
+    "EDGE_PROXY__DEFINITIONS__MAX_STALENESS_SECONDS": "7200",
+    "EDGE_PROXY__DEFINITIONS__TEAM_TTL_SECONDS": "7200",
+    "EDGE_PROXY__RATE_LIMITS__SYNC_INTERVAL_SECONDS": "3600",
+    "EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS": "3600",
+    "EDGE_PROXY__QUOTA__POLL_INTERVAL_SECONDS": "3600",
+    "EDGE_PROXY__QUOTA__MAX_STALENESS_SECONDS": "7200",
+}
+
+
+@dataclass
+class Counts:
+    """One server's totals over the measured requests."""
+
+    name: str
+    requests: int
+    totals: dict[str, int]
+
+    def per_request(self, event: str) -> float:
+        return self.totals.get(event, 0) / self.requests
+
+
+def read_totals(path: Path) -> dict[str, int]:
+    """The `summary:` or `totals:` line of a callgrind output file, by event."""
+    events: list[str] = []
+    totals: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            values = [int(v) for v in line.split()[1:]]
+            if any(values):
+                totals = dict(zip(events, values, strict=False))
+    return totals
+
+
+def exchange(
+    connections: list[http.client.HTTPConnection], teams: Sequence[Team], i: int, scenario: str
+) -> None:
+    """Request i: team i mod n on connection i mod 4; the answer must be the expected one."""
+    team = teams[i % len(teams)]
+    connection = connections[i % len(connections)]
+    connection.request("GET", team.path, headers=team.headers(conditional=scenario == "304"))
+    response = connection.getresponse()
+    body = response.read()
+    expected = 304 if scenario == "304" else 200
+    if response.status != expected or (expected == 200 and body != team.body):
+        raise AssertionError(f"request {i}: {response.status}, {len(body)} bytes")
+
+
+def measure(
+    sup: procs.Supervisor,
+    name: str,
+    command: Callable[[int], list[str]],
+    env: dict[str, str],
+    cwd: Path | None,
+    ready_path: str,
+    teams: Sequence[Team],
+    args: argparse.Namespace,
+    out_dir: Path,
+) -> Counts:
+    """Start `command(port)` under callgrind, warm it, count `args.requests` requests, stop it."""
+    port = procs.free_port()
+    out_file = out_dir / f"callgrind.{name.replace(' ', '_').replace('@', '')}.out"
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--cache-sim=yes",
+        *CACHES,
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out_file}",
+    ]
+    process = sup.start(name, [*valgrind, *command(port)], {**env, "BIND": f"127.0.0.1:{port}"}, cwd)
+    procs.wait_http(port, ready_path, process, timeout=300)
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in range(4)]
+    for i in range(max(2 * len(teams), 400)):  # every team seen twice: all in memory
+        exchange(connections, teams, i, args.scenario)
+    subprocess.run(["callgrind_control", "--instr=on", str(process.pid)], check=True, capture_output=True)
+    for i in range(args.requests):
+        exchange(connections, teams, i, args.scenario)
+    subprocess.run(["callgrind_control", "--dump", str(process.pid)], check=True, capture_output=True)
+    for connection in connections:
+        connection.close()
+    sup.stop(process)
+    # The dump asked for above is part 1 (what the process writes at exit is the part after it).
+    first_dump = out_file.with_name(out_file.name + ".1")
+    totals = read_totals(first_dump) if first_dump.exists() else {}
+    if not totals:
+        raise RuntimeError(f"{name}: callgrind wrote no counts ({sup.log_tail(name)})")
+    return Counts(name, args.requests, totals)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenario", choices=("200", "304"), default="200")
+    parser.add_argument("--teams", type=int, default=1)
+    parser.add_argument("--size", default="50k")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--baseline", metavar="REV", help="also count the proxy of git revision REV")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        print("callgrind: valgrind is not installed (apt-get install -y valgrind)", file=sys.stderr)
+        return 2
+    size = int(float(args.size.lower().rstrip("k")) * (1000 if args.size.lower().endswith("k") else 1))
+    workdir = Path(tempfile.mkdtemp(prefix="edge-proxy-callgrind-"))
+    baseline_dir = None
+    results: list[Counts] = []
+    try:
+        if args.baseline:
+            baseline_dir = checkout_revision(args.baseline, workdir / "baseline")
+        with procs.Supervisor(workdir) as sup:
+            redis_url, client = start_redis(sup, workdir)
+            client.close()
+            writer, _ = dataset.open_writer(redis_url)
+            try:
+                teams = dataset.fill(
+                    writer, redis_url, teams=args.teams, target_bytes=size, www=workdir / "www"
+                )
+            finally:
+                writer.close()
+            manifest = dataset.write_manifest(workdir / "manifest.json", teams, workdir / "www")
+            base_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY__")}
+            proxy_env = {
+                **base_env,
+                **QUIET,
+                "REDIS_URL": redis_url,
+                "UPSTREAM_URL": "http://127.0.0.1:9",
+                "LOG_LEVEL": "WARNING",
+                "VERDICT_HMAC_KEY": HMAC_KEY,
+                "EDGE_PROXY__RATE_LIMITS__DEFAULT": UNLIMITED,
+                "EDGE_PROXY__RATE_LIMITS__ETAG": UNLIMITED,
+                "EDGE_PROXY__DEFINITIONS__CACHE_BUDGET_BYTES": str(cache_budget(args.teams, size)),
+            }
+
+            def proxy(port: int) -> list[str]:
+                return [sys.executable, "-m", "proxy", "serve"]  # BIND comes from the environment
+
+            def ceiling(port: int) -> list[str]:
+                script = str(ROOT / "bench" / "ceiling.py")
+                return [sys.executable, script, "--bind", f"127.0.0.1:{port}", "--manifest", str(manifest)]
+
+            runs: list[tuple[str, Callable[[int], list[str]], dict[str, str], Path | None, str]] = [
+                ("aiohttp ceiling", ceiling, base_env, None, "/_liveness"),
+                ("proxy", proxy, proxy_env, ROOT, "/_startup"),
+            ]
+            if baseline_dir is not None:
+                runs.append((f"proxy @{args.baseline}", proxy, proxy_env, baseline_dir, "/_startup"))
+            for name, command, env, cwd, ready in runs:
+                say(f"{name}: under callgrind, {args.requests} requests")
+                results.append(measure(sup, name, command, env, cwd, ready, teams, args, workdir))
+    finally:
+        if baseline_dir is not None:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline_dir)], check=False
+            )
+        shutil.rmtree(workdir, ignore_errors=True)
+    ceiling_ir = results[0].per_request("Ir")
+    print(f"{args.scenario}, {args.teams} team(s) x {args.size}, {args.requests} requests; per request:")
+    print(f"| server | {' | '.join(EVENTS)} | Ir x ceiling |")
+    print(f"|---|{'---:|' * len(EVENTS)}---:|")
+    for counts in results:
+        cells = " | ".join(f"{counts.per_request(e):,.0f}" for e in EVENTS)
+        print(f"| {counts.name} | {cells} | {counts.per_request('Ir') / ceiling_ir:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
