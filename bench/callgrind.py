@@ -148,6 +148,9 @@ def main() -> int:
     parser.add_argument("--size", default="50k")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--baseline", metavar="REV", help="also count the proxy of git revision REV")
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="copy the callgrind files to DIR (callgrind_annotate)"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("callgrind: valgrind is not installed (apt-get install -y valgrind)", file=sys.stderr)
@@ -200,6 +203,10 @@ def main() -> int:
                 say(f"{name}: under callgrind, {args.requests} requests")
                 results.append(measure(sup, name, command, env, cwd, ready, teams, args, workdir))
     finally:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for dump in workdir.glob("callgrind.*.out.1"):
+                shutil.copy(dump, args.keep / dump.name)
         if baseline_dir is not None:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline_dir)], check=False

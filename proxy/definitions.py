@@ -27,6 +27,11 @@ from proxy.verdicts import VerdictStore
 log = logging.getLogger(__name__)
 
 ALLOW = {"Allow": "GET, OPTIONS, HEAD"}
+# The `token` parameters of recent query strings. yarl keeps the last 128 URLs it parsed (with their parsed
+# queries); with more teams than that polling, every request would parse its query string again (~2 µs).
+# Bounded: only short query strings (what SDKs send), and all forgotten at once when full.
+_TOKEN_MEMO_ENTRIES = 10_000
+_TOKEN_MEMO_MAX_QUERY = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,7 @@ class DefinitionsService:
         self._etag_counts = telemetry.etag
         self._auth_denied = telemetry.auth_denied
         self.learner = VerdictLearner(verdicts, self._forwarder, enabled=auth.learn_verdicts)
+        self._token_memo: dict[str, tuple[str, ...]] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Offload choice (sticky per client), then the contract path or the backend."""
@@ -106,7 +112,7 @@ class DefinitionsService:
             if method == "OPTIONS":
                 return web.Response(status=204, headers=ALLOW)
             return json_response(405, _method_not_allowed(method), headers=ALLOW)
-        tokens = request.query.getall("token", ())
+        tokens = self._tokens(request)
         if len(tokens) > 1:
             # Which one would the backend pick (Django takes the last)? Ask it rather than guess.
             return FORWARD
@@ -211,6 +217,18 @@ class DefinitionsService:
         # 9. The stored JSON, byte for byte.
         return web.Response(status=200, body=body, headers=entry.headers_200)
 
+    def _tokens(self, request: web.Request) -> tuple[str, ...]:
+        """The query's `token` parameters, parsed once per distinct (short) query string."""
+        raw = request.rel_url.raw_query_string
+        tokens = self._token_memo.get(raw)
+        if tokens is None:
+            tokens = tuple(request.query.getall("token", ()))
+            if len(raw) <= _TOKEN_MEMO_MAX_QUERY:
+                if len(self._token_memo) >= _TOKEN_MEMO_ENTRIES:
+                    self._token_memo.clear()
+                self._token_memo[raw] = tokens
+        return tokens
+
     async def _compare(self, request: web.Request, upstream: UpstreamAnswer) -> None:
         """The shadow side: the local answer to a request the backend answered, counted by difference."""
         local = await self.decide(request, live=False)
@@ -278,9 +296,14 @@ def add_routes(app: web.Application) -> None:
     if not serves_definitions(settings.service_mode):
         return
 
+    bound: list[DefinitionsService] = []
+
     def handle(request: web.Request) -> Awaitable[web.StreamResponse]:
         # Not a coroutine itself: the service's is awaited by the route wrapper, one frame less per request.
-        return app[keys.DEFINITIONS].handle(request)
+        # The service exists once the app has started (definitions_ctx); looked up at the first request only.
+        if not bound:
+            bound.append(app[keys.DEFINITIONS])
+        return bound[0].handle(request)
 
     handler = observed(app, DEFINITIONS, handle)
     for path in dict.fromkeys((settings.definitions.path, *settings.definitions.aliases)):
