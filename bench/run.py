@@ -135,8 +135,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str]]:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run (< 3 min): 50 KB only, 1 run of 2 s, 1 s paced"
     )
-    parser.add_argument("--runs", type=int, help="measured runs per server (default 3; quick 1)")
-    parser.add_argument("--duration", type=int, help="seconds per saturating wrk run (default 4; quick 2)")
+    parser.add_argument("--runs", type=int, help="measured runs per server (default 5; quick 1)")
+    parser.add_argument("--duration", type=int, help="seconds per saturating wrk run (default 3; quick 2)")
     parser.add_argument(
         "--half-duration", type=int, help="seconds of the half-rate pass (default 2; quick 1)"
     )
@@ -166,8 +166,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str]]:
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     config = Config(
-        runs=args.runs or (1 if args.quick else 3),
-        seconds=args.duration or (2 if args.quick else 4),
+        runs=args.runs or (1 if args.quick else 5),
+        seconds=args.duration or (2 if args.quick else 3),
         half_seconds=args.half_duration or (1 if args.quick else 2),
         warmup=args.warmup or 1,
         connections=args.connections,
