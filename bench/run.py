@@ -107,6 +107,8 @@ class Config:
     out: Path
     keep: bool
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    # One continuous run of the proxy this long on 200s with many teams, for its steady Redis rate (0: none).
+    steady_seconds: int = 0
     # --baseline: a git revision whose proxy runs beside this checkout's on every dataset, and its checkout.
     baseline: str | None = None
     baseline_dir: Path | None = None
@@ -155,6 +157,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str]]:
     parser.add_argument("--proxy-retry-wait", type=float, default=30.0, help="seconds between tries")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
+        "--steady-seconds",
+        type=int,
+        help="a continuous proxy run on many-team 200s for the steady Redis rate (default 30; quick 0)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also run the proxy of git revision REV (e.g. HEAD~3) on every dataset, for a before/after",
@@ -181,6 +188,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str]]:
         out=args.out,
         keep=args.keep,
         baseline=args.baseline,
+        steady_seconds=args.steady_seconds if args.steady_seconds is not None else (0 if args.quick else 30),
     )
     return config, list(sys.argv if argv is None else argv)
 
@@ -514,6 +522,30 @@ def compare(
         _log_sample(row, half, f"@{saturating / 2:.0f}/s")
 
 
+def steady_redis_rate(
+    ctx: Context, servers: Sequence[Server], load: wrk.Load, rows: Mapping[str, Row]
+) -> None:
+    """Redis commands per request over one continuous run longer than two billing flushes.
+
+    The short interleaved runs overstate it for 200s over many teams: each 3 s burst of load is followed by a
+    full billing flush (two HINCRBYs per team served), which continuous load spreads over 10 s of requests.
+    30 s by default, a multiple of the 10 s flush interval: the run holds the flushes its own load paid for.
+    """
+    for server in servers:
+        try:
+            sample = measure(server, load, ctx.config, ctx.client, None, seconds=ctx.config.steady_seconds)
+        except wrk.WrkError as exc:
+            say(f"  steady run of {server.name}: {exc}")
+            continue
+        rows[server.name].extra["steady"] = {
+            "seconds": ctx.config.steady_seconds,
+            "requests": sample.requests,
+            "redis_per_req": sample.redis_per_req,
+            "redis_by_command": sample.redis_by_command,
+        }
+        _log_sample(rows[server.name], sample, f"steady {ctx.config.steady_seconds} s")
+
+
 # --- the dataset scenarios: 200, 304, miss ----------------------------------------------------------------
 
 
@@ -683,6 +715,10 @@ def bench_dataset(ctx: Context, workdir: Path, size: int, team_count: int, with_
             say(f"  scenario {scenario}: {', '.join(s.name for s in servers)}")
             load = definitions_load(teams, scenario == "304")
             compare(servers, load, config, ctx.client, rows[scenario], ctx.django)
+            if scenario == "200" and team_count > 1 and config.steady_seconds:
+                steady_redis_rate(
+                    ctx, [s for s in servers if s.name in (PROXY, COMPACT)], load, rows[scenario]
+                )
             for name in (*proxies, CEILING, NGINX):
                 row = rows[scenario].get(name)
                 forwarded = sum(s.backend_hits or 0 for s in row.all_samples()) if row else 0
