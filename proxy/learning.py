@@ -22,7 +22,11 @@ class VerdictLearner:
 
     async def verdict(self, key: str) -> Verdict | None:
         """Memory, then Redis (shared by replicas), then the verdict another request is learning now."""
-        verdict = self._verdicts.cached(key) or await self._verdicts.lookup(key)
+        verdict = self._verdicts.cached(key)
+        if verdict is None:
+            # Memory again after the read: a request that was asking the backend may have learned the
+            # verdict while this one waited for Redis (its write may not have reached Redis yet).
+            verdict = await self._verdicts.lookup(key) or self._verdicts.cached(key)
         if verdict is None and (learning := self._learning.get(key)) is not None:
             # A flood of one credential reaches the backend once: the rest wait for that answer.
             await asyncio.shield(learning)

@@ -26,6 +26,8 @@ class ChaosProxy:
         self.target_port = target_port
         self.port = free_port()
         self.mode = Mode.PASS
+        # Seconds each chunk of replies waits before it is relayed (in PASS mode): a slow Redis.
+        self.reply_delay = 0.0
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,5 +89,7 @@ class ChaosProxy:
                     continue
                 if self.mode is Mode.SWALLOW_REPLIES and reply:
                     continue
+                if reply and self.reply_delay:
+                    await asyncio.sleep(self.reply_delay)
                 writer.write(data)
                 await writer.drain()
