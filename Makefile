@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix proxy tests bench scripts examples
 	$(VENV)/bin/ruff format proxy tests bench scripts examples
 
-# Benchmark (needs wrk; nginx optional): proxy vs the Django backend, an aiohttp ceiling and nginx, ~12 min;
+# Benchmark (needs wrk; nginx optional): proxy vs the Django backend, an aiohttp ceiling and nginx, ~18 min;
 # `make bench BENCH_ARGS=--quick` (~2 min), or e.g. BENCH_ARGS="--scenarios 200,304 --sizes 50k".
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
