@@ -38,6 +38,7 @@ from bench.run import (  # noqa: E402
     UNLIMITED,
     cache_budget,
     checkout_revision,
+    remove_checkout,
     say,
     start_redis,
 )
@@ -208,9 +209,7 @@ def main() -> int:
             for dump in workdir.glob("callgrind.*.out.1"):
                 shutil.copy(dump, args.keep / dump.name)
         if baseline_dir is not None:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline_dir)], check=False
-            )
+            remove_checkout(baseline_dir)
         shutil.rmtree(workdir, ignore_errors=True)
     ceiling_ir = results[0].per_request("Ir")
     print(f"{args.scenario}, {args.teams} team(s) x {args.size}, {args.requests} requests; per request:")

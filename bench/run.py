@@ -1052,6 +1052,11 @@ def checkout_revision(revision: str, path: Path) -> Path:
     return path
 
 
+def remove_checkout(path: Path) -> None:
+    """Remove a work tree `checkout_revision` made (best effort: a leftover is only disk space)."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the matrix, print the table, write the results; 0 even when targets are missed (it reports)."""
     config, full_argv = parse_args(argv)
@@ -1091,7 +1096,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 client.close()
     finally:
         if config.baseline_dir is not None:
-            _run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(config.baseline_dir)])
+            remove_checkout(config.baseline_dir)
         if config.keep:
             say(f"work directory kept: {workdir}")
         else:

@@ -92,16 +92,16 @@ class TeamStore:
 
     async def get(self, token: str) -> Team | None:
         """The team for `token`, or None when Redis has no record (or cannot be read): a miss."""
+        team = self.fresh(token)
+        if team is not None:
+            return team
         cached = self._cached.get(token)
         if cached is None:
             return await self._flight.do(token, lambda: self._read(token))
         if cached.expires_at < time.monotonic():
-            if cached.team is None:
-                # A remembered miss is re-read at once: a team the backend just created is found quickly.
-                self._flight.start(token, lambda: self._read(token))
-            else:
-                self._due.add(token)
-        return cached.team
+            # A remembered miss is re-read at once: a team the backend just created is found quickly.
+            self._flight.start(token, lambda: self._read(token))
+        return None
 
     async def refresh(self) -> None:
         """Re-read the records answered past their TTL since the last call, in one MGET; raises RedisError.
