@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> web.Application:
             telemetry.telemetry_ctx,
             redis_ctx,  # Redis pool (lazy connections)
             health.redis_monitor_ctx,  # readiness follows Redis
-            forward.upstream_ctx,  # one pooled ClientSession to the upstream
+            forward.upstream_ctx,  # one connection pool to the upstream (proxy/upstream.py)
             quota_ctx,  # quota-limited tokens, polled into a memory snapshot
             ratelimit_ctx,  # per-team rate limits; fast mode reconciles with Redis in the background
             billing_ctx,  # billing tally; its cleanup flushes after the last in-flight request

@@ -12,12 +12,14 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_netw
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry import trace
 from yarl import URL
 
-from proxy import keys
+from proxy import keys, tracing
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
 from proxy.telemetry import FORWARD, observed
+from proxy.upstream import Limits, Pool, Response, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ BUFFERED_RESPONSE_BYTES = 64 * 1024
 # The same header limits the app accepts from clients (app.py handler_args), so a header that came in
 # can also come back.
 MAX_HEADER_BYTES = 16384
+MAX_HEADERS = 128
+# Requests that carry no body by nature; others without one say Content-Length: 0.
+BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 BODY_TIMEOUT = error_body("invalid_request", "request_timeout", "The request body did not arrive in time.")
 BODY_TOO_LARGE = error_body("invalid_request", "payload_too_large", "The request body is too large.")
@@ -81,82 +86,110 @@ class Forwarder:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: Pool,
         settings: UpstreamSettings,
         limits: ClientLimitsSettings = ClientLimitsSettings(),  # noqa: B008 - frozen, never mutated
+        tracer: trace.Tracer | None = None,
     ) -> None:
-        self._session = session
-        # Upstream failures by kind (refused, timeout, disconnected, 5xx), for metrics.
+        self._pool = pool
+        # Upstream failures by kind (refused, timeout, disconnected, malformed, 5xx), for metrics.
         self.failures: Counter[str] = Counter()
         self._body_timeout = limits.body_read_timeout_seconds
         self._max_body_bytes = limits.max_body_bytes
         base = URL(settings.base, encoded=True)
-        self._scheme = base.scheme
-        self._authority = base.raw_authority
         # A base path ("http://backend/prefix") is a prefix; request paths are appended byte for byte.
         self._base_path = base.raw_path.rstrip("/")
+        # What the "upstream" Host policy sends: the URL's host, and its port unless the scheme's default.
+        self._upstream_host = _host_header(base)
+        self._server_address = base.raw_host or ""
         self._keep_client_host = settings.host_header == "client"
         self._buffer_request_bytes = settings.buffer_request_body_bytes
         self._is_trusted = _trust_checker(ip_network(n, strict=False) for n in settings.trusted_proxies)
+        self._tracer = tracer
 
     async def forward(
         self, request: web.Request, observe: Observer | None = None, capture_bytes: int = 0
     ) -> web.StreamResponse:
         """Forward `request` (origin-form path and query only) and stream the upstream's answer."""
-        # Only the raw origin-form target is used: an absolute-form target's authority ("GET http://x/ ...")
-        # is dropped by rel_url, and encoded=True keeps percent-escapes and repeated keys byte for byte.
         request[keys.FORWARDED] = True
-        target = request.rel_url
-        url = URL.build(
-            scheme=self._scheme,
-            authority=self._authority,
-            path=self._base_path + target.raw_path,
-            query_string=target.raw_query_string,
-            encoded=True,
-        )
-        headers = self._request_headers(request)
-        failure: list[ClientBodyError] = []
+        method = request.method
         try:
-            data = await self._request_body(request, failure)
+            body = await self._request_body(request)
         except ClientBodyError as exc:
             return exc.response()
-        response = web.StreamResponse()
+        headers = self._request_headers(request)
+        # A body read whole had a Content-Length, which goes on with the other headers; a streamed one
+        # without a length (the client's was chunked) is chunked again upstream.
+        chunked = False
+        if body is None:
+            if method not in BODILESS_METHODS and hdrs.CONTENT_LENGTH not in request.headers:
+                headers.append(("Content-Length", "0"))  # as aiohttp's client did: some servers want it
+        elif not isinstance(body, bytes) and hdrs.CONTENT_LENGTH not in request.headers:
+            chunked = True
+            headers.append(("Transfer-Encoding", "chunked"))
+        span = None
+        if self._tracer is not None:
+            span = tracing.upstream_span(self._tracer, method, self._server_address, headers)
+        head = "".join(
+            [f"{method} {self._target(request)} HTTP/1.1\r\n", *[f"{k}: {v}\r\n" for k, v in headers], "\r\n"]
+        ).encode("utf-8", "surrogateescape")  # header bytes leave as they came in
         try:
-            async with self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                auto_decompress=False,
-            ) as upstream:
-                if upstream.status >= 500:
-                    self.failures["5xx"] += 1
-                length = upstream.content_length
-                if length is not None and length <= BUFFERED_RESPONSE_BYTES and request.method != "HEAD":
-                    # Small answers: read whole, then headers and body leave in one write (measured: the
-                    # prepare-then-write_eof pair cost a second syscall, ~20 % of forwarding CPU).
-                    body = await upstream.read()
-                    if observe is not None:
-                        observe(upstream.status, upstream.headers, body)
-                    return web.Response(
-                        status=upstream.status,
-                        reason=upstream.reason,
-                        headers=CIMultiDict(_end_to_end(upstream.headers)),
-                        body=body,
-                    )
-                response.set_status(upstream.status, upstream.reason)
-                response.headers.extend(_end_to_end(upstream.headers))
-                await _relay(request, upstream, response, observe, capture_bytes)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            if failure and not response.prepared:
-                # aiohttp wraps what the body stream raised; the client's fault is not a 502 or 504.
-                return failure[0].response()
-            self.failures[failure_kind(exc)] += 1
+            upstream = await self._pool.send(head, body, head_only=method == "HEAD", chunked=chunked)
+        except ClientBodyError as exc:
+            tracing.end_upstream_span(span, None, exc)
+            return exc.response()
+        except UpstreamError as exc:
+            tracing.end_upstream_span(span, None, exc)
+            self.failures[exc.kind] += 1
+            return _failed(request, None, exc)
+        tracing.end_upstream_span(span, upstream.status, None)
+        try:
+            return await self._answer(request, upstream, observe, capture_bytes)
+        finally:
+            upstream.release()
+
+    async def _answer(
+        self, request: web.Request, upstream: Response, observe: Observer | None, capture_bytes: int
+    ) -> web.StreamResponse:
+        if upstream.status >= 500:
+            self.failures["5xx"] += 1
+        length = upstream.content_length
+        headers = _end_to_end(upstream)
+        if length is not None and length <= BUFFERED_RESPONSE_BYTES and request.method != "HEAD":
+            # Small answers: read whole, then headers and body leave in one write (measured: the
+            # prepare-then-write_eof pair cost a second syscall, ~20 % of forwarding CPU).
+            try:
+                body = await upstream.read()
+            except UpstreamError as exc:
+                self.failures[exc.kind] += 1
+                return _failed(request, None, exc)
+            if observe is not None:
+                observe(upstream.status, headers, body)
+            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        try:
+            await _relay(request, upstream, response, observe, capture_bytes)
+        except UpstreamError as exc:
+            self.failures[exc.kind] += 1
             return _failed(request, response, exc)
+        except ConnectionError:
+            # The client left mid-answer (aiohttp's ClientConnectionResetError is one): not the upstream's
+            # failure; the upstream connection is dropped, unread, on release.
+            log.debug("client left during %s %s", request.method, request.rel_url.raw_path)
+            request.protocol.force_close()
         return response
 
-    def _request_headers(self, request: web.Request) -> CIMultiDict[str]:
+    def _target(self, request: web.Request) -> str:
+        # The request-target as the client sent it, when in origin form: percent-escapes, repeated keys and
+        # an empty query ("?") byte for byte. An absolute-form target's authority ("GET http://x/ ...") is
+        # dropped: only its path and query go on.
+        raw = request.raw_path
+        if not raw.startswith("/"):
+            target = request.rel_url
+            raw = target.raw_path + (f"?{target.raw_query_string}" if target.raw_query_string else "")
+        return self._base_path + raw
+
+    def _request_headers(self, request: web.Request) -> list[tuple[str, str]]:
         incoming = request.headers
         transport = request.transport
         peername = transport.get_extra_info("peername") if transport is not None else None
@@ -167,43 +200,36 @@ class Forwarder:
         drop = DROP_FROM_TRUSTED if trusted else DROP_FROM_UNTRUSTED
         if hdrs.CONNECTION in incoming:
             drop = drop | _connection_options(incoming)
-        headers = CIMultiDict([(k, v) for k, v in incoming.items() if k.lower() not in drop])
-
         # The Host header, never request.host: for an absolute-form target aiohttp reports the target's host.
         host = incoming.get(hdrs.HOST)
-        if host is not None and self._keep_client_host:
-            headers[hdrs.HOST] = host
-        # Without a Host here aiohttp derives it from the upstream URL, which is the "upstream" policy.
+        headers = [("Host", host if host is not None and self._keep_client_host else self._upstream_host)]
+        headers += [(k, v) for k, v in incoming.items() if k.lower() not in drop]
 
         if peer is not None:
             prior_for = incoming.getall(hdrs.X_FORWARDED_FOR, ()) if trusted else ()
-            headers[hdrs.X_FORWARDED_FOR] = ", ".join([*prior_for, peer])
+            headers.append((hdrs.X_FORWARDED_FOR, ", ".join([*prior_for, peer])))
         # Proto and Host describe the client-facing hop: a trusted proxy's value is the original one, kept.
         proto = incoming.get(hdrs.X_FORWARDED_PROTO) if trusted else None
-        headers[hdrs.X_FORWARDED_PROTO] = proto or request.scheme
+        headers.append((hdrs.X_FORWARDED_PROTO, proto or request.scheme))
         forwarded_host = (incoming.get(hdrs.X_FORWARDED_HOST) if trusted else None) or host
         if forwarded_host:
-            headers[hdrs.X_FORWARDED_HOST] = forwarded_host
+            headers.append((hdrs.X_FORWARDED_HOST, forwarded_host))
         return headers
 
-    async def _request_body(
-        self, request: web.Request, failure: list[ClientBodyError]
-    ) -> bytes | AsyncIterator[bytes] | None:
+    async def _request_body(self, request: web.Request) -> bytes | AsyncIterator[bytes] | None:
         if not request.body_exists:
             return None
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             raise ClientBodyError(413, BODY_TOO_LARGE)
-        chunks = self._body_chunks(request.content, failure)
+        chunks = self._body_chunks(request.content)
         if length is not None and length <= self._buffer_request_bytes:
             # One write upstream for the common small body; read from the stream directly so this does not
             # depend on the app's client_max_size.
             return b"".join([chunk async for chunk in chunks])
         return chunks
 
-    async def _body_chunks(
-        self, content: aiohttp.StreamReader, failure: list[ClientBodyError]
-    ) -> AsyncIterator[bytes]:
+    async def _body_chunks(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         # aiohttp's server has no body read timeout: without this a client that stalls mid-body would hold
         # an upstream connection (and the pool is bounded) for as long as it likes.
         size = 0
@@ -212,24 +238,21 @@ class Forwarder:
                 async with asyncio.timeout(self._body_timeout):
                     chunk = await content.readany()
             except TimeoutError:
-                failure.append(ClientBodyError(408, BODY_TIMEOUT))
+                raise ClientBodyError(408, BODY_TIMEOUT) from None
             except (OSError, aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError):
                 # The client went away or sent less than its Content-Length.
-                failure.append(ClientBodyError(400, BODY_INCOMPLETE))
-            else:
-                if not chunk:
-                    return
-                size += len(chunk)
-                if size <= self._max_body_bytes:
-                    yield chunk
-                    continue
-                failure.append(ClientBodyError(413, BODY_TOO_LARGE))
-            raise failure[-1]
+                raise ClientBodyError(400, BODY_INCOMPLETE) from None
+            if not chunk:
+                return
+            size += len(chunk)
+            if size > self._max_body_bytes:
+                raise ClientBodyError(413, BODY_TOO_LARGE)
+            yield chunk
 
 
 async def _relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     response: web.StreamResponse,
     observe: Observer | None,
     capture_bytes: int,
@@ -240,8 +263,8 @@ async def _relay(
     if request.app[keys.HEALTH].draining:
         response.force_close()  # Connection: close on a stream started during the drain (see telemetry)
     await response.prepare(request)
-    # iter_any hands over whatever arrived, so server-sent events and chunked answers are not held back.
-    async for chunk in upstream.content.iter_any():
+    # Whatever arrived is passed on, so server-sent events and chunked answers are not held back.
+    async for chunk in upstream.chunks():
         await response.write(chunk)
         if captured is not None:
             size += len(chunk)
@@ -251,39 +274,26 @@ async def _relay(
                 captured = None
     await response.write_eof()
     if observe is not None:
-        observe(upstream.status, upstream.headers, b"".join(captured) if captured is not None else None)
+        observe(upstream.status, response.headers, b"".join(captured) if captured is not None else None)
 
 
-def _failed(request: web.Request, response: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
-    # The one place an upstream failure becomes an answer. Only the exception's type is logged: aiohttp's
-    # messages can carry the full upstream URL, query tokens included.
-    reason = type(exc).__name__
+def _failed(
+    request: web.Request, response: web.StreamResponse | None, exc: UpstreamError
+) -> web.StreamResponse:
+    # The one place an upstream failure becomes an answer. Only the failure's kind is logged, never a URL.
     # Still percent-encoded, so an encoded newline cannot forge a log line; the query is left out.
     method, path = request.method, request.rel_url.raw_path
-    if response.prepared:
+    if response is not None and response.prepared:
         # The status line is out, so a clean end would pass a truncated body off as complete. Closing the
         # connection leaves the client with an unterminated chunked body or a short Content-Length.
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            log.debug("client left during %s %s", method, path)
-        else:
-            log.warning("upstream failed mid-response (%s) on %s %s", reason, method, path)
+        log.warning("upstream failed mid-response (%s) on %s %s", exc, method, path)
         request.protocol.force_close()
         return response
-    if isinstance(exc, TimeoutError):
-        log.warning("upstream timed out (%s) on %s %s", reason, method, path)
+    if exc.kind == "timeout":
+        log.warning("upstream timed out (%s) on %s %s", exc, method, path)
         return json_response(504, GATEWAY_TIMEOUT)
-    log.warning("upstream unreachable (%s) on %s %s", reason, method, path)
+    log.warning("upstream unreachable or broken (%s) on %s %s", exc, method, path)
     return json_response(502, BAD_GATEWAY)
-
-
-def failure_kind(exc: BaseException) -> str:
-    """The metrics label of an upstream failure: no connection, no answer in time, or a broken one."""
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "refused"  # refused, unreachable or unresolvable: no connection could be opened
-    return "disconnected"
 
 
 def _connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -292,9 +302,17 @@ def _connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     )
 
 
-def _end_to_end(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    drop = HOP_BY_HOP | _connection_options(headers) if hdrs.CONNECTION in headers else HOP_BY_HOP
-    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+def _end_to_end(upstream: Response) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | upstream.connection_tokens if upstream.connection_tokens else HOP_BY_HOP
+    return CIMultiDict([(k, v) for k, v in upstream.headers if k.lower() not in drop])
+
+
+def _host_header(base: URL) -> str:
+    """The Host an HTTP client derives from `base`: host (IPv6 in brackets), and a port unless default."""
+    host = base.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return host if base.is_default_port() else f"{host}:{base.port}"
 
 
 def _trust_checker(networks: Iterable[IPv4Network | IPv6Network]) -> Callable[[str], bool]:
@@ -327,27 +345,24 @@ def add_routes(app: web.Application) -> None:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One pooled ClientSession to the upstream, with keep-alive and explicit timeouts."""
+    """One connection pool to the upstream, with keep-alive and explicit timeouts."""
     settings = app[keys.SETTINGS].upstream
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            limit=settings.max_connections, keepalive_timeout=settings.keepalive_timeout_seconds
+    base = URL(settings.base)
+    pool = Pool(
+        base.raw_host or "",
+        base.port or 80,
+        tls=base.scheme == "https",
+        limits=Limits(
+            max_connections=settings.max_connections,
+            keepalive_timeout=settings.keepalive_timeout_seconds,
+            connect_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+            max_field_bytes=MAX_HEADER_BYTES,
+            max_headers=MAX_HEADERS,
         ),
-        # Waiting for a pooled connection is deliberately unbounded (the client's own deadline bounds it);
-        # opening one and every silence while reading the answer are bounded.
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout_seconds, sock_read=settings.read_timeout_seconds
-        ),
-        # The session is shared by every client: a jar would replay one client's cookies to the next.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        # The client's own values (or their absence) pass through; aiohttp must not invent any.
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        max_line_size=MAX_HEADER_BYTES,
-        max_field_size=MAX_HEADER_BYTES,
-        # Upstream spans and the traceparent they send, when tracing; none otherwise.
-        trace_configs=telemetry.upstream_trace_configs() if (telemetry := app.get(keys.TELEMETRY)) else None,
     )
-    app[keys.FORWARDER] = Forwarder(session, settings, app[keys.SETTINGS].client_limits)
+    telemetry = app.get(keys.TELEMETRY)
+    tracer = telemetry.tracer if telemetry is not None else None
+    app[keys.FORWARDER] = Forwarder(pool, settings, app[keys.SETTINGS].client_limits, tracer)
     yield
-    await session.close()
+    pool.close()

@@ -14,7 +14,6 @@ import logging
 from collections.abc import AsyncIterator
 from time import perf_counter
 
-import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from opentelemetry import context, trace
@@ -96,10 +95,6 @@ class Telemetry:
     def redis_observer(self) -> RedisObserver | None:
         """The observer for the app's Redis client: none when neither metrics nor traces want it."""
         return self.redis if self.metrics_enabled or self.tracer is not None else None
-
-    def upstream_trace_configs(self) -> list[aiohttp.TraceConfig]:
-        """Hooks for the upstream ClientSession: none unless tracing (so forwarding pays nothing)."""
-        return [] if self.tracer is None else [tracing.upstream_trace_config(self.tracer)]
 
     def start(self, app: web.Application) -> None:
         """Create the providers the settings ask for."""

@@ -7,9 +7,7 @@ client's own `traceparent` still reaches the upstream untouched, as every end-to
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
-import aiohttp
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -77,42 +75,31 @@ def child_span(tracer: trace.Tracer | None, name: str, attributes: dict[str, str
     return tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
 
 
-def upstream_trace_config(tracer: trace.Tracer) -> aiohttp.TraceConfig:
-    """aiohttp client hooks: a span per upstream request, and its `traceparent` on the outgoing headers."""
-    config = aiohttp.TraceConfig()
+def upstream_span(tracer: trace.Tracer, method: str, host: str, headers: list[tuple[str, str]]) -> trace.Span:
+    """A client span for one upstream request, its `traceparent` (and `tracestate`) replacing the client's
+    in `headers`: the upstream's parent is this span, in the same trace. Unsampled requests get a span id
+    too, flagged not sampled."""
+    span = tracer.start_span(
+        f"{method} upstream",
+        kind=SpanKind.CLIENT,
+        attributes={"http.request.method": method, "server.address": host},
+    )
+    carrier: dict[str, str] = {}
+    PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    headers[:] = [(k, v) for k, v in headers if k.lower() not in PROPAGATOR.fields]
+    headers.extend(carrier.items())
+    return span
 
-    async def on_start(
-        _session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestStartParams
-    ) -> None:
-        span = tracer.start_span(
-            f"{params.method} upstream",
-            kind=SpanKind.CLIENT,
-            attributes={"http.request.method": params.method, "server.address": params.url.host or ""},
-        )
-        ctx.span = span
-        # Replaces the client's traceparent (forwarded as an end-to-end header): the upstream's parent is
-        # this span, in the same trace. Unsampled requests get a span id too, flagged not sampled.
-        PROPAGATOR.inject(params.headers, context=trace.set_span_in_context(span))
 
-    async def on_end(
-        _session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        span: trace.Span = ctx.span
-        span.set_attribute("http.response.status_code", params.response.status)
-        if params.response.status >= 500:
+def end_upstream_span(span: trace.Span | None, status: int | None, error: BaseException | None) -> None:
+    """End the upstream span with the answer's status, or the failure's type (never its message: it could
+    carry the upstream URL, query tokens included)."""
+    if span is None:
+        return
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    elif status is not None:
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
             span.set_status(Status(StatusCode.ERROR))
-        span.end()
-
-    async def on_exception(
-        _session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestExceptionParams
-    ) -> None:
-        span: trace.Span = ctx.span
-        # The type only: aiohttp's messages can carry the full upstream URL, query tokens included.
-        span.set_status(Status(StatusCode.ERROR, type(params.exception).__name__))
-        span.end()
-
-    config.on_request_start.append(on_start)
-    config.on_request_end.append(on_end)
-    config.on_request_exception.append(on_exception)
-    config.freeze()
-    return config
+    span.end()

@@ -1,0 +1,641 @@
+"""The upstream client: HTTP/1.1 over a bounded pool of keep-alive connections, responses parsed by llhttp.
+
+The forwarder needs one thing from a client: send these request bytes, hand back the status, the headers
+and the body as it arrives. aiohttp's ClientSession does much more per request (a URL, a request and a
+response object, a StreamReader, cookie, redirect, trace and timeout machinery): ~55-70 µs of CPU per
+forwarded request on this project's machine, against ~18 µs for the same exchange here
+(`bench/client_cost.py`). Responses are parsed by httptools (llhttp, the parser of Node.js and of aiohttp's
+own C parser) in its strict mode; what llhttp leaves to its caller is done here: a response to HEAD has no
+body, a response without Content-Length or chunked framing ends at EOF, 1xx answers are skipped, and the
+head is bounded in size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+# Reading pauses while this much of an answer waits for a slower client (aiohttp's client reads 256 KiB).
+READ_HIGH_WATER = 256 * 1024
+# Name resolutions are reused this long (aiohttp's default DNS cache TTL); IP literals are never resolved.
+RESOLVE_TTL_SECONDS = 10.0
+# A reused connection that fails before any byte of its answer was probably closed by the upstream while
+# idle (a keep-alive race): requests that can be sent again are, once, on a new connection.
+RETRIED_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class UpstreamError(Exception):
+    """The upstream failed this exchange. `kind` is the metrics label: refused, timeout, disconnected or
+    malformed. The message never carries request data (URLs hold project tokens)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How the pool connects, waits and bounds what it reads."""
+
+    max_connections: int
+    keepalive_timeout: float
+    connect_timeout: float
+    # Longest silence while waiting for the answer's next bytes.
+    read_timeout: float
+    # Per header name or value, and the reason phrase; and the number of header fields.
+    max_field_bytes: int
+    max_headers: int
+
+
+class Pool:
+    """Connections to one upstream (host, port, TLS or not), at most `limits.max_connections` at a time.
+
+    `send` takes a connection (an idle one, or a new one while under the limit, else waits for one
+    without a deadline: the client's own bounds it), writes the request and returns once the answer's
+    head has arrived. The caller reads the body from the `Response` and must `release()` it; only a
+    connection whose answer was read to its end and that may be kept alive goes back to the pool.
+    """
+
+    def __init__(self, host: str, port: int, *, tls: bool, limits: Limits) -> None:
+        self._host = host
+        self._port = port
+        self._ssl = ssl.create_default_context() if tls else None
+        self.limits = limits
+        self._loop = asyncio.get_running_loop()
+        self._idle: deque[Connection] = deque()
+        self._count = 0  # open connections, idle or in use
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._addresses: list[tuple[str, int]] = []
+        self._addresses_until = 0.0
+        self._closed = False
+
+    async def send(
+        self,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        *,
+        head_only: bool = False,
+        chunked: bool = False,
+    ) -> Response:
+        """Send `head` (request line and headers, blank line included) and `body`; the answer once its head
+        is in. `head_only`: the request was HEAD (its answer has no body whatever it declares). `chunked`:
+        frame a streamed body in chunks (the head says Transfer-Encoding: chunked).
+
+        A streamed body is written by a task of its own, so an upstream that answers before reading it
+        all (a 413, say) is heard; whatever the body's iterator raises is raised here when it comes first.
+        """
+        streamed = body is not None and type(body) is not bytes
+        retry = not streamed and head[: head.find(b" ")] in RETRIED_METHODS
+        while True:
+            conn, reused = await self._acquire()
+            try:
+                if streamed:
+                    return await conn.exchange_streamed(head, body, head_only, chunked)  # type: ignore[arg-type]
+                return await conn.exchange(head + body if body else head, head_only)  # type: ignore[operator]
+            except UpstreamError as exc:
+                self.release(conn)
+                if not (retry and reused and exc.kind == "disconnected" and not conn.answered):
+                    raise
+                retry = False
+            except BaseException:
+                self.release(conn)
+                raise
+
+    async def _acquire(self) -> tuple[Connection, bool]:
+        """A connection and whether it was reused."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have been closed meanwhile
+            if conn.usable(self._loop.time() - self.limits.keepalive_timeout):
+                return conn, True
+            self._discard(conn)
+        if self._count >= self.limits.max_connections:
+            waiter: asyncio.Future[Connection | None] = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                handed = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    # Handed a slot or a connection just as this request was cancelled: pass it on.
+                    late = waiter.result()
+                    if late is not None:
+                        self.release(late)
+                    else:
+                        self._count -= 1
+                        self._wake_one()
+                else:
+                    self._waiters.remove(waiter)
+                raise
+            if handed is not None:
+                return handed, True
+        else:
+            self._count += 1  # reserved before the connect, so concurrent connects respect the limit
+        try:
+            return await self._connect(), False
+        except BaseException:
+            self._count -= 1
+            self._wake_one()
+            raise
+
+    async def _connect(self) -> Connection:
+        if self._closed:
+            raise UpstreamError("refused", "pool closed")
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                addresses = await self._resolve()
+                failure: OSError | None = None
+                for address, port in addresses:
+                    try:
+                        _, conn = await self._loop.create_connection(
+                            lambda: Connection(self),
+                            address,
+                            port,
+                            ssl=self._ssl,
+                            server_hostname=self._host if self._ssl is not None else None,
+                        )
+                    except OSError as exc:  # refused, unreachable, TLS failure: try the next address
+                        failure = exc
+                    else:
+                        return conn
+                raise UpstreamError("refused", type(failure).__name__)
+        except TimeoutError:
+            raise UpstreamError("timeout", "connect") from None
+        except OSError as exc:  # resolution failed
+            raise UpstreamError("refused", type(exc).__name__) from None
+
+    async def _resolve(self) -> list[tuple[str, int]]:
+        now = self._loop.time()
+        if now < self._addresses_until:
+            return self._addresses
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in self._host else socket.AF_INET, self._host)
+        except OSError:
+            infos = await self._loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+            self._addresses = list(dict.fromkeys((str(info[4][0]), self._port) for info in infos))
+            self._addresses_until = now + RESOLVE_TTL_SECONDS
+        else:
+            self._addresses = [(self._host, self._port)]
+            self._addresses_until = float("inf")
+        return self._addresses
+
+    def release(self, conn: Connection) -> None:
+        """Give `conn` back: to a waiter or the idle set if it can carry another request, else close."""
+        if not conn.reusable() or self._closed:
+            self._discard(conn)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        conn.idle_since = self._loop.time()
+        self._idle.append(conn)
+        if self._expiry is None:
+            self._expiry = self._loop.call_later(self.limits.keepalive_timeout, self._expire)
+
+    def _discard(self, conn: Connection) -> None:
+        conn.close()
+        self._count -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        """A slot came free: the first live waiter may open a connection in it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._count += 1
+                waiter.set_result(None)
+                return
+
+    def _expire(self) -> None:
+        """Close connections idle longer than the keep-alive timeout; come back for the rest."""
+        self._expiry = None
+        deadline = self._loop.time() - self.limits.keepalive_timeout
+        keep: deque[Connection] = deque()
+        for conn in self._idle:
+            if conn.usable(deadline):
+                keep.append(conn)
+            else:
+                self._discard(conn)
+        self._idle = keep
+        if keep:
+            delay = keep[0].idle_since + self.limits.keepalive_timeout - self._loop.time()
+            self._expiry = self._loop.call_later(max(delay, 0.01), self._expire)
+
+    def close(self) -> None:
+        """Close idle connections; those in use close when released."""
+        self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        while self._idle:
+            self._discard(self._idle.pop())
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(UpstreamError("refused", "pool closed"))
+        self._waiters.clear()
+
+
+class Response:
+    """An answer whose head has arrived. Headers are decoded as aiohttp decodes them (UTF-8, undecodable
+    bytes kept as surrogates) in the order received, repeats included."""
+
+    __slots__ = ("_conn", "connection_tokens", "content_length", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        conn: Connection,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        content_length: int | None,
+        connection_tokens: frozenset[str],
+    ) -> None:
+        self._conn = conn
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length = content_length
+        # The lower-cased names listed in Connection: hop-by-hop for this answer.
+        self.connection_tokens = connection_tokens
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        return await self._conn.whole_body()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: what has arrived since the last chunk, joined (never empty)."""
+        conn = self._conn
+        while True:
+            data = await conn.body_data()
+            if not data:
+                return
+            yield data
+
+    def release(self) -> None:
+        """Back to the pool (kept for reuse only if the body was read to its end)."""
+        conn = self._conn
+        conn._pool.release(conn)
+
+
+class Connection(asyncio.Protocol):
+    """One connection to the upstream, carrying one exchange at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._loop = pool._loop
+        self._limits = pool.limits
+        self._transport: asyncio.Transport | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._lost = False
+        self._broken = False  # not to be reused: an exchange ended early, or the upstream misbehaved
+        self.idle_since = 0.0
+        self.answered = False  # some byte of the current exchange's answer arrived
+        # The current exchange.
+        self._active = False
+        self._head_only = False
+        self._head_bytes = 0
+        self._informational = False
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._response: Response | None = None
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._complete = False
+        self._keep_alive = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._upload: asyncio.Task[None] | None = None
+
+    # Pool side
+
+    def usable(self, idle_deadline: float) -> bool:
+        """Idle, open, and idle since after `idle_deadline`."""
+        return not self._lost and not self._broken and self.idle_since > idle_deadline
+
+    def reusable(self) -> bool:
+        """The exchange ended cleanly and both sides allow another request on this connection."""
+        return (
+            self._complete
+            and self._keep_alive
+            and not self._lost
+            and not self._broken
+            and (self._upload is None or (self._upload.done() and not self._upload.cancelled()))
+        )
+
+    def close(self) -> None:
+        """Close now (an unfinished exchange is abandoned)."""
+        self._active = False
+        self._cancel_timer()
+        if self._upload is not None and not self._upload.done():
+            self._upload.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+    # Exchange side
+
+    async def exchange(self, data: bytes, head_only: bool) -> Response:
+        """Write a whole request and wait for the answer's head."""
+        self._begin(head_only)
+        assert self._transport is not None
+        self._transport.write(data)
+        return await self._head()
+
+    async def exchange_streamed(
+        self, head: bytes, body: AsyncIterator[bytes], head_only: bool, chunked: bool
+    ) -> Response:
+        """Write the head, stream the body from a task, and wait for the answer's head or a body failure."""
+        self._begin(head_only)
+        assert self._transport is not None
+        self._transport.write(head)
+        upload = self._upload = self._loop.create_task(self._send_body(body, chunked))
+        upload.add_done_callback(self._uploaded)
+        answer = self._loop.create_task(self._head())
+        try:
+            await asyncio.wait((upload, answer), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            answer.cancel()
+            raise
+        if not answer.done() and (failure := upload.exception()) is not None:
+            answer.cancel()
+            raise failure
+        return await answer
+
+    def _uploaded(self, upload: asyncio.Task[None]) -> None:
+        # An upload that failed after the answer began leaves the connection unusable; its error was
+        # either raised by exchange_streamed or is moot (the upstream answered without the rest).
+        if upload.cancelled() or upload.exception() is not None:
+            self._broken = True
+
+    async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        transport = self._transport
+        assert transport is not None
+        async for chunk in body:
+            if self._lost:
+                return  # the answer (or its failure) tells the rest
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if self._writing_paused:
+                await self._drain()
+        if chunked and not self._lost:
+            transport.write(b"0\r\n\r\n")
+        self._last_read = self._loop.time()  # the upstream's silence is counted from the end of the body
+
+    def _begin(self, head_only: bool) -> None:
+        if self._parser is None or not self._complete or self._head_only:
+            # A new parser unless the last one stopped cleanly between two messages.
+            self._parser = httptools.HttpResponseParser(self)
+        self._active = True
+        self._head_only = head_only
+        self._head_bytes = 0
+        self._informational = False
+        self._reason = b""
+        self._headers = []
+        self._response = None
+        self._body = []
+        self._buffered = 0
+        self._complete = False
+        self._keep_alive = False
+        self._error = None
+        self._upload = None
+        self.answered = False
+        self._last_read = self._loop.time()
+        if self._timer is None:
+            # Re-armed only when it fires (see _on_timer): no timer created or cancelled per request.
+            self._timer = self._loop.call_at(self._last_read + self._limits.read_timeout, self._on_timer)
+
+    async def _head(self) -> Response:
+        while self._response is None:
+            await self._wait()
+        return self._response
+
+    async def whole_body(self) -> bytes:
+        """The rest of the body, once all of it has arrived."""
+        while not self._complete:
+            await self._wait()
+        body = self._body
+        self._body = []
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    async def body_data(self) -> bytes:
+        """What of the body has arrived (waiting for some), or b"" at its end."""
+        while not self._body:
+            if self._complete:
+                return b""
+            await self._wait()
+        data = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body = []
+        self._buffered = 0
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        if self._error is not None:
+            raise self._error
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self._complete:
+            self._error = error
+        self._broken = True
+        self._cancel_timer()
+        self._wake()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._active or self._complete:
+            return
+        due = self._last_read + self._limits.read_timeout
+        if self._reading_paused or due > self._loop.time():
+            # Data came meanwhile (or the client is the slow side): count from the last read.
+            self._timer = self._loop.call_at(max(due, self._loop.time() + 0.01), self._on_timer)
+            return
+        self._fail(UpstreamError("timeout", "read"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _drain(self) -> None:
+        self._drained = self._loop.create_future()
+        try:
+            async with asyncio.timeout(self._limits.read_timeout):
+                await self._drained
+        except TimeoutError:
+            self._fail(UpstreamError("timeout", "upstream stopped reading the request body"))
+        finally:
+            self._drained = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._active or self._complete:
+            # Bytes nobody asked for (after a HEAD answer's head, or on an idle connection): the framing
+            # cannot be trusted any more.
+            self._broken = True
+            assert self._transport is not None
+            self._transport.close()
+            return
+        self.answered = True
+        self._last_read = self._loop.time()
+        if self._response is None:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.max_headers * self._limits.max_field_bytes:
+                self._fail(UpstreamError("malformed", "response head too large"))
+                return
+        assert self._parser is not None
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._fail(cause if isinstance(cause, UpstreamError) else UpstreamError("malformed", "callback"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._fail(UpstreamError("malformed", type(exc).__name__))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost tells the exchange
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._active and not self._complete:
+            if self._response is not None and self._until_eof():
+                self._finish()
+            else:
+                self._fail(UpstreamError("disconnected", "connection closed"))
+        self._cancel_timer()
+        # The parser holds this protocol's callbacks: a cycle that only the collector would otherwise free.
+        self._parser = None
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # A second answer to one request, in the same read: never taken for the next request's answer
+            # (response splitting); the connection closes, the first answer stands.
+            raise UpstreamError("malformed", "more than one answer")
+        self._reason = b""
+        self._headers = []
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+        if len(self._reason) > self._limits.max_field_bytes:
+            raise UpstreamError("malformed", "reason phrase too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limit = self._limits.max_field_bytes
+        if len(name) > limit or len(value) > limit or len(self._headers) >= self._limits.max_headers:
+            raise UpstreamError("malformed", "header too large or too many")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:  # this client never asks to switch protocols
+                raise UpstreamError("malformed", "unrequested protocol switch")
+            self._informational = True  # 100 or 103: the real answer follows
+            return
+        self._informational = False
+        headers = []
+        content_length = None
+        connection: frozenset[str] = frozenset()
+        for raw_name, raw_value in self._headers:
+            name = raw_name.decode("utf-8", "surrogateescape")
+            value = raw_value.decode("utf-8", "surrogateescape")
+            headers.append((name, value))
+            lowered = raw_name.lower()
+            if lowered == b"content-length":
+                content_length = int(raw_value)  # llhttp has checked it is one valid number
+            elif lowered == b"connection":
+                connection |= {token.strip().lower() for token in value.split(",")}
+        self._response = Response(
+            self, status, self._reason.decode("utf-8", "surrogateescape"), headers, content_length, connection
+        )
+        if self._head_only:
+            self._keep_alive = self._parser.should_keep_alive()
+            self._finish()
+        else:
+            self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self._head_only:
+            self._broken = True  # a body after a HEAD answer: framing lost
+            return
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered > READ_HIGH_WATER and not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if self._head_only:
+            return
+        assert self._parser is not None
+        self._keep_alive = self._parser.should_keep_alive()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._active = False
+        self._wake()
+
+    def _until_eof(self) -> bool:
+        """The answer has no declared length: it ends when the upstream closes (RFC 9112 §6.3)."""
+        response = self._response
+        if response is None or response.content_length is not None:
+            return False
+        return not any(name.lower() == b"transfer-encoding" for name, _ in self._headers)

@@ -1,0 +1,547 @@
+"""The upstream client (proxy/upstream.py) through the real app, against raw scripted upstreams.
+
+The rig's aiohttp upstream always speaks well; these servers speak exactly the bytes a test gives them, so
+pooling, keep-alive races, framing without a length, 1xx answers, malformed heads, slow bodies and TLS are
+each exercised on real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy import keys
+from proxy.errors import BAD_GATEWAY
+from tests.conftest import MakeProxy
+from tests.test_forward import read_into
+from tests.test_server import wait_until
+
+Client = TestClient[Any, Any]
+# Answers one request: (its index on the connection, its head, the connection) -> keep the connection open?
+Handler = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+
+
+@dataclass
+class Scripted:
+    """A raw TCP upstream answering each request head through `handler`, counting its connections."""
+
+    handler: Handler
+    heads: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    open_now: int = 0
+    peak_open: int = 0
+    server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.peak_open = max(self.peak_open, self.open_now)
+        try:
+            index = 0
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                self.heads.append(head)
+                if not await self.handler(index, head, writer):
+                    return
+                index += 1
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[[Handler], Awaitable[Scripted]]]:
+    started: list[Scripted] = []
+
+    async def start(handler: Handler) -> Scripted:
+        upstream = Scripted(handler)
+        upstream.server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        assert upstream.server is not None
+        upstream.server.close()
+
+
+def answering(*replies: bytes) -> Handler:
+    """A handler writing `replies[i]` for the i-th request on a connection (the last one repeats)."""
+
+    async def handler(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(replies[min(index, len(replies) - 1)])
+        await writer.drain()
+        return True
+
+    return handler
+
+
+async def proxy_to(make_proxy: MakeProxy, upstream: Scripted, **upstream_settings: Any) -> Client:
+    return await make_proxy(upstream={"url": upstream.url, **upstream_settings})
+
+
+def failures(client: Client) -> dict[str, int]:
+    return dict(client.app[keys.FORWARDER].failures)
+
+
+# Connections
+
+
+async def test_one_keep_alive_connection_carries_sequential_requests(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    upstream = await scripted(answering(OK))
+    client = await proxy_to(make_proxy, upstream)
+
+    for _ in range(5):
+        resp = await client.get("/thing")
+        assert (resp.status, await resp.read()) == (200, b"ok")
+
+    assert upstream.connections == 1
+    assert len(upstream.heads) == 5
+
+
+async def test_the_pool_never_opens_more_than_max_connections(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(slow)
+    client = await proxy_to(make_proxy, upstream, max_connections=2)
+
+    requests = [asyncio.ensure_future(client.get(f"/n{i}")) for i in range(6)]
+    await wait_until(lambda: len(upstream.heads) == 2, "two requests upstream")
+    await asyncio.sleep(0.1)  # the other four must be waiting for a connection, not opening a third
+    assert upstream.connections == 2
+    release.set()
+    statuses = [(await resp).status for resp in requests]
+
+    assert statuses == [200] * 6
+    assert upstream.peak_open == 2
+    assert len(upstream.heads) == 6
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_retried_once_for_a_get(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    # The keep-alive race: the upstream closes an idle connection just as the proxy sends on it.
+    async def first_only(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if index > 0:
+            return False  # read the request, close without a word
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(first_only)
+    client = await proxy_to(make_proxy, upstream)
+
+    assert (await client.get("/one")).status == 200
+    resp = await client.get("/two")
+
+    assert (resp.status, await resp.read()) == (200, b"ok")
+    assert upstream.connections == 2
+    assert [head.split(b" ")[1] for head in upstream.heads] == [b"/one", b"/two", b"/two"]
+    assert failures(client) == {}
+
+
+async def test_a_post_on_a_connection_closed_while_idle_is_not_sent_twice(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    async def first_only(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if index > 0:
+            return False
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(first_only)
+    client = await proxy_to(make_proxy, upstream)
+
+    assert (await client.get("/one")).status == 200
+    resp = await client.post("/capture", data=b"{}")
+
+    # The upstream may have acted on it: a POST is never replayed, the client decides.
+    assert (resp.status, await resp.read()) == (502, BAD_GATEWAY)
+    assert [head.split(b" ")[1] for head in upstream.heads] == [b"/one", b"/capture"]
+    assert failures(client) == {"disconnected": 1}
+
+
+async def test_idle_connections_close_after_the_keepalive_timeout(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    upstream = await scripted(answering(OK))
+    client = await proxy_to(make_proxy, upstream, keepalive_timeout_seconds=0.2)
+
+    assert (await client.get("/one")).status == 200
+    assert upstream.open_now == 1
+    await wait_until(lambda: upstream.open_now == 0, "the idle connection closed by the proxy")
+    assert (await client.get("/two")).status == 200
+
+    assert upstream.connections == 2
+
+
+async def test_connection_close_answers_are_not_reused(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    # gunicorn's sync workers: one request per connection.
+    closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+    async def once(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(closing)
+        await writer.drain()
+        return False
+
+    upstream = await scripted(once)
+    client = await proxy_to(make_proxy, upstream)
+
+    for _ in range(3):
+        resp = await client.get("/x")
+        assert (resp.status, await resp.read()) == (200, b"ok")
+        assert "Connection" not in resp.headers or resp.headers["Connection"] != "close"
+
+    assert upstream.connections == 3
+    assert failures(client) == {}
+
+
+async def test_shutdown_closes_idle_upstream_connections(
+    aiohttp_client: Any, scripted: Callable[[Handler], Awaitable[Scripted]], redis_url: str
+) -> None:
+    from proxy.app import create_app
+    from tests.conftest import settings_for
+
+    upstream = await scripted(answering(OK))
+    client = await aiohttp_client(create_app(settings_for(upstream.url, redis_url)))
+    assert (await client.get("/x")).status == 200
+    assert upstream.open_now == 1
+
+    await client.close()
+
+    await wait_until(lambda: upstream.open_now == 0, "the pool closed on shutdown")
+
+
+# Framing
+
+
+async def test_head_answer_declaring_a_length_has_no_body_and_the_connection_goes_on(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    head_reply = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nContent-Type: application/json\r\n\r\n"
+
+    async def handler(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(head_reply if head.startswith(b"HEAD ") else OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(handler)
+    client = await proxy_to(make_proxy, upstream)
+
+    head = await client.head("/doc")
+    after = await client.get("/doc")
+
+    assert head.status == 200
+    assert head.headers["Content-Length"] == "1234"
+    assert await head.read() == b""
+    assert (after.status, await after.read()) == (200, b"ok")
+    assert upstream.connections == 1
+
+
+async def test_informational_answers_are_skipped(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    upstream = await scripted(answering(early + OK))
+    client = await proxy_to(make_proxy, upstream)
+
+    resp = await client.get("/page")
+
+    assert (resp.status, await resp.read()) == (200, b"ok")
+    assert "Link" not in resp.headers
+    assert (await client.get("/again")).status == 200
+    assert upstream.connections == 1
+
+
+async def test_an_answer_without_a_length_ends_when_the_upstream_closes(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    async def until_close(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"world")
+        await writer.drain()
+        return False
+
+    upstream = await scripted(until_close)
+    client = await proxy_to(make_proxy, upstream)
+
+    resp = await client.get("/legacy")
+
+    assert (resp.status, await resp.read()) == (200, b"hello world")
+    assert failures(client) == {}
+
+
+async def test_a_chunked_answer_is_decoded_and_reframed(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Mark: kept\r\n\r\n"
+        b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: dropped\r\n\r\n"
+    )
+    upstream = await scripted(answering(chunked))
+    client = await proxy_to(make_proxy, upstream)
+
+    first = await client.get("/a")
+    second = await client.get("/b")
+
+    assert (first.status, await first.read(), first.headers["X-Mark"]) == (200, b"hello world", "kept")
+    assert (second.status, await second.read()) == (200, b"hello world")
+    assert upstream.connections == 1
+
+
+MALFORMED = {
+    "not http": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "bad length": b"HTTP/1.1 200 OK\r\nContent-Length: 12abc\r\n\r\nok",
+    "length and chunked": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "two lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    "bad chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+    "header over 16 KiB": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 16385 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "129 headers": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(129)) + b"\r\nok",
+    "protocol switch": (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("reply", list(MALFORMED.values()), ids=list(MALFORMED))
+async def test_malformed_answers_are_502_and_counted(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]], reply: bytes
+) -> None:
+    upstream = await scripted(answering(reply))
+    client = await proxy_to(make_proxy, upstream)
+
+    resp = await client.get("/x")
+
+    assert (resp.status, await resp.read()) == (502, BAD_GATEWAY)
+    assert failures(client) == {"malformed": 1}
+
+
+async def test_bytes_after_an_answer_are_not_taken_for_the_next_one(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    # An upstream that says more than its Content-Length: the extra bytes must not become the next
+    # request's answer (response splitting); the connection is dropped instead.
+    upstream = await scripted(answering(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"))
+    client = await proxy_to(make_proxy, upstream)
+
+    first = await client.get("/one")
+    assert (first.status, await first.read()) == (200, b"ok")
+    await wait_until(lambda: upstream.open_now == 0, "the connection dropped")
+    second = await client.get("/two")
+
+    assert (second.status, await second.read()) == (200, b"ok")
+    assert upstream.connections == 2
+
+
+# Time and flow
+
+
+async def test_silence_mid_body_is_a_read_timeout_that_cuts_the_stream(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    stall = asyncio.Event()
+
+    async def stalls(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
+        await writer.drain()
+        await stall.wait()
+        return False
+
+    upstream = await scripted(stalls)
+    client = await proxy_to(make_proxy, upstream, read_timeout_seconds=0.3)
+    try:
+        resp = await client.get("/big")
+        assert resp.status == 200
+        received = bytearray()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await read_into(resp, received)
+        assert bytes(received) == b"x" * len(received)
+        assert len(received) <= 100_000
+        assert failures(client) == {"timeout": 1}
+    finally:
+        stall.set()
+
+
+async def test_reading_pauses_while_the_client_is_slower_than_the_upstream(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    total, block = 256 * 1024 * 1024, b"\x01\x02\x03\x04" * 16384
+    sent = [0]
+
+    async def floods(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        while sent[0] < total:
+            writer.write(block)
+            await writer.drain()
+            sent[0] += len(block)
+        return True
+
+    upstream = await scripted(floods)
+    client = await proxy_to(make_proxy, upstream)
+    resp = await client.get("/flood")
+    assert resp.status == 200
+
+    # Nothing is read: once the socket buffers on the way fill, the upstream's writes must stall.
+    last = -1
+    while last != sent[0]:
+        last = sent[0]
+        await asyncio.sleep(0.3)
+    assert sent[0] < total // 4, "the proxy kept reading into memory for a client that read nothing"
+
+    digest = hashlib.sha256()
+    async for chunk in resp.content.iter_chunked(1024 * 1024):
+        digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(block * (total // len(block))).hexdigest()
+
+
+async def test_waiting_for_a_connection_ends_cleanly_when_the_request_is_abandoned(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if b"/hold" in head.split(b"\r\n")[0]:
+            await release.wait()
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(slow)
+    client = await proxy_to(make_proxy, upstream, max_connections=1)
+    held = asyncio.ensure_future(client.get("/hold"))
+    await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
+
+    # Waits for the pool; the client gives up (aiohttp then cancels nothing: the handler waits on).
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await client.get("/waits")
+    release.set()
+    assert (await held).status == 200
+    after = await client.get("/after")
+
+    assert (after.status, await after.read()) == (200, b"ok")
+    assert upstream.connections == 1
+
+
+# Bytes as they came
+
+
+async def test_request_header_bytes_reach_the_upstream_unchanged(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    upstream = await scripted(answering(OK))
+    client = await proxy_to(make_proxy, upstream)
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    # obs-text (not UTF-8) and UTF-8 in values, a target with escapes and an empty query.
+    writer.write(
+        b"GET /a%2Fb/%C3%A9?x=1&x=2&e=%00& HTTP/1.1\r\nHost: example.test\r\n"
+        b"X-Latin: caf\xe9\r\nX-Utf8: caf\xc3\xa9\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    sent = upstream.heads[0]
+    assert sent.startswith(b"GET /a%2Fb/%C3%A9?x=1&x=2&e=%00& HTTP/1.1\r\nHost: example.test\r\n")
+    assert b"\r\nX-Latin: caf\xe9\r\n" in sent
+    assert b"\r\nX-Utf8: caf\xc3\xa9\r\n" in sent
+
+
+async def test_a_name_resolves_and_its_connection_is_reused(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    upstream = await scripted(answering(OK))
+    url = upstream.url.replace("127.0.0.1", "localhost")
+    client = await make_proxy(upstream={"url": url, "host_header": "upstream"})
+
+    for _ in range(3):
+        assert (await client.get("/x")).status == 200
+
+    assert upstream.connections == 1
+    assert upstream.heads[0].split(b"\r\n")[1] == b"Host: " + url.removeprefix("http://").encode()
+
+
+# TLS
+
+
+@pytest.fixture(scope="module")
+def certificate_authority() -> trustme.CA:
+    return trustme.CA()
+
+
+async def https_upstream(ca: trustme.CA, aiohttp_server: Any) -> TestServer:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"tls {request.secure}")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    server: TestServer = await aiohttp_server(app, ssl=context)
+    return server
+
+
+async def test_an_https_upstream_is_verified_against_the_trusted_authorities(
+    make_proxy: MakeProxy,
+    aiohttp_server: Any,
+    certificate_authority: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = await https_upstream(certificate_authority, aiohttp_server)
+    url = f"https://localhost:{server.port}"
+    untrusted = await make_proxy(upstream={"url": url})
+    refused = await untrusted.get("/hello")
+    assert (refused.status, await refused.read()) == (502, BAD_GATEWAY)
+    assert failures(untrusted) == {"refused": 1}
+
+    # The system's trust store, as OpenSSL finds it: SSL_CERT_FILE names our authority.
+    bundle = tmp_path / "ca.pem"
+    certificate_authority.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    trusted = await make_proxy(upstream={"url": url})
+
+    resp = await trusted.get("/hello")
+    assert (resp.status, await resp.text()) == (200, "tls True")
+    assert failures(trusted) == {}
