@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import select
 import signal
@@ -89,6 +90,12 @@ async def serve(settings: Settings) -> int:
             except OSError as exc:
                 log.error("cannot listen on %s: %s", settings.bind, exc.strerror or exc)  # noqa: TRY400
                 return 1
+            # Everything startup made (modules, settings, the app, pools) lives as long as the process:
+            # moved out of the collector's sight, so the full collections that churn triggers (a
+            # connection per request to an upstream that closes them) no longer traverse it (profiled:
+            # gc_collect_main was ~10 % of the CPU of forwarding to gunicorn's sync workers).
+            gc.collect()
+            gc.freeze()
             log.info(
                 "listening on %s (mode %s, loop %s)",
                 settings.bind,
