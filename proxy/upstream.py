@@ -134,7 +134,8 @@ class Pool:
                         self._count -= 1
                         self._wake_one()
                 else:
-                    self._waiters.remove(waiter)
+                    with contextlib.suppress(ValueError):  # already popped and skipped as done
+                        self._waiters.remove(waiter)
                 raise
             if handed is not None:
                 return handed, True
@@ -391,10 +392,11 @@ class Connection(asyncio.Protocol):
                 return  # the answer (or its failure) tells the rest
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             if self._writing_paused:
-                await self._drain()
+                await self._drain()  # an upstream that stops reading is bounded there
+            # The upstream is taking the body: its silence (the read timeout) counts from the last of it.
+            self._last_read = self._loop.time()
         if chunked and not self._lost:
             transport.write(b"0\r\n\r\n")
-        self._last_read = self._loop.time()  # the upstream's silence is counted from the end of the body
 
     def _begin(self, head_only: bool) -> None:
         if self._parser is None or not self._complete or self._head_only:

@@ -23,11 +23,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.errors import BAD_GATEWAY
+from proxy.upstream import Limits, Pool
 from tests.conftest import MakeProxy
+from tests.rig import Upstream
 from tests.test_forward import read_into
 from tests.test_server import wait_until
 
 Client = TestClient[Any, Any]
+Rig = tuple[Upstream, TestServer]
 # Answers one request: (its index on the connection, its head, the connection) -> keep the connection open?
 Handler = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -459,6 +462,76 @@ async def test_waiting_for_a_connection_ends_cleanly_when_the_request_is_abandon
 
     assert (after.status, await after.read()) == (200, b"ok")
     assert upstream.connections == 1
+
+
+async def test_a_cancelled_wait_for_a_connection_leaves_the_pool_whole(
+    scripted: Callable[[Handler], Awaitable[Scripted]],
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /hold "):
+            await release.wait()
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(slow)
+    port = int(upstream.url.rpartition(":")[2])
+    limits = Limits(
+        max_connections=1,
+        keepalive_timeout=15,
+        connect_timeout=2,
+        read_timeout=10,
+        max_field_bytes=16384,
+        max_headers=128,
+    )
+    pool = Pool("127.0.0.1", port, tls=False, limits=limits)
+
+    async def get(path: bytes) -> bytes:
+        response = await pool.send(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % path, None)
+        try:
+            return await response.read()
+        finally:
+            response.release()
+
+    try:
+        held = asyncio.ensure_future(get(b"/hold"))
+        await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
+        waiting = [asyncio.ensure_future(get(b"/w%d" % i)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        waiting[0].cancel()
+        waiting[2].cancel()
+        release.set()
+
+        assert await held == b"ok"
+        assert await waiting[1] == b"ok"
+        assert list(await asyncio.gather(get(b"/a"), get(b"/b"))) == [b"ok", b"ok"]
+        for cancelled in (waiting[0], waiting[2]):
+            assert cancelled.cancelled()
+        assert upstream.connections == 1
+        assert [head.split(b" ")[1] for head in upstream.heads] == [b"/hold", b"/w1", b"/a", b"/b"]
+    finally:
+        pool.close()
+
+
+async def test_an_upload_longer_than_the_read_timeout_is_not_cut(
+    make_proxy: MakeProxy, upstream: Rig
+) -> None:
+    # The read timeout is the upstream's silence once it has the body; a slow, steady upload is not that.
+    recorder, _ = upstream
+    client = await make_proxy(upstream={"read_timeout_seconds": 0.5})
+
+    async def steady() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            await asyncio.sleep(0.05)
+            yield b"x" * 1000
+
+    resp = await client.post("/upload", data=steady())
+
+    assert resp.status == 200
+    assert recorder.seen[-1].body == b"x" * 20_000
+    assert failures(client) == {}
 
 
 # Bytes as they came
