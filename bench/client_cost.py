@@ -5,6 +5,8 @@ Usage: python bench/client_cost.py [--requests 20000] [--concurrency 16] [--roun
 Starts the bench's aiohttp upstream (bench/upstream.py) pinned to core 1, then, in this process on core 0,
 sends the same GET (the headers the forwarder sends) through each client in turn, round after round, and
 prints this process's CPU time per request: the client's own cost (plus the loop's), side by side in one run.
+A third row sends through the pool to a route that closes every connection (as gunicorn's sync workers do):
+what a TCP connect and close per request cost on top.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -48,7 +51,7 @@ async def with_aiohttp(port: int, requests: int, concurrency: int) -> None:
         await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
 
 
-async def with_pool(port: int, requests: int, concurrency: int) -> None:
+async def with_pool(port: int, requests: int, concurrency: int, path: str = "/api/thing?x=1") -> None:
     """proxy/upstream.py, sending what the forwarder sends."""
     pool = Pool(
         "127.0.0.1",
@@ -64,7 +67,7 @@ async def with_pool(port: int, requests: int, concurrency: int) -> None:
         ),
     )
     head = "".join(
-        [f"GET /api/thing?x=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"]
+        [f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"]
         + [f"{k}: {v}\r\n" for k, v in HEADERS.items()]
         + ["\r\n"]
     ).encode()
@@ -89,7 +92,12 @@ async def main(args: argparse.Namespace) -> None:
         command = [sys.executable, str(ROOT / "bench" / "upstream.py"), "--bind", f"127.0.0.1:{port}"]
         upstream = supervisor.start("upstream", procs.pinned(command, 1))
         procs.wait_http(port, "/__bench/stats", upstream)
-        clients = {"aiohttp ClientSession": with_aiohttp, "proxy.upstream.Pool": with_pool}
+        clients = {
+            "aiohttp ClientSession": with_aiohttp,
+            "proxy.upstream.Pool": with_pool,
+            # The same, to an upstream closing every connection: what a connect per request adds.
+            "proxy.upstream.Pool, a new connection per request": partial(with_pool, path="/__bench/close"),
+        }
         cost: dict[str, list[float]] = {name: [] for name in clients}
         for _ in range(args.rounds):
             for name, client in clients.items():

@@ -1,7 +1,8 @@
 """A simple upstream for the bench: answers every route with a small JSON body and counts what it saw.
 
 Usage: python bench/upstream.py --bind 127.0.0.1:PORT
-GET /__bench/stats (never forwarded by the bench) returns the counts.
+GET /__bench/stats (never forwarded by the bench) returns the counts; /__bench/close answers and closes the
+connection (as gunicorn's sync workers do).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def make_app() -> web.Application:
         counts["total"] += 1
         if request.path.startswith(("/flags/definitions", "/api/feature_flag/local_evaluation")):
             counts["definitions"] += 1
-        return web.Response(text=BODY, content_type="application/json")
+        response = web.Response(text=BODY, content_type="application/json")
+        if request.path == "/__bench/close":
+            response.force_close()  # like gunicorn's sync workers: one request per connection
+        return response
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(counts)
