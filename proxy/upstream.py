@@ -388,7 +388,7 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         async for chunk in body:
-            if self._lost:
+            if self._lost or self._broken:
                 return  # the answer (or its failure) tells the rest
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             if self._writing_paused:
@@ -445,6 +445,7 @@ class Connection(asyncio.Protocol):
         self._buffered = 0
         if self._reading_paused and self._transport is not None:
             self._reading_paused = False
+            self._last_read = self._loop.time()
             self._transport.resume_reading()
         return data
 
@@ -479,10 +480,14 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if not self._active or self._complete:
             return
+        now = self._loop.time()
+        if self._reading_paused:
+            # The client is the slow side; the count starts again when reading resumes (body_data).
+            self._timer = self._loop.call_at(now + self._limits.read_timeout, self._on_timer)
+            return
         due = self._last_read + self._limits.read_timeout
-        if self._reading_paused or due > self._loop.time():
-            # Data came meanwhile (or the client is the slow side): count from the last read.
-            self._timer = self._loop.call_at(max(due, self._loop.time() + 0.01), self._on_timer)
+        if due > now:  # data came meanwhile: count from the last read
+            self._timer = self._loop.call_at(due, self._on_timer)
             return
         self._fail(UpstreamError("timeout", "read"))
 
