@@ -111,7 +111,10 @@ class _Section(BaseModel):
 class UpstreamSettings(_Section):
     """Where misses and unknown routes go, and how."""
 
+    # http://host[:port][/path prefix] or https://...; no credentials, query or fragment. An https upstream's
+    # certificate is verified against the system's trust store (SSL_CERT_FILE / SSL_CERT_DIR honoured).
     url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
+    # Resolving the host name, connecting and, for https, the TLS handshake, together.
     connect_timeout_seconds: Seconds = 2.0
     # Longest silence between two reads of the upstream's answer: a slow upstream becomes 504 after this.
     read_timeout_seconds: Seconds = 30.0
@@ -125,6 +128,17 @@ class UpstreamSettings(_Section):
     # Request bodies up to this size are read before forwarding (so a retry-free, single write); larger ones
     # are streamed chunk by chunk.
     buffer_request_body_bytes: int = Field(default=65536, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _plain_base(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        # Only scheme, host, port and a path prefix mean anything here: credentials in the URL would never
+        # be sent (the client's own Authorization goes through), and a query or fragment would be dropped.
+        if value.username is not None or value.password is not None:
+            raise ValueError("must not carry credentials (user:password@): they would not be sent")
+        if value.query is not None or value.fragment is not None:
+            raise ValueError("must not have a query or fragment: request targets are appended to its path")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

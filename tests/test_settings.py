@@ -267,6 +267,21 @@ def test_environment_problems_name_the_variable() -> None:
     assert "rate_limits.default (from $EDGE_PROXY__RATE_LIMITS__DEFAULT): " in message
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://user:secret@backend:8000", "must not carry credentials"),
+        ("http://backend:8000/?token=x", "must not have a query or fragment"),
+        ("http://backend:8000/#top", "must not have a query or fragment"),
+    ],
+)
+def test_upstream_url_is_a_plain_base(url: str, says: str) -> None:
+    message = problems(env={"UPSTREAM_URL": url})
+    assert "upstream.url (from $UPSTREAM_URL): " in message
+    assert says in message
+    assert "secret" not in message
+
+
 def test_layout_templates_must_keep_their_placeholders() -> None:
     message = problems(env={"EDGE_PROXY__LAYOUT__TEAM_KEY": "team:{id}"})
     assert "layout: " in message
