@@ -91,7 +91,7 @@ class Forwarder:
         limits: ClientLimitsSettings = ClientLimitsSettings(),  # noqa: B008 - frozen, never mutated
         tracer: trace.Tracer | None = None,
     ) -> None:
-        self._pool = pool
+        self.pool = pool
         # Upstream failures by kind (refused, timeout, disconnected, malformed, 5xx), for metrics.
         self.failures: Counter[str] = Counter()
         self._body_timeout = limits.body_read_timeout_seconds
@@ -134,7 +134,7 @@ class Forwarder:
             [f"{method} {self._target(request)} HTTP/1.1\r\n", *[f"{k}: {v}\r\n" for k, v in headers], "\r\n"]
         ).encode("utf-8", "surrogateescape")  # header bytes leave as they came in
         try:
-            upstream = await self._pool.send(head, body, head_only=method == "HEAD", chunked=chunked)
+            upstream = await self.pool.send(head, body, head_only=method == "HEAD", chunked=chunked)
         except ClientBodyError as exc:
             tracing.end_upstream_span(span, None, exc)
             return exc.response()

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from proxy.payloads import DefinitionsCache
     from proxy.ratelimit import RateLimiter
     from proxy.telemetry import Telemetry
+    from proxy.upstream import Pool
 
 
 # Definitions answers by (method, status) when answered locally; anything forwarded is "forwarded".
@@ -128,6 +129,10 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
     def itself() -> Telemetry:
         return telemetry
 
+    def pool() -> Pool | None:
+        forwarder = app.get(keys.FORWARDER)
+        return None if forwarder is None else forwarder.pool
+
     gauge("edge_proxy.requests.in_flight", "Requests being handled", _value(itself, lambda t: t.in_flight))
     counter(
         "edge_proxy.definitions.requests",
@@ -189,6 +194,24 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         "edge_proxy.upstream.errors",
         "Upstream failures by kind: refused, timeout, disconnected, malformed, 5xx",
         _labelled(lambda: app.get(keys.FORWARDER), "kind", lambda f: f.failures),
+    )
+    gauge(
+        "edge_proxy.upstream.connections",
+        "Open connections to the upstream by state: idle (pooled) or busy",
+        _labelled(pool, "state", lambda p: p.connections()),
+    )
+    gauge(
+        "edge_proxy.upstream.waiting",
+        "Requests waiting for an upstream connection (the pool is at upstream.max_connections)",
+        _value(pool, lambda p: p.waiting),
+    )
+    counter(
+        "edge_proxy.upstream.connects", "Connections opened to the upstream", _value(pool, lambda p: p.opened)
+    )
+    counter(
+        "edge_proxy.upstream.retries",
+        "Requests sent again on a new connection after a reused one turned out closed",
+        _value(pool, lambda p: p.retried),
     )
     counter(
         "edge_proxy.redis.command.errors",

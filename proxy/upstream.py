@@ -77,6 +77,9 @@ class Pool:
         self._addresses: list[tuple[str, int]] = []
         self._addresses_until = 0.0
         self._closed = False
+        # For metrics: connections opened, and requests sent again after a reused connection failed.
+        self.opened = 0
+        self.retried = 0
 
     async def send(
         self,
@@ -106,6 +109,7 @@ class Pool:
                 if not (retry and reused and exc.kind == "disconnected" and not conn.answered):
                     raise
                 retry = False
+                self.retried += 1
             except BaseException:
                 self.release(conn)
                 raise
@@ -166,6 +170,7 @@ class Pool:
                     except OSError as exc:  # refused, unreachable, TLS failure: try the next address
                         failure = exc
                     else:
+                        self.opened += 1
                         return conn
                 raise UpstreamError("refused", type(failure).__name__)
         except TimeoutError:
@@ -187,6 +192,16 @@ class Pool:
             self._addresses = [(self._host, self._port)]
             self._addresses_until = float("inf")
         return self._addresses
+
+    def connections(self) -> dict[str, int]:
+        """Open connections by state, for metrics: idle in the pool, or busy with a request."""
+        idle = len(self._idle)
+        return {"idle": idle, "busy": self._count - idle}
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection (the pool is at max_connections)."""
+        return sum(not waiter.done() for waiter in self._waiters)
 
     def release(self, conn: Connection) -> None:
         """Give `conn` back: to a waiter or the idle set if it can carry another request, else close."""

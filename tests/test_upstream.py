@@ -28,6 +28,7 @@ from tests.conftest import MakeProxy
 from tests.rig import Upstream
 from tests.test_forward import read_into
 from tests.test_server import wait_until
+from tests.test_telemetry import scrape, value
 
 Client = TestClient[Any, Any]
 Rig = tuple[Upstream, TestServer]
@@ -123,6 +124,11 @@ async def test_one_keep_alive_connection_carries_sequential_requests(
 
     assert upstream.connections == 1
     assert len(upstream.heads) == 5
+    samples = await scrape(client)
+    assert value(samples, "edge_proxy_upstream_connects_total") == 1
+    assert value(samples, "edge_proxy_upstream_connections", state="idle") == 1
+    assert value(samples, "edge_proxy_upstream_connections", state="busy") == 0
+    assert value(samples, "edge_proxy_upstream_waiting") == 0
 
 
 async def test_the_pool_never_opens_more_than_max_connections(
@@ -141,7 +147,11 @@ async def test_the_pool_never_opens_more_than_max_connections(
 
     requests = [asyncio.ensure_future(client.get(f"/n{i}")) for i in range(6)]
     await wait_until(lambda: len(upstream.heads) == 2, "two requests upstream")
-    await asyncio.sleep(0.1)  # the other four must be waiting for a connection, not opening a third
+    pool = client.app[keys.FORWARDER].pool
+    await wait_until(lambda: pool.waiting == 4, "the other four waiting for a connection, not opening one")
+    samples = await scrape(client)
+    assert value(samples, "edge_proxy_upstream_waiting") == 4
+    assert value(samples, "edge_proxy_upstream_connections", state="busy") == 2
     assert upstream.connections == 2
     release.set()
     statuses = [(await resp).status for resp in requests]
@@ -172,6 +182,9 @@ async def test_a_connection_the_upstream_closed_while_idle_is_retried_once_for_a
     assert upstream.connections == 2
     assert [head.split(b" ")[1] for head in upstream.heads] == [b"/one", b"/two", b"/two"]
     assert failures(client) == {}
+    samples = await scrape(client)
+    assert value(samples, "edge_proxy_upstream_retries_total") == 1
+    assert value(samples, "edge_proxy_upstream_connects_total") == 2
 
 
 async def test_a_post_on_a_connection_closed_while_idle_is_not_sent_twice(
