@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -339,6 +340,46 @@ async def test_a_chunked_answer_is_decoded_and_reframed(
     assert (first.status, await first.read(), first.headers["X-Mark"]) == (200, b"hello world", "kept")
     assert (second.status, await second.read()) == (200, b"hello world")
     assert upstream.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Mark: 1\r\n\r\nhello world", b"hello world"),
+        (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\n"
+            b"Transfer-Encoding: chunked\r\nX-Mark: 1\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            b"hello world",
+        ),
+    ],
+    ids=["content-length", "1xx then chunked"],
+)
+async def test_answers_split_at_every_byte_boundary_parse_the_same(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]], answer: bytes, body: bytes
+) -> None:
+    # The parser sees the answer in whatever pieces TCP delivers: here one to three bytes at a time.
+    rng = random.Random(7)
+
+    async def trickles(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        offset = 0
+        while offset < len(answer):
+            step = rng.randint(1, 3)
+            writer.write(answer[offset : offset + step])
+            await writer.drain()
+            await asyncio.sleep(0.001)  # a separate segment, most of the time
+            offset += step
+        return True
+
+    upstream = await scripted(trickles)
+    client = await proxy_to(make_proxy, upstream)
+
+    status, _, reason = answer.rsplit(b"HTTP/1.1 ", 1)[1].split(b"\r\n")[0].decode().partition(" ")
+    for _ in range(3):
+        resp = await client.get("/trickle")
+        assert (await resp.read(), resp.headers["X-Mark"]) == (body, "1")
+        assert (resp.status, resp.reason) == (int(status), reason)
+    assert upstream.connections == 1
+    assert failures(client) == {}
 
 
 MALFORMED = {
