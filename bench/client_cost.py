@@ -53,19 +53,7 @@ async def with_aiohttp(port: int, requests: int, concurrency: int) -> None:
 
 async def with_pool(port: int, requests: int, concurrency: int, path: str = "/api/thing?x=1") -> None:
     """proxy/upstream.py, sending what the forwarder sends."""
-    pool = Pool(
-        "127.0.0.1",
-        port,
-        tls=False,
-        limits=Limits(
-            max_connections=256,
-            keepalive_timeout=15,
-            connect_timeout=2,
-            read_timeout=30,
-            max_field_bytes=16384,
-            max_headers=128,
-        ),
-    )
+    pool = Pool("127.0.0.1", port, tls=False, limits=Limits())  # the forwarder's defaults
     head = "".join(
         [f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"]
         + [f"{k}: {v}\r\n" for k, v in HEADERS.items()]

@@ -43,16 +43,16 @@ class UpstreamError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """How the pool connects, waits and bounds what it reads."""
+    """How the pool connects, waits and bounds what it reads (defaults: upstream settings' defaults)."""
 
-    max_connections: int
-    keepalive_timeout: float
-    connect_timeout: float
+    max_connections: int = 256
+    keepalive_timeout: float = 15.0
+    connect_timeout: float = 2.0
     # Longest silence while waiting for the answer's next bytes.
-    read_timeout: float
+    read_timeout: float = 30.0
     # Per header name or value, and the reason phrase; and the number of header fields.
-    max_field_bytes: int
-    max_headers: int
+    max_field_bytes: int = 16384
+    max_headers: int = 128
 
 
 class Pool:

@@ -102,6 +102,15 @@ def answering(*replies: bytes) -> Handler:
     return handler
 
 
+async def first_only(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+    """Answer a connection's first request; read the next one and close without a word."""
+    if index > 0:
+        return False
+    writer.write(OK)
+    await writer.drain()
+    return True
+
+
 async def proxy_to(make_proxy: MakeProxy, upstream: Scripted, **upstream_settings: Any) -> Client:
     return await make_proxy(upstream={"url": upstream.url, **upstream_settings})
 
@@ -166,13 +175,6 @@ async def test_a_connection_the_upstream_closed_while_idle_is_retried_once_for_a
     make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
 ) -> None:
     # The keep-alive race: the upstream closes an idle connection just as the proxy sends on it.
-    async def first_only(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if index > 0:
-            return False  # read the request, close without a word
-        writer.write(OK)
-        await writer.drain()
-        return True
-
     upstream = await scripted(first_only)
     client = await proxy_to(make_proxy, upstream)
 
@@ -191,13 +193,6 @@ async def test_a_connection_the_upstream_closed_while_idle_is_retried_once_for_a
 async def test_a_post_on_a_connection_closed_while_idle_is_not_sent_twice(
     make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
 ) -> None:
-    async def first_only(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if index > 0:
-            return False
-        writer.write(OK)
-        await writer.drain()
-        return True
-
     upstream = await scripted(first_only)
     client = await proxy_to(make_proxy, upstream)
 
@@ -532,15 +527,7 @@ async def test_a_cancelled_wait_for_a_connection_leaves_the_pool_whole(
 
     upstream = await scripted(slow)
     port = int(upstream.url.rpartition(":")[2])
-    limits = Limits(
-        max_connections=1,
-        keepalive_timeout=15,
-        connect_timeout=2,
-        read_timeout=10,
-        max_field_bytes=16384,
-        max_headers=128,
-    )
-    pool = Pool("127.0.0.1", port, tls=False, limits=limits)
+    pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1))
 
     async def get(path: bytes) -> bytes:
         response = await pool.send(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % path, None)
