@@ -9,8 +9,9 @@ from aiohttp import web
 from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.aio.storage.redis.redispy import RedispyBridge
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from proxy import keys
@@ -20,11 +21,16 @@ from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, RedisSettings, clust
 
 
 def _options(settings: RedisSettings) -> dict[str, Any]:
-    """What every client gets, on one node, through Sentinel or on a Cluster (there per node)."""
+    """What every client gets, on one node, through Sentinel or on a Cluster (there per node).
+
+    On one node and through Sentinel a call that finds all `max_connections` busy waits for one, up to
+    `timeout_seconds` (redis-py's plain pool fails at once: a cold burst of more distinct teams than
+    connections, as after a deploy, sent most of them to the backend). A Cluster's per-node pools still
+    fail at once (redis-py has no waiting variant of them).
+    """
     return {
         "socket_timeout": settings.timeout_seconds,
         "socket_connect_timeout": settings.timeout_seconds,
-        # A call that finds every pooled connection busy fails at once.
         "max_connections": settings.max_connections,
         # Raw bytes: values are pickles, often compressed, never text to be decoded by the client.
         "decode_responses": False,
@@ -42,10 +48,15 @@ def make_client(settings: RedisSettings) -> ObservedRedis | ObservedRedisCluster
         return _sentinel_client(settings)
     if settings.url.startswith(CLUSTER_SCHEME):
         return _cluster_client(settings)
-    # ObservedRedis behaves exactly as redis.asyncio.Redis until an observer is set (redis_ctx). from_url
+    # ObservedRedis behaves exactly as redis.asyncio.Redis until an observer is set (redis_ctx). from_pool
     # builds `cls`, though redis-py annotates it as returning Redis.
-    client = ObservedRedis.from_url(settings.url, **_options(settings))
-    return cast(ObservedRedis, client)
+    options = _options(settings)
+    pool = BlockingConnectionPool.from_url(settings.url, timeout=settings.timeout_seconds, **options)
+    return cast(ObservedRedis, ObservedRedis.from_pool(pool))
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's master pool, waiting for a free connection as BlockingConnectionPool does."""
 
 
 def _sentinel_client(settings: RedisSettings) -> ObservedRedis:
@@ -69,8 +80,10 @@ def _sentinel_client(settings: RedisSettings) -> ObservedRedis:
     client = sentinel.master_for(
         service,
         redis_class=ObservedRedis,
+        connection_pool_class=_BlockingSentinelPool,
         password=password,
         db=db,
+        timeout=timeout,
         **_options(settings),
     )
     return cast(ObservedRedis, client)

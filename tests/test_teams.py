@@ -162,3 +162,31 @@ async def test_rotated_secret_takes_effect_through_the_background_refresh(
         await asyncio.sleep(0.02)
     assert (await client.get(url, headers=old)).status == 401
     assert (await client.get(url, headers=new)).status == 200
+
+
+async def test_a_cold_burst_of_more_teams_than_redis_connections_is_answered_locally(
+    make_proxy: MakeProxy, upstream: Any, redis_url: str
+) -> None:
+    # After a deploy every team is cold at once. With 4 connections and 60 distinct teams asking together,
+    # requests wait for a connection (up to redis.timeout_seconds) instead of failing over to the backend.
+    recorder, _ = upstream
+    burst = range(1001, 1061)
+    with BackendWriter(redis_url) as writer:
+        for team_id in burst:
+            write_team(writer, team_id)
+            writer.set_definitions(team_id, [{"key": f"flag-{team_id}", "active": True}])
+    client = await make_proxy(redis={"max_connections": 4})
+
+    answers = await asyncio.gather(
+        *(
+            client.get(
+                URL.format(token=token_of(team_id)), headers={"Authorization": f"Bearer {secret_of(team_id)}"}
+            )
+            for team_id in burst
+        )
+    )
+
+    assert [answer.status for answer in answers] == [200] * len(burst)
+    for team_id, answer in zip(burst, answers, strict=True):
+        assert (await answer.json())["flags"][0]["key"] == f"flag-{team_id}"
+    assert recorder.seen == []
