@@ -213,8 +213,21 @@ def checks(rows: Sequence[Row], memory: Mapping[str, Any]) -> list[dict[str, Any
                     None if cpu is None else cpu <= TARGET_FORWARD_CPU_US,
                 )
             )
-            value = ratio(rows, row, baseline_of(row))
             is_django = row.scenario == "forward"
+            if not is_django:
+                # The same cost in units of the upstream's own CPU per request, measured in the same runs:
+                # comparable across machines and days where µs are not.
+                cost = ratio(rows, row, baseline_of(row), "cpu_us_per_req")
+                out.append(
+                    _check(
+                        f"{row.scenario}: proxy CPU per forward / the upstream's CPU per request",
+                        where,
+                        None if not cost else 1 / cost,
+                        "(report)",
+                        None,
+                    )
+                )
+            value = ratio(rows, row, baseline_of(row))
             out.append(
                 _check(
                     f"{row.scenario}: proxy/direct req/s",
