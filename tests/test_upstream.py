@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import random
+import socket
 import ssl
 import time
 from collections import Counter
@@ -617,6 +618,34 @@ async def test_a_name_resolves_and_its_connection_is_reused(
 
     assert upstream.connections == 1
     assert upstream.heads[0].split(b"\r\n")[1] == b"Host: " + url.removeprefix("http://").encode()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_an_ipv6_literal_upstream_is_reached_with_a_bracketed_host(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    upstream = await scripted(answering(OK))
+    assert upstream.server is not None
+    upstream.server.close()
+    upstream.server = await asyncio.start_server(upstream.serve, "::1", 0)
+    port = upstream.server.sockets[0].getsockname()[1]
+    client = await make_proxy(upstream={"url": f"http://[::1]:{port}", "host_header": "upstream"})
+
+    for _ in range(2):
+        resp = await client.get("/v6")
+        assert (resp.status, await resp.read()) == (200, b"ok")
+
+    assert upstream.connections == 1
+    assert upstream.heads[0].split(b"\r\n")[1] == b"Host: [::1]:%d" % port
 
 
 # TLS
