@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from time import perf_counter
 
@@ -99,7 +100,11 @@ class Telemetry:
     def start(self, app: web.Application) -> None:
         """Create the providers the settings ask for."""
         config = self.settings
-        resource = Resource.create({"service.name": config.service_name})
+        # One instance id per process: with --workers N each worker exports its own cumulative series, which
+        # a collector would otherwise take for one process's and mix up.
+        resource = Resource.create(
+            {"service.name": config.service_name, "service.instance.id": str(uuid.uuid4())}
+        )
         if self.metrics_enabled:
             self._meter_provider, self.registry = metrics.meter_provider(app, self, config, resource)
         if config.trace_sampling_ratio > 0:

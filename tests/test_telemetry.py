@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,8 @@ async def test_otlp_export_carries_the_request_histogram(
     await until(lambda: points().get("health") == 1, "an OTLP export with the request histogram")
     resource = {a.key: a.value.string_value for a in exports[-1].resource_metrics[0].resource.attributes}
     assert resource["service.name"] == "edge-proxy"
+    # Each process its own series (a worker of --workers N is a process): a UUID per process.
+    assert uuid.UUID(resource["service.instance.id"]).version == 4
     names = {m.name for e in exports for s in e.resource_metrics[0].scope_metrics for m in s.metrics}
     assert {
         "edge_proxy.definitions.etag",
