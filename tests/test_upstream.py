@@ -606,6 +606,29 @@ async def test_request_header_bytes_reach_the_upstream_unchanged(
     assert b"\r\nX-Utf8: caf\xc3\xa9\r\n" in sent
 
 
+@pytest.mark.parametrize(
+    "line",
+    [b"X-A: a\rX-B: b", b"X-A: a\x00b", b"X-A: a\x0bb", b"X-A: a\x7fb"],
+    ids=["CR", "NUL", "VT", "DEL"],
+)
+async def test_control_bytes_in_a_header_never_reach_the_upstream(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]], line: bytes
+) -> None:
+    # The request head is written from the parsed request as it came: this is why that is safe. aiohttp's
+    # parser refuses control bytes in field values (HTAB aside), so none can split a header upstream.
+    upstream = await scripted(answering(OK))
+    client = await proxy_to(make_proxy, upstream)
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n" + line + b"\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+
+    assert answer.split(b"\r\n")[0].split(b" ")[1] == b"400"
+    assert upstream.heads == []
+
+
 async def test_a_name_resolves_and_its_connection_is_reused(
     make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
 ) -> None:
