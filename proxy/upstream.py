@@ -208,11 +208,10 @@ class Pool:
         if not conn.reusable() or self._closed:
             self._discard(conn)
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_result(conn)
+            return
         conn.idle_since = self._loop.time()
         self._idle.append(conn)
         if self._expiry is None:
@@ -225,12 +224,18 @@ class Pool:
 
     def _wake_one(self) -> None:
         """A slot came free: the first live waiter may open a connection in it."""
+        waiter = self._next_waiter()
+        if waiter is not None:
+            self._count += 1
+            waiter.set_result(None)
+
+    def _next_waiter(self) -> asyncio.Future[Connection | None] | None:
+        """The longest-waiting request still waiting (cancelled ones are dropped on the way)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                self._count += 1
-                waiter.set_result(None)
-                return
+                return waiter
+        return None
 
     def _expire(self) -> None:
         """Close connections idle longer than the keep-alive timeout; come back for the rest."""
@@ -321,7 +326,6 @@ class Connection(asyncio.Protocol):
         self._head_only = False
         self._head_bytes = 0
         self._informational = False
-        self._status = 0
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._response: Response | None = None
@@ -485,8 +489,7 @@ class Connection(asyncio.Protocol):
         self._broken = True
         self._cancel_timer()
         self._wake()
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._writable()
         if self._transport is not None:
             self._transport.close()
 
@@ -566,6 +569,10 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         # The parser holds this protocol's callbacks: a cycle that only the collector would otherwise free.
         self._parser = None
+        self._writable()
+
+    def _writable(self) -> None:
+        """Wake an upload waiting for the write buffer to drain (drained, or the connection is gone)."""
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -574,8 +581,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._writable()
 
     # httptools callbacks
 
