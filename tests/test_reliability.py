@@ -279,7 +279,12 @@ async def test_flush_applied_but_reply_lost_is_not_counted_twice(
     # (redis-py's own retry and the flusher's). The batch id makes every retry a no-op.
     text = write_team(backend)
     ledger = Ledger(text.encode())
-    client = await make_proxy(**fast_settings(chaos.url))
+    settings = fast_settings(chaos.url)
+    # Only the flusher uses Redis meanwhile: another loop's command timing out on a live pooled connection
+    # would close it, leaving the flush only new connections, whose handshake never completes.
+    settings["definitions"] = {"refresh_interval_seconds": 30, "max_staleness_seconds": 60}
+    settings["quota"] = {"poll_interval_seconds": 30, "max_staleness_seconds": 60}
+    client = await make_proxy(**settings)
     tally = client.app[keys.BILLING]
     assert await ledger.get(client) == "local"
     await eventually(lambda: tally.unflushed_requests == 0, "first flush")
