@@ -303,8 +303,12 @@ class Response:
             yield data
 
     def release(self) -> None:
-        """Back to the pool (kept for reuse only if the body was read to its end)."""
+        """Back to the pool (kept for reuse only if the body was read to its end). Call once."""
         conn = self._conn
+        # The connection refers to its last answer until its next exchange: without this reference back,
+        # a connection closed after one exchange is freed at once rather than left to the cycle collector
+        # (a backend that closes every connection made that ~8 % of the proxy's CPU in gc).
+        del self._conn
         conn._pool.release(conn)
 
 
@@ -526,11 +530,8 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # TCP_NODELAY is already set: uvloop and asyncio both set it on every TCP transport.
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         if not self._active or self._complete:
