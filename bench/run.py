@@ -803,8 +803,39 @@ def bench_forward(ctx: Context, proxy: Server) -> list[Row]:
             Server(VIA, proxy.port, proxy.pid, uses_redis=True, backend=ctx.django),
             Server(DIRECT, ctx.django.port, ctx.django.pid, uses_redis=True),
         ]
-        compare(servers, load, ctx.config, ctx.client, rows, ctx.django)
+        with ctx.sup.scope():
+            servers += _baseline_forwarder(ctx, rows, "forward", ctx.backend_url, " -> django", ctx.django)
+            compare(servers, load, ctx.config, ctx.client, rows, ctx.django)
     return list(rows.values())
+
+
+def _baseline_forwarder(
+    ctx: Context,
+    rows: dict[str, Row],
+    scenario: str,
+    upstream_url: str,
+    suffix: str,
+    django: backend.Backend | None,
+) -> list[Server]:
+    """With --baseline: that revision's proxy forwarding to the same upstream, measured beside this one's."""
+    config = ctx.config
+    if config.baseline_dir is None:
+        return []
+    name = config.baseline_name + suffix
+    rows[name] = Row("-", 0, scenario, name)
+    try:
+        proxy = start_proxy(
+            ctx.sup,
+            config,
+            ctx.redis_url,
+            upstream_url,
+            name=config.baseline_name,
+            checkout=config.baseline_dir,
+        )
+    except procs.StartError as exc:
+        rows[name].error = f"did not start: {exc}"
+        return []
+    return [Server(name, proxy.port, proxy.pid, uses_redis=True, backend=django)]
 
 
 def bench_badcred(ctx: Context, proxy: Server, team: Team) -> list[Row]:
@@ -928,6 +959,9 @@ def bench_forward_fast(ctx: Context) -> list[Row]:
         servers = [
             Server(FAST_VIA, proxy.port, proxy.pid, uses_redis=True),
             Server(FAST_DIRECT, upstream.port, upstream.pid),
+            *_baseline_forwarder(
+                ctx, rows, "forward-fast", f"http://127.0.0.1:{upstream.port}", " -> aiohttp upstream", None
+            ),
         ]
         compare(servers, load, ctx.config, ctx.client, rows, None)
     return list(rows.values())
