@@ -1,4 +1,4 @@
-"""The Django baseline: examples/legacy_backend under gunicorn (sync workers), reading the bench's Redis.
+"""The Django baseline: examples/legacy_backend under gunicorn, reading the bench's Redis.
 
 Its view finds the team in its SQLite database by token, then reads the payload and ETag from the same
 Redis entries the proxy reads (django-redis, `posthog:1:cache/teams/<id>/...`), so the bench only has to
@@ -97,8 +97,18 @@ def insert_teams(database: Path, teams: Iterable[tuple[int, str, str]]) -> None:
         connection.close()
 
 
-def start(sup: procs.Supervisor, workdir: Path, redis_url: str, *, workers: int, core: int) -> Backend:
-    """gunicorn (sync workers) serving the backend on a free loopback port, pinned to `core`."""
+def start(
+    sup: procs.Supervisor,
+    workdir: Path,
+    redis_url: str,
+    *,
+    workers: int,
+    core: int,
+    threads: int = 0,
+    name: str = "django",
+) -> Backend:
+    """gunicorn serving the backend on a free loopback port, pinned to `core`: sync workers (a connection
+    per request), or with `threads` gthread workers that keep connections alive."""
     port = procs.free_port()
     command = [
         sys.executable,
@@ -109,10 +119,12 @@ def start(sup: procs.Supervisor, workdir: Path, redis_url: str, *, workers: int,
         f"127.0.0.1:{port}",
         "--workers",
         str(workers),
+        "--threads",
+        str(threads),
     ]
-    process = sup.start("django", procs.pinned(command, core), _env(workdir, redis_url), cwd=ROOT)
+    process = sup.start(name, procs.pinned(command, core), _env(workdir, redis_url), cwd=ROOT)
     try:
         procs.wait_http(port, "/_requests", process, timeout=60)
     except procs.StartError as exc:
-        raise procs.StartError(f"legacy backend: {exc}\n{sup.log_tail('django')}") from None
+        raise procs.StartError(f"legacy backend: {exc}\n{sup.log_tail(name)}") from None
     return Backend(port, process.pid)

@@ -11,8 +11,9 @@ gives the latency a server shows when it is not saturated. Results: bench/result
 Scenarios: 200 and 304 from memory (proxy, aiohttp ceiling, nginx, Django), miss (a team whose payload is
 absent: forwarded to Django, vs Django directly), forward (an unknown route: proxy -> Django vs Django
 directly), badcred (one invalid personal API key flooding), ratelimited (a team over a low limit: 429s),
-shadow (weight 0 + shadow: every request forwarded and compared locally), and forward-fast (an unknown
-route to a fast keep-alive aiohttp upstream, where the proxy itself is the bottleneck).
+shadow (weight 0 + shadow: every request forwarded and compared locally), forward-keepalive (an unknown
+route to the same Django under gunicorn's gthread worker, which keeps connections alive), and forward-fast
+(an unknown route to a fast keep-alive aiohttp upstream, where the proxy itself is the bottleneck).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ BAD_KEY = "phx_bench_invalid_personal_api_key_0000000000000000"
 HMAC_KEY = "bench-verdict-hmac-key-not-a-secret-0123456789"
 DENIED_TTL_SECONDS = 30.0
 DATASET_SCENARIOS = ("200", "304", "miss")
-EXTRA_SCENARIOS = ("forward", "badcred", "ratelimited", "shadow", "forward-fast")
+EXTRA_SCENARIOS = ("forward", "badcred", "ratelimited", "shadow", "forward-keepalive", "forward-fast")
+# forward-keepalive's Django: one gthread worker of this many threads (wrk keeps 32 connections open).
+KEEPALIVE_THREADS = 4
 ALL_SCENARIOS = DATASET_SCENARIOS + EXTRA_SCENARIOS
 DEFAULT_SCENARIOS = ALL_SCENARIOS
 
@@ -767,7 +770,7 @@ def bench_miss(ctx: Context, proxy: Server, team: Team, label: str, team_count: 
 
 
 def bench_extras(ctx: Context, proxy: Server, team: Team) -> list[Row]:
-    """forward, badcred, ratelimited, shadow (and forward-fast), on the first dataset's data."""
+    """forward, badcred, ratelimited, shadow, forward-keepalive, forward-fast, on the first dataset's data."""
     config = ctx.config
     out: list[Row] = []
     steps: list[tuple[str, Callable[[], list[Row]]]] = [
@@ -775,6 +778,7 @@ def bench_extras(ctx: Context, proxy: Server, team: Team) -> list[Row]:
         ("badcred", lambda: bench_badcred(ctx, proxy, team)),
         ("ratelimited", lambda: bench_ratelimited(ctx, team)),
         ("shadow", lambda: bench_shadow(ctx, team)),
+        ("forward-keepalive", lambda: bench_forward_keepalive(ctx)),
         ("forward-fast", lambda: bench_forward_fast(ctx)),
     ]
     for name, step in steps:
@@ -783,16 +787,20 @@ def bench_extras(ctx: Context, proxy: Server, team: Team) -> list[Row]:
     return out
 
 
-def bench_forward(ctx: Context, proxy: Server) -> list[Row]:
-    """An unknown route: proxy -> Django vs Django directly (Django on the load core for both)."""
-    say("  scenario forward: unknown route, proxy -> Django vs Django direct")
-    rows = {n: Row("-", 0, "forward", n) for n in (VIA, DIRECT)}
-    load = wrk.Load(
+def _unknown_route_load() -> wrk.Load:
+    return wrk.Load(
         FORWARD_PATH,
         {"User-Agent": "bench/1.0", "Accept": "application/json"},
         count_statuses=True,
         expected=frozenset({404}),
     )
+
+
+def bench_forward(ctx: Context, proxy: Server) -> list[Row]:
+    """An unknown route: proxy -> Django vs Django directly (Django on the load core for both)."""
+    say("  scenario forward: unknown route, proxy -> Django vs Django direct")
+    rows = {n: Row("-", 0, "forward", n) for n in (VIA, DIRECT)}
+    load = _unknown_route_load()
     with pinned_backend(ctx, procs.LOAD_CORE):
         before = ctx.django.requests_seen()["other"]
         status, _, _ = get(proxy.port, FORWARD_PATH)
@@ -941,6 +949,41 @@ def bench_shadow(ctx: Context, team: Team) -> list[Row]:
         "shadow_comparisons": outcomes,
         "proxy_requests": sum(s.requests for s in rows[VIA].all_samples()),
     }
+    return list(rows.values())
+
+
+def bench_forward_keepalive(ctx: Context) -> list[Row]:
+    """An unknown route to the same Django under gthread workers, which keep connections alive (the sync
+    worker closes each one): what forwarding costs when the backend lets the proxy reuse connections."""
+    say("  scenario forward-keepalive: unknown route, proxy -> Django (gthread, keep-alive) vs Django direct")
+    rows = {n: Row("-", 0, "forward-keepalive", n) for n in (VIA, DIRECT)}
+    with ctx.sup.scope():
+        try:
+            django = backend.start(
+                ctx.sup,
+                ctx.config.workdir,
+                ctx.redis_url,
+                workers=1,
+                threads=KEEPALIVE_THREADS,
+                core=procs.LOAD_CORE,
+                name="django-gthread",
+            )
+            url = f"http://127.0.0.1:{django.port}"
+            proxy = start_proxy(ctx.sup, ctx.config, ctx.redis_url, url)
+        except procs.StartError as exc:
+            rows[VIA].error = f"did not start: {exc}"
+            return list(rows.values())
+        before = django.requests_seen()["other"]
+        status, _, _ = get(proxy.port, FORWARD_PATH)
+        if status != 404 or django.requests_seen()["other"] - before != 1:
+            rows[VIA].error = f"unknown route not forwarded as expected (HTTP {status})"
+            return list(rows.values())
+        servers = [
+            Server(VIA, proxy.port, proxy.pid, uses_redis=True, backend=django),
+            Server(DIRECT, django.port, django.pid, uses_redis=True),
+            *_baseline_forwarder(ctx, rows, "forward-keepalive", url, " -> django", django),
+        ]
+        compare(servers, _unknown_route_load(), ctx.config, ctx.client, rows, django)
     return list(rows.values())
 
 

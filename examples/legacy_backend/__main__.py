@@ -1,7 +1,10 @@
 """`python -m examples.legacy_backend <command>`: the reference backend's management helper.
 
 migrate                                   create the SQLite schema (LEGACY_BACKEND_DB)
-serve [--bind H:P] [--workers N]          serve with gunicorn (sync workers)
+serve [--bind H:P] [--workers N] [--threads T]
+                                          serve with gunicorn: sync workers, one request per
+                                          connection; with --threads, gthread workers of T threads
+                                          that keep connections alive
 create-team NAME                          a team with fresh phc_/phs_ tokens (printed as JSON)
 create-key [--scope S]... [--team ID]...  a personal API key (the raw key is printed once)
 set-flag TEAM_ID KEY [--rollout P] [--inactive]
@@ -32,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve")
     serve.add_argument("--bind", default="127.0.0.1:8000")
     serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--threads", type=int, default=0, help="gthread workers with keep-alive (0: sync)")
     team = commands.add_parser("create-team")
     team.add_argument("name")
     key = commands.add_parser("create-key")
@@ -50,8 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def gunicorn_argv(bind: str, workers: int) -> list[str]:
-    """The gunicorn command line serving the backend (sync workers, logs to stderr)."""
+def gunicorn_argv(bind: str, workers: int, threads: int = 0) -> list[str]:
+    """The gunicorn command line serving the backend, logs to stderr: sync workers (each connection closed
+    after its answer), or with `threads` gthread workers keeping connections alive 20 s (longer than the
+    proxy's default upstream keep-alive, 15 s, so the proxy is the side that closes idle ones)."""
+    workers_class = ["--worker-class", "sync"]
+    if threads > 0:
+        workers_class = ["--worker-class", "gthread", "--threads", str(threads), "--keep-alive", "20"]
     return [
         sys.executable,
         "-m",
@@ -60,8 +69,7 @@ def gunicorn_argv(bind: str, workers: int) -> list[str]:
         bind,
         "--workers",
         str(workers),
-        "--worker-class",
-        "sync",
+        *workers_class,
         "--graceful-timeout",
         "5",
         "--error-logfile",
@@ -75,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", SETTINGS_MODULE)
     if args.command == "serve":
-        command = gunicorn_argv(args.bind, args.workers)
+        command = gunicorn_argv(args.bind, args.workers, args.threads)
         os.execv(command[0], command)  # noqa: S606 - our own interpreter and arguments
 
     import django  # type: ignore[import-untyped]
