@@ -118,7 +118,12 @@ class UpstreamSettings(_Section):
     connect_timeout_seconds: Seconds = 2.0
     # Longest silence between two reads of the upstream's answer: a slow upstream becomes 504 after this.
     read_timeout_seconds: Seconds = 30.0
+    # Open connections at most, idle or busy; a request finding all busy waits for one.
     max_connections: int = Field(default=256, ge=1)
+    # An idle connection closes after this. Keep it below the backend's own idle timeout (gunicorn's gthread
+    # worker: --keep-alive), so the proxy is the side that closes; a reuse racing the backend's close is sent
+    # again once for GET, HEAD, OPTIONS, TRACE, PUT and DELETE. A backend that closes every connection
+    # (gunicorn's sync worker) costs a TCP connect per forward: see the README's benchmarks.
     keepalive_timeout_seconds: Seconds = 15.0
     # "client" keeps the client's Host header (a sidecar in front of a virtual-hosted app); "upstream" sends
     # the upstream URL's host instead.
