@@ -787,33 +787,37 @@ def bench_extras(ctx: Context, proxy: Server, team: Team) -> list[Row]:
     return out
 
 
-def _unknown_route_load() -> wrk.Load:
-    return wrk.Load(
+def bench_forward(ctx: Context, proxy: Server) -> list[Row]:
+    """An unknown route: proxy -> Django vs Django directly (Django on the load core for both)."""
+    say("  scenario forward: unknown route, proxy -> Django vs Django direct")
+    with pinned_backend(ctx, procs.LOAD_CORE):
+        return _forwarding_rows(ctx, "forward", proxy, ctx.django, ctx.backend_url)
+
+
+def _forwarding_rows(
+    ctx: Context, scenario: str, proxy: Server, django: backend.Backend, url: str
+) -> list[Row]:
+    """The unknown route through `proxy` to `django` (at `url`) against `django` directly (and the baseline
+    revision's proxy), once a first request shows the route is forwarded."""
+    rows = {n: Row("-", 0, scenario, n) for n in (VIA, DIRECT)}
+    before = django.requests_seen()["other"]
+    status, _, _ = get(proxy.port, FORWARD_PATH)
+    if status != 404 or django.requests_seen()["other"] - before != 1:
+        rows[VIA].error = f"unknown route not forwarded as expected (HTTP {status})"
+        return list(rows.values())
+    load = wrk.Load(
         FORWARD_PATH,
         {"User-Agent": "bench/1.0", "Accept": "application/json"},
         count_statuses=True,
         expected=frozenset({404}),
     )
-
-
-def bench_forward(ctx: Context, proxy: Server) -> list[Row]:
-    """An unknown route: proxy -> Django vs Django directly (Django on the load core for both)."""
-    say("  scenario forward: unknown route, proxy -> Django vs Django direct")
-    rows = {n: Row("-", 0, "forward", n) for n in (VIA, DIRECT)}
-    load = _unknown_route_load()
-    with pinned_backend(ctx, procs.LOAD_CORE):
-        before = ctx.django.requests_seen()["other"]
-        status, _, _ = get(proxy.port, FORWARD_PATH)
-        if status != 404 or ctx.django.requests_seen()["other"] - before != 1:
-            rows[VIA].error = f"unknown route not forwarded as expected (HTTP {status})"
-            return list(rows.values())
+    with ctx.sup.scope():
         servers = [
-            Server(VIA, proxy.port, proxy.pid, uses_redis=True, backend=ctx.django),
-            Server(DIRECT, ctx.django.port, ctx.django.pid, uses_redis=True),
+            Server(VIA, proxy.port, proxy.pid, uses_redis=True, backend=django),
+            Server(DIRECT, django.port, django.pid, uses_redis=True),
+            *_baseline_forwarder(ctx, rows, scenario, url, " -> django", django),
         ]
-        with ctx.sup.scope():
-            servers += _baseline_forwarder(ctx, rows, "forward", ctx.backend_url, " -> django", ctx.django)
-            compare(servers, load, ctx.config, ctx.client, rows, ctx.django)
+        compare(servers, load, ctx.config, ctx.client, rows, django)
     return list(rows.values())
 
 
@@ -956,7 +960,6 @@ def bench_forward_keepalive(ctx: Context) -> list[Row]:
     """An unknown route to the same Django under gthread workers, which keep connections alive (the sync
     worker closes each one): what forwarding costs when the backend lets the proxy reuse connections."""
     say("  scenario forward-keepalive: unknown route, proxy -> Django (gthread, keep-alive) vs Django direct")
-    rows = {n: Row("-", 0, "forward-keepalive", n) for n in (VIA, DIRECT)}
     with ctx.sup.scope():
         try:
             django = backend.start(
@@ -971,20 +974,8 @@ def bench_forward_keepalive(ctx: Context) -> list[Row]:
             url = f"http://127.0.0.1:{django.port}"
             proxy = start_proxy(ctx.sup, ctx.config, ctx.redis_url, url)
         except procs.StartError as exc:
-            rows[VIA].error = f"did not start: {exc}"
-            return list(rows.values())
-        before = django.requests_seen()["other"]
-        status, _, _ = get(proxy.port, FORWARD_PATH)
-        if status != 404 or django.requests_seen()["other"] - before != 1:
-            rows[VIA].error = f"unknown route not forwarded as expected (HTTP {status})"
-            return list(rows.values())
-        servers = [
-            Server(VIA, proxy.port, proxy.pid, uses_redis=True, backend=django),
-            Server(DIRECT, django.port, django.pid, uses_redis=True),
-            *_baseline_forwarder(ctx, rows, "forward-keepalive", url, " -> django", django),
-        ]
-        compare(servers, _unknown_route_load(), ctx.config, ctx.client, rows, django)
-    return list(rows.values())
+            return [Row("-", 0, "forward-keepalive", VIA, error=f"did not start: {exc}")]
+        return _forwarding_rows(ctx, "forward-keepalive", proxy, django, url)
 
 
 def bench_forward_fast(ctx: Context) -> list[Row]:

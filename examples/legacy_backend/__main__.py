@@ -58,9 +58,9 @@ def gunicorn_argv(bind: str, workers: int, threads: int = 0) -> list[str]:
     """The gunicorn command line serving the backend, logs to stderr: sync workers (each connection closed
     after its answer), or with `threads` gthread workers keeping connections alive 20 s (longer than the
     proxy's default upstream keep-alive, 15 s, so the proxy is the side that closes idle ones)."""
-    workers_class = ["--worker-class", "sync"]
+    worker_class = ["--worker-class", "sync"]
     if threads > 0:
-        workers_class = ["--worker-class", "gthread", "--threads", str(threads), "--keep-alive", "20"]
+        worker_class = ["--worker-class", "gthread", "--threads", str(threads), "--keep-alive", "20"]
     return [
         sys.executable,
         "-m",
@@ -69,7 +69,7 @@ def gunicorn_argv(bind: str, workers: int, threads: int = 0) -> list[str]:
         bind,
         "--workers",
         str(workers),
-        *workers_class,
+        *worker_class,
         "--graceful-timeout",
         "5",
         "--error-logfile",
