@@ -33,9 +33,11 @@ def _client(settings: Settings) -> redis.Redis | redis.RedisCluster:
         # The master the sentinels name now (asked without a password; the password is the master's).
         sentinels, service, db, password = sentinel_parts(url)
         timeouts = {"socket_timeout": 5, "socket_connect_timeout": 5}
-        # redis-py leaves the synchronous Sentinel unannotated.
-        sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
-        master = sentinel.master_for(service, password=password, db=db, **timeouts)  # type: ignore[no-untyped-call]
+        # redis-py before 8.2 leaves the synchronous Sentinel unannotated.
+        sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call, unused-ignore]
+        master = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
+            service, password=password, db=db, socket_timeout=5, socket_connect_timeout=5
+        )
         return cast(redis.Redis, master)
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 

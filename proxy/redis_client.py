@@ -67,7 +67,7 @@ def _sentinel_client(settings: RedisSettings) -> ObservedRedis:
     """
     nodes, service, db, password = sentinel_parts(settings.url)
     timeout = settings.timeout_seconds
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves __init__ unannotated
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # unannotated before redis-py 8.2
         nodes,
         # No retries: a sentinel that does not answer is skipped for the next one at once (redis-py's default
         # retry with backoff made one dead sentinel cost seconds per master lookup).
