@@ -96,7 +96,7 @@ class Row:
     def redis_rate(self, command: str | None = None) -> float | None:
         """Redis commands (all, or one command) per request over all saturating runs together.
 
-        Not a median of per-run ratios: background writes come in bursts (a billing flush every 10 s), so a
+        Not a median of per-run ratios: background writes come in bursts (a billing flush every 30 s), so a
         3 s run holds one or none of them and the median of a few runs says "none" or "all" by the phase of
         the runs against the flush; commands over requests across the runs is the steady-state rate.
         """

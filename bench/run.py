@@ -162,7 +162,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str]]:
     parser.add_argument(
         "--steady-seconds",
         type=int,
-        help="a continuous proxy run on many-team 200s for the steady Redis rate (default 30; quick 0)",
+        help="a continuous proxy run on many-team 200s for the steady Redis rate (default 60; quick 0)",
     )
     parser.add_argument(
         "--baseline",
@@ -191,7 +191,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str]]:
         out=args.out,
         keep=args.keep,
         baseline=args.baseline,
-        steady_seconds=args.steady_seconds if args.steady_seconds is not None else (0 if args.quick else 30),
+        steady_seconds=args.steady_seconds if args.steady_seconds is not None else (0 if args.quick else 60),
     )
     return config, list(sys.argv if argv is None else argv)
 
@@ -528,11 +528,11 @@ def compare(
 def steady_redis_rate(
     ctx: Context, servers: Sequence[Server], load: wrk.Load, rows: Mapping[str, Row]
 ) -> None:
-    """Redis commands per request over one continuous run longer than two billing flushes.
+    """Redis commands per request over one continuous run two billing flush intervals long.
 
     The short interleaved runs overstate it for 200s over many teams: each 3 s burst of load is followed by a
-    full billing flush (two HINCRBYs per team served), which continuous load spreads over 10 s of requests.
-    30 s by default, a multiple of the 10 s flush interval: the run holds the flushes its own load paid for.
+    full billing flush (two HINCRBYs per team served), which continuous load spreads over 30 s of requests.
+    60 s by default, two of the proxy's 30 s flush intervals: the run holds the flushes its own load paid for.
     """
     for server in servers:
         try:

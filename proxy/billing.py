@@ -59,7 +59,7 @@ while k <= #KEYS do
 end
 return applied
 """
-# A batch stays pending about max_pending_batches x flush_interval at most (~35 min by default), far below
+# A batch stays pending about max_pending_batches x flush_interval at most (~8 h by default), far below
 # this: a retry always finds the mark of an earlier attempt that was applied. Each write renews it.
 _DEDUPE_TTL_SECONDS = 86400
 # Redis runs a script alone; ~1 µs per HINCRBY keeps one call under ~20 ms. A backlog drains over flushes.

@@ -60,7 +60,7 @@ def test_defaults_of_every_section() -> None:
     assert settings.quota == QuotaSettings()
     assert settings.quota.poll_interval_seconds == 2.0
     assert settings.billing == BillingSettings()
-    assert settings.billing.flush_interval_seconds == 10.0
+    assert settings.billing.flush_interval_seconds == 30.0
     assert settings.rate_limits == RateLimitSettings()
     assert (settings.rate_limits.enabled, settings.rate_limits.default) == (True, "600/minute")
     assert settings.logging == LoggingSettings()
