@@ -217,18 +217,39 @@ def checks(rows: Sequence[Row], memory: Mapping[str, Any]) -> list[dict[str, Any
                 )
             )
             is_django = row.scenario != "forward-fast"
-            # The same cost in units of the upstream's own CPU per request, measured in the same runs:
-            # comparable across machines and days where µs are not.
-            cost = ratio(rows, row, baseline_of(row), "cpu_us_per_req")
+            # The same cost in units of the upstream's own CPU per request, measured in the same runs (so at
+            # the same rate): comparable across machines and days where µs are not.
+            upstream = row.median("backend_cpu_us_per_req")
             out.append(
                 _check(
                     f"{row.scenario}: proxy CPU per forward / the upstream's CPU per request",
                     where,
-                    None if not cost else 1 / cost,
+                    cpu / upstream if cpu and upstream else None,
                     "(report)",
                     None,
                 )
             )
+            for like, sample in row.extra.get("at_django_rates", {}).items():
+                paced = Sample(**sample)
+                out.append(
+                    _check(
+                        f"forward-fast paced at {like}'s rate: proxy CPU us per forward",
+                        f"{paced.rps:,.0f} req/s",
+                        paced.cpu_us_per_req,
+                        "(report)",
+                        None,
+                    )
+                )
+                if paced.backend_cpu_us_per_req:
+                    out.append(
+                        _check(
+                            f"forward-fast paced at {like}'s rate: proxy CPU per forward / the upstream's",
+                            f"{paced.rps:,.0f} req/s",
+                            paced.cpu_us_per_req / paced.backend_cpu_us_per_req,
+                            "(report)",
+                            None,
+                        )
+                    )
             value = ratio(rows, row, baseline_of(row))
             out.append(
                 _check(

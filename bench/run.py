@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -54,6 +54,7 @@ from bench.report import (  # noqa: E402
     DJANGO,
     FAST_DIRECT,
     FAST_VIA,
+    FORWARD_SCENARIOS,
     NGINX,
     PROXY,
     VIA,
@@ -89,6 +90,13 @@ class Server:
     pid: int
     uses_redis: bool = False
     backend: backend.Backend | None = None
+    # Another upstream it forwards to, whose CPU is measured in the same runs (the backend's otherwise).
+    upstream_pid: int | None = None
+
+    @property
+    def forwarded_to(self) -> int | None:
+        """The pid of the server this one forwards to, if any."""
+        return self.backend.pid if self.backend else self.upstream_pid
 
 
 @dataclass
@@ -420,7 +428,7 @@ def measure(
     procs.reset_peak_rss(server.pid)
     before_cmds = command_stats(client) if server.uses_redis else {}
     before_cpu = procs.cpu_seconds(server.pid)
-    before_backend_cpu = procs.cpu_seconds(server.backend.pid) if server.backend else 0.0
+    before_backend_cpu = procs.cpu_seconds(server.forwarded_to) if server.forwarded_to else 0.0
     before_cores = procs.core_times()
     result = wrk.run(
         server.port,
@@ -432,7 +440,7 @@ def measure(
         rate=rate,
     )
     cpu = procs.cpu_seconds(server.pid) - before_cpu
-    backend_cpu = procs.cpu_seconds(server.backend.pid) - before_backend_cpu if server.backend else None
+    backend_cpu = procs.cpu_seconds(server.forwarded_to) - before_backend_cpu if server.forwarded_to else None
     after_cores = procs.core_times()
     by_command: dict[str, float] = {}
     redis_per_req = None
@@ -779,7 +787,7 @@ def bench_extras(ctx: Context, proxy: Server, team: Team) -> list[Row]:
         ("ratelimited", lambda: bench_ratelimited(ctx, team)),
         ("shadow", lambda: bench_shadow(ctx, team)),
         ("forward-keepalive", lambda: bench_forward_keepalive(ctx)),
-        ("forward-fast", lambda: bench_forward_fast(ctx)),
+        ("forward-fast", lambda: bench_forward_fast(ctx, out)),
     ]
     for name, step in steps:
         if name in config.scenarios:
@@ -978,8 +986,13 @@ def bench_forward_keepalive(ctx: Context) -> list[Row]:
         return _forwarding_rows(ctx, "forward-keepalive", proxy, django, url)
 
 
-def bench_forward_fast(ctx: Context) -> list[Row]:
-    """An unknown route to a fast aiohttp upstream (the proxy is the bottleneck): CPU per forward."""
+def bench_forward_fast(ctx: Context, measured: Sequence[Row] = ()) -> list[Row]:
+    """An unknown route to a fast aiohttp upstream (the proxy is the bottleneck): CPU per forward.
+
+    Then the same forwarding paced at each rate the Django forwarding rows in `measured` reached: every
+    server's CPU per request rises as its load falls (fewer events per wake-up), so this separates what a
+    forward costs at Django's rate from what Django's own answers add.
+    """
     say("  scenario forward-fast: unknown route, proxy -> aiohttp upstream vs upstream direct")
     rows = {n: Row("-", 0, "forward-fast", n) for n in (FAST_VIA, FAST_DIRECT)}
     load = wrk.Load(FORWARD_PATH, {"User-Agent": "bench/1.0", "Accept": "application/json"})
@@ -991,13 +1004,27 @@ def bench_forward_fast(ctx: Context) -> list[Row]:
             rows[FAST_VIA].error = f"did not start: {exc}"
             return list(rows.values())
         servers = [
-            Server(FAST_VIA, proxy.port, proxy.pid, uses_redis=True),
+            Server(FAST_VIA, proxy.port, proxy.pid, uses_redis=True, upstream_pid=upstream.pid),
             Server(FAST_DIRECT, upstream.port, upstream.pid),
             *_baseline_forwarder(
                 ctx, rows, "forward-fast", f"http://127.0.0.1:{upstream.port}", " -> aiohttp upstream", None
             ),
         ]
         compare(servers, load, ctx.config, ctx.client, rows, None)
+        at_rates = rows[FAST_VIA].extra.setdefault("at_django_rates", {})
+        for row in measured:
+            rate = row.median("rps") if row.server == VIA and row.scenario in FORWARD_SCENARIOS else None
+            if not rate:
+                continue
+            try:
+                sample = measure(
+                    servers[0], load, ctx.config, ctx.client, None, seconds=ctx.config.seconds, rate=rate
+                )
+            except wrk.WrkError as exc:
+                say(f"  forward-fast at {row.scenario}'s rate: {exc}")
+                continue
+            at_rates[row.scenario] = asdict(sample)
+            _log_sample(rows[FAST_VIA], sample, f"@{rate:.0f}/s ({row.scenario}'s rate)")
     return list(rows.values())
 
 

@@ -1,0 +1,125 @@
+"""CPU per request against the request rate: nginx, a no-op aiohttp server and the proxy forwarding to it.
+
+Usage: python bench/rate_cost.py [--rates 4000,1750,800] [--rounds 3] [--seconds 4]
+
+Every server's CPU per request rises as its load falls: at saturation one wake-up of the event loop serves
+many ready sockets; paced below it, each request pays its own wake-ups (on a virtual machine, each one a
+halted vCPU woken by an interrupt). A forward costs two of them (the client's socket, then the upstream's),
+so its CPU per request at the rate a Django backend sustains says more about the machine than about the
+forwarder. This measures that in one run, side by side: each server saturated, then paced at each rate
+(wrk with bench/wrk.py's pacing script, pinned to core 1; the servers on core 0, the upstream on core 1 as in
+`make bench`'s forward-fast scenario), rounds interleaved, medians printed. The proxy row's last columns are
+its upstream's CPU per request in the same runs, and the ratio: what a forward costs in units of what the
+no-op server spends answering one, at the same rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import nginx, procs, run, wrk  # noqa: E402
+
+SATURATED = 0.0  # a rate of 0: wrk's closed loop, as fast as the server answers
+
+
+def label(rate: float) -> str:
+    """How a rate is printed."""
+    return f"{rate:,.0f}/s" if rate else "saturated"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="4000,1750,800", help="paced rates, req/s (saturation is added)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=4, help="seconds per wrk run")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    rates = [SATURATED, *(float(rate) for rate in args.rates.split(","))]
+    workdir = Path(tempfile.mkdtemp(prefix="rate-cost-"))
+    config = run.Config(
+        runs=1,
+        seconds=args.seconds,
+        half_seconds=args.seconds,
+        warmup=1,
+        connections=32,
+        threads=1,
+        sizes=[],
+        team_counts=[],
+        scenarios=[],
+        with_nginx=True,
+        proxy_attempts=1,
+        proxy_retry_wait=1.0,
+        out=workdir,
+        keep=False,
+        workdir=workdir,
+    )
+    forward = wrk.Load(run.FORWARD_PATH, {"User-Agent": "bench/1.0", "Accept": "application/json"})
+    # Per server and rate, one value per round; the upstream behind the proxy per rate.
+    cpu: dict[str, dict[float, list[float]]] = {}
+    achieved: dict[str, dict[float, list[float]]] = {}
+    upstream_cpu: dict[float, list[float]] = {rate: [] for rate in rates}
+    with procs.Supervisor(workdir) as sup:
+        redis_url, client = run.start_redis(sup, workdir)
+        upstream = run.start_python_app(sup, "upstream", "upstream.py", core=procs.LOAD_CORE)
+        proxy = run.start_proxy(sup, config, redis_url, f"http://127.0.0.1:{upstream.port}")
+        servers: list[tuple[str, run.Server, wrk.Load]] = [
+            (
+                "proxy -> no-op aiohttp",
+                run.Server("proxy", proxy.port, proxy.pid, upstream_pid=upstream.pid),
+                forward,
+            )
+        ]
+        noop = run.start_python_app(sup, "noop", "upstream.py", core=procs.SERVER_CORE)
+        servers.append(("no-op aiohttp", noop, forward))
+        if nginx.binary():
+            ngx = run.start_nginx(sup, workdir, workdir, [])
+            servers.append(("nginx (return 200)", ngx, wrk.Load("/_liveness", {})))
+        else:
+            print("nginx is not installed: its row is skipped", file=sys.stderr)
+        for _, server, load in servers:
+            wrk.run(server.port, load, seconds=1, connections=32, threads=1, script_dir=workdir)
+        for round_ in range(args.rounds):
+            for rate in rates:
+                for name, server, load in servers if round_ % 2 == 0 else list(reversed(servers)):
+                    sample = run.measure(
+                        server, load, config, client, None, seconds=args.seconds, rate=rate or None
+                    )
+                    cpu.setdefault(name, {}).setdefault(rate, []).append(sample.cpu_us_per_req)
+                    achieved.setdefault(name, {}).setdefault(rate, []).append(sample.rps)
+                    if sample.backend_cpu_us_per_req is not None:
+                        upstream_cpu[rate].append(sample.backend_cpu_us_per_req)
+                    run.say(
+                        f"round {round_ + 1} {name:24s} {label(rate):>10s}: "
+                        f"{sample.rps:8.0f} req/s  cpu {sample.cpu_us_per_req:6.1f} us/req"
+                    )
+        client.close()
+    names = [name for name, _, _ in servers]
+    print(f"\nCPU us per request (median of {args.rounds} rounds); req/s reached in brackets\n")
+    print("| rate | " + " | ".join(names) + " | upstream behind the proxy | proxy / its upstream |")
+    print("|---|" + "---:|" * (len(names) + 2))
+    for rate in rates:
+        cells = [
+            f"{statistics.median(cpu[name][rate]):.0f} ({statistics.median(achieved[name][rate]):,.0f})"
+            for name in names
+        ]
+        behind = statistics.median(upstream_cpu[rate]) if upstream_cpu[rate] else None
+        forward_cost = statistics.median(cpu[names[0]][rate])
+        cells.append(f"{behind:.0f}" if behind else "-")
+        cells.append(f"{forward_cost / behind:.2f}" if behind else "-")
+        print(f"| {label(rate)} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
