@@ -90,22 +90,13 @@ def main() -> int:
         return 2
     size = int(float(args.size.lower().rstrip("k")) * (1000 if args.size.lower().endswith("k") else 1))
     workdir = Path(tempfile.mkdtemp(prefix="edge-proxy-profile-"))
-    config = Config(
-        runs=1,
+    config = Config.for_tool(
+        workdir,
         seconds=args.seconds,
-        half_seconds=1,
-        warmup=1,
-        connections=32,
-        threads=1,
         sizes=[size],
         team_counts=[args.teams],
         scenarios=[args.scenario],
-        with_nginx=False,
-        proxy_attempts=1,
-        proxy_retry_wait=0,
         out=RESULTS,
-        keep=False,
-        workdir=workdir,
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"profile-{args.target}-{args.scenario}-{args.teams}x{args.size}"

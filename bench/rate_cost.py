@@ -47,23 +47,7 @@ def main() -> int:
     args = parse_args()
     rates = [SATURATED, *(float(rate) for rate in args.rates.split(","))]
     workdir = Path(tempfile.mkdtemp(prefix="rate-cost-"))
-    config = run.Config(
-        runs=1,
-        seconds=args.seconds,
-        half_seconds=args.seconds,
-        warmup=1,
-        connections=32,
-        threads=1,
-        sizes=[],
-        team_counts=[],
-        scenarios=[],
-        with_nginx=True,
-        proxy_attempts=1,
-        proxy_retry_wait=1.0,
-        out=workdir,
-        keep=False,
-        workdir=workdir,
-    )
+    config = run.Config.for_tool(workdir, seconds=args.seconds, half_seconds=args.seconds)
     forward = wrk.Load(run.FORWARD_PATH, {"User-Agent": "bench/1.0", "Accept": "application/json"})
     # Per server and rate, one value per round; the upstream behind the proxy per rate.
     cpu: dict[str, dict[float, list[float]]] = {}

@@ -125,6 +125,29 @@ class Config:
     baseline: str | None = None
     baseline_dir: Path | None = None
 
+    @classmethod
+    def for_tool(cls, workdir: Path, **overrides: Any) -> Config:
+        """What the bench's other tools (profile.py, rate_cost.py) pass to start_proxy and measure: one
+        short run, no datasets, work files in `workdir`; `overrides` sets any field."""
+        fields: dict[str, Any] = {
+            "runs": 1,
+            "seconds": 3,
+            "half_seconds": 1,
+            "warmup": 1,
+            "connections": 32,
+            "threads": 1,
+            "sizes": [],
+            "team_counts": [],
+            "scenarios": [],
+            "with_nginx": False,
+            "proxy_attempts": 1,
+            "proxy_retry_wait": 0.0,
+            "out": workdir,
+            "keep": False,
+            "workdir": workdir,
+        }
+        return cls(**{**fields, **overrides})
+
     @property
     def baseline_name(self) -> str:
         """The baseline proxy's row name."""
