@@ -26,8 +26,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import nginx, procs, run, wrk  # noqa: E402
+from bench.report import Sample  # noqa: E402
 
 SATURATED = 0.0  # a rate of 0: wrk's closed loop, as fast as the server answers
+
+
+def median(samples: list[Sample], field: str) -> float:
+    """The median of one Sample field over rounds."""
+    return statistics.median(getattr(sample, field) for sample in samples)
 
 
 def label(rate: float) -> str:
@@ -49,10 +55,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="rate-cost-"))
     config = run.Config.for_tool(workdir, seconds=args.seconds, half_seconds=args.seconds)
     forward = wrk.Load(run.FORWARD_PATH, {"User-Agent": "bench/1.0", "Accept": "application/json"})
-    # Per server and rate, one value per round; the upstream behind the proxy per rate.
-    cpu: dict[str, dict[float, list[float]]] = {}
-    achieved: dict[str, dict[float, list[float]]] = {}
-    upstream_cpu: dict[float, list[float]] = {rate: [] for rate in rates}
+    # (server name, rate) -> one sample per round.
+    samples: dict[tuple[str, float], list[Sample]] = {}
     with procs.Supervisor(workdir) as sup:
         redis_url, client = run.start_redis(sup, workdir)
         upstream = run.start_python_app(sup, "upstream", "upstream.py", core=procs.LOAD_CORE)
@@ -72,17 +76,14 @@ def main() -> int:
         else:
             print("nginx is not installed: its row is skipped", file=sys.stderr)
         for _, server, load in servers:
-            wrk.run(server.port, load, seconds=1, connections=32, threads=1, script_dir=workdir)
+            run.warm(server, load, config, 1)
         for round_ in range(args.rounds):
             for rate in rates:
                 for name, server, load in servers if round_ % 2 == 0 else list(reversed(servers)):
                     sample = run.measure(
                         server, load, config, client, None, seconds=args.seconds, rate=rate or None
                     )
-                    cpu.setdefault(name, {}).setdefault(rate, []).append(sample.cpu_us_per_req)
-                    achieved.setdefault(name, {}).setdefault(rate, []).append(sample.rps)
-                    if sample.backend_cpu_us_per_req is not None:
-                        upstream_cpu[rate].append(sample.backend_cpu_us_per_req)
+                    samples.setdefault((name, rate), []).append(sample)
                     run.say(
                         f"round {round_ + 1} {name:24s} {label(rate):>10s}: "
                         f"{sample.rps:8.0f} req/s  cpu {sample.cpu_us_per_req:6.1f} us/req"
@@ -94,13 +95,14 @@ def main() -> int:
     print("|---|" + "---:|" * (len(names) + 2))
     for rate in rates:
         cells = [
-            f"{statistics.median(cpu[name][rate]):.0f} ({statistics.median(achieved[name][rate]):,.0f})"
+            f"{median(samples[name, rate], 'cpu_us_per_req'):.0f} ({median(samples[name, rate], 'rps'):,.0f})"
             for name in names
         ]
-        behind = statistics.median(upstream_cpu[rate]) if upstream_cpu[rate] else None
-        forward_cost = statistics.median(cpu[names[0]][rate])
-        cells.append(f"{behind:.0f}" if behind else "-")
-        cells.append(f"{forward_cost / behind:.2f}" if behind else "-")
+        # Only the proxy's server names an upstream, whose CPU its samples carry.
+        forwards = samples[names[0], rate]
+        behind = median(forwards, "backend_cpu_us_per_req")
+        cells.append(f"{behind:.0f}")
+        cells.append(f"{median(forwards, 'cpu_us_per_req') / behind:.2f}")
         print(f"| {label(rate)} | " + " | ".join(cells) + " |")
     return 0
 

@@ -499,6 +499,18 @@ def measure(
     )
 
 
+def warm(server: Server, load: wrk.Load, config: Config, seconds: int) -> None:
+    """Unmeasured load on `server`, as the measured runs send it."""
+    wrk.run(
+        server.port,
+        load,
+        seconds=seconds,
+        connections=config.connections,
+        threads=config.threads,
+        script_dir=config.workdir,
+    )
+
+
 def _log_sample(row: Row, sample: Sample, label: str) -> None:
     say(
         f"  {row.scenario:>11} {row.server:<24} {label}: {sample.rps:>8.0f} req/s  "
@@ -523,14 +535,7 @@ def compare(
     paced pass each at half its median saturating rate."""
     for server in servers:
         with contextlib.suppress(wrk.WrkError):
-            wrk.run(
-                server.port,
-                load,
-                seconds=config.warmup,
-                connections=config.connections,
-                threads=config.threads,
-                script_dir=config.workdir,
-            )
+            warm(server, load, config, config.warmup)
     for run in range(config.runs):
         for server in servers if run % 2 == 0 else list(reversed(servers)):
             row = rows[server.name]
@@ -573,14 +578,7 @@ def steady_redis_rate(
     settle = math.ceil(BillingSettings().flush_interval_seconds)
     for server in servers:
         try:
-            wrk.run(
-                server.port,
-                load,
-                seconds=settle,
-                connections=ctx.config.connections,
-                threads=ctx.config.threads,
-                script_dir=ctx.config.workdir,
-            )
+            warm(server, load, ctx.config, settle)
             sample = measure(server, load, ctx.config, ctx.client, None, seconds=ctx.config.steady_seconds)
         except wrk.WrkError as exc:
             say(f"  steady run of {server.name}: {exc}")
