@@ -76,7 +76,7 @@ def main() -> int:
         else:
             print("nginx is not installed: its row is skipped", file=sys.stderr)
         for _, server, load in servers:
-            run.warm(server, load, config, 1)
+            run.drive(server, load, config, 1)
         for round_ in range(args.rounds):
             for rate in rates:
                 for name, server, load in servers if round_ % 2 == 0 else list(reversed(servers)):

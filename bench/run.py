@@ -454,15 +454,7 @@ def measure(
     before_cpu = procs.cpu_seconds(server.pid)
     before_backend_cpu = procs.cpu_seconds(server.forwarded_to) if server.forwarded_to else 0.0
     before_cores = procs.core_times()
-    result = wrk.run(
-        server.port,
-        load,
-        seconds=seconds,
-        connections=config.connections,
-        threads=config.threads,
-        script_dir=config.workdir,
-        rate=rate,
-    )
+    result = drive(server, load, config, seconds, rate)
     cpu = procs.cpu_seconds(server.pid) - before_cpu
     backend_cpu = procs.cpu_seconds(server.forwarded_to) - before_backend_cpu if server.forwarded_to else None
     after_cores = procs.core_times()
@@ -499,15 +491,19 @@ def measure(
     )
 
 
-def warm(server: Server, load: wrk.Load, config: Config, seconds: int) -> None:
-    """Unmeasured load on `server`, as the measured runs send it."""
-    wrk.run(
+def drive(
+    server: Server, load: wrk.Load, config: Config, seconds: int, rate: float | None = None
+) -> wrk.WrkResult:
+    """`load` on `server` as every run sends it (wrk with the configured connections and threads): alone,
+    unmeasured load; measure() wraps it with the counters it reads before and after."""
+    return wrk.run(
         server.port,
         load,
         seconds=seconds,
         connections=config.connections,
         threads=config.threads,
         script_dir=config.workdir,
+        rate=rate,
     )
 
 
@@ -535,7 +531,7 @@ def compare(
     paced pass each at half its median saturating rate."""
     for server in servers:
         with contextlib.suppress(wrk.WrkError):
-            warm(server, load, config, config.warmup)
+            drive(server, load, config, config.warmup)
     for run in range(config.runs):
         for server in servers if run % 2 == 0 else list(reversed(servers)):
             row = rows[server.name]
@@ -578,7 +574,7 @@ def steady_redis_rate(
     settle = math.ceil(BillingSettings().flush_interval_seconds)
     for server in servers:
         try:
-            warm(server, load, ctx.config, settle)
+            drive(server, load, ctx.config, settle)
             sample = measure(server, load, ctx.config, ctx.client, None, seconds=ctx.config.steady_seconds)
         except wrk.WrkError as exc:
             say(f"  steady run of {server.name}: {exc}")
