@@ -26,18 +26,19 @@ log = logging.getLogger(__name__)
 # (team_id, library, bucket) -> requests
 Counts = dict[tuple[int, str, int], int]
 
-# Applies batches in order; each batch is [mark][hash key]* in KEYS and [seq][n][field, increment]* in ARGV.
-# Batches carry increasing sequence numbers, and a mark holds the last one applied (a high-water mark): a
-# batch not above it was applied by an attempt whose reply was lost, and is skipped, so a retry (ours, or
-# redis-py's own after a dropped connection, or a stale copy that arrives late) never counts twice. Pending
-# batches are always sent oldest first, so no batch is ever applied after a later one under the same mark.
-# A script runs atomically: no other client sees half a batch. (Redis does not roll back a script that fails
-# midway; only a billing key of the wrong type can do that, and the batch is then marked applied and not
-# retried.) One mark per tally (per process) on one node. On a Cluster a script may touch one slot only, so a
-# batch is applied per slot group of its hashes, all pipelined; each group is marked in its own slot (a mark
-# per process and group, hash-tagged with the group's smallest key). Each group is then applied exactly once,
-# as a whole batch is on one node; only the groups of one batch are not applied atomically together (a
-# reader may see the team hash counted before the SDK hash, never a count twice or lost).
+# Each flush interval's tally is sealed into a batch of one or more parts (see _ENTRIES_PER_PART). Applies
+# parts in order; each part is [mark][hash key]* in KEYS and [seq][n][field, increment]* in ARGV. Parts
+# carry increasing sequence numbers, and a mark holds the last one applied (a high-water mark): a part not
+# above it was applied by an attempt whose reply was lost, and is skipped, so a retry (ours, or redis-py's
+# own after a dropped connection, or a stale copy that arrives late) never counts twice. Pending parts are
+# always sent oldest first, so no part is ever applied after a later one under the same mark. A script runs
+# atomically: no other client sees half a part. (Redis does not roll back a script that fails midway; only a
+# billing key of the wrong type can do that, and the part is then marked applied and not retried.) One mark
+# per tally (per process) on one node. On a Cluster a script may touch one slot only, so a part is applied
+# per slot group of its hashes, all pipelined; each group is marked in its own slot (a mark per process and
+# group, hash-tagged with the group's smallest key). Each group is then applied exactly once, as a whole
+# part is on one node; only the groups of one part are not applied atomically together (a reader may see the
+# team hash counted before the SDK hash, never a count twice or lost).
 _APPLY_BATCHES = """
 local ttl = ARGV[1]
 local k, a = 1, 2
@@ -62,16 +63,24 @@ return applied
 # A batch stays pending about max_pending_batches x flush_interval at most (~8 h by default), far below
 # this: a retry always finds the mark of an earlier attempt that was applied. Each write renews it.
 _DEDUPE_TTL_SECONDS = 86400
-# Redis runs a script alone; ~1 µs per HINCRBY keeps one call under ~20 ms. A backlog drains over flushes.
-_MAX_INCREMENTS_PER_CALL = 20_000
+# Redis runs a script alone, and the proxy builds each call's arguments at once. One interval's tally can
+# hold every team the process served (100,000 teams: 200,000 HINCRBYs, ~200 ms of Redis blocked and ~130 MiB
+# of arguments in one call), so it is sealed in parts of at most _ENTRIES_PER_PART (team, library, bucket)
+# entries, each numbered, and a call carries up to _MAX_INCREMENTS_PER_CALL increments (~1 ms of Redis,
+# measured ~1.3 MiB of Python objects per 2,000); a flush sends its calls one after the other.
+_ENTRIES_PER_PART = 500
+_MAX_INCREMENTS_PER_CALL = 2 * _ENTRIES_PER_PART
 _FINAL_FLUSH_ATTEMPTS = 3
 _FINAL_FLUSH_PAUSE_SECONDS = 0.1
 
 
 @dataclass
-class _Batch:
+class _Part:
+    """Part of one interval's sealed tally: what one mark check covers."""
+
     counts: Counts
-    seq: int  # increasing in the order batches are sealed
+    seq: int  # increasing in the order parts are sealed
+    batch: int  # the seal (flush interval) it came from; consecutive over what is pending
 
     @property
     def requests(self) -> int:
@@ -93,12 +102,14 @@ class BillingTally:
         self.settings = settings
         self._bucket_seconds = contract.layout.billing_bucket_seconds
         self._counts: Counts = {}
-        self._pending: deque[_Batch] = deque()
-        self._sealed = 0
+        # Sealed parts, oldest first: written in this order, and each leaves only once written.
+        self._pending: deque[_Part] = deque()
+        self._sealed = 0  # seals (batches) so far
+        self._parts = 0  # parts so far: the last part's seq
         # This tally's mark (one per process): a fresh id, so no two processes ever share one.
         self._mark = contract.layout.billing_dedupe_key.format(batch_id=uuid.uuid4().hex)
         self._script: AsyncScript | None = None
-        # Flushes must not overlap: a batch leaves the queue only once the call that carried it succeeded.
+        # Flushes must not overlap: a part leaves the queue only once the call that carried it succeeded.
         self._flushing = asyncio.Lock()
         self._failing = False
         # Counters for metrics.
@@ -109,13 +120,13 @@ class BillingTally:
 
     @property
     def pending_batches(self) -> int:
-        """Batches sealed but not yet confirmed written."""
-        return len(self._pending)
+        """Batches (one per flush interval with counts) sealed but not yet wholly confirmed written."""
+        return self._pending[-1].batch - self._pending[0].batch + 1 if self._pending else 0
 
     @property
     def unflushed_requests(self) -> int:
         """Requests counted but not yet confirmed written (tally plus pending batches)."""
-        return sum(self._counts.values()) + sum(batch.requests for batch in self._pending)
+        return sum(self._counts.values()) + sum(part.requests for part in self._pending)
 
     def count(self, team_id: int, library: str, now: float | None = None) -> None:
         """Bill one request to the bucket of `now` (request time, not flush time); memory only."""
@@ -125,34 +136,36 @@ class BillingTally:
         counts[entry] = counts.get(entry, 0) + 1
 
     async def flush(self, redis: RedisClient) -> bool:
-        """Seal the tally, then write the pending batches in order in one round trip; False if Redis fails.
+        """Seal the tally, then write every pending batch in order; False if Redis fails.
 
-        One round trip per node on a Cluster, where the batches are applied slot by slot.
+        One script call (one round trip) per _MAX_INCREMENTS_PER_CALL increments, one after the other; on
+        a Cluster each call is one round trip per node, the parts applied slot by slot.
         """
         async with self._flushing:
             self._seal()
             if not self._pending:
                 return True
-            batches = self._next_call()
-            try:
-                await run_script(redis, self._apply(redis), self._encode(batches, redis))
-            except (RedisError, OSError) as exc:
-                # Outcome unknown: the batches stay pending with their numbers, so the retry is idempotent.
-                self.failed_flushes += 1
-                if not self._failing:
-                    log.warning(
-                        "billing: flush failed (%s); %d request(s) kept for retry",
-                        type(exc).__name__,
-                        self.unflushed_requests,
-                    )
-                    self._failing = True
-                return False
-            for _ in batches:
-                self._pending.popleft()
+            while self._pending:
+                parts = self._next_call()
+                try:
+                    await run_script(redis, self._apply(redis), self._encode(parts, redis))
+                except (RedisError, OSError) as exc:
+                    # Outcome unknown: the parts stay pending with their numbers, so the retry is idempotent.
+                    self.failed_flushes += 1
+                    if not self._failing:
+                        log.warning(
+                            "billing: flush failed (%s); %d request(s) kept for retry",
+                            type(exc).__name__,
+                            self.unflushed_requests,
+                        )
+                        self._failing = True
+                    return False
+                for _ in parts:
+                    self._pending.popleft()
+                self.flushed_requests += sum(part.requests for part in parts)
             self.flushes += 1
-            self.flushed_requests += sum(batch.requests for batch in batches)
             if self._failing:
-                log.info("billing: flush succeeded again; %d batch(es) still pending", len(self._pending))
+                log.info("billing: flush succeeded again; every pending batch written")
                 self._failing = False
             return True
 
@@ -176,8 +189,8 @@ class BillingTally:
         self._seal()
         if self._pending:
             lost: Counts = {}
-            for batch in self._pending:
-                for entry, n in batch.counts.items():
+            for part in self._pending:
+                for entry, n in part.counts.items():
                     lost[entry] = lost.get(entry, 0) + n
             log.error(
                 "billing: %d request(s) not confirmed written at shutdown (team/library/bucket=n): %s",
@@ -195,37 +208,45 @@ class BillingTally:
         if not self._counts:
             return
         self._sealed += 1
-        self._pending.append(_Batch(self._counts, self._sealed))
+        entries = list(self._counts.items())
         self._counts = {}
-        while len(self._pending) > self.settings.max_pending_batches:
-            dropped = self._pending.popleft()
-            self.dropped_counts += dropped.requests
+        for start in range(0, len(entries), _ENTRIES_PER_PART):
+            self._parts += 1
+            part = dict(entries[start : start + _ENTRIES_PER_PART])
+            self._pending.append(_Part(part, self._parts, self._sealed))
+        while self.pending_batches > self.settings.max_pending_batches:
+            oldest = self._pending[0].batch
+            dropped: Counts = {}
+            while self._pending and self._pending[0].batch == oldest:
+                dropped.update(self._pending.popleft().counts)
+            requests = sum(dropped.values())
+            self.dropped_counts += requests
             log.error(
                 "billing: more than %d batches unwritten; dropped the oldest, %d request(s) lost: %s",
                 self.settings.max_pending_batches,
-                dropped.requests,
-                _describe(dropped.counts),
+                requests,
+                _describe(dropped),
             )
 
-    def _next_call(self) -> list[_Batch]:
-        batches: list[_Batch] = []
+    def _next_call(self) -> list[_Part]:
+        parts: list[_Part] = []
         increments = 0
-        for batch in self._pending:
-            increments += 2 * len(batch.counts)
-            if batches and increments > _MAX_INCREMENTS_PER_CALL:
+        for part in self._pending:
+            increments += 2 * len(part.counts)
+            if parts and increments > _MAX_INCREMENTS_PER_CALL:
                 break
-            batches.append(batch)
-        return batches
+            parts.append(part)
+        return parts
 
-    def _encode(self, batches: list[_Batch], redis: RedisClient) -> list[ScriptCall]:
+    def _encode(self, parts: list[_Part], redis: RedisClient) -> list[ScriptCall]:
         # One script call per slot: a single one on one node, where every key is in "slot 0".
         slot = slot_of(redis)
         clustered = isinstance(redis, RedisCluster)
         calls: dict[int, tuple[list[str], list[str | int]]] = {}
-        for batch in batches:
+        for part in parts:
             # Requests of one team over several libraries go into one HINCRBY of the team hash.
             increments: dict[tuple[str, int], int] = {}
-            for (team_id, library, bucket), n in batch.counts.items():
+            for (team_id, library, bucket), n in part.counts.items():
                 for key in self.contract.billing_keys(team_id, library):
                     increments[key, bucket] = increments.get((key, bucket), 0) + n
             groups: dict[int, list[tuple[str, int, int]]] = {}
@@ -237,7 +258,7 @@ class BillingTally:
                 script_keys.append(
                     hash_tagged(self._mark, min(k for k, _, _ in group)) if clustered else self._mark
                 )
-                args += (batch.seq, len(group))
+                args += (part.seq, len(group))
                 for key, bucket, n in group:
                     script_keys.append(key)
                     args.extend((bucket, n))

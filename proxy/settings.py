@@ -315,7 +315,8 @@ class BillingSettings(_Section):
     # reads them every 30 minutes, skipping the newest bucket, so a later flush only delays them. What a
     # SIGKILL can lose is one interval of one process's counts (SIGTERM flushes): 30 s is one SDK poll.
     flush_interval_seconds: Seconds = 30.0
-    # Unflushed batches kept while Redis is down; beyond this the oldest is dropped and logged.
+    # Unflushed batches (one per flush interval) kept while Redis is down; beyond this the oldest is dropped
+    # and logged.
     max_pending_batches: int = Field(default=1000, ge=1)
     # Bound on the final flush at shutdown (all attempts); it runs after the drain, so exit within both.
     final_flush_timeout_seconds: Seconds = 5.0

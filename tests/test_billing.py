@@ -25,6 +25,7 @@ CONTRACT = RedisContract(RedisLayout())
 BUCKET = 120
 T0 = 1_700_000_040.0  # the start of a bucket: 1_700_000_040 / 120 = 14_166_667
 B0 = int(T0 // BUCKET)
+MARK_PREFIX = CONTRACT.layout.billing_dedupe_key.partition("{")[0]  # the marks among a call's keys
 
 
 @pytest.fixture
@@ -214,6 +215,100 @@ async def test_too_many_pending_batches_drops_the_oldest_with_an_error(
 
     assert await billing.flush(client)
     assert hashes(redis_server, 7, "posthog-ruby") == ({B0: 5}, {B0: 5})
+
+
+def count_teams(billing: BillingTally, teams: range) -> None:
+    """One request per team, one library, one bucket: one entry per team."""
+    for team_id in teams:
+        billing.count(team_id, "posthog-python", now=T0)
+
+
+def assert_each_team_counted_once(redis_server: RedisServer, teams: range) -> None:
+    sync = redis_server.client()
+    with sync.pipeline(transaction=False) as pipe:
+        for team_id in teams:
+            for key in CONTRACT.billing_keys(team_id, "posthog-python"):
+                pipe.hgetall(key)
+        replies = pipe.execute()
+    sync.close()
+    assert replies == [{str(B0).encode(): b"1"}] * (2 * len(teams))
+
+
+async def test_a_large_tally_is_written_in_bounded_calls_each_counted_once(
+    client: aioredis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One interval's tally holds every team served: sent in one script call, 100,000 teams would block
+    # Redis for ~200 ms and build ~130 MiB of arguments. It goes in calls of at most 1,000 increments.
+    billing = tally()
+    teams = range(1, 1201)  # 1,200 entries: parts of 500, 500 and 200, 2 increments each
+    count_teams(billing, teams)
+    increments_per_call: list[int] = []
+    real_evalsha: Callable[..., Awaitable[Any]] = client.evalsha
+
+    async def recorded(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        marks = sum(1 for key in keys_and_args[:numkeys] if key.startswith(MARK_PREFIX))
+        increments_per_call.append(numkeys - marks)
+        return await real_evalsha(sha, numkeys, *keys_and_args)
+
+    monkeypatch.setattr(client, "evalsha", recorded)
+    with redis_server.client() as sync:
+        before = commandstats(sync)
+        assert await billing.flush(client)
+        after = commandstats(sync)
+    assert increments_per_call == [1000, 1000, 400]
+    assert after["hincrby"] - before.get("hincrby", 0) == 2400
+    assert_each_team_counted_once(redis_server, teams)
+    assert (billing.pending_batches, billing.flushed_requests, billing.flushes) == (0, 1200, 1)
+
+
+async def test_a_reply_lost_between_calls_is_retried_without_counting_twice(
+    client: aioredis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    billing = tally()
+    teams = range(1, 1201)
+    count_teams(billing, teams)
+    calls = 0
+    real_evalsha: Callable[..., Awaitable[Any]] = client.evalsha
+
+    async def second_reply_lost(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        reply = await real_evalsha(*args)
+        if calls == 2:
+            raise RedisConnectionError("connection dropped before the reply")
+        return reply
+
+    monkeypatch.setattr(client, "evalsha", second_reply_lost)
+    assert not await billing.flush(client)
+    # The first part is confirmed; the second was applied, unknown to the proxy; the third was not sent.
+    assert (billing.pending_batches, billing.unflushed_requests) == (1, 700)
+
+    monkeypatch.undo()
+    assert await billing.flush(client)
+    assert_each_team_counted_once(redis_server, teams)
+    assert (billing.pending_batches, billing.unflushed_requests) == (0, 0)
+
+
+async def test_a_batch_of_several_parts_is_dropped_whole_when_too_many_are_pending(
+    client: aioredis.Redis,
+    dead_client: aioredis.Redis,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    billing = tally(max_pending_batches=1)
+    count_teams(billing, range(1, 1201))  # one interval, three parts
+    assert not await billing.flush(dead_client)
+    assert billing.pending_batches == 1
+    count_teams(billing, range(5001, 5003))
+    assert not await billing.flush(dead_client)
+    errors = [r for r in caplog.records if r.name == "proxy.billing" and r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "1200 request(s) lost" in errors[0].getMessage()
+    assert (billing.dropped_counts, billing.pending_batches, billing.unflushed_requests) == (1200, 1, 2)
+
+    assert await billing.flush(client)
+    assert_each_team_counted_once(redis_server, range(5001, 5003))
+    assert hashes(redis_server, 1, "posthog-python") == ({}, {})
 
 
 async def _app_with_billing(redis_url: str, **billing: float) -> web.AppRunner:
