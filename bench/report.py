@@ -73,6 +73,9 @@ class Sample:
     load_core_busy: float
     # The paced rate asked of wrk (None: saturation).
     target_rps: float | None = None
+    # Which round of interleaved saturating runs it belongs to (None: a paced pass, or saved before rounds
+    # were recorded): the servers of one round ran within seconds of each other, under the same noise.
+    round: int | None = None
 
 
 @dataclass
@@ -133,16 +136,41 @@ def baseline_of(row: Row) -> str | None:
 
 
 def ratio(rows: Sequence[Row], row: Row, base_server: str | None, name: str = "rps") -> float | None:
-    """row/base of a median (base/row for CPU per request, so that higher is better either way)."""
+    """row/base (base/row for CPU per request, so that higher is better either way): the median over rounds
+    of the two servers' runs in the same round.
+
+    The machine's noise comes and goes over seconds to minutes (one server's runs spread by +-25 % on
+    2026-12-06), and the runs of one round are seconds apart, so a same-round ratio cancels most of it: the
+    twelve 304 rows of two runs that day (identical code) spread 0.66-1.02 as a ratio of medians, 0.74-0.91
+    as a median of same-round ratios. Samples saved without rounds fall back to the ratio of medians.
+    """
     if base_server is None or not row.samples:
         return None
     base = _find(rows, row, base_server)
     if base is None:
         return None
-    ours, theirs = row.median(name), base.median(name)
-    if not ours or not theirs:
-        return None
-    return theirs / ours if name == "cpu_us_per_req" else ours / theirs
+
+    def by_round(samples: Sequence[Sample]) -> dict[int, float]:
+        return {
+            s.round: value
+            for s in samples
+            if s.round is not None and (value := getattr(s, name)) is not None and value > 0
+        }
+
+    ours_by_round, theirs_by_round = by_round(row.samples), by_round(base.samples)
+    rounds = ours_by_round.keys() & theirs_by_round.keys()
+    if rounds:
+        ours_values = [ours_by_round[r] for r in sorted(rounds)]
+        theirs_values = [theirs_by_round[r] for r in sorted(rounds)]
+    else:
+        ours_median, theirs_median = row.median(name), base.median(name)
+        if not ours_median or not theirs_median:
+            return None
+        ours_values, theirs_values = [ours_median], [theirs_median]
+    pairs = zip(ours_values, theirs_values, strict=True)
+    if name == "cpu_us_per_req":
+        return statistics.median(theirs / ours for ours, theirs in pairs)
+    return statistics.median(ours / theirs for ours, theirs in pairs)
 
 
 def ceiling_ratio(rows: Sequence[Row], row: Row, name: str = "rps") -> float | None:
@@ -446,8 +474,11 @@ def render(
         "x backend = req/s over Django's (200/304: the Django row, one sync gunicorn worker on core 0; "
         "forwarded scenarios: over the same requests sent straight to Django, which then sits on core 1 with "
         "wrk, standing for another machine). x ceiling = over the aiohttp app serving the same bytes from "
-        "memory with no logic. CPU us/req and peak RSS are the measured server process's (the proxy's in "
-        "proxy -> django rows); cores busy = server core / load core; Redis cmds/req counts every command "
+        "memory with no logic. Both are medians over the rounds of the ratio of the two servers' runs in the "
+        "same round (a round runs every server once, seconds apart, so it cancels most of the machine's "
+        "noise); the req/s columns are each server's own median. CPU us/req and peak RSS are the measured "
+        "server process's (the proxy's in proxy -> django rows); cores busy = server core / load core; "
+        "Redis cmds/req counts every command "
         "Redis executed (INFO commandstats) per request, the backend's included where it takes part; "
         "bad = answers with an unexpected status plus socket errors. Caveat of 2 cores: in forwarded rows "
         "the backend shares core 1 with wrk, and gunicorn's sync worker closes every connection, so wrk's "

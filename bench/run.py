@@ -540,6 +540,7 @@ def compare(
             except wrk.WrkError as exc:
                 row.error = str(exc)
                 continue
+            sample.round = run
             row.samples.append(sample)
             _log_sample(row, sample, f"run {run + 1}")
     for server in servers:
