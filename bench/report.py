@@ -150,24 +150,19 @@ def ratio(rows: Sequence[Row], row: Row, base_server: str | None, name: str = "r
     if base is None:
         return None
 
-    def by_round(samples: Sequence[Sample]) -> dict[int, float]:
-        return {
-            s.round: value
-            for s in samples
-            if s.round is not None and (value := getattr(s, name)) is not None and value > 0
-        }
-
-    ours_by_round, theirs_by_round = by_round(row.samples), by_round(base.samples)
-    rounds = ours_by_round.keys() & theirs_by_round.keys()
-    if rounds:
-        ours_values = [ours_by_round[r] for r in sorted(rounds)]
-        theirs_values = [theirs_by_round[r] for r in sorted(rounds)]
-    else:
-        ours_median, theirs_median = row.median(name), base.median(name)
-        if not ours_median or not theirs_median:
+    theirs_by_round = {
+        s.round: value for s in base.samples if s.round is not None and (value := getattr(s, name))
+    }
+    pairs = [
+        (value, theirs_by_round[s.round])
+        for s in row.samples
+        if s.round in theirs_by_round and (value := getattr(s, name))
+    ]
+    if not pairs:
+        ours, theirs = row.median(name), base.median(name)
+        if not ours or not theirs:
             return None
-        ours_values, theirs_values = [ours_median], [theirs_median]
-    pairs = zip(ours_values, theirs_values, strict=True)
+        pairs = [(ours, theirs)]
     if name == "cpu_us_per_req":
         return statistics.median(theirs / ours for ours, theirs in pairs)
     return statistics.median(ours / theirs for ours, theirs in pairs)
