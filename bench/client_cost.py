@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -80,7 +81,7 @@ async def main(args: argparse.Namespace) -> None:
         command = [sys.executable, str(ROOT / "bench" / "upstream.py"), "--bind", f"127.0.0.1:{port}"]
         upstream = supervisor.start("upstream", procs.pinned(command, 1))
         procs.wait_http(port, "/__bench/stats", upstream)
-        clients = {
+        clients: dict[str, Callable[[int, int, int], Awaitable[None]]] = {
             "aiohttp ClientSession": with_aiohttp,
             "proxy.upstream.Pool": with_pool,
             # The same, to an upstream closing every connection: what a connect per request adds.

@@ -33,7 +33,7 @@ SATURATED = 0.0  # a rate of 0: wrk's closed loop, as fast as the server answers
 
 def median(samples: list[Sample], field: str) -> float:
     """The median of one Sample field over rounds."""
-    return statistics.median(getattr(sample, field) for sample in samples)
+    return float(statistics.median(getattr(sample, field) for sample in samples))
 
 
 def label(rate: float) -> str:

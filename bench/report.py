@@ -150,10 +150,10 @@ def ratio(rows: Sequence[Row], row: Row, base_server: str | None, name: str = "r
     if base is None:
         return None
 
-    theirs_by_round = {
+    theirs_by_round: dict[int, float] = {
         s.round: value for s in base.samples if s.round is not None and (value := getattr(s, name))
     }
-    pairs = [
+    pairs: list[tuple[float, float]] = [
         (value, theirs_by_round[s.round])
         for s in row.samples
         if s.round in theirs_by_round and (value := getattr(s, name))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import importlib.metadata
 import math
 import os
 import platform
@@ -1131,7 +1132,6 @@ def machine_info(config: Config, argv: Sequence[str], writer_name: str) -> dict[
             "?",
         )
     import aiohttp
-    import uvloop
 
     status = subprocess.run(
         ["git", "status", "--porcelain", "proxy"], capture_output=True, text=True, cwd=ROOT, check=False
@@ -1146,7 +1146,7 @@ def machine_info(config: Config, argv: Sequence[str], writer_name: str) -> dict[
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
-        "uvloop": uvloop.__version__,
+        "uvloop": importlib.metadata.version("uvloop"),
         "django": _run([sys.executable, "-c", "import django; print(django.__version__)"]),
         "gunicorn": _run([sys.executable, "-m", "gunicorn", "--version"]),
         "redis_server": _run([redis_binary(), "--version"]),

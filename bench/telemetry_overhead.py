@@ -41,9 +41,14 @@ def micro() -> None:
     meter = provider.get_meter("bench")
     counter = meter.create_counter("c")
     histogram = meter.create_histogram("h", unit="s")
-    attributes = {"route": "definitions", "method": "GET", "status_code": 304, "answered_by": "local"}
+    attributes: dict[str, str | int] = {
+        "route": "definitions",
+        "method": "GET",
+        "status_code": 304,
+        "answered_by": "local",
+    }
     ours = InMemoryHistogram("h", "", "s", tuple(attributes), 1000)
-    key = tuple(attributes.values())
+    key: tuple[str | int, ...] = tuple(attributes.values())
     ints = {"hit": 0}
     cases: dict[str, Callable[[], object]] = {
         "OTel SDK Counter.add(1, attributes)": lambda: counter.add(1, attributes),
