@@ -10,7 +10,7 @@ from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import hdrs, http_writer, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
 from yarl import URL
@@ -165,8 +165,10 @@ class Forwarder:
                 return _failed(request, None, exc)
             if observe is not None:
                 observe(upstream.status, headers, body)
-            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            whole = ExactHeadResponse if upstream.non_utf8 else web.Response
+            return whole(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        streamed = ExactHeadStreamResponse if upstream.non_utf8 else web.StreamResponse
+        response = streamed(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
             await _relay(request, upstream, response, observe, capture_bytes)
         except UpstreamError as exc:
@@ -278,6 +280,37 @@ async def _relay(
         observe(upstream.status, response.headers, b"".join(captured) if captured is not None else None)
 
 
+class ExactHeadStreamResponse(web.StreamResponse):
+    """A forwarded answer whose head holds bytes that are not UTF-8, sent back as they came.
+
+    WSGI header values are latin-1: Django under gunicorn writes `filename="résumé.csv"` with a single 0xE9
+    byte. The upstream client keeps such bytes as surrogates (decoded with `surrogateescape`), and aiohttp's
+    head serializer, which encodes UTF-8, silently drops them. Here aiohttp serializes the head's bytes one
+    character each (latin-1), which keeps its checks (control characters refused) and its bookkeeping, and
+    the head it buffered is replaced by those bytes themselves. Only answers that need it take this path
+    (`Response.non_utf8`); tests/test_upstream.py checks the bytes on the wire, so an aiohttp that moved
+    these internals fails there, not silently.
+    """
+
+    async def _write_headers(self) -> None:
+        request, writer = self._req, self._payload_writer
+        assert request is not None
+        assert isinstance(writer, http_writer.StreamWriter)
+        version = request.version
+        status_line = _one_char_per_byte(f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}")
+        fields = CIMultiDict((k, _one_char_per_byte(v)) for k, v in self.headers.items())
+        await writer.write_headers(status_line, fields)
+        writer._headers_buf = "".join(
+            [f"{status_line}\r\n", *[f"{k}: {v}\r\n" for k, v in fields.items()], "\r\n"]
+        ).encode("latin-1")
+        if self._send_headers_immediately:
+            writer.send_headers()
+
+
+class ExactHeadResponse(ExactHeadStreamResponse, web.Response):
+    """The same for an answer read whole (head and body leave in one write)."""
+
+
 def _failed(
     request: web.Request, response: web.StreamResponse | None, exc: UpstreamError
 ) -> web.StreamResponse:
@@ -295,6 +328,11 @@ def _failed(
         return json_response(504, GATEWAY_TIMEOUT)
     log.warning("upstream unreachable or broken (%s) on %s %s", exc, method, path)
     return json_response(502, BAD_GATEWAY)
+
+
+def _one_char_per_byte(text: str) -> str:
+    """`text`'s bytes on the wire (surrogates back to the bytes they stand for), one character per byte."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 def _connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:

@@ -270,7 +270,7 @@ class Response:
     """An answer whose head has arrived. Headers are decoded as aiohttp decodes them (UTF-8, undecodable
     bytes kept as surrogates) in the order received, repeats included."""
 
-    __slots__ = ("_conn", "connection_tokens", "content_length", "headers", "reason", "status")
+    __slots__ = ("_conn", "connection_tokens", "content_length", "headers", "non_utf8", "reason", "status")
 
     def __init__(
         self,
@@ -280,6 +280,7 @@ class Response:
         headers: list[tuple[str, str]],
         content_length: int | None,
         connection_tokens: frozenset[str],
+        non_utf8: bool = False,
     ) -> None:
         self._conn = conn
         self.status = status
@@ -288,6 +289,9 @@ class Response:
         self.content_length = content_length
         # The lower-cased names listed in Connection: hop-by-hop for this answer.
         self.connection_tokens = connection_tokens
+        # Whether the reason or a header value holds bytes that are not UTF-8 (surrogates here), such as the
+        # latin-1 values a WSGI server writes: encoding them back needs `surrogateescape`.
+        self.non_utf8 = non_utf8
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -617,18 +621,21 @@ class Connection(asyncio.Protocol):
         headers = []
         content_length = None
         connection: frozenset[str] = frozenset()
+        # llhttp admits only token characters in names; values and the reason may carry any byte >= 0x80.
+        non_utf8 = not _is_utf8(self._reason)
         for raw_name, raw_value in self._headers:
             name = raw_name.decode("utf-8", "surrogateescape")
             value = raw_value.decode("utf-8", "surrogateescape")
             headers.append((name, value))
+            if not raw_value.isascii() and not non_utf8:
+                non_utf8 = not _is_utf8(raw_value)
             lowered = raw_name.lower()
             if lowered == b"content-length":
                 content_length = int(raw_value)  # llhttp has checked it is one valid number
             elif lowered == b"connection":
                 connection |= {token.strip().lower() for token in value.split(",")}
-        self._response = Response(
-            self, status, self._reason.decode("utf-8", "surrogateescape"), headers, content_length, connection
-        )
+        reason = self._reason.decode("utf-8", "surrogateescape")
+        self._response = Response(self, status, reason, headers, content_length, connection, non_utf8)
         if self._head_only:
             self._keep_alive = self._parser.should_keep_alive()
             self._finish()
@@ -667,3 +674,13 @@ class Connection(asyncio.Protocol):
         if response is None or response.content_length is not None:
             return False
         return not any(name.lower() == b"transfer-encoding" for name, _ in self._headers)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    if raw.isascii():
+        return True
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -631,6 +631,46 @@ async def test_request_header_bytes_reach_the_upstream_unchanged(
     assert b"\r\nX-Utf8: caf\xc3\xa9\r\n" in sent
 
 
+# What Django under gunicorn sends for `filename="résumé.csv"` in a Content-Disposition: WSGI header values
+# are latin-1, so each é goes out as the single byte 0xE9 (tests/e2e/test_forwarded.py runs the real thing).
+LATIN_1_FIELD = b'Content-Disposition: attachment; filename="r\xe9sum\xe9.csv"'
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: 2\r\n\r\nok", b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+    ids=["buffered", "streamed"],
+)
+async def test_answer_header_bytes_reach_the_client_unchanged(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]], framing: bytes
+) -> None:
+    # obs-text (latin-1, as WSGI servers write it), UTF-8, and a reason phrase with obs-text, in a buffered
+    # answer (head and body in one write) and a streamed one.
+    answer = (
+        b"HTTP/1.1 200 Tr\xe8s bien\r\n"
+        + LATIN_1_FIELD
+        + b"\r\nX-Utf8: caf\xc3\xa9\r\nX-Ascii: plain\r\n"
+        + framing
+    )
+    upstream = await scripted(answering(answer))
+    client = await proxy_to(make_proxy, upstream)
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /export HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    got = await reader.read()
+    writer.close()
+
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 Tr\xe8s bien"
+    assert LATIN_1_FIELD in lines
+    assert b"X-Utf8: caf\xc3\xa9" in lines
+    assert b"X-Ascii: plain" in lines
+    assert body in (b"ok", b"2\r\nok\r\n0\r\n\r\n")
+    assert failures(client) == {}
+
+
 @pytest.mark.parametrize(
     "line",
     [b"X-A: a\rX-B: b", b"X-A: a\x00b", b"X-A: a\x0bb", b"X-A: a\x7fb"],

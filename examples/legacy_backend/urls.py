@@ -1,4 +1,5 @@
-"""Routes: the definitions endpoint and its old alias, the request counters, the admin operations."""
+"""Routes: the definitions endpoint and its old alias, an export download, the request counters, the admin
+operations."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ urlpatterns = [
     path("flags/definitions", views.definitions),
     # The old SDK URL, with or without its trailing slash (no redirect: the reference answers both).
     re_path(r"^api/feature_flag/local_evaluation/?$", views.definitions),
+    path("api/exports/<str:name>", views.export_download),
     path("_requests", views.requests_seen),
     path("_admin/teams", views.admin_teams),
     path("_admin/teams/<int:team_id>/flags/<str:key>", views.admin_flag),

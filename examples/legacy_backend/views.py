@@ -1,6 +1,7 @@
 """The definitions endpoint as the legacy backend answers it (contract §3), plus test/demo helpers.
 
 /flags/definitions and /api/feature_flag/local_evaluation[/]  the endpoint edge-proxy answers from Redis
+/api/exports/<name>                                            a CSV download (a route edge-proxy forwards)
 /_requests                                                     what this backend was asked (shared counters)
 /_admin/...                                                    JSON operations, with X-Admin-Token only
 """
@@ -140,6 +141,15 @@ def _authenticate(header: str | None, team: Team) -> HttpResponse | None:
     if not key.may_read_definitions_of(team):
         return _json(403, SCOPE_DENIED)
     return None
+
+
+def export_download(request: HttpRequest, name: str) -> HttpResponse:
+    """A CSV download named after the URL, as an export's content route answers: a route edge-proxy never
+    answers itself. Django writes header values as latin-1, so `résumé.csv` leaves as bytes that are not
+    UTF-8 (a name outside latin-1 would be MIME-encoded instead)."""
+    response = HttpResponse(b"key,value\r\nflag,on\r\n", content_type="text/csv")
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response
 
 
 # Request counters (shared by the gunicorn workers through Redis) -----------------------------------------
