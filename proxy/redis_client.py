@@ -16,17 +16,17 @@ from redis.backoff import NoBackoff
 
 from proxy import keys
 from proxy.cluster import RedisClient
-from proxy.redis_observer import ObservedRedis, ObservedRedisCluster
+from proxy.redis_observer import ClusterAdmission, ObservedRedis, ObservedRedisCluster
 from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, RedisSettings, cluster_nodes, sentinel_parts
 
 
 def _options(settings: RedisSettings) -> dict[str, Any]:
     """What every client gets, on one node, through Sentinel or on a Cluster (there per node).
 
-    On one node and through Sentinel a call that finds all `max_connections` busy waits for one, up to
-    `timeout_seconds` (redis-py's plain pool fails at once: a cold burst of more distinct teams than
-    connections, as after a deploy, sent most of them to the backend). A Cluster's per-node pools still
-    fail at once (redis-py has no waiting variant of them).
+    A call that finds all `max_connections` busy waits for one, up to `timeout_seconds` (redis-py's plain
+    pool fails at once: a cold burst of more distinct teams than connections, as after a deploy, sent most
+    of them to the backend). On one node and through Sentinel the pool waits (BlockingConnectionPool); a
+    Cluster's per-node pools cannot, so its calls wait to be admitted instead (ClusterAdmission).
     """
     return {
         "socket_timeout": settings.timeout_seconds,
@@ -96,12 +96,14 @@ def _cluster_client(settings: RedisSettings) -> ObservedRedisCluster:
     the slot map, MOVED/ASK redirections and failovers by itself. Connections are opened at first use.
     """
     nodes, username, password = cluster_nodes(settings.url)
-    return ObservedRedisCluster(
+    client = ObservedRedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         username=username,
         password=password,
         **_options(settings),
     )
+    client.admission = ClusterAdmission(settings.max_connections, settings.timeout_seconds)
+    return client
 
 
 def limits_storage(client: RedisClient, key_prefix: str) -> RedisStorage:

@@ -3,12 +3,15 @@
 Client subclasses (one node, Cluster) rather than redis-py's own observability, which reports through the
 process-global MeterProvider with the SDK's per-call cost. Covers commands, scripts and pipelines of the
 app's client, background loops included; `limits`' exact-mode storage builds its own client and is not seen.
+The Cluster client also waits for a free connection (ClusterAdmission), as the one-node pool does.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from time import perf_counter
 from typing import Any
 
@@ -18,6 +21,7 @@ from opentelemetry.trace import Status, StatusCode
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.histogram import InMemoryHistogram
 from proxy.tracing import child_span
@@ -98,14 +102,55 @@ class _ObservedPipeline(Pipeline):
         return result
 
 
+# Set while a task runs a call admitted by ClusterAdmission: the calls redis-py makes within it (a pipeline
+# re-sending redirected commands, one command's per-node tasks) are part of it and need no admission.
+_ADMITTED: ContextVar[bool] = ContextVar("edge_proxy_cluster_call_admitted", default=False)
+
+
+class ClusterAdmission:
+    """At most `max_calls` Cluster calls in flight; a call finding them all in flight waits up to `timeout`.
+
+    redis-py's Cluster pools (one per node, `max_connections` each) raise MaxConnectionsError at once when
+    they are all busy, so a cold burst of distinct teams (a deploy, a restart) went to the backend. A call
+    (a command, or a pipeline: one round trip per node) holds at most one connection per node, so with as
+    many calls in flight as a node has connections no node ever runs out: calls wait here instead, as they
+    wait for a connection on one node (BlockingConnectionPool). Past the timeout a call fails as a dead node
+    does, with a ConnectionError.
+    """
+
+    def __init__(self, max_calls: int, timeout: float) -> None:
+        self._free = asyncio.Semaphore(max_calls)
+        self._timeout = timeout
+
+    async def run(self, send: Send, *args: Any, **kwargs: Any) -> Any:
+        """`await send(*args, **kwargs)` once admitted (at once when already inside an admitted call)."""
+        if _ADMITTED.get():
+            return await send(*args, **kwargs)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._free.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("no Redis Cluster connection free within the timeout") from None
+        admitted = _ADMITTED.set(True)
+        try:
+            return await send(*args, **kwargs)
+        finally:
+            _ADMITTED.reset(admitted)
+            self._free.release()
+
+
 class ObservedRedisCluster(RedisCluster):
-    """The app's Redis Cluster client: observed like ObservedRedis; no reachable node is a RedisError."""
+    """The app's Redis Cluster client: observed like ObservedRedis, admitted by ClusterAdmission once one is
+    set; no reachable node is a RedisError."""
 
     observer: RedisObserver | None = None
+    admission: ClusterAdmission | None = None
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """As redis-py's, observed (a command on several nodes, like PING, is one observation)."""
-        return await _command(self.observer, super().execute_command, args, kwargs)
+        if self.admission is None:
+            return await _command(self.observer, super().execute_command, args, kwargs)
+        return await self.admission.run(_command, self.observer, super().execute_command, args, kwargs)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         """A pipeline (one round trip per node) whose execute() is observed as one "PIPELINE" command."""
@@ -114,6 +159,7 @@ class ObservedRedisCluster(RedisCluster):
         # Typed as abstract (an attribute redis-py sets in __init__); redis-py builds its own the same way.
         pipe = _ObservedClusterPipeline(self, transaction)  # type: ignore[abstract]
         pipe.observer = self.observer
+        pipe.admission = self.admission
         return pipe
 
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
@@ -128,9 +174,14 @@ class ObservedRedisCluster(RedisCluster):
 
 class _ObservedClusterPipeline(ClusterPipeline):
     observer: RedisObserver | None = None
+    admission: ClusterAdmission | None = None
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-        result: list[Any] = await _pipeline(
-            self.observer, super().execute, raise_on_error, allow_redirections
-        )
+        send = super().execute
+        if self.admission is None:
+            result: list[Any] = await _pipeline(self.observer, send, raise_on_error, allow_redirections)
+        else:
+            result = await self.admission.run(
+                _pipeline, self.observer, send, raise_on_error, allow_redirections
+            )
         return result

@@ -169,8 +169,8 @@ class RedisSettings(_Section):
     url: RedisUrl = "redis://127.0.0.1:6379/0"
     # Every Redis call is bounded by this; the seed's service used 500 ms.
     timeout_seconds: Seconds = 0.5
-    # Per process; a call finding all busy waits for one up to timeout_seconds (on a Cluster: per node, and
-    # a call finding all of a node's busy fails at once).
+    # Per process; a call finding all busy waits for one up to timeout_seconds. On a Cluster: per node, and
+    # at most this many calls in flight at once (each holds at most one connection per node).
     max_connections: int = Field(default=16, ge=1)
     # How often readiness pings Redis.
     health_check_interval_seconds: Seconds = 1.0

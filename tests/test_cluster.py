@@ -184,6 +184,32 @@ async def test_definitions_200_and_304_are_served_from_the_cluster_and_kept_fres
     assert {("GET",), ("PIPELINE",)} <= set(observed)
 
 
+async def test_a_cold_burst_of_more_teams_than_connections_per_node_is_answered_locally(
+    make_proxy: MakeProxy,
+    cluster: RedisClusterServers,
+    writer: BackendWriter,
+    upstream: tuple[Upstream, TestServer],
+) -> None:
+    # After a deploy every team is cold at once. With 2 connections per node and 60 distinct teams asking
+    # together, calls wait for a connection (up to redis.timeout_seconds) instead of failing over to the
+    # backend: redis-py's per-node pools raise MaxConnectionsError at once.
+    burst = range(2001, 2061)
+    for team_id in burst:
+        fill(cluster, writer, token=f"phc_burst_{team_id}", team_id=team_id)
+    assert len({cluster.node_of(CONTRACT.payload_key(team_id)).port for team_id in burst}) == 3
+    client = await make_proxy(redis={"max_connections": 2})
+
+    answers = await asyncio.gather(
+        *(client.get(url(f"phc_burst_{team_id}"), headers=AUTH) for team_id in burst)
+    )
+
+    assert [answer.status for answer in answers] == [200] * len(burst)
+    for answer in answers:
+        assert (await answer.json())["flags"] == FLAGS
+    assert upstream[0].seen == []
+    assert client.app[keys.TELEMETRY].redis.errors == {}
+
+
 async def test_verdicts_are_learned_in_the_cluster_and_revoked_by_the_cli(
     make_proxy: MakeProxy,
     cluster: RedisClusterServers,
