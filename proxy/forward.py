@@ -17,6 +17,7 @@ from yarl import URL
 
 from proxy import keys, tracing
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
+from proxy.logs import Throttled
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
 from proxy.telemetry import FORWARD, observed
 from proxy.upstream import Limits, Pool, Response, UpstreamError
@@ -92,8 +93,10 @@ class Forwarder:
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.pool = pool
-        # Upstream failures by kind (refused, timeout, disconnected, malformed, 5xx), for metrics.
+        # Upstream failures by kind (refused, timeout, disconnected, malformed, 5xx), for metrics; the log
+        # gets at most one line per kind of failure per interval (a dead upstream fails every request).
         self.failures: Counter[str] = Counter()
+        self._warn = Throttled(log)
         self._body_timeout = limits.body_read_timeout_seconds
         self._max_body_bytes = limits.max_body_bytes
         base = URL(settings.base, encoded=True)
@@ -141,7 +144,7 @@ class Forwarder:
         except UpstreamError as exc:
             tracing.end_upstream_span(span, None, exc)
             self.failures[exc.kind] += 1
-            return _failed(request, None, exc)
+            return self._failed(request, None, exc)
         tracing.end_upstream_span(span, upstream.status, None)
         try:
             return await self._answer(request, upstream, observe, capture_bytes)
@@ -162,7 +165,7 @@ class Forwarder:
                 body = await upstream.read()
             except UpstreamError as exc:
                 self.failures[exc.kind] += 1
-                return _failed(request, None, exc)
+                return self._failed(request, None, exc)
             if observe is not None:
                 observe(upstream.status, headers, body)
             whole = ExactHeadResponse if upstream.non_utf8 else web.Response
@@ -173,13 +176,31 @@ class Forwarder:
             await _relay(request, upstream, response, observe, capture_bytes)
         except UpstreamError as exc:
             self.failures[exc.kind] += 1
-            return _failed(request, response, exc)
+            return self._failed(request, response, exc)
         except ConnectionError:
             # The client left mid-answer (aiohttp's ClientConnectionResetError is one): not the upstream's
             # failure; the upstream connection is dropped, unread, on release.
             log.debug("client left during %s %s", request.method, request.rel_url.raw_path)
             request.protocol.force_close()
         return response
+
+    def _failed(
+        self, request: web.Request, response: web.StreamResponse | None, exc: UpstreamError
+    ) -> web.StreamResponse:
+        # The one place an upstream failure becomes an answer. Only the failure's kind is logged, never a URL.
+        # Still percent-encoded, so an encoded newline cannot forge a log line; the query is left out.
+        method, path = request.method, request.rel_url.raw_path
+        if response is not None and response.prepared:
+            # The status line is out, so a clean end would pass a truncated body off as complete. Closing the
+            # connection leaves the client with an unterminated chunked body or a short Content-Length.
+            self._warn.warning("upstream failed mid-response (%s) on %s %s", exc, method, path)
+            request.protocol.force_close()
+            return response
+        if exc.kind == "timeout":
+            self._warn.warning("upstream timed out (%s) on %s %s", exc, method, path)
+            return json_response(504, GATEWAY_TIMEOUT)
+        self._warn.warning("upstream unreachable or broken (%s) on %s %s", exc, method, path)
+        return json_response(502, BAD_GATEWAY)
 
     def _target(self, request: web.Request) -> str:
         # The request-target as the client sent it, when in origin form: percent-escapes, repeated keys and
@@ -309,25 +330,6 @@ class ExactHeadStreamResponse(web.StreamResponse):
 
 class ExactHeadResponse(ExactHeadStreamResponse, web.Response):
     """The same for an answer read whole (head and body leave in one write)."""
-
-
-def _failed(
-    request: web.Request, response: web.StreamResponse | None, exc: UpstreamError
-) -> web.StreamResponse:
-    # The one place an upstream failure becomes an answer. Only the failure's kind is logged, never a URL.
-    # Still percent-encoded, so an encoded newline cannot forge a log line; the query is left out.
-    method, path = request.method, request.rel_url.raw_path
-    if response is not None and response.prepared:
-        # The status line is out, so a clean end would pass a truncated body off as complete. Closing the
-        # connection leaves the client with an unterminated chunked body or a short Content-Length.
-        log.warning("upstream failed mid-response (%s) on %s %s", exc, method, path)
-        request.protocol.force_close()
-        return response
-    if exc.kind == "timeout":
-        log.warning("upstream timed out (%s) on %s %s", exc, method, path)
-        return json_response(504, GATEWAY_TIMEOUT)
-    log.warning("upstream unreachable or broken (%s) on %s %s", exc, method, path)
-    return json_response(502, BAD_GATEWAY)
 
 
 def _one_char_per_byte(text: str) -> str:

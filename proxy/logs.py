@@ -1,4 +1,4 @@
-"""The one place that picks the log format: JSON lines in production, readable text in a terminal."""
+"""The log format (JSON lines in production, text in a terminal), and what keeps the log from flooding."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -30,6 +32,58 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+# How often one kind of request-path warning is written at most (Throttled).
+REPEAT_INTERVAL_SECONDS = 10.0
+
+
+class Throttled:
+    """Warnings a request can raise, written at most once per interval for each kind of message.
+
+    When Redis or the upstream fails, every request that needs it fails the same way: thousands of identical
+    lines a second would flood the log pipeline and cost CPU exactly when the proxy is already degraded
+    (metrics count every failure). The first line of a kind is written; the others within the interval are
+    counted, and the next line of that kind says how many there were (text, and `repeated` in JSON lines).
+    A kind is the message template, so their number is bounded by the code.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_seconds: float = REPEAT_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval_seconds
+        self._clock = clock
+        self._kinds: dict[str, _Kind] = {}
+
+    def warning(self, msg: str, *args: object) -> None:
+        """`logger.warning(msg, *args)`, unless a line of this kind went out less than an interval ago."""
+        now = self._clock()
+        kind = self._kinds.get(msg)
+        if kind is None:
+            self._kinds[msg] = _Kind(now)
+        elif now - kind.written_at < self._interval:
+            kind.held += 1
+            return
+        elif kind.held:
+            held, since = kind.held, now - kind.written_at
+            kind.written_at, kind.held = now, 0
+            self._logger.warning(
+                f"{msg} (%d more like it in the %.0f s before)", *args, held, since, extra={"repeated": held}
+            )
+            return
+        else:
+            kind.written_at = now
+        self._logger.warning(msg, *args)
+
+
+@dataclass(slots=True)
+class _Kind:
+    written_at: float  # when the last line of this kind was written
+    held: int = 0  # lines of this kind not written since
 
 
 class ClientErrorFilter(logging.Filter):

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from proxy.cluster import RedisClient, mget, mget_many
 from proxy.contract import DecodeError, RedisContract
+from proxy.logs import Throttled
 from proxy.memory import release_free_memory
 from proxy.settings import DefinitionsSettings
 from proxy.singleflight import SingleFlight
@@ -81,6 +82,8 @@ class DefinitionsCache:
     def __init__(self, client: RedisClient, contract: RedisContract, settings: DefinitionsSettings) -> None:
         self._client = client
         self._contract = contract
+        # Warnings a request can raise (Redis failing, a bad entry): at most one line per kind per interval.
+        self._warn = Throttled(log)
         self._settings = settings
         self._entries: OrderedDict[int, Definitions] = OrderedDict()
         self._used_at: dict[int, float] = {}
@@ -168,7 +171,7 @@ class DefinitionsCache:
             keys = (self._contract.payload_key(team_id), self._contract.etag_key(team_id))
             raw_body, raw_etag = await mget(self._client, keys)
         except RedisError as exc:
-            log.warning("definitions read failed for team %s: %s", team_id, type(exc).__name__)
+            self._warn.warning("definitions read failed for team %s: %s", team_id, type(exc).__name__)
             return None
         return self._build(team_id, raw_body, raw_etag)
 
@@ -176,14 +179,14 @@ class DefinitionsCache:
         try:
             return self._contract.decode_text(raw)
         except DecodeError as exc:
-            log.warning("undecodable ETag for team %s: %s", team_id, exc)
+            self._warn.warning("undecodable ETag for team %s: %s", team_id, exc)
             return None
 
     def _build(self, team_id: int, raw_body: bytes | None, raw_etag: bytes | None) -> Definitions | None:
         try:
             text = self._contract.decode_text(raw_body)
         except DecodeError as exc:
-            log.warning("undecodable definitions for team %s: %s", team_id, exc)
+            self._warn.warning("undecodable definitions for team %s: %s", team_id, exc)
             text = None
         if text is None:
             self._drop(team_id)

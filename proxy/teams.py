@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from proxy.cluster import RedisClient, mget_many
 from proxy.contract import DecodeError, RedisContract
+from proxy.logs import Throttled
 from proxy.singleflight import SingleFlight
 from proxy.tasks import every
 
@@ -64,6 +65,8 @@ class TeamStore:
     ) -> None:
         self._client = client
         self._contract = contract
+        # Warnings a request can raise (Redis failing, a bad record): at most one line per kind per interval.
+        self._warn = Throttled(log)
         self._ttl = ttl_seconds
         self._miss_ttl = miss_ttl_seconds
         self._max_entries = max_entries
@@ -126,7 +129,7 @@ class TeamStore:
             raw = cast(bytes | None, await self._client.get(self._contract.team_key(token)))
         except RedisError as exc:
             # Not remembered: the next request tries again; this one is forwarded.
-            log.warning("team lookup failed: %s", type(exc).__name__)
+            self._warn.warning("team lookup failed: %s", type(exc).__name__)
             return self._current(token)
         team = self._decode(raw)
         self._remember(token, team)
@@ -137,7 +140,7 @@ class TeamStore:
             text = self._contract.decode_text(raw)
             return parse_team(text) if text is not None else None
         except DecodeError as exc:
-            log.warning("undecodable team record for a token: %s", exc)
+            self._warn.warning("undecodable team record for a token: %s", exc)
             return None
 
     def _current(self, token: str) -> Team | None:

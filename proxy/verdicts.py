@@ -23,6 +23,7 @@ from typing import cast
 from redis.exceptions import RedisError
 
 from proxy.cluster import RedisClient, mget
+from proxy.logs import Throttled
 from proxy.singleflight import SingleFlight
 from proxy.tasks import every
 
@@ -102,6 +103,8 @@ class VerdictStore:
         max_entries: int = 200_000,
     ) -> None:
         self._client = client
+        # Warnings a request can raise (Redis failing): at most one line per kind per interval.
+        self._warn = Throttled(log)
         # Without a configured key verdicts stay in this process: a random key cannot be shared.
         self.shared = hmac_key is not None
         self._hmac_key = hmac_key if hmac_key is not None else secrets.token_bytes(32)
@@ -147,7 +150,7 @@ class VerdictStore:
                 pipe.pttl(key)
                 raw, pttl = cast(tuple[bytes | None, int], await pipe.execute())
         except RedisError as exc:
-            log.warning("verdict lookup failed: %s", type(exc).__name__)
+            self._warn.warning("verdict lookup failed: %s", type(exc).__name__)
             return None
         verdict = Verdict.decode(raw) if raw is not None else None
         if verdict is not None and pttl > 0:
@@ -168,7 +171,7 @@ class VerdictStore:
         try:
             await self._client.set(key, verdict.encode(), px=int(ttl * 1000))
         except RedisError as exc:
-            log.warning("verdict not shared: %s", type(exc).__name__)
+            self._warn.warning("verdict not shared: %s", type(exc).__name__)
         finally:
             self._unshared.discard(key)
 

@@ -1,14 +1,19 @@
-"""Log configuration: a malformed request costs one quiet line, not an ERROR traceback."""
+"""Log configuration: a malformed request costs one quiet line, not an ERROR traceback, and a failing
+dependency costs one line per kind of failure per interval, not one per request."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
 
-from proxy.logs import ClientErrorFilter
+from proxy import keys
+from proxy.errors import BAD_GATEWAY
+from proxy.logs import ClientErrorFilter, JsonFormatter, Throttled
 from tests.conftest import MakeProxy
+from tests.rig import free_port
 
 
 async def test_malformed_requests_do_not_log_tracebacks(
@@ -30,3 +35,56 @@ async def test_malformed_requests_do_not_log_tracebacks(
         server_logger.filters.clear()
     assert status_line.split()[1] == b"400"
     assert not [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.INFO]
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_repeated_warning_is_written_once_per_interval_with_the_count_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    warn = Throttled(logging.getLogger("edge-test"), interval_seconds=10, clock=clock)
+    caplog.set_level(logging.WARNING, logger="edge-test")
+
+    for _ in range(500):
+        warn.warning("upstream unreachable (%s) on %s", "refused", "/a")
+        clock.now += 0.01
+    warn.warning("team lookup failed: %s", "TimeoutError")  # another kind: not held back by the first
+    clock.now = 1011.0
+    warn.warning("upstream unreachable (%s) on %s", "refused", "/b")
+    clock.now = 1030.0
+    warn.warning("upstream unreachable (%s) on %s", "refused", "/c")
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "upstream unreachable (refused) on /a",
+        "team lookup failed: TimeoutError",
+        "upstream unreachable (refused) on /b (499 more like it in the 11 s before)",
+        "upstream unreachable (refused) on /c",
+    ]
+    assert getattr(caplog.records[2], "repeated", None) == 499
+    assert json.loads(JsonFormatter().format(caplog.records[2]))["repeated"] == 499
+    assert not hasattr(caplog.records[3], "repeated")
+
+
+async def test_a_dead_upstream_fails_every_request_but_logs_once(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_proxy(upstream={"url": f"http://127.0.0.1:{free_port()}"})
+    caplog.set_level(logging.WARNING, logger="proxy.forward")
+
+    for _ in range(40):
+        async with client.get("/api/anything") as response:
+            assert response.status == 502
+            assert await response.read() == BAD_GATEWAY
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.forward"]
+    assert lines == ["upstream unreachable or broken (refused: ConnectionRefusedError) on GET /api/anything"]
+    assert client.app[keys.FORWARDER].failures["refused"] == 40
