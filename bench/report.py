@@ -438,6 +438,11 @@ def extras_section(rows: Sequence[Row]) -> list[str]:
                 f"{row.extra.get('denied_ttl_seconds'):g} s = {row.extra.get('allowed_hits')}); answer "
                 f"`{row.extra.get('first_answer')}`"
             )
+        elif row.scenario == "dead-upstream":
+            lines.append(
+                f"- dead-upstream, {row.server}: log written while every forward failed "
+                f"{_fmt(row.extra.get('log_bytes_per_second'), ',.0f')} bytes/s"
+            )
         elif row.scenario == "ratelimited":
             lines.append(
                 f"- ratelimited: limit {row.extra.get('limit')}; 429s at "

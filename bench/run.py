@@ -12,8 +12,9 @@ Scenarios: 200 and 304 from memory (proxy, aiohttp ceiling, nginx, Django), miss
 absent: forwarded to Django, vs Django directly), forward (an unknown route: proxy -> Django vs Django
 directly), badcred (one invalid personal API key flooding), ratelimited (a team over a low limit: 429s),
 shadow (weight 0 + shadow: every request forwarded and compared locally), forward-keepalive (an unknown
-route to the same Django under gunicorn's gthread worker, which keeps connections alive), and forward-fast
-(an unknown route to a fast keep-alive aiohttp upstream, where the proxy itself is the bottleneck).
+route to the same Django under gunicorn's gthread worker, which keeps connections alive), forward-fast
+(an unknown route to a fast keep-alive aiohttp upstream, where the proxy itself is the bottleneck), and
+dead-upstream (an upstream refusing every connection: 502s, and the bytes of log they cost).
 """
 
 from __future__ import annotations
@@ -76,7 +77,15 @@ BAD_KEY = "phx_bench_invalid_personal_api_key_0000000000000000"
 HMAC_KEY = "bench-verdict-hmac-key-not-a-secret-0123456789"
 DENIED_TTL_SECONDS = 30.0
 DATASET_SCENARIOS = ("200", "304", "miss")
-EXTRA_SCENARIOS = ("forward", "badcred", "ratelimited", "shadow", "forward-keepalive", "forward-fast")
+EXTRA_SCENARIOS = (
+    "forward",
+    "badcred",
+    "ratelimited",
+    "shadow",
+    "forward-keepalive",
+    "forward-fast",
+    "dead-upstream",
+)
 # forward-keepalive's Django: one gthread worker of this many threads (wrk keeps 32 connections open).
 KEEPALIVE_THREADS = 4
 ALL_SCENARIOS = DATASET_SCENARIOS + EXTRA_SCENARIOS
@@ -814,7 +823,8 @@ def bench_miss(ctx: Context, proxy: Server, team: Team, label: str, team_count: 
 
 
 def bench_extras(ctx: Context, proxy: Server, team: Team) -> list[Row]:
-    """forward, badcred, ratelimited, shadow, forward-keepalive, forward-fast, on the first dataset's data."""
+    """forward, badcred, ratelimited, shadow, forward-keepalive, forward-fast, dead-upstream, on the first
+    dataset's data."""
     config = ctx.config
     out: list[Row] = []
     steps: list[tuple[str, Callable[[], list[Row]]]] = [
@@ -824,6 +834,7 @@ def bench_extras(ctx: Context, proxy: Server, team: Team) -> list[Row]:
         ("shadow", lambda: bench_shadow(ctx, team)),
         ("forward-keepalive", lambda: bench_forward_keepalive(ctx)),
         ("forward-fast", lambda: bench_forward_fast(ctx, out)),
+        ("dead-upstream", lambda: bench_dead_upstream(ctx)),
     ]
     for name, step in steps:
         if name in config.scenarios:
@@ -892,6 +903,39 @@ def _baseline_forwarder(
         rows[name].error = f"did not start: {exc}"
         return []
     return [Server(name, proxy.port, proxy.pid, uses_redis=True, backend=django)]
+
+
+def bench_dead_upstream(ctx: Context) -> list[Row]:
+    """The upstream refusing every connection: each forward is a 502, and the proxy's log must not grow
+    with the request rate (a line per failed request was the rule until the warnings were throttled)."""
+    say("  scenario dead-upstream: the upstream refuses connections, every forward a 502")
+    rows = {PROXY: Row("-", 0, "dead-upstream", PROXY)}
+    dead = f"http://127.0.0.1:{procs.free_port()}"
+    load = wrk.Load(
+        FORWARD_PATH,
+        {"User-Agent": "bench/1.0", "Accept": "application/json"},
+        count_statuses=True,
+        expected=frozenset({502}),
+    )
+    with ctx.sup.scope():
+        try:
+            proxy = start_proxy(ctx.sup, ctx.config, ctx.redis_url, dead)
+        except procs.StartError as exc:
+            rows[PROXY].error = f"did not start: {exc}"
+            return list(rows.values())
+        status, _, _ = get(proxy.port, FORWARD_PATH)
+        if status != 502:
+            rows[PROXY].error = f"a forward to a closed port answered HTTP {status}, not 502"
+            return list(rows.values())
+        servers = [proxy, *_baseline_forwarder(ctx, rows, "dead-upstream", dead, "", None)]
+        logs = {server.name: ctx.sup.log_dir / f"{server.name}.log" for server in servers}
+        sizes = {name: path.stat().st_size for name, path in logs.items()}
+        started = time.monotonic()
+        compare(servers, load, ctx.config, ctx.client, rows, None)
+        elapsed = time.monotonic() - started
+        for name, path in logs.items():
+            rows[name].extra = {"log_bytes_per_second": (path.stat().st_size - sizes[name]) / elapsed}
+    return list(rows.values())
 
 
 def bench_badcred(ctx: Context, proxy: Server, team: Team) -> list[Row]:
