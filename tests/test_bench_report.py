@@ -1,0 +1,67 @@
+"""The benchmark's arithmetic (bench/report.py): the ratios the README quotes come from here."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.report import CEILING, DJANGO, PROXY, Row, Sample, ceiling_ratio, ratio
+
+
+def sample(rps: float, cpu_us: float = 50.0, round_: int | None = None) -> Sample:
+    return Sample(
+        rps=rps,
+        p50_ms=1.0,
+        p95_ms=2.0,
+        p99_ms=3.0,
+        requests=int(rps * 3),
+        cpu_us_per_req=cpu_us,
+        backend_cpu_us_per_req=None,
+        peak_rss_mib=60.0,
+        redis_per_req=0.0,
+        redis_by_command={},
+        bad_responses=0,
+        statuses={},
+        backend_hits=None,
+        server_core_busy=1.0,
+        load_core_busy=0.5,
+        round=round_,
+    )
+
+
+def row(server: str, samples: list[Sample], scenario: str = "304") -> Row:
+    return Row("50 KB", 1, scenario, server, samples=samples)
+
+
+def test_a_ratio_is_the_median_of_same_round_ratios_not_a_ratio_of_medians() -> None:
+    # Same-round ratios 0.9, 0.5 and 1.2: their median is 0.9. The medians (60 and 80) come from different
+    # rounds and would say 0.75.
+    proxy = row(PROXY, [sample(90, round_=0), sample(40, round_=1), sample(60, round_=2)])
+    ceiling = row(CEILING, [sample(100, round_=0), sample(80, round_=1), sample(50, round_=2)])
+    assert ceiling_ratio([proxy, ceiling], proxy) == pytest.approx(0.9)
+    assert ratio([proxy, ceiling], proxy, CEILING) == pytest.approx(0.9)
+
+
+def test_only_rounds_both_servers_ran_are_paired() -> None:
+    proxy = row(PROXY, [sample(90, round_=0), sample(45, round_=1), sample(1000, round_=7)])
+    ceiling = row(CEILING, [sample(100, round_=0), sample(50, round_=1), sample(5, round_=3)])
+    assert ratio([proxy, ceiling], proxy, CEILING) == pytest.approx(0.9)
+
+
+def test_cpu_ratios_are_inverted_so_that_higher_is_better() -> None:
+    proxy = row(PROXY, [sample(10, cpu_us=40, round_=0), sample(10, cpu_us=60, round_=1)])
+    django = row(DJANGO, [sample(1, cpu_us=2000, round_=0), sample(1, cpu_us=3000, round_=1)])
+    assert ratio([proxy, django], proxy, DJANGO, "cpu_us_per_req") == pytest.approx(50.0)
+
+
+def test_samples_saved_without_rounds_fall_back_to_the_ratio_of_medians() -> None:
+    proxy = row(PROXY, [sample(80), sample(40), sample(60)])
+    ceiling = row(CEILING, [sample(100), sample(50), sample(70)])
+    assert ratio([proxy, ceiling], proxy, CEILING) == pytest.approx(60 / 70)
+
+
+def test_no_ratio_without_the_other_server_or_for_the_other_scenarios() -> None:
+    proxy = row(PROXY, [sample(80, round_=0)])
+    assert ratio([proxy], proxy, CEILING) is None
+    assert ratio([proxy], proxy, None) is None
+    forward = row(PROXY, [sample(80, round_=0)], scenario="forward")
+    assert ceiling_ratio([forward, row(CEILING, [sample(100, round_=0)], "forward")], forward) is None
