@@ -54,7 +54,7 @@ def main() -> int:
     rates = [SATURATED, *(float(rate) for rate in args.rates.split(","))]
     workdir = Path(tempfile.mkdtemp(prefix="rate-cost-"))
     config = run.Config.for_tool(workdir, seconds=args.seconds, half_seconds=args.seconds)
-    forward = wrk.Load(run.FORWARD_PATH, {"User-Agent": "bench/1.0", "Accept": "application/json"})
+    forward = run.forward_load()
     # (server name, rate) -> one sample per round.
     samples: dict[tuple[str, float], list[Sample]] = {}
     with procs.Supervisor(workdir) as sup:

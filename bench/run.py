@@ -842,6 +842,15 @@ def bench_extras(ctx: Context, proxy: Server, team: Team) -> list[Row]:
     return out
 
 
+def forward_load(expected: int | None = None) -> wrk.Load:
+    """The unknown route every forwarding scenario sends; answers counted by status when `expected` is given
+    (otherwise wrk's own count of non-2xx/3xx answers applies)."""
+    headers = {"User-Agent": "bench/1.0", "Accept": "application/json"}
+    if expected is None:
+        return wrk.Load(FORWARD_PATH, headers)
+    return wrk.Load(FORWARD_PATH, headers, count_statuses=True, expected=frozenset({expected}))
+
+
 def bench_forward(ctx: Context, proxy: Server) -> list[Row]:
     """An unknown route: proxy -> Django vs Django directly (Django on the load core for both)."""
     say("  scenario forward: unknown route, proxy -> Django vs Django direct")
@@ -860,12 +869,7 @@ def _forwarding_rows(
     if status != 404 or django.requests_seen()["other"] - before != 1:
         rows[VIA].error = f"unknown route not forwarded as expected (HTTP {status})"
         return list(rows.values())
-    load = wrk.Load(
-        FORWARD_PATH,
-        {"User-Agent": "bench/1.0", "Accept": "application/json"},
-        count_statuses=True,
-        expected=frozenset({404}),
-    )
+    load = forward_load(expected=404)
     with ctx.sup.scope():
         servers = [
             Server(VIA, proxy.port, proxy.pid, uses_redis=True, backend=django),
@@ -911,12 +915,7 @@ def bench_dead_upstream(ctx: Context) -> list[Row]:
     say("  scenario dead-upstream: the upstream refuses connections, every forward a 502")
     rows = {PROXY: Row("-", 0, "dead-upstream", PROXY)}
     dead = f"http://127.0.0.1:{procs.free_port()}"
-    load = wrk.Load(
-        FORWARD_PATH,
-        {"User-Agent": "bench/1.0", "Accept": "application/json"},
-        count_statuses=True,
-        expected=frozenset({502}),
-    )
+    load = forward_load(expected=502)
     with ctx.sup.scope():
         try:
             proxy = start_proxy(ctx.sup, ctx.config, ctx.redis_url, dead)
@@ -1075,7 +1074,7 @@ def bench_forward_fast(ctx: Context, measured: Sequence[Row] = ()) -> list[Row]:
     """
     say("  scenario forward-fast: unknown route, proxy -> aiohttp upstream vs upstream direct")
     rows = {n: Row("-", 0, "forward-fast", n) for n in (FAST_VIA, FAST_DIRECT)}
-    load = wrk.Load(FORWARD_PATH, {"User-Agent": "bench/1.0", "Accept": "application/json"})
+    load = forward_load()
     with ctx.sup.scope():
         try:
             upstream = start_python_app(ctx.sup, "upstream", "upstream.py", core=procs.LOAD_CORE)
