@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (serve, check):
         sub.add_argument("--config", metavar="FILE", help="YAML config file (environment overrides it)")
     serve.add_argument("--workers", type=int, metavar="N", help="processes sharing the port (default 1)")
+    # Set by the supervisor of --workers N on each worker it starts (telemetry.worker_metrics_port).
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
 
     offload = commands.add_parser(
         "offload", help="the definitions offload weight, kill switch and shadow mode"
@@ -109,4 +111,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.logging)
     if settings.workers > 1:
         return server.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])
-    return server.run(settings)
+    return server.run(settings, args.worker_index)

@@ -19,6 +19,7 @@ from aiohttp import http_writer, web
 from proxy import keys
 from proxy.app import create_app
 from proxy.settings import Settings
+from proxy.telemetry import metrics_handler
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,11 @@ def _write_without_joining() -> None:
     http_writer.SKIP_WRITELINES = False
 
 
-async def serve(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT, then drain: stop accepting, readiness 503, finish in-flight, clean up."""
+async def serve(settings: Settings, worker_index: int = 0) -> int:
+    """Serve until SIGTERM/SIGINT, then drain: stop accepting, readiness 503, finish in-flight, clean up.
+
+    `worker_index` (0 to workers-1) picks this worker's own metrics port (telemetry.worker_metrics_port).
+    """
     app = create_app(settings)
     runner = web.AppRunner(
         app,
@@ -78,6 +82,7 @@ async def serve(settings: Settings) -> int:
     # clean path instead of the default action.
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
+    metrics_runner: web.AppRunner | None = None
     try:
         await runner.setup()
         try:
@@ -90,6 +95,20 @@ async def serve(settings: Settings) -> int:
             except OSError as exc:
                 log.error("cannot listen on %s: %s", settings.bind, exc.strerror or exc)  # noqa: TRY400
                 return 1
+            if settings.telemetry.worker_metrics_port is not None:
+                port = settings.telemetry.worker_metrics_port + worker_index
+                metrics_runner = _worker_metrics_runner(app, settings)
+                await metrics_runner.setup()
+                try:
+                    await web.TCPSite(metrics_runner, settings.bind_host, port, reuse_port=True).start()
+                except OSError as exc:
+                    log.error(  # noqa: TRY400
+                        "cannot listen on port %d (telemetry.worker_metrics_port + worker %d): %s",
+                        port,
+                        worker_index,
+                        exc.strerror or exc,
+                    )
+                    return 1
             # Everything startup made (modules, settings, the app, pools) lives as long as the process:
             # moved out of the collector's sight, so the full collections that churn triggers (a
             # connection per request to an upstream that closes them) no longer traverse it (profiled:
@@ -112,6 +131,9 @@ async def serve(settings: Settings) -> int:
             # for running handlers (see shutdown_timeout above), then cancel the rest; then the cleanup
             # contexts in reverse (billing's final flush last).
             await runner.cleanup()
+            # Last, so the drain can still be watched.
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
     finally:
         for sig in _STOP_SIGNALS:
             loop.remove_signal_handler(sig)
@@ -119,10 +141,18 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def run(settings: Settings) -> int:
+def _worker_metrics_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """This worker's own metrics, alone on a port of its own (telemetry.worker_metrics_port)."""
+    metrics_app = web.Application()
+    metrics_app[keys.TELEMETRY] = app[keys.TELEMETRY]
+    metrics_app.router.add_get(settings.telemetry.metrics_path, metrics_handler, allow_head=False)
+    return web.AppRunner(metrics_app, handle_signals=False, access_log=None)
+
+
+def run(settings: Settings, worker_index: int = 0) -> int:
     """Run one serving process on uvloop when available; the exit code."""
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        return runner.run(serve(settings))
+        return runner.run(serve(settings, worker_index))
 
 
 @dataclass
@@ -143,7 +173,7 @@ _MAX_BACKOFF_SECONDS = 30.0
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Start `settings.workers` one-worker copies of this command; relay signals; restart crashes."""
-    child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", "1"]
+    child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", "1", "--worker-index"]
     # The handlers only wake the loop below (the wakeup fd carries the signal numbers), so every decision
     # about the children is made in one place and no signal can land between a check and a spawn.
     wake_r, wake_w = socket.socketpair()
@@ -156,14 +186,14 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     stopping = False
     clean = True
     try:
-        for slot in slots:
-            _spawn(slot, child_argv)
+        for index, slot in enumerate(slots):
+            _spawn(slot, [*child_argv, str(index)])
         log.info("started %d workers: %s", len(slots), [s.process.pid for s in slots if s.process])
         while True:
             now = time.monotonic()
-            for slot in slots:
+            for index, slot in enumerate(slots):
                 if slot.process is None and not stopping and slot.restart_at <= now:
-                    _spawn(slot, child_argv)
+                    _spawn(slot, [*child_argv, str(index)])
             if all(slot.process is None for slot in slots) and stopping:
                 break
             waits = [s.restart_at - now for s in slots if s.process is None and not stopping]

@@ -375,6 +375,11 @@ class TelemetrySettings(_Section):
     # Prometheus text on metrics_path, answered in every service mode and never forwarded.
     metrics_enabled: bool = True
     metrics_path: str = "/metrics"
+    # With --workers N the workers share bind's port, so a scrape there reaches one of them (the kernel
+    # picks). Set this and each worker also answers metrics_path, with its own counts only, on bind's host at
+    # this port plus its index (0 to N-1, kept across restarts): scrape those N ports as N targets. Unset:
+    # only the shared port. One process or OTLP export do not need it.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # OTLP/HTTP collector base URL (e.g. http://otel-collector:4318): metrics go to /v1/metrics every
     # otlp_export_interval_seconds, sampled spans to /v1/traces. Unset: nothing is pushed. Needs the
     # `otlp` extra (opentelemetry-exporter-otlp-proto-http).
@@ -444,6 +449,24 @@ class Settings(_Section):
             raise ValueError(
                 "layout.billing_dedupe_key may hold no brace besides {batch_id} "
                 "with a redis+cluster:// redis.url"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _worker_metrics_ports(self) -> Self:
+        first = self.telemetry.worker_metrics_port
+        if first is None:
+            return self
+        last = first + self.workers - 1
+        if not self.telemetry.metrics_enabled:
+            raise ValueError("telemetry.worker_metrics_port needs telemetry.metrics_enabled")
+        if last > 65535:
+            raise ValueError(
+                f"telemetry.worker_metrics_port: {self.workers} workers need ports {first}-{last}"
+            )
+        if first <= self.bind_port <= last:
+            raise ValueError(
+                f"telemetry.worker_metrics_port: the workers' ports {first}-{last} include bind's port"
             )
         return self
 

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import http_writer, web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import server
 from proxy.settings import ENV_ALIASES, ENV_PREFIX
@@ -327,6 +328,58 @@ async def test_workers_share_the_port_restart_and_stop_together(
     assert [(status, body) for status, body, _ in results] == [(200, BODY)] * 20
     assert leftover == []
     assert "restarting it" in log_path.read_text()
+
+
+async def _forwarded_counts(session: aiohttp.ClientSession, port: int) -> tuple[float, set[str]]:
+    """From one worker's own metrics port: its count of forwarded requests, and its instance ids."""
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    count = 0.0
+    instances = set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "edge_proxy_request_duration_seconds_count"
+                and sample.labels["route"] == "forward"
+            ):
+                count += sample.value
+            if "service_instance_id" in sample.labels:
+                instances.add(sample.labels["service_instance_id"])
+    return count, instances
+
+
+async def test_each_worker_serves_its_own_metrics_on_a_port_of_its_own(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    _, server = upstream
+    port, metrics_port = free_port(), free_port()
+    while metrics_port + 1 == port:
+        metrics_port = free_port()
+    env = _env(port, server, redis_url, EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT=str(metrics_port))
+    async with aiohttp.ClientSession() as session:
+        with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
+            await wait_ready(port, supervisor, log_path)
+            await wait_until(
+                lambda: len(_listening_workers(supervisor.pid, metrics_port + 1)) == 1, "worker 1's metrics"
+            )
+            for i in range(60):
+                # A new connection each time, so that the kernel spreads them over both workers.
+                async with (
+                    aiohttp.ClientSession() as fresh,
+                    fresh.get(f"http://127.0.0.1:{port}/x?i={i}") as r,
+                ):
+                    assert r.status == 200
+            counts = [await _forwarded_counts(session, metrics_port + i) for i in (0, 1)]
+            async with session.get(f"http://127.0.0.1:{metrics_port}/x") as response:
+                only_metrics = response.status
+
+    # Each worker counts only what it answered; together, every request once.
+    assert counts[0][0] + counts[1][0] == 60
+    assert counts[0][1]
+    assert counts[1][1]
+    assert counts[0][1] != counts[1][1]  # two processes, two instance ids
+    assert only_metrics == 404
 
 
 def test_responses_reach_uvloop_as_head_and_body_without_a_joined_copy() -> None:

@@ -180,6 +180,38 @@ def test_bad_bind_is_refused(bind: str) -> None:
     assert "bind (from $BIND): " in problems(env={"BIND": bind})
 
 
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        (
+            {"WORKERS": "4", "BIND": "0.0.0.0:9001", "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "9000"},
+            "telemetry.worker_metrics_port: the workers' ports 9000-9003 include bind's port",
+        ),
+        (
+            {"WORKERS": "3", "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "65534"},
+            "telemetry.worker_metrics_port: 3 workers need ports 65534-65536",
+        ),
+        (
+            {
+                "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "9100",
+                "EDGE_PROXY__TELEMETRY__METRICS_ENABLED": "false",
+            },
+            "telemetry.worker_metrics_port needs telemetry.metrics_enabled",
+        ),
+    ],
+    ids=["includes bind's port", "past 65535", "metrics off"],
+)
+def test_unusable_worker_metrics_ports_are_refused_naming_the_key(env: dict[str, str], problem: str) -> None:
+    assert problem in problems(env=env)
+
+
+def test_worker_metrics_ports_next_to_bind_are_accepted() -> None:
+    settings = load_settings(
+        None, {"WORKERS": "4", "BIND": "0.0.0.0:9000", "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "9001"}
+    )
+    assert settings.telemetry.worker_metrics_port == 9001
+
+
 def test_generic_nested_environment_values_are_typed_by_the_field() -> None:
     settings = load_settings(
         None,
