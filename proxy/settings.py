@@ -458,16 +458,13 @@ class Settings(_Section):
         if first is None:
             return self
         last = first + self.workers - 1
+        ports = f"port {first}" if last == first else f"ports {first}-{last}"
         if not self.telemetry.metrics_enabled:
-            raise ValueError("telemetry.worker_metrics_port needs telemetry.metrics_enabled")
+            raise ValueError("telemetry.worker_metrics_port: needs telemetry.metrics_enabled")
         if last > 65535:
-            raise ValueError(
-                f"telemetry.worker_metrics_port: {self.workers} workers need ports {first}-{last}"
-            )
+            raise ValueError(f"telemetry.worker_metrics_port: {self.workers} workers need {ports}")
         if first <= self.bind_port <= last:
-            raise ValueError(
-                f"telemetry.worker_metrics_port: the workers' ports {first}-{last} include bind's port"
-            )
+            raise ValueError(f"telemetry.worker_metrics_port: bind's port is among the workers' {ports}")
         return self
 
     @field_validator("bind")
@@ -581,6 +578,10 @@ def _describe(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> s
         key_path = tuple(str(part) for part in error["loc"])
         key = ".".join(key_path) or "<root>"
         origin = next((f" (from ${name})" for p, name in sources.items() if key_path[: len(p)] == p), "")
+        if not key_path and error["type"] == "value_error":
+            # A check across sections (a model validator): its message names the keys itself.
+            lines.append(f"  {error['ctx']['error']}")
+            continue
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         lines.append(f"  {key}{origin}: {message}")
     return f"invalid configuration ({len(lines)} problem{'s' * (len(lines) != 1)}):\n" + "\n".join(lines)
