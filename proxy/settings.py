@@ -458,13 +458,19 @@ class Settings(_Section):
         if first is None:
             return self
         last = first + self.workers - 1
-        ports = f"port {first}" if last == first else f"ports {first}-{last}"
+        ports = (
+            f"port {first} for 1 worker"
+            if last == first
+            else f"ports {first}-{last} for {self.workers} workers"
+        )
         if not self.telemetry.metrics_enabled:
             raise ValueError("telemetry.worker_metrics_port: needs telemetry.metrics_enabled")
         if last > 65535:
-            raise ValueError(f"telemetry.worker_metrics_port: {self.workers} workers need {ports}")
+            raise ValueError(f"telemetry.worker_metrics_port: {ports} go past 65535")
         if first <= self.bind_port <= last:
-            raise ValueError(f"telemetry.worker_metrics_port: bind's port is among the workers' {ports}")
+            raise ValueError(
+                f"telemetry.worker_metrics_port: {ports} would take bind's port {self.bind_port}"
+            )
         return self
 
     @field_validator("bind")

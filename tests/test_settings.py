@@ -185,11 +185,11 @@ def test_bad_bind_is_refused(bind: str) -> None:
     [
         (
             {"WORKERS": "4", "BIND": "0.0.0.0:9001", "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "9000"},
-            "telemetry.worker_metrics_port: bind's port is among the workers' ports 9000-9003",
+            "telemetry.worker_metrics_port: ports 9000-9003 for 4 workers would take bind's port 9001",
         ),
         (
             {"WORKERS": "3", "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "65534"},
-            "telemetry.worker_metrics_port: 3 workers need ports 65534-65536",
+            "telemetry.worker_metrics_port: ports 65534-65536 for 3 workers go past 65535",
         ),
         (
             {
