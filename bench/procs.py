@@ -159,14 +159,20 @@ def descendants(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` and its descendants, in seconds."""
-    ticks = 0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time of `pid` and its descendants, in seconds."""
+    user = system = 0
     for member in descendants(pid):
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{member}/stat").read_text()
             # The command name may hold spaces: fields are counted after its closing parenthesis.
             fields = stat[stat.rindex(")") + 2 :].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLK_TCK
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def core_times() -> dict[int, tuple[int, int, int]]:

@@ -10,7 +10,8 @@ forwarder. This measures that in one run, side by side: each server saturated, t
 (wrk with bench/wrk.py's pacing script, pinned to core 1; the servers on core 0, the upstream on core 1 as in
 `make bench`'s forward-fast scenario), rounds interleaved, medians printed. The proxy row's last columns are
 its upstream's CPU per request in the same runs, and the ratio: what a forward costs in units of what the
-no-op server spends answering one, at the same rate.
+no-op server spends answering one, at the same rate. A second table splits each figure into user and system
+time: which side of the system call line the extra cost of a low rate lands on.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main() -> int:
     forward = run.forward_load()
     # (server name, rate) -> one sample per round.
     samples: dict[tuple[str, float], list[Sample]] = {}
+    # (server name, rate) -> (user, system) CPU us per request, one per round.
+    split: dict[tuple[str, float], list[tuple[float, float]]] = {}
     with procs.Supervisor(workdir) as sup:
         redis_url, client = run.start_redis(sup, workdir)
         upstream = run.start_python_app(sup, "upstream", "upstream.py", core=procs.LOAD_CORE)
@@ -80,8 +83,14 @@ def main() -> int:
         for round_ in range(args.rounds):
             for rate in rates:
                 for name, server, load in servers if round_ % 2 == 0 else list(reversed(servers)):
+                    user, system = procs.cpu_split(server.pid)
                     sample = run.measure(
                         server, load, config, client, None, seconds=args.seconds, rate=rate or None
+                    )
+                    after = procs.cpu_split(server.pid)
+                    requests = max(sample.requests, 1)
+                    split.setdefault((name, rate), []).append(
+                        ((after[0] - user) * 1e6 / requests, (after[1] - system) * 1e6 / requests)
                     )
                     samples.setdefault((name, rate), []).append(sample)
                     run.say(
@@ -103,6 +112,16 @@ def main() -> int:
         behind = median(forwards, "backend_cpu_us_per_req")
         cells.append(f"{behind:.0f}")
         cells.append(f"{median(forwards, 'cpu_us_per_req') / behind:.2f}")
+        print(f"| {label(rate)} | " + " | ".join(cells) + " |")
+    # Which side of the system call line the extra CPU per request falls on, as the load falls.
+    print(f"\nThe same, user / system CPU us per request (median of {args.rounds} rounds)\n")
+    print("| rate | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for rate in rates:
+        cells = [
+            " / ".join(f"{statistics.median(part):.0f}" for part in zip(*split[name, rate], strict=True))
+            for name in names
+        ]
         print(f"| {label(rate)} | " + " | ".join(cells) + " |")
     return 0
 
