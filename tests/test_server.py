@@ -330,6 +330,20 @@ async def test_workers_share_the_port_restart_and_stop_together(
     assert "restarting it" in log_path.read_text()
 
 
+def _two_free_ports(avoid: int) -> int:
+    """A port P such that P and P + 1 are both free right now (and neither is `avoid`)."""
+    while True:
+        first = free_port()
+        if avoid in (first, first + 1):
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", first + 1))
+            except OSError:
+                continue
+        return first
+
+
 async def _forwarded_counts(session: aiohttp.ClientSession, port: int) -> tuple[float, set[str]]:
     """From one worker's own metrics port: its count of forwarded requests, and its instance ids."""
     async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
@@ -353,15 +367,15 @@ async def test_each_worker_serves_its_own_metrics_on_a_port_of_its_own(
     tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
 ) -> None:
     _, server = upstream
-    port, metrics_port = free_port(), free_port()
-    while metrics_port + 1 == port:
-        metrics_port = free_port()
+    port = free_port()
+    metrics_port = _two_free_ports(avoid=port)
     env = _env(port, server, redis_url, EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT=str(metrics_port))
     async with aiohttp.ClientSession() as session:
         with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
             await wait_ready(port, supervisor, log_path)
             await wait_until(
-                lambda: len(_listening_workers(supervisor.pid, metrics_port + 1)) == 1, "worker 1's metrics"
+                lambda: all(len(_listening_workers(supervisor.pid, metrics_port + i)) == 1 for i in (0, 1)),
+                "each worker listening on its metrics port",
             )
             for i in range(60):
                 # A new connection each time, so that the kernel spreads them over both workers.
