@@ -64,20 +64,18 @@ class Throttled:
         now = self._clock()
         kind = self._kinds.get(msg)
         if kind is None:
-            self._kinds[msg] = _Kind(now)
+            kind = self._kinds[msg] = _Kind(now - self._interval)
         elif now - kind.written_at < self._interval:
             kind.held += 1
             return
-        elif kind.held:
-            held, since = kind.held, now - kind.written_at
-            kind.written_at, kind.held = now, 0
+        held, since = kind.held, now - kind.written_at
+        kind.written_at, kind.held = now, 0
+        if held:
             self._logger.warning(
                 f"{msg} (%d more like it in the %.0f s before)", *args, held, since, extra={"repeated": held}
             )
-            return
         else:
-            kind.written_at = now
-        self._logger.warning(msg, *args)
+            self._logger.warning(msg, *args)
 
 
 @dataclass(slots=True)
