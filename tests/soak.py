@@ -3,8 +3,15 @@
 `python -m tests.soak --minutes 30` (or `make soak`) starts a redis-server, a recording upstream, and
 `python -m tests.soak serve` (proxy.server.serve with a sampler that records RSS, asyncio task count and open
 fds from /proc every second), then drives a mix of local 200s, 304s, 401s, unknown tokens, fresh personal API
-keys (learned verdicts), payload rewrites and forwarded uploads. After warm-up it reports RSS growth, and the
-task and fd counts of the first and last quarter; exit status 1 if a bound is broken.
+keys (learned verdicts), payload rewrites and forwarded uploads. It reports RSS growth under load after
+warm-up, and the task and fd counts at two idle checkpoints, one after warm-up and one at the end; exit
+status 1 if a bound is broken.
+
+Tasks and fds are compared only at idle: under load they count the connections open at that moment (one
+handler task and one fd per client connection, kept alive for a while after a burst), so a hiccup of the
+machine late in the run would read as growth. At a checkpoint the driver lets every request finish, closes
+its connections and waits for the proxy's idle upstream connections to expire; what is left is the proxy's
+own state, and a leak is what it gains between the two checkpoints.
 """
 
 from __future__ import annotations
@@ -30,11 +37,15 @@ import aiohttp
 from aiohttp import web
 
 from tests.backend_writer import BackendWriter
-from tests.rig import RedisServer, Upstream, free_port
+from tests.rig import RedisServer, free_port
 
 MAX_RSS_GROWTH_PERCENT = 5.0
-# Tasks and fds move with the requests in flight; a leak grows past this slack over the run.
-COUNT_SLACK = 8
+# Idle tasks and fds may differ by a background refresh or flush caught mid-way; a leak grows past this.
+COUNT_SLACK = 4
+# The proxy's idle upstream connections close after this in the soak, so a checkpoint waits only a little.
+UPSTREAM_KEEPALIVE_SECONDS = 1.0
+# A checkpoint waits this long after the last request and the driver's connections closing.
+SETTLE_SECONDS = UPSTREAM_KEEPALIVE_SECONDS + 2.0
 
 
 @dataclass
@@ -58,10 +69,14 @@ class SoakReport:
     rss_after_warmup_kib: int
     rss_end_kib: int
     rss_growth_percent: float
-    tasks_first_quarter: float
-    tasks_last_quarter: float
-    fds_first_quarter: float
-    fds_last_quarter: float
+    # Idle checkpoints: after warm-up, and at the end.
+    tasks_idle_after_warmup: int
+    tasks_idle_end: int
+    fds_idle_after_warmup: int
+    fds_idle_end: int
+    # The highest readings under load, for the record (they follow the connections open).
+    tasks_peak: int
+    fds_peak: int
     problems: list[str] = field(default_factory=list)
 
 
@@ -171,8 +186,7 @@ async def run(
     workdir = workdir or Path(tempfile.mkdtemp(prefix="soak-"))
     redis_server = RedisServer(port=free_port(), workdir=workdir)
     redis_server.start()
-    recorder = Upstream()
-    upstream_runner = web.AppRunner(recorder.app())
+    upstream_runner = web.AppRunner(_upstream_app())
     await upstream_runner.setup()
     upstream_port = free_port()
     await web.TCPSite(upstream_runner, "127.0.0.1", upstream_port).start()
@@ -192,6 +206,7 @@ async def run(
         "REDIS_URL": redis_server.url,
         "LOG_LEVEL": "WARNING",
         "EDGE_PROXY__RATE_LIMITS__ENABLED": "false",
+        "EDGE_PROXY__UPSTREAM__KEEPALIVE_TIMEOUT_SECONDS": str(UPSTREAM_KEEPALIVE_SECONDS),
         # Idle teams leave memory within the run, so eviction is part of what is soaked.
         "EDGE_PROXY__DEFINITIONS__IDLE_EVICT_SECONDS": "20",
         # The compact cache (payloads held compressed beyond this many decoded bytes), when asked for.
@@ -204,7 +219,58 @@ async def run(
     log_path = workdir / "proxy.log"
     statuses: Counter[int] = Counter()
     errors: Counter[str] = Counter()
-    started = time.monotonic()
+    base = f"http://127.0.0.1:{port}"
+    version = 0
+
+    async def drive(session: aiohttp.ClientSession, seconds: float) -> None:
+        """Requests at `rate` for `seconds`, then until every one has finished."""
+        nonlocal version
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def one() -> None:
+            try:
+                statuses[await _one(session, base, roster, rng)] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors[type(exc).__name__] += 1
+
+        interval = 1 / rate
+        next_at = time.monotonic()
+        end = next_at + seconds
+        while (now := time.monotonic()) < end:
+            if now >= next_at and len(in_flight) < 256:
+                task = asyncio.create_task(one())
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                next_at += interval
+                if rng.random() < 0.01:
+                    # The backend rewrites a payload now and then: new ETags, refreshes, re-reads.
+                    version += 1
+                    team = rng.choice(roster)
+                    writer.set_definitions(team.id, _flags(team.id, version))
+                continue
+            await asyncio.sleep(max(0.0, min(next_at - now, 0.01)))
+        await asyncio.wait_for(asyncio.gather(*in_flight), 60)
+
+    async def checkpoint() -> Sample:
+        """The proxy at idle: the lowest task and fd counts over two samples after everything settled."""
+        await asyncio.sleep(SETTLE_SECONDS)
+        settled = time.time()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            idle = [sample for sample in _samples(stats_path) if sample.at >= settled]
+            if len(idle) >= 2:
+                return Sample(
+                    idle[0].at,
+                    min(s.rss_kib for s in idle),
+                    min(s.tasks for s in idle),
+                    min(s.fds for s in idle),
+                )
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the proxy stopped sampling; see {log_path}")
+
+    def session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, before the load
             [sys.executable, "-m", "tests.soak", "serve", str(stats_path)],
@@ -213,36 +279,17 @@ async def run(
             stderr=subprocess.STDOUT,
         )
     try:
-        base = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
-            await _wait_ready(session, base, process)
+        seconds = minutes * 60
+        started = time.monotonic()
+        async with session() as warmup:
+            await _wait_ready(warmup, base, process)
             started = time.monotonic()
-            end = started + minutes * 60
-            in_flight: set[asyncio.Task[None]] = set()
-            interval = 1 / rate
-            next_at = time.monotonic()
-            version = 0
-
-            async def one() -> None:
-                try:
-                    statuses[await _one(session, base, roster, rng)] += 1
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    errors[type(exc).__name__] += 1
-
-            while (now := time.monotonic()) < end:
-                if now >= next_at and len(in_flight) < 256:
-                    task = asyncio.create_task(one())
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                    next_at += interval
-                    if rng.random() < 0.01:
-                        # The backend rewrites a payload now and then: new ETags, refreshes, re-reads.
-                        version += 1
-                        team = rng.choice(roster)
-                        writer.set_definitions(team.id, _flags(team.id, version))
-                    continue
-                await asyncio.sleep(max(0.0, min(next_at - now, 0.01)))
-            await asyncio.wait_for(asyncio.gather(*in_flight), 60)
+            await drive(warmup, seconds * warmup_fraction)
+        after_warmup = await checkpoint()
+        async with session() as measured:
+            await drive(measured, seconds * (1 - warmup_fraction))
+        load_ended = time.time()
+        end = await checkpoint()
         elapsed = time.monotonic() - started
         process.terminate()
         await asyncio.to_thread(process.wait, 30)
@@ -253,8 +300,27 @@ async def run(
         writer.close()
         await upstream_runner.cleanup()
         redis_server.stop()
-    samples = [Sample(**json.loads(line)) for line in stats_path.read_text().splitlines() if line.strip()]
-    return _report(samples, elapsed, statuses, errors, warmup_fraction, log_path)
+    under_load = [s for s in _samples(stats_path) if after_warmup.at + 1 < s.at <= load_ended]
+    return _report(under_load, after_warmup, end, elapsed, statuses, errors, log_path)
+
+
+def _upstream_app() -> web.Application:
+    """The backend for forwarded uploads: reads the body and answers, keeping nothing (the soak runs long)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response({"upstream": True, "path": request.path, "bytes": len(body)})
+
+    app = web.Application(client_max_size=1024**2)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def _samples(stats_path: Path) -> list[Sample]:
+    if not stats_path.exists():
+        return []
+    # Whole lines only: the sampler may be half-way through writing the last one.
+    return [Sample(**json.loads(line)) for line in stats_path.read_text().split("\n")[:-1]]
 
 
 async def _wait_ready(session: aiohttp.ClientSession, base: str, process: subprocess.Popen[bytes]) -> None:
@@ -273,20 +339,19 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str, process: subpro
 
 
 def _report(
-    samples: list[Sample],
+    under_load: list[Sample],
+    after_warmup: Sample,
+    end: Sample,
     elapsed: float,
     statuses: Counter[int],
     errors: Counter[str],
-    warmup_fraction: float,
     log_path: Path,
 ) -> SoakReport:
-    if len(samples) < 8:
-        raise RuntimeError(f"only {len(samples)} samples; see {log_path}")
-    measured = samples[int(len(samples) * warmup_fraction) :]
-    quarter = max(1, len(measured) // 4)
-    first, last = measured[:quarter], measured[-quarter:]
-    baseline = statistics.median(s.rss_kib for s in first)
-    end_rss = statistics.median(s.rss_kib for s in last)
+    if len(under_load) < 8:
+        raise RuntimeError(f"only {len(under_load)} samples under load; see {log_path}")
+    quarter = max(1, len(under_load) // 4)
+    baseline = statistics.median(s.rss_kib for s in under_load[:quarter])
+    end_rss = statistics.median(s.rss_kib for s in under_load[-quarter:])
     report = SoakReport(
         seconds=round(elapsed, 1),
         requests=sum(statuses.values()),
@@ -295,17 +360,19 @@ def _report(
         rss_after_warmup_kib=int(baseline),
         rss_end_kib=int(end_rss),
         rss_growth_percent=round(100 * (end_rss - baseline) / baseline, 2),
-        tasks_first_quarter=statistics.median(s.tasks for s in first),
-        tasks_last_quarter=statistics.median(s.tasks for s in last),
-        fds_first_quarter=statistics.median(s.fds for s in first),
-        fds_last_quarter=statistics.median(s.fds for s in last),
+        tasks_idle_after_warmup=after_warmup.tasks,
+        tasks_idle_end=end.tasks,
+        fds_idle_after_warmup=after_warmup.fds,
+        fds_idle_end=end.fds,
+        tasks_peak=max(s.tasks for s in under_load),
+        fds_peak=max(s.fds for s in under_load),
     )
     if report.rss_growth_percent >= MAX_RSS_GROWTH_PERCENT:
         report.problems.append(f"RSS grew {report.rss_growth_percent} % after warm-up")
-    if report.tasks_last_quarter > report.tasks_first_quarter + COUNT_SLACK:
-        report.problems.append("asyncio task count grew")
-    if report.fds_last_quarter > report.fds_first_quarter + COUNT_SLACK:
-        report.problems.append("open file descriptors grew")
+    if report.tasks_idle_end > report.tasks_idle_after_warmup + COUNT_SLACK:
+        report.problems.append("asyncio task count grew (at idle)")
+    if report.fds_idle_end > report.fds_idle_after_warmup + COUNT_SLACK:
+        report.problems.append("open file descriptors grew (at idle)")
     if errors:
         report.problems.append(f"client errors: {dict(errors)}")
     if any(status >= 500 for status in statuses):
