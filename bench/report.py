@@ -18,6 +18,8 @@ CEILING = "aiohttp ceiling"
 NGINX = "nginx ceiling"
 DJANGO = "django"
 VIA = "proxy -> django"
+# nginx forwarding in the proxy's place, to the same Django: the reference for the forwarding rows.
+NGINX_VIA = "nginx -> django"
 DIRECT = "django direct"
 FAST_VIA = "proxy -> aiohttp upstream"
 FAST_DIRECT = "aiohttp upstream direct"
@@ -128,7 +130,7 @@ def baseline_of(row: Row) -> str | None:
     """The backend row a row is compared with (Django for 200/304, the direct row when forwarding)."""
     if row.scenario in ("200", "304"):
         return DJANGO if row.server != DJANGO else None
-    if row.server in (VIA, PROXY):
+    if row.server in (VIA, PROXY, NGINX_VIA):
         return DIRECT
     if row.server == FAST_VIA:
         return FAST_DIRECT
@@ -169,10 +171,12 @@ def ratio(rows: Sequence[Row], row: Row, base_server: str | None, name: str = "r
 
 
 def ceiling_ratio(rows: Sequence[Row], row: Row, name: str = "rps") -> float | None:
-    """Against the aiohttp ceiling (200/304 only)."""
-    if row.scenario not in ("200", "304") or row.server == CEILING:
-        return None
-    return ratio(rows, row, CEILING, name)
+    """Against the aiohttp ceiling (200/304), or nginx forwarding to Django in the proxy's place."""
+    if row.scenario in ("200", "304") and row.server != CEILING:
+        return ratio(rows, row, CEILING, name)
+    if row.server == VIA and row.scenario in FORWARD_SCENARIOS:
+        return ratio(rows, row, NGINX_VIA, name)
+    return None
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -283,6 +287,33 @@ def checks(rows: Sequence[Row], memory: Mapping[str, Any]) -> list[dict[str, Any
                     None if value is None or not is_django else value >= TARGET_FORWARD_RATIO,
                 )
             )
+            nginx = _find(rows, row, NGINX_VIA) if is_django else None
+            if nginx is not None:
+                # The same forwards through nginx from the same core: what any forwarder in that place
+                # costs Django's throughput, and the proxy against it.
+                out += [
+                    _check(
+                        f"{row.scenario}: nginx in the proxy's place, nginx/direct req/s",
+                        where,
+                        ratio(rows, nginx, DIRECT),
+                        "(report)",
+                        None,
+                    ),
+                    _check(
+                        f"{row.scenario}: proxy/nginx req/s, each in front of the same Django",
+                        where,
+                        ratio(rows, row, NGINX_VIA),
+                        "(report)",
+                        None,
+                    ),
+                    _check(
+                        f"{row.scenario}: nginx CPU us per forwarded request",
+                        where,
+                        nginx.median("cpu_us_per_req"),
+                        "(report)",
+                        None,
+                    ),
+                ]
         elif row.server == VIA and row.scenario in ("miss", "shadow"):
             out.append(
                 _check(
@@ -474,7 +505,9 @@ def render(
         "x backend = req/s over Django's (200/304: the Django row, one sync gunicorn worker on core 0; "
         "forwarded scenarios: over the same requests sent straight to Django, which then sits on core 1 with "
         "wrk, standing for another machine). x ceiling = over the aiohttp app serving the same bytes from "
-        "memory with no logic. Both are medians over the rounds of the ratio of the two servers' runs in the "
+        "memory with no logic (200/304), or over nginx forwarding the same requests to the same Django from "
+        "the proxy's core (proxy -> django rows; the nginx -> django row shows what it costs itself). "
+        "Both are medians over the rounds of the ratio of the two servers' runs in the "
         "same round (a round runs every server once, seconds apart, so it cancels most of the machine's "
         "noise); the req/s columns are each server's own median. CPU us/req and peak RSS are the measured "
         "server process's (the proxy's in proxy -> django rows); cores busy = server core / load core; "

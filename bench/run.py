@@ -58,6 +58,7 @@ from bench.report import (  # noqa: E402
     FAST_VIA,
     FORWARD_SCENARIOS,
     NGINX,
+    NGINX_VIA,
     PROXY,
     VIA,
     Row,
@@ -330,21 +331,35 @@ def start_proxy(
 
 
 def start_nginx(sup: procs.Supervisor, workdir: Path, www: Path, teams: Sequence[Team]) -> Server:
-    """nginx with one worker, pinned to the server core."""
+    """nginx serving the payloads with one worker, pinned to the server core."""
+    ngx_dir = workdir / "nginx"
+    port = procs.free_port()
+    pid = _start_nginx(sup, "nginx", ngx_dir, port, nginx.write_config(ngx_dir, www, port, teams))
+    return Server(NGINX, port, pid)
+
+
+def start_nginx_forwarder(sup: procs.Supervisor, workdir: Path, django: backend.Backend) -> Server:
+    """nginx forwarding to `django` in the proxy's place (one worker, pinned to the server core)."""
+    name = f"nginx-forward-{django.port}"
+    ngx_dir = workdir / name
+    port = procs.free_port()
+    pid = _start_nginx(sup, name, ngx_dir, port, nginx.write_forward_config(ngx_dir, port, django.port))
+    return Server(NGINX_VIA, port, pid, backend=django)
+
+
+def _start_nginx(sup: procs.Supervisor, name: str, ngx_dir: Path, port: int, config: Path) -> int:
+    """nginx with `config` as the supervised process `name`, once it answers; its pid."""
     binary = nginx.binary()
     if binary is None:
         raise procs.StartError("nginx is not installed (apt-get install nginx-light)")
-    port = procs.free_port()
-    ngx_dir = workdir / "nginx"
-    config = nginx.write_config(ngx_dir, www, port, teams)
-    process = sup.start("nginx", procs.pinned(nginx.command(binary, ngx_dir, config), procs.SERVER_CORE))
+    process = sup.start(name, procs.pinned(nginx.command(binary, ngx_dir, config), procs.SERVER_CORE))
     try:
         procs.wait_http(port, "/_liveness", process)
     except procs.StartError as exc:
         error_log = ngx_dir / "error.log"
         detail = error_log.read_text()[-800:] if error_log.exists() else ""
-        raise procs.StartError(f"{exc}\n{sup.log_tail('nginx')}\n{detail}") from None
-    return Server(NGINX, port, process.pid)
+        raise procs.StartError(f"{exc}\n{sup.log_tail(name)}\n{detail}") from None
+    return process.pid
 
 
 # --- talking to servers -----------------------------------------------------------------------------------
@@ -874,10 +889,31 @@ def _forwarding_rows(
         servers = [
             Server(VIA, proxy.port, proxy.pid, uses_redis=True, backend=django),
             Server(DIRECT, django.port, django.pid, uses_redis=True),
+            *_nginx_forwarder(ctx, rows, scenario, django),
             *_baseline_forwarder(ctx, rows, scenario, url, " -> django", django),
         ]
         compare(servers, load, ctx.config, ctx.client, rows, django)
     return list(rows.values())
+
+
+def _nginx_forwarder(
+    ctx: Context, rows: dict[str, Row], scenario: str, django: backend.Backend
+) -> list[Server]:
+    """nginx in the proxy's place, measured beside it: what forwarding costs Django's throughput when the
+    forwarder is about as cheap as one gets (from the same core, to the same Django)."""
+    if not ctx.config.with_nginx:
+        return []
+    rows[NGINX_VIA] = Row("-", 0, scenario, NGINX_VIA)
+    try:
+        server = start_nginx_forwarder(ctx.sup, ctx.config.workdir, django)
+        status, _, _ = get(server.port, FORWARD_PATH)
+    except (procs.StartError, OSError) as exc:
+        rows[NGINX_VIA].error = f"did not start: {exc}"
+        return []
+    if status != 404:
+        rows[NGINX_VIA].error = f"nginx forwarded the unknown route as HTTP {status}, not Django's 404"
+        return []
+    return [server]
 
 
 def _baseline_forwarder(

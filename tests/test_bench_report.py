@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from bench.report import CEILING, DJANGO, PROXY, Row, Sample, ceiling_ratio, ratio
+from bench.report import (
+    CEILING,
+    DIRECT,
+    DJANGO,
+    NGINX_VIA,
+    PROXY,
+    VIA,
+    Row,
+    Sample,
+    baseline_of,
+    ceiling_ratio,
+    checks,
+    ratio,
+)
 
 
 def sample(rps: float, cpu_us: float = 50.0, round_: int | None = None) -> Sample:
@@ -65,3 +78,40 @@ def test_no_ratio_without_the_other_server_or_for_the_other_scenarios() -> None:
     assert ratio([proxy], proxy, None) is None
     forward = row(PROXY, [sample(80, round_=0)], scenario="forward")
     assert ceiling_ratio([forward, row(CEILING, [sample(100, round_=0)], "forward")], forward) is None
+
+
+def test_forwarding_rows_are_set_against_django_direct_and_nginx_in_the_proxys_place() -> None:
+    # Rounds: proxy 1600/1700, nginx 1700/1800, direct 2000/1800 (same-round ratios: proxy/direct 0.8 and
+    # 0.944, nginx/direct 0.85 and 1.0, proxy/nginx 0.941 and 0.944).
+    via = row(
+        VIA, [sample(1600, cpu_us=250, round_=0), sample(1700, cpu_us=230, round_=1)], "forward-keepalive"
+    )
+    via.samples[0].backend_cpu_us_per_req = via.samples[1].backend_cpu_us_per_req = 500.0
+    nginx = row(
+        NGINX_VIA, [sample(1700, cpu_us=80, round_=0), sample(1800, cpu_us=84, round_=1)], "forward-keepalive"
+    )
+    direct = row(DIRECT, [sample(2000, round_=0), sample(1800, round_=1)], "forward-keepalive")
+    rows = [via, nginx, direct]
+
+    assert baseline_of(nginx) == DIRECT
+    assert ratio(rows, nginx, baseline_of(nginx)) == pytest.approx((0.85 + 1.0) / 2)
+    assert ceiling_ratio(rows, via) == pytest.approx((1600 / 1700 + 1700 / 1800) / 2)
+    assert ceiling_ratio(rows, nginx) is None
+
+    found = {c["check"]: c for c in checks(rows, {})}
+    assert found["forward-keepalive: proxy/direct req/s"]["value"] == pytest.approx((0.8 + 1700 / 1800) / 2)
+    assert found["forward-keepalive: proxy/direct req/s"]["ok"] is False
+    assert found["forward-keepalive: nginx in the proxy's place, nginx/direct req/s"][
+        "value"
+    ] == pytest.approx(0.925)
+    assert found["forward-keepalive: proxy/nginx req/s, each in front of the same Django"]["ok"] is None
+    assert found["forward-keepalive: nginx CPU us per forwarded request"]["value"] == pytest.approx(82)
+
+
+def test_without_an_nginx_row_the_forwarding_checks_are_the_proxys_alone() -> None:
+    via = row(VIA, [sample(1700, round_=0)], "forward")
+    direct = row(DIRECT, [sample(1600, round_=0)], "forward")
+    found = [c["check"] for c in checks([via, direct], {})]
+    assert "forward: proxy/direct req/s" in found
+    assert not [name for name in found if "nginx" in name]
+    assert ceiling_ratio([via, direct], via) is None
