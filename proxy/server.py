@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aiohttp import http_writer, web
+from aiohttp import http_writer, web, web_response
 
 from proxy import keys
 from proxy.app import create_app
@@ -49,11 +49,25 @@ def _write_without_joining() -> None:
     http_writer.SKIP_WRITELINES = False
 
 
+def _server_header(value: str) -> None:
+    """The Server header aiohttp gives every answer that has none (settings.server_header).
+
+    aiohttp adds `Python/3.x aiohttp/3.y` with `setdefault` when a response is prepared, reading the module's
+    SERVER_SOFTWARE at that moment, and has no setting for it. An answer's own header (a forwarded upstream's)
+    is left alone. Set once per serving process, like SKIP_WRITELINES above, so it also reaches the 400s
+    aiohttp writes for malformed requests, which no handler or signal sees, and costs no request anything
+    (an on_response_prepare signal would cost every answer ~1 µs). tests/test_server.py checks the answers of
+    a real process, so an aiohttp that moved the name fails there.
+    """
+    web_response.SERVER_SOFTWARE = value  # type: ignore[attr-defined]  # imported there from aiohttp.http
+
+
 async def serve(settings: Settings, worker_index: int = 0) -> int:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, readiness 503, finish in-flight, clean up.
 
     `worker_index` (0 to workers-1) picks this worker's own metrics port (telemetry.worker_metrics_port).
     """
+    _server_header(settings.server_header)
     app = create_app(settings)
     runner = web.AppRunner(
         app,

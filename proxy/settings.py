@@ -424,6 +424,12 @@ class Settings(_Section):
     workers: int = Field(default=1, ge=1, le=64)
     # Drain budget; with the final billing flush (<= 5 s) it stays inside Kubernetes' 30 s grace period.
     shutdown_timeout_seconds: Seconds = 20.0
+    # The Server header of every answer that has none of its own: the proxy's answers (definitions, errors,
+    # health, metrics, aiohttp's 400s for malformed requests) and forwarded answers whose upstream sent none;
+    # an upstream's own Server header passes unchanged. The reference backend's (gunicorn) by default, so
+    # local answers look like forwarded ones, instead of aiohttp's, which names Python's and aiohttp's
+    # versions. Printable ASCII, no leading or trailing space.
+    server_header: str = Field(default="gunicorn", min_length=1, max_length=256)
     upstream: UpstreamSettings = UpstreamSettings()
     redis: RedisSettings = RedisSettings()
     layout: RedisLayout = RedisLayout()
@@ -472,6 +478,13 @@ class Settings(_Section):
                 f"telemetry.worker_metrics_port: {ports} would take bind's port {self.bind_port}"
             )
         return self
+
+    @field_validator("server_header")
+    @classmethod
+    def _server_header(cls, value: str) -> str:
+        if not all(" " <= c <= "~" for c in value) or value != value.strip():
+            raise ValueError("a header value: printable ASCII, no leading or trailing space")
+        return value
 
     @field_validator("bind")
     @classmethod

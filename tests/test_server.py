@@ -396,6 +396,83 @@ async def test_each_worker_serves_its_own_metrics_on_a_port_of_its_own(
     assert only_metrics == 404
 
 
+LIVENESS = b"GET /_liveness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+FORWARDED = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+async def _raw_exchange(port: int, request: bytes) -> bytes:
+    """`request` on a fresh connection, and everything read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+def _server_headers(answer: bytes) -> list[bytes]:
+    head = answer.partition(b"\r\n\r\n")[0]
+    return [
+        line.partition(b":")[2].strip()
+        for line in head.split(b"\r\n")[1:]
+        if line.lower().startswith(b"server:")
+    ]
+
+
+async def test_answers_name_the_configured_server_never_python_or_aiohttp(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    _, server = upstream
+    port = free_port()
+    with BackendWriter(redis_url) as backend:
+        backend.set_team("phc_server_header", {"id": 41, "api_token": "phc_server_header"})
+    with proxy_process(tmp_path, _env(port, server, redis_url)) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        health = await _raw_exchange(port, LIVENESS)
+        definitions = b"GET /flags/definitions?token=phc_server_header HTTP/1.1\r\nHost: x\r\n"
+        denied = await _raw_exchange(port, definitions + b"Connection: close\r\n\r\n")
+        # A malformed head: aiohttp answers 400 itself, before any handler runs.
+        malformed = await _raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+        # The upstream here is aiohttp too, with its own Server header: a forwarded answer keeps it.
+        forwarded = await _raw_exchange(port, FORWARDED)
+
+    assert health.startswith(b"HTTP/1.1 200 ")
+    assert denied.startswith(b"HTTP/1.1 401 ")
+    assert malformed.split(b"\r\n")[0] == b"HTTP/1.0 400 Bad Request"  # aiohttp's own error answer
+    for answer in (health, denied, malformed):
+        assert _server_headers(answer) == [b"gunicorn"], answer
+    assert forwarded.startswith(b"HTTP/1.1 200 ")
+    assert _server_headers(forwarded) == [
+        f"Python/{sys.version_info[0]}.{sys.version_info[1]} aiohttp/{aiohttp.__version__}".encode()
+    ]
+
+    # An upstream that sends no Server header: the forwarded answer gets the configured one.
+    async def bare(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    bare_upstream = await asyncio.start_server(bare, "127.0.0.1", 0)
+    bare_port = bare_upstream.sockets[0].getsockname()[1]
+    env = {
+        **_env(port, server, redis_url, EDGE_PROXY__SERVER_HEADER="edge-proxy"),
+        "UPSTREAM_URL": f"http://127.0.0.1:{bare_port}",
+    }
+    try:
+        with proxy_process(tmp_path, env) as (process, log_path):
+            await wait_ready(port, process, log_path)
+            bare_forwarded = await _raw_exchange(port, FORWARDED)
+            local = await _raw_exchange(port, LIVENESS)
+    finally:
+        bare_upstream.close()
+        await bare_upstream.wait_closed()
+    assert bare_forwarded.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert bare_forwarded.endswith(b"\r\n\r\nok")
+    assert _server_headers(bare_forwarded) == [b"edge-proxy"]
+    assert _server_headers(local) == [b"edge-proxy"]
+
+
 def test_responses_reach_uvloop_as_head_and_body_without_a_joined_copy() -> None:
     """The serving loop lets aiohttp pass head and body to uvloop's writelines (no joined copy of the body).
 

@@ -181,6 +181,34 @@ def test_bad_bind_is_refused(bind: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("", "String should have at least 1 character"),
+        (" gunicorn", "Value error, a header value: printable ASCII, no leading or trailing space"),
+        (
+            "gunicorn\r\nSet-Cookie: a=b",
+            "Value error, a header value: printable ASCII, no leading or trailing space",
+        ),
+        ("caf\u00e9", "Value error, a header value: printable ASCII, no leading or trailing space"),
+        ("x" * 257, "String should have at most 256 characters"),
+    ],
+    ids=["empty", "leading space", "header injection", "not ascii", "too long"],
+)
+def test_a_server_header_that_is_no_header_value_is_refused(value: str, problem: str) -> None:
+    assert problems(env={"EDGE_PROXY__SERVER_HEADER": value}) == (
+        f"invalid configuration (1 problem):\n  server_header (from $EDGE_PROXY__SERVER_HEADER): {problem}"
+    )
+
+
+def test_the_server_header_is_the_reference_backends_unless_set() -> None:
+    assert load_settings(None, {}).server_header == "gunicorn"
+    assert (
+        load_settings(None, {"EDGE_PROXY__SERVER_HEADER": "Apache/2 (Unix)"}).server_header
+        == "Apache/2 (Unix)"
+    )
+
+
+@pytest.mark.parametrize(
     ("env", "problem"),
     [
         (

@@ -16,7 +16,7 @@ import redis
 
 from examples.stack import AdminClient, Backend, Proxy, rollout
 
-HEADERS_THAT_MATTER = ("Content-Type", "ETag", "Cache-Control", "Allow", "WWW-Authenticate")
+HEADERS_THAT_MATTER = ("Content-Type", "ETag", "Cache-Control", "Allow", "WWW-Authenticate", "Server")
 VERDICT_PREFIX = "edge-proxy:verdict:v1"
 
 # The flags every e2e project starts with: each kind of filter the SDK evaluates locally.

@@ -2,7 +2,7 @@
 
 Each case is sent once to the backend, then twice through the proxy: the first time the proxy may have to
 ask the backend (a credential it has not seen), the second time it answers from what it learned. Status,
-the headers that matter (Content-Type, ETag, Cache-Control, Allow, WWW-Authenticate) and the body must
+the headers that matter (Content-Type, ETag, Cache-Control, Allow, WWW-Authenticate, Server) and the body must
 equal the backend's every time. Credentials that the proxy learns (personal keys, wrong secrets) are fresh
 for each case, so each case's first request really is the first.
 """
