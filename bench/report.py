@@ -20,6 +20,8 @@ DJANGO = "django"
 VIA = "proxy -> django"
 # nginx forwarding in the proxy's place, to the same Django: the reference for the forwarding rows.
 NGINX_VIA = "nginx -> django"
+# The proxy with upstream.max_connections set to the kept-alive Django's threads (forward-keepalive).
+SIZED_VIA = "proxy, pool = django threads -> django"
 DIRECT = "django direct"
 FAST_VIA = "proxy -> aiohttp upstream"
 FAST_DIRECT = "aiohttp upstream direct"
@@ -130,7 +132,7 @@ def baseline_of(row: Row) -> str | None:
     """The backend row a row is compared with (Django for 200/304, the direct row when forwarding)."""
     if row.scenario in ("200", "304"):
         return DJANGO if row.server != DJANGO else None
-    if row.server in (VIA, PROXY, NGINX_VIA):
+    if row.server in (VIA, PROXY, NGINX_VIA, SIZED_VIA):
         return DIRECT
     if row.server == FAST_VIA:
         return FAST_DIRECT
@@ -174,9 +176,14 @@ def ceiling_ratio(rows: Sequence[Row], row: Row, name: str = "rps") -> float | N
     """Against the aiohttp ceiling (200/304), or nginx forwarding to Django in the proxy's place."""
     if row.scenario in ("200", "304") and row.server != CEILING:
         return ratio(rows, row, CEILING, name)
-    if row.server == VIA and row.scenario in FORWARD_SCENARIOS:
+    if row.server in (VIA, SIZED_VIA) and row.scenario in FORWARD_SCENARIOS:
         return ratio(rows, row, NGINX_VIA, name)
     return None
+
+
+def _median_of(rows: Sequence[Row], row: Row, server: str, name: str) -> float | None:
+    other = _find(rows, row, server)
+    return None if other is None else other.median(name)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -313,6 +320,31 @@ def checks(rows: Sequence[Row], memory: Mapping[str, Any]) -> list[dict[str, Any
                         "(report)",
                         None,
                     ),
+                ]
+            sized = _find(rows, row, SIZED_VIA) if is_django else None
+            if sized is not None:
+                # The same proxy with its upstream pool no larger than Django's threads (README, "Sizing
+                # the upstream pool"): a deployment choice, reported beside the default's verdict.
+                out.append(
+                    _check(
+                        f"{row.scenario}: proxy with upstream.max_connections = Django's threads, "
+                        "proxy/direct req/s",
+                        where,
+                        ratio(rows, sized, DIRECT),
+                        "(report)",
+                        None,
+                    )
+                )
+                django_cpu = {
+                    "behind the default pool": row.median("backend_cpu_us_per_req"),
+                    "behind the sized pool": sized.median("backend_cpu_us_per_req"),
+                    "direct": _median_of(rows, row, DIRECT, "cpu_us_per_req"),
+                }
+                out += [
+                    _check(
+                        f"{row.scenario}: Django CPU us per request, {how}", where, value, "(report)", None
+                    )
+                    for how, value in django_cpu.items()
                 ]
         elif row.server == VIA and row.scenario in ("miss", "shadow"):
             out.append(

@@ -60,6 +60,7 @@ from bench.report import (  # noqa: E402
     NGINX,
     NGINX_VIA,
     PROXY,
+    SIZED_VIA,
     VIA,
     Row,
     Sample,
@@ -874,11 +875,17 @@ def bench_forward(ctx: Context, proxy: Server) -> list[Row]:
 
 
 def _forwarding_rows(
-    ctx: Context, scenario: str, proxy: Server, django: backend.Backend, url: str
+    ctx: Context,
+    scenario: str,
+    proxy: Server,
+    django: backend.Backend,
+    url: str,
+    also: Sequence[Server] = (),
 ) -> list[Row]:
-    """The unknown route through `proxy` to `django` (at `url`) against `django` directly (and the baseline
-    revision's proxy), once a first request shows the route is forwarded."""
-    rows = {n: Row("-", 0, scenario, n) for n in (VIA, DIRECT)}
+    """The unknown route through `proxy` to `django` (at `url`) against `django` directly (and nginx in the
+    proxy's place, the baseline revision's proxy and the proxies in `also`), once a first request shows the
+    route is forwarded."""
+    rows = {n: Row("-", 0, scenario, n) for n in (VIA, DIRECT, *(server.name for server in also))}
     before = django.requests_seen()["other"]
     status, _, _ = get(proxy.port, FORWARD_PATH)
     if status != 404 or django.requests_seen()["other"] - before != 1:
@@ -889,6 +896,7 @@ def _forwarding_rows(
         servers = [
             Server(VIA, proxy.port, proxy.pid, uses_redis=True, backend=django),
             Server(DIRECT, django.port, django.pid, uses_redis=True),
+            *also,
             *_nginx_forwarder(ctx, rows, scenario, django),
             *_baseline_forwarder(ctx, rows, scenario, url, " -> django", django),
         ]
@@ -1096,9 +1104,20 @@ def bench_forward_keepalive(ctx: Context) -> list[Row]:
             )
             url = f"http://127.0.0.1:{django.port}"
             proxy = start_proxy(ctx.sup, ctx.config, ctx.redis_url, url)
+            # The same proxy with its upstream pool sized to Django's threads (README, "Sizing the upstream
+            # pool"): requests wait in the proxy rather than on connections Django cannot serve yet.
+            sized = start_proxy(
+                ctx.sup,
+                ctx.config,
+                ctx.redis_url,
+                url,
+                {"EDGE_PROXY__UPSTREAM__MAX_CONNECTIONS": str(KEEPALIVE_THREADS)},
+                name="proxy-sized-pool",
+            )
         except procs.StartError as exc:
             return [Row("-", 0, "forward-keepalive", VIA, error=f"did not start: {exc}")]
-        return _forwarding_rows(ctx, "forward-keepalive", proxy, django, url)
+        also = [Server(SIZED_VIA, sized.port, sized.pid, uses_redis=True, backend=django)]
+        return _forwarding_rows(ctx, "forward-keepalive", proxy, django, url, also)
 
 
 def bench_forward_fast(ctx: Context, measured: Sequence[Row] = ()) -> list[Row]:

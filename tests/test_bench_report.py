@@ -10,6 +10,7 @@ from bench.report import (
     DJANGO,
     NGINX_VIA,
     PROXY,
+    SIZED_VIA,
     VIA,
     Row,
     Sample,
@@ -115,3 +116,28 @@ def test_without_an_nginx_row_the_forwarding_checks_are_the_proxys_alone() -> No
     assert "forward: proxy/direct req/s" in found
     assert not [name for name in found if "nginx" in name]
     assert ceiling_ratio([via, direct], via) is None
+
+
+def test_the_sized_pool_row_is_reported_beside_the_default_whose_verdict_stands() -> None:
+    scenario = "forward-keepalive"
+    via = row(VIA, [sample(1600, round_=0), sample(1700, round_=1)], scenario)
+    sized = row(SIZED_VIA, [sample(1900, round_=0), sample(1800, round_=1)], scenario)
+    nginx = row(NGINX_VIA, [sample(1700, round_=0), sample(1800, round_=1)], scenario)
+    direct = row(DIRECT, [sample(2000, cpu_us=450, round_=0), sample(2000, cpu_us=470, round_=1)], scenario)
+    for forwarded, django_cpu in ((via, 530.0), (sized, 480.0)):
+        for s in forwarded.samples:
+            s.backend_cpu_us_per_req = django_cpu
+    rows = [via, sized, nginx, direct]
+
+    assert baseline_of(sized) == DIRECT
+    assert ceiling_ratio(rows, sized) == pytest.approx((1900 / 1700 + 1800 / 1800) / 2)
+    found = {c["check"]: c for c in checks(rows, {})}
+    assert found[f"{scenario}: proxy/direct req/s"]["ok"] is False  # the default pool's verdict
+    sized_ratio = found[
+        f"{scenario}: proxy with upstream.max_connections = Django's threads, proxy/direct req/s"
+    ]
+    assert sized_ratio["value"] == pytest.approx((0.95 + 0.9) / 2)
+    assert sized_ratio["ok"] is None
+    assert found[f"{scenario}: Django CPU us per request, behind the default pool"]["value"] == 530
+    assert found[f"{scenario}: Django CPU us per request, behind the sized pool"]["value"] == 480
+    assert found[f"{scenario}: Django CPU us per request, direct"]["value"] == 460
