@@ -10,9 +10,10 @@ gives the latency a server shows when it is not saturated. Results: bench/result
 
 Scenarios: 200 and 304 from memory (proxy, aiohttp ceiling, nginx, Django), miss (a team whose payload is
 absent: forwarded to Django, vs Django directly), forward (an unknown route: proxy -> Django vs Django
-directly), badcred (one invalid personal API key flooding), ratelimited (a team over a low limit: 429s),
-shadow (weight 0 + shadow: every request forwarded and compared locally), forward-keepalive (an unknown
-route to the same Django under gunicorn's gthread worker, which keeps connections alive), forward-fast
+directly, and nginx forwarding in the proxy's place), badcred (one invalid personal API key flooding),
+ratelimited (a team over a low limit: 429s), shadow (weight 0 + shadow: every request forwarded and compared
+locally), forward-keepalive (the unknown route to the same Django under gunicorn's gthread worker, which
+keeps connections alive; nginx again, and a second proxy whose pool is Django's threads), forward-fast
 (an unknown route to a fast keep-alive aiohttp upstream, where the proxy itself is the bottleneck), and
 dead-upstream (an upstream refusing every connection: 502s, and the bytes of log they cost).
 """

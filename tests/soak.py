@@ -286,6 +286,7 @@ async def run(
             started = time.monotonic()
             await drive(warmup, seconds * warmup_fraction)
         after_warmup = await checkpoint()
+        load_started = time.time()
         async with session() as measured:
             await drive(measured, seconds * (1 - warmup_fraction))
         load_ended = time.time()
@@ -300,7 +301,7 @@ async def run(
         writer.close()
         await upstream_runner.cleanup()
         redis_server.stop()
-    under_load = [s for s in _samples(stats_path) if after_warmup.at + 1 < s.at <= load_ended]
+    under_load = [s for s in _samples(stats_path) if load_started < s.at <= load_ended]
     return _report(under_load, after_warmup, end, elapsed, statuses, errors, log_path)
 
 
