@@ -128,6 +128,9 @@ class BillingTally:
         """Requests counted but not yet confirmed written (tally plus pending batches)."""
         return sum(self._counts.values()) + sum(part.requests for part in self._pending)
 
+    def _bucket(self, now: float | None) -> int:
+        return int((time.time() if now is None else now) // self._bucket_seconds)
+
     def count(self, team_id: int, library: str, now: float | None = None) -> None:
         """Bill one request to the bucket of `now` (request time, not flush time); memory only."""
         bucket = int((time.time() if now is None else now) // self._bucket_seconds)
@@ -135,14 +138,20 @@ class BillingTally:
         entry = (team_id, library, bucket)
         counts[entry] = counts.get(entry, 0) + 1
 
-    async def flush(self, redis: RedisClient) -> bool:
+    async def flush(self, redis: RedisClient, *, hold_newest: bool = False, now: float | None = None) -> bool:
         """Seal the tally, then write every pending batch in order; False if Redis fails.
 
         One script call (one round trip) per _MAX_INCREMENTS_PER_CALL increments, one after the other; on
         a Cluster each call is one round trip per node, the parts applied slot by slot.
+
+        `hold_newest` (the periodic flush): when a bucket boundary fell inside the interval, the counts of the
+        bucket begun (that of `now`) stay in the tally for the next flush. Written now, each (team, library)
+        still polling would be written again into the same bucket a flush later: one HINCRBY pair per bucket
+        and flush instead of two, a fifth fewer with 120 s buckets and 30 s flushes, for at most one interval
+        more before those counts reach Redis.
         """
         async with self._flushing:
-            self._seal()
+            self._seal(self._bucket(now) if hold_newest else None)
             if not self._pending:
                 return True
             while self._pending:
@@ -204,12 +213,16 @@ class BillingTally:
             self._script = redis.register_script(_APPLY_BATCHES)
         return self._script
 
-    def _seal(self) -> None:
-        if not self._counts:
+    def _seal(self, hold_bucket: int | None = None) -> None:
+        counts = self._counts
+        held: Counts = {}
+        if hold_bucket is not None and any(bucket != hold_bucket for _, _, bucket in counts):
+            held = {entry: n for entry, n in counts.items() if entry[2] == hold_bucket}
+        entries = [item for item in counts.items() if item[0] not in held]
+        self._counts = held
+        if not entries:
             return
         self._sealed += 1
-        entries = list(self._counts.items())
-        self._counts = {}
         for start in range(0, len(entries), _ENTRIES_PER_PART):
             self._parts += 1
             part = dict(entries[start : start + _ENTRIES_PER_PART])
@@ -281,7 +294,7 @@ async def billing_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _flush_forever(tally: BillingTally, redis: RedisClient, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        await tally.flush(redis)
+        await tally.flush(redis, hold_newest=True)
         # redis-py can swallow a cancellation that lands inside a command (redis/redis-py#2028): honour it,
         # or cleanup would wait for this task forever and the final flush would never run.
         task = asyncio.current_task()

@@ -312,8 +312,10 @@ class BillingSettings(_Section):
     # Two HINCRBY per billed (team, SDK) per flush, whatever the traffic, so Redis pays per team and
     # interval, not per request: 1,000 teams cost 200 commands/s at 10 s and 67/s at 30 s (the reference:
     # 2 per request). Counts go to the bucket of their request time (120 s buckets) and PostHog's aggregation
-    # reads them every 30 minutes, skipping the newest bucket, so a later flush only delays them. What a
-    # SIGKILL can lose is one interval of one process's counts (SIGTERM flushes): 30 s is one SDK poll.
+    # reads them every 30 minutes, skipping the newest bucket, so a later flush only delays them; a bucket
+    # begun during an interval waits for the next flush, so each flush writes one bucket per (team, SDK).
+    # What a SIGKILL can lose is one interval of one process's counts (SIGTERM flushes): 30 s is one SDK
+    # poll; after a bucket boundary, also the new bucket's first seconds held from the previous flush.
     flush_interval_seconds: Seconds = 30.0
     # Unflushed batches (one per flush interval) kept while Redis is down; beyond this the oldest is dropped
     # and logged.

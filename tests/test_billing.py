@@ -101,6 +101,59 @@ async def test_flush_writes_exact_counts_per_team_library_and_bucket(
     assert_counted_once(redis_server)
 
 
+async def _hincrbys(sync: redis.Redis, step: Awaitable[bool]) -> int:
+    before = commandstats(sync).get("hincrby", 0)
+    assert await step
+    return commandstats(sync).get("hincrby", 0) - before
+
+
+@pytest.mark.parametrize("hold_newest", [True, False], ids=["held", "written at once"])
+async def test_a_bucket_begun_in_the_interval_is_held_for_the_next_periodic_flush(
+    client: aioredis.Redis, redis_server: RedisServer, hold_newest: bool
+) -> None:
+    billing = tally()
+    # An SDK polling across a bucket boundary (T0): twice before it, once after, then twice more.
+    billing.count(1, "posthog-python", now=T0 - 20)
+    billing.count(1, "posthog-python", now=T0 - 5)
+    billing.count(1, "posthog-python", now=T0 + 5)
+    with redis_server.client() as sync:
+        first = await _hincrbys(sync, billing.flush(client, hold_newest=hold_newest, now=T0 + 10))
+        after_first = hashes(redis_server, 1, "posthog-python")
+        billing.count(1, "posthog-python", now=T0 + 25)
+        billing.count(1, "posthog-python", now=T0 + 35)
+        second = await _hincrbys(sync, billing.flush(client, hold_newest=hold_newest, now=T0 + 40))
+
+    if hold_newest:
+        assert after_first == ({B0 - 1: 2}, {B0 - 1: 2})  # the new bucket's one request waits
+        assert (first, second) == (2, 2)  # one pair per bucket
+    else:
+        assert after_first == ({B0 - 1: 2, B0: 1}, {B0 - 1: 2, B0: 1})
+        assert (first, second) == (4, 2)  # bucket B0 written twice
+    assert hashes(redis_server, 1, "posthog-python") == ({B0 - 1: 2, B0: 3}, {B0 - 1: 2, B0: 3})
+    assert billing.unflushed_requests == 0
+
+
+async def test_nothing_is_held_without_a_boundary_in_the_interval_nor_at_the_final_flush(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    billing = tally()
+    billing.count(1, "posthog-python", now=T0 + 5)
+    billing.count(2, "posthog-node", now=T0 + 6)
+    # Every count in the bucket of `now`: written, nothing waits.
+    assert await billing.flush(client, hold_newest=True, now=T0 + 30)
+    assert billing.unflushed_requests == 0
+    assert hashes(redis_server, 2, "posthog-node") == ({B0: 1}, {B0: 1})
+
+    # A boundary in the interval holds the new bucket's counts; the final flush at shutdown writes them.
+    billing.count(1, "posthog-python", now=T0 + BUCKET - 1)
+    billing.count(1, "posthog-python", now=T0 + BUCKET + 1)
+    assert await billing.flush(client, hold_newest=True, now=T0 + BUCKET + 10)
+    assert billing.unflushed_requests == 1
+    await billing.close(client)
+    assert billing.unflushed_requests == 0
+    assert hashes(redis_server, 1, "posthog-python") == ({B0: 2, B0 + 1: 1}, {B0: 2, B0 + 1: 1})
+
+
 async def test_one_flush_is_one_script_call(
     client: aioredis.Redis, dead_client: aioredis.Redis, redis_server: RedisServer
 ) -> None:
