@@ -133,9 +133,8 @@ class BillingTally:
 
     def count(self, team_id: int, library: str, now: float | None = None) -> None:
         """Bill one request to the bucket of `now` (request time, not flush time); memory only."""
-        bucket = int((time.time() if now is None else now) // self._bucket_seconds)
         counts = self._counts
-        entry = (team_id, library, bucket)
+        entry = (team_id, library, self._bucket(now))
         counts[entry] = counts.get(entry, 0) + 1
 
     async def flush(self, redis: RedisClient, *, hold_newest: bool = False, now: float | None = None) -> bool:
