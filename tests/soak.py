@@ -280,7 +280,6 @@ async def run(
         )
     try:
         seconds = minutes * 60
-        started = time.monotonic()
         async with session() as warmup:
             await _wait_ready(warmup, base, process)
             started = time.monotonic()
