@@ -1,6 +1,6 @@
 """Per-request cost that noise cannot move: instructions and simulated cache misses under callgrind.
 
-Usage: python bench/callgrind.py [--scenario 200|304] [--teams 1] [--size 50k] [--requests 2000]
+Usage: python bench/callgrind.py [--scenario 200|304|forward] [--teams 1] [--size 50k] [--requests 2000]
                                  [--baseline REV]
 Runs the aiohttp ceiling and the proxy (and, with --baseline, the proxy of git revision REV) under
 `valgrind --tool=callgrind --cache-sim=yes`, one at a time, sends the same warm-up and then `--requests`
@@ -9,6 +9,13 @@ switched on with callgrind_control after the warm-up). Instruction counts are th
 whatever else the machine does, so a change of a few percent is visible where wrk's req/s on this shared
 machine moves by ±8 %. They leave out the kernel (socket writes) and real cache latencies: read them as
 "user-space work per request", next to the wrk ratios of bench/run.py, not instead of them.
+
+`--scenario forward` asks whether a forward does more work when requests come one by one than when they
+come together (bench/rate_cost.py finds its CPU per request 3-4x higher at 800 req/s than saturated). The
+bench's no-op aiohttp upstream is counted answering requests one at a time, then the proxy forwarding to a
+second, uninstrumented one: one at a time, one at a time with 5 ms pauses (each request wakes an idle
+loop), and 32 at once (every loop wake-up finds several ready sockets, as at saturation). Equal counts
+mean the extra CPU time of a low rate is each instruction costing more, not more instructions.
 
 The proxy's timed background loops are slowed to once an hour, because under valgrind (~50x slower) they
 would run ~50x more often per request than in real life. Needs valgrind (Debian package).
@@ -23,7 +30,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import dataset, procs  # noqa: E402
+from bench import dataset, procs, upstream  # noqa: E402
 from bench.dataset import Team  # noqa: E402
 from bench.run import (  # noqa: E402
     HMAC_KEY,
@@ -40,6 +49,7 @@ from bench.run import (  # noqa: E402
     checkout_revision,
     remove_checkout,
     say,
+    start_python_app,
     start_redis,
 )
 
@@ -84,18 +94,58 @@ def read_totals(path: Path) -> dict[str, int]:
     return totals
 
 
+# How the measured requests are sent: over 4 connections in turn, one at a time; the same with a pause
+# after each answer; or over 32 connections at once (one thread each).
+ONE_AT_A_TIME = "one at a time"
+PAUSED = "one at a time, 5 ms apart"
+TOGETHER = "32 at once"
+PAUSE_SECONDS = 0.005
+TOGETHER_CONNECTIONS = 32
+
+
 def exchange(
     connections: list[http.client.HTTPConnection], teams: Sequence[Team], i: int, scenario: str
 ) -> None:
-    """Request i: team i mod n on connection i mod 4; the answer must be the expected one."""
-    team = teams[i % len(teams)]
+    """Request i: team i mod n (or, forwarding, route i mod 7) on connection i mod n; the answer must be
+    the expected one."""
     connection = connections[i % len(connections)]
-    connection.request("GET", team.path, headers=team.headers(conditional=scenario == "304"))
+    if scenario == "forward":
+        connection.request("GET", f"/api/unknown/{i % 7}")
+        expected_status, expected_body = 200, upstream.BODY.encode()
+    else:
+        team = teams[i % len(teams)]
+        connection.request("GET", team.path, headers=team.headers(conditional=scenario == "304"))
+        expected_status, expected_body = (304, b"") if scenario == "304" else (200, team.body)
     response = connection.getresponse()
     body = response.read()
-    expected = 304 if scenario == "304" else 200
-    if response.status != expected or (expected == 200 and body != team.body):
+    if response.status != expected_status or body != expected_body:
         raise AssertionError(f"request {i}: {response.status}, {len(body)} bytes")
+
+
+def send(
+    connections: list[http.client.HTTPConnection],
+    teams: Sequence[Team],
+    requests: int,
+    scenario: str,
+    pace: str,
+) -> None:
+    """`requests` exchanges over `connections`, sent as `pace` says."""
+    if pace == TOGETHER:
+        count = len(connections)
+
+        # Thread k sends requests k, k + count, ...: all on connection k.
+        def run(k: int) -> None:
+            for i in range(k, requests, count):
+                exchange(connections, teams, i, scenario)
+
+        with ThreadPoolExecutor(count) as pool:
+            for done in [pool.submit(run, k) for k in range(count)]:
+                done.result()
+        return
+    for i in range(requests):
+        exchange(connections, teams, i, scenario)
+        if pace == PAUSED:
+            time.sleep(PAUSE_SECONDS)
 
 
 def measure(
@@ -108,10 +158,12 @@ def measure(
     teams: Sequence[Team],
     args: argparse.Namespace,
     out_dir: Path,
+    pace: str = ONE_AT_A_TIME,
 ) -> Counts:
     """Start `command(port)` under callgrind, warm it, count `args.requests` requests, stop it."""
     port = procs.free_port()
-    out_file = out_dir / f"callgrind.{name.replace(' ', '_').replace('@', '')}.out"
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    out_file = out_dir / f"callgrind.{slug}.out"
     valgrind = [
         "valgrind",
         "--tool=callgrind",
@@ -122,12 +174,12 @@ def measure(
     ]
     process = sup.start(name, [*valgrind, *command(port)], {**env, "BIND": f"127.0.0.1:{port}"}, cwd)
     procs.wait_http(port, ready_path, process, timeout=300)
-    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in range(4)]
-    for i in range(max(2 * len(teams), 400)):  # every team seen twice: all in memory
-        exchange(connections, teams, i, args.scenario)
+    count = TOGETHER_CONNECTIONS if pace == TOGETHER else 4
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in range(count)]
+    # Warm-up, sent as measured: every team seen twice (all in memory), every connection open.
+    send(connections, teams, max(2 * len(teams), 400), args.scenario, pace)
     subprocess.run(["callgrind_control", "--instr=on", str(process.pid)], check=True, capture_output=True)
-    for i in range(args.requests):
-        exchange(connections, teams, i, args.scenario)
+    send(connections, teams, args.requests, args.scenario, pace)
     subprocess.run(["callgrind_control", "--dump", str(process.pid)], check=True, capture_output=True)
     for connection in connections:
         connection.close()
@@ -144,7 +196,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenario", choices=("200", "304"), default="200")
+    parser.add_argument("--scenario", choices=("200", "304", "forward"), default="200")
     parser.add_argument("--teams", type=int, default=1)
     parser.add_argument("--size", default="50k")
     parser.add_argument("--requests", type=int, default=2000)
@@ -194,15 +246,31 @@ def main() -> int:
                 script = str(ROOT / "bench" / "ceiling.py")
                 return [sys.executable, script, "--bind", f"127.0.0.1:{port}", "--manifest", str(manifest)]
 
-            runs: list[tuple[str, Callable[[int], list[str]], dict[str, str], Path | None, str]] = [
-                ("aiohttp ceiling", ceiling, base_env, None, "/_liveness"),
-                ("proxy", proxy, proxy_env, ROOT, "/_startup"),
-            ]
+            def noop(port: int) -> list[str]:
+                return [sys.executable, str(ROOT / "bench" / "upstream.py"), "--bind", f"127.0.0.1:{port}"]
+
+            Run = tuple[str, Callable[[int], list[str]], dict[str, str], Path | None, str, str]
+            runs: list[Run]
+            if args.scenario == "forward":
+                # The upstream forwarded to runs without valgrind, on the other core.
+                target = start_python_app(sup, "upstream", "upstream.py", core=procs.LOAD_CORE)
+                proxy_env["UPSTREAM_URL"] = f"http://127.0.0.1:{target.port}"
+                runs = [("no-op aiohttp", noop, base_env, None, "/__bench/stats", ONE_AT_A_TIME)]
+                runs += [
+                    (f"proxy -> no-op aiohttp, {pace}", proxy, proxy_env, ROOT, "/_startup", pace)
+                    for pace in (ONE_AT_A_TIME, PAUSED, TOGETHER)
+                ]
+            else:
+                runs = [
+                    ("aiohttp ceiling", ceiling, base_env, None, "/_liveness", ONE_AT_A_TIME),
+                    ("proxy", proxy, proxy_env, ROOT, "/_startup", ONE_AT_A_TIME),
+                ]
             if baseline_dir is not None:
-                runs.append((f"proxy @{args.baseline}", proxy, proxy_env, baseline_dir, "/_startup"))
-            for name, command, env, cwd, ready in runs:
+                name = f"proxy @{args.baseline}"
+                runs.append((name, proxy, proxy_env, baseline_dir, "/_startup", ONE_AT_A_TIME))
+            for name, command, env, cwd, ready, pace in runs:
                 say(f"{name}: under callgrind, {args.requests} requests")
-                results.append(measure(sup, name, command, env, cwd, ready, teams, args, workdir))
+                results.append(measure(sup, name, command, env, cwd, ready, teams, args, workdir, pace))
     finally:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
@@ -213,7 +281,7 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     ceiling_ir = results[0].per_request("Ir")
     print(f"{args.scenario}, {args.teams} team(s) x {args.size}, {args.requests} requests; per request:")
-    print(f"| server | {' | '.join(EVENTS)} | Ir x ceiling |")
+    print(f"| server | {' | '.join(EVENTS)} | Ir x {results[0].name} |")
     print(f"|---|{'---:|' * len(EVENTS)}---:|")
     for counts in results:
         cells = " | ".join(f"{counts.per_request(e):,.0f}" for e in EVENTS)
