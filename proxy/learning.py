@@ -51,5 +51,8 @@ class VerdictLearner:
                 request, observe=observe, capture_bytes=MAX_DENIAL_BODY_BYTES
             )
         finally:
-            del self._learning[key]
+            # Its own entry only: when the answer was no verdict, the requests that waited for it forward
+            # together, and each one's entry replaces the one before (later arrivals wait on the newest).
+            if self._learning.get(key) is learning:
+                del self._learning[key]
             learning.set_result(None)

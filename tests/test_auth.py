@@ -194,6 +194,36 @@ async def test_bad_credential_flood_reaches_the_backend_once(
     assert standin.decided == 1
 
 
+@pytest.mark.parametrize("status", [402, 429, 503])
+async def test_a_flood_of_one_new_credential_gets_the_backends_answer_when_it_is_no_verdict(
+    make_proxy: MakeProxy, standin: StandInBackend, upstream: tuple[Upstream, TestServer], status: int
+) -> None:
+    """The first request asks the backend, the others wait for it; its answer is not a verdict (a quota,
+    a rate limit, an outage), so they all go to the backend then, and each gets the backend's answer."""
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    body = b'{"detail":"not a verdict"}'
+    asked = 0
+
+    async def no_verdict(request: web.Request, _: bytes) -> web.Response:
+        nonlocal asked
+        asked += 1
+        await asyncio.sleep(0.2)
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    upstream[0].routes["/flags/definitions"] = no_verdict
+    auth = {"Authorization": "Bearer phx_undecided_key"}
+
+    async def one() -> tuple[int, bytes]:
+        async with client.get(url, headers=auth) as response:
+            return response.status, await response.read()
+
+    assert await asyncio.gather(*(one() for _ in range(5))) == [(status, body)] * 5
+    assert asked == 5
+    assert _verdict_keys(client) == []
+    assert await one() == (status, body)  # and the next one too: nothing was left behind
+
+
 async def test_a_verdict_learned_while_another_request_reads_redis_is_used_not_asked_again(
     make_proxy: MakeProxy,
     standin: StandInBackend,
