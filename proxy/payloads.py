@@ -71,7 +71,7 @@ def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
     try:
         flags = json.loads(body).get("flags", [])
         keys = [flag.get("key", "") for flag in flags]
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):  # RecursionError: nested too deep
         return True
     return not all(isinstance(key, str) and key.startswith(unbilled_prefixes) for key in keys)
 

@@ -39,7 +39,7 @@ def parse_team(text: str) -> Team:
     try:
         record = json.loads(text)
         team_id = record["id"]
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # RecursionError: nested too deep
         raise DecodeError("team record is not a JSON object with an id") from exc
     if not isinstance(team_id, int) or isinstance(team_id, bool):
         raise DecodeError("team id is not an integer")

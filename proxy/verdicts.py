@@ -62,7 +62,7 @@ class Verdict:
             status = int(data["s"])
             body = str(data.get("b", "")).encode()
             headers = {str(k): str(v) for k, v in dict(data.get("h") or {}).items()}
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             return None
         if status not in (200, 401, 403):
             return None

@@ -414,3 +414,34 @@ async def test_upstream_answer_with_hostile_headers_is_a_502_not_a_500(
     client = await make_proxy()
     response = await client.get("/big")
     assert response.status == 502
+
+
+NESTED = "[" * 100_000 + "]" * 100_000  # valid JSON that json.loads cannot build (RecursionError)
+
+
+async def test_json_nested_too_deep_in_redis_is_a_miss_or_served_never_a_500(
+    make_proxy: MakeProxy, upstream: Rig, backend: BackendWriter
+) -> None:
+    recorder, _ = upstream
+    other = "phc_hostile_nested_team"
+    backend.cache.set(f"team_token:{other}", '{"id": 5, "x": ' + NESTED + "}")
+    payload = '{"flags": ' + NESTED + "}"
+    backend.cache.set_many(
+        {
+            f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json": payload,
+            f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json:etag": "0123456789abcdef",
+        }
+    )
+    client = await make_proxy()
+    auth = {"Authorization": f"Bearer {SECRET}"}
+
+    # A team record the decoder cannot read is no record: the backend decides.
+    nested_team = await client.get(f"/flags/definitions?token={other}", headers=auth)
+    assert nested_team.status == 200
+    assert [seen.path_qs for seen in recorder.seen] == [f"/flags/definitions?token={other}"]
+    # A payload is served as stored, byte for byte (and billed, as any payload whose flags cannot be read).
+    served = await client.get(DEFS, headers=auth)
+    assert served.status == 200
+    assert await served.read() == payload.encode()
+    assert served.headers["ETag"] == 'W/"0123456789abcdef"'
+    assert len(recorder.seen) == 1
