@@ -9,6 +9,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
@@ -283,11 +284,13 @@ async def billing_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = app[keys.REDIS]
     tally = BillingTally(RedisContract(settings.layout), settings.billing)
     app[keys.BILLING] = tally
-    flusher = _flush_forever(tally, redis, settings.billing.flush_interval_seconds)
-    async with background(flusher, name="billing-flusher"):
-        yield
-    # After the flusher has stopped, so the two never write the same batch at once.
-    await tally.close(redis)
+    flusher = partial(_flush_forever, tally, redis, settings.billing.flush_interval_seconds)
+    try:
+        async with background(flusher, name="billing-flusher"):
+            yield
+    finally:
+        # After the flusher has stopped, so the two never write the same batch at once.
+        await tally.close(redis)
 
 
 async def _flush_forever(tally: BillingTally, redis: RedisClient, interval: float) -> None:

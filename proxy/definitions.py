@@ -6,6 +6,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 
@@ -273,10 +274,14 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
     shadow = Shadow(settings.definitions.offload)
     app[keys.DEFINITIONS] = DefinitionsService(app, teams, cache, verdicts, offload, shadow)
     async with (
-        background(cache.run_refresher(), name="definitions-refresher"),
-        background(teams.run_refresher(settings.definitions.refresh_interval_seconds), name="team-refresher"),
-        background(verdicts.run_revalidation(auth.revalidate_interval_seconds), name="verdict-revalidation"),
-        background(offload.watch(), name="offload-watch"),
+        background(cache.run_refresher, name="definitions-refresher"),
+        background(
+            partial(teams.run_refresher, settings.definitions.refresh_interval_seconds), name="team-refresher"
+        ),
+        background(
+            partial(verdicts.run_revalidation, auth.revalidate_interval_seconds), name="verdict-revalidation"
+        ),
+        background(offload.watch, name="offload-watch"),
     ):
         yield
     await shadow.close()

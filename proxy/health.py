@@ -96,7 +96,7 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
                 health.redis_ok = True
             await asyncio.sleep(interval)
 
-    async with background(watch(), name="redis-monitor"):
+    async with background(watch, name="redis-monitor"):
         yield
 
 

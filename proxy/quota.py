@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import cast
 
 from aiohttp import web
@@ -91,7 +92,7 @@ async def quota_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     snapshot = QuotaSnapshot(RedisContract(settings.layout).quota_key, settings.quota.max_staleness_seconds)
     app[keys.QUOTA] = snapshot
-    poller = _poll_forever(snapshot, app[keys.REDIS], settings.quota.poll_interval_seconds)
+    poller = partial(_poll_forever, snapshot, app[keys.REDIS], settings.quota.poll_interval_seconds)
     async with background(poller, name="quota-poller"):
         yield
 

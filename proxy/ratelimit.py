@@ -284,7 +284,7 @@ async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
         if not (limiter.enabled and limiter.fast):
             yield
             return
-        async with background(limiter.run(), name="ratelimit-sync"):
+        async with background(limiter.run, name="ratelimit-sync"):
             yield
     finally:
         await limiter.aclose()

@@ -1,20 +1,68 @@
-"""Background tasks tied to a cleanup context: started on entry, cancelled and awaited on exit."""
+"""Background tasks tied to a cleanup context: started on entry, restarted if they fail, cancelled on exit."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import RedisError
 
+log = logging.getLogger(__name__)
+
+# A background loop that fails is started again after 1 s, then 2, 4 ... up to 30 s while it keeps failing
+# (the delay starts over once a run has lasted longer than the longest delay).
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+
+
+def where(exc: BaseException) -> str:
+    """Where `exc` was raised (file:line in function) for a log line: never its message, which can hold
+    request or Redis data (a key name holds a project token)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{Path(last.filename).name}:{last.lineno} in {last.name}"
+
+
+async def _supervised(run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+    """`run()` until it returns; when it raises, log it and start it again (its state lives on in its
+    object: a billing tally, a snapshot), so one unexpected error never stops a loop until a restart."""
+    loop = asyncio.get_running_loop()
+    delay = RESTART_FIRST_SECONDS
+    while True:
+        started = loop.time()
+        try:
+            await run()
+        except Exception as exc:
+            if loop.time() - started > RESTART_MAX_SECONDS:
+                delay = RESTART_FIRST_SECONDS
+            # Not log.exception: the message and a traceback's text can hold a key name, and so a token.
+            log.error(  # noqa: TRY400
+                "background task %s stopped: %s at %s; starting it again in %.0f s",
+                name,
+                type(exc).__name__,
+                where(exc),
+                delay,
+            )
+        else:
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX_SECONDS)
+
 
 @asynccontextmanager
-async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asyncio.Task[None]]:
-    """Run `coro` as a task for the duration of the block; cancel and await it on the way out."""
-    task = asyncio.create_task(coro, name=name)
+async def background(
+    run: Callable[[], Coroutine[Any, Any, None]], name: str
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run `run()` as a task for the duration of the block, started again whenever it raises; cancel and
+    await it on the way out."""
+    task = asyncio.create_task(_supervised(run, name), name=name)
     try:
         yield task
     finally:
@@ -23,8 +71,6 @@ async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterato
         while not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=0.1)
-        if not task.cancelled() and task.exception() is not None:
-            raise RuntimeError(f"background task {name} failed") from task.exception()
 
 
 async def every(
@@ -35,17 +81,24 @@ async def every(
     log: logging.Logger,
     on_error: Callable[[], None] | None = None,
 ) -> None:
-    """Run `step` every `interval` seconds forever; a Redis outage is logged once, and its end once."""
+    """Run `step` every `interval` seconds forever; a Redis outage is logged once, and its end once.
+
+    Any other exception (data no decoder expected, a bug) is logged once too, at ERROR with where it was
+    raised, and the next step runs as usual.
+    """
     failing = False
     while True:
         await asyncio.sleep(interval)
         try:
             await step()
-        except RedisError as exc:
+        except Exception as exc:
             if on_error is not None:
                 on_error()
             if not failing:
-                log.warning("%s failing (%s)", what, type(exc).__name__)
+                if isinstance(exc, RedisError):
+                    log.warning("%s failing (%s)", what, type(exc).__name__)
+                else:
+                    log.error("%s failing: %s at %s", what, type(exc).__name__, where(exc))  # noqa: TRY400 (as above)
             failing = True
         else:
             if failing:

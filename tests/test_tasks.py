@@ -1,0 +1,95 @@
+"""Background loops outlive the unexpected: a failing loop is logged (where, never what) and runs on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from proxy import tasks
+
+SECRET_LOOKING = "posthog:1:team_token:phc_must_never_be_logged"
+
+
+async def test_a_background_loop_that_raises_is_logged_and_started_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tasks, "RESTART_FIRST_SECONDS", 0.01)
+    caplog.set_level(logging.ERROR, logger="proxy.tasks")
+    runs = 0
+    again = asyncio.Event()
+
+    async def loop() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 2:
+            raise KeyError(SECRET_LOOKING)
+        again.set()
+        await asyncio.Event().wait()  # runs until cancelled
+
+    async with tasks.background(loop, name="test-loop") as task:
+        await asyncio.wait_for(again.wait(), 5)
+        assert not task.done()
+    assert task.done()
+    assert runs == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith("background task test-loop stopped: KeyError at test_tasks.py:")
+    assert messages[0].endswith("in loop; starting it again in 0 s")
+    assert SECRET_LOOKING not in caplog.text
+    assert "phc_" not in caplog.text
+
+
+async def test_a_background_loop_that_returns_is_not_started_again() -> None:
+    runs = 0
+
+    async def once() -> None:
+        nonlocal runs
+        runs += 1
+
+    async with tasks.background(once, name="once") as task:
+        await asyncio.wait_for(task, 5)
+    assert runs == 1
+
+
+async def test_every_runs_on_after_an_unexpected_error_and_logs_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    log = logging.getLogger("test.every")
+    outcomes: list[BaseException | None] = [
+        RecursionError(SECRET_LOOKING),
+        ValueError(SECRET_LOOKING),
+        None,
+        RedisConnectionError(SECRET_LOOKING),
+        None,
+    ]
+    errors = 0
+    done = asyncio.Event()
+
+    async def step() -> None:
+        if not outcomes:
+            done.set()
+            return
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    def on_error() -> None:
+        nonlocal errors
+        errors += 1
+
+    runner = asyncio.create_task(tasks.every(0.001, step, what="the test loop", log=log, on_error=on_error))
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        runner.cancel()
+    assert errors == 3
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "test.every"]
+    assert [level for level, _ in lines] == ["ERROR", "INFO", "WARNING", "INFO"]
+    assert lines[0][1].startswith("the test loop failing: RecursionError at test_tasks.py:")
+    assert lines[1][1] == "the test loop recovered"
+    assert lines[2][1] == "the test loop failing (ConnectionError)"
+    assert "phc_" not in caplog.text
