@@ -24,7 +24,8 @@ BUCKETS = 10_000
 
 def bucket(credential: str, token: str) -> int:
     """The client's sticky bucket in [0, BUCKETS): one SDK (credential + project) never flip-flops."""
-    return zlib.crc32(f"{credential}\n{token}".encode()) % BUCKETS
+    # surrogateescape: header bytes that are not UTF-8 reach here as lone surrogates (and still bucket).
+    return zlib.crc32(f"{credential}\n{token}".encode("utf-8", "surrogateescape")) % BUCKETS
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,10 +289,11 @@ async def test_odd_auth_and_etag_values_never_500(
         b"User-Agent: posthog-\xff/1\r\nAuthorization: Bearer " + SECRET.encode() + b"\r\n",
     ],
 )
+@pytest.mark.parametrize("weight", [100.0, 50.0])  # below 100 %, the offload bucket reads the header too
 async def test_invalid_utf8_header_values_never_500(
-    make_proxy: MakeProxy, backend: BackendWriter, raw_header: bytes
+    make_proxy: MakeProxy, backend: BackendWriter, raw_header: bytes, weight: float
 ) -> None:
-    client = await make_proxy()
+    client = await make_proxy(definitions={"offload": {"weight_percent": weight}})
     raw = b"GET " + DEFS.encode() + b" HTTP/1.1\r\nHost: p\r\nConnection: close\r\n" + raw_header + b"\r\n"
     assert status_of(await exchange(client, raw)) in (200, 304, 401)
 
