@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from aiohttp import web
+
+from proxy.access_log import safe_path
+from proxy.logs import stack
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +32,19 @@ INTERNAL_ERROR = error_body("server_error", "internal_error", "The proxy failed 
 
 
 def internal_error(request: web.Request) -> web.Response:
-    """The one place where an unexpected exception becomes a 500, logged without request secrets.
+    """The one place where an unexpected exception becomes a 500, logged without request secrets (called
+    in the `except` block: the exception is the one being handled).
 
     Called from the route wrapper (telemetry.observed) rather than a middleware: any middleware makes
     aiohttp wrap every request in extra bookkeeping, which the profile showed on the hot path.
     """
-    log.exception("unhandled error on %s %s", request.method, request.path)
+    exc = sys.exception()
+    # The stack (files, lines, code), not the exception's message or repr: either can hold a token.
+    log.error(
+        "unhandled error on %s %s: %s\n%s",
+        request.method,
+        safe_path(request),
+        type(exc).__name__,
+        stack(exc),
+    )
     return json_response(500, INTERNAL_ERROR)

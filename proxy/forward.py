@@ -16,6 +16,7 @@ from opentelemetry import trace
 from yarl import URL
 
 from proxy import keys, tracing
+from proxy.access_log import safe_path
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
 from proxy.logs import Throttled
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
@@ -180,16 +181,17 @@ class Forwarder:
         except ConnectionError:
             # The client left mid-answer (aiohttp's ClientConnectionResetError is one): not the upstream's
             # failure; the upstream connection is dropped, unread, on release.
-            log.debug("client left during %s %s", request.method, request.rel_url.raw_path)
+            log.debug("client left during %s %s", request.method, safe_path(request))
             request.protocol.force_close()
         return response
 
     def _failed(
         self, request: web.Request, response: web.StreamResponse | None, exc: UpstreamError
     ) -> web.StreamResponse:
-        # The one place an upstream failure becomes an answer. Only the failure's kind is logged, never a URL.
-        # Still percent-encoded, so an encoded newline cannot forge a log line; the query is left out.
-        method, path = request.method, request.rel_url.raw_path
+        # The one place an upstream failure becomes an answer. Only the failure's kind is logged, never a URL:
+        # the path still percent-encoded (an encoded newline cannot forge a log line), key-shaped segments
+        # masked (some backend routes carry the project token in the path), the query left out.
+        method, path = request.method, safe_path(request)
         if response is not None and response.prepared:
             # The status line is out, so a clean end would pass a truncated body off as complete. Closing the
             # connection leaves the client with an unterminated chunked body or a short Content-Length.

@@ -6,12 +6,30 @@ import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.settings import LoggingSettings
+
+
+def where(exc: BaseException) -> str:
+    """Where `exc` was raised (file:line in function), for a log line that leaves out the exception's
+    message: a message can hold request or Redis data (a key name holds a project token)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{Path(last.filename).name}:{last.lineno} in {last.name}"
+
+
+def stack(exc: BaseException | None) -> str:
+    """`exc`'s traceback as files, lines and code, without the message (see `where`)."""
+    return "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__))) if exc else ""
+
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from redis.exceptions import RedisError
+
+from proxy.logs import where
 
 log = logging.getLogger(__name__)
 
@@ -18,16 +18,6 @@ log = logging.getLogger(__name__)
 # (the delay starts over once a run has lasted longer than the longest delay).
 RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
-
-
-def where(exc: BaseException) -> str:
-    """Where `exc` was raised (file:line in function) for a log line: never its message, which can hold
-    request or Redis data (a key name holds a project token)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "?"
-    last = frames[-1]
-    return f"{Path(last.filename).name}:{last.lineno} in {last.name}"
 
 
 async def _supervised(run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:

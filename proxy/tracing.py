@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from proxy.access_log import safe_path
 from proxy.metrics import EXPORT_TIMEOUT_SECONDS
 from proxy.settings import TelemetrySettings
 
@@ -47,11 +48,12 @@ def server_span(tracer: trace.Tracer, request: web.Request, route: str) -> trace
         f"{request.method} {route}",
         context=PROPAGATOR.extract(request.headers),
         kind=SpanKind.SERVER,
-        # Without the query string (request.raw_path has it): query parameters carry project tokens.
+        # Without the query string (request.raw_path has it): query parameters carry project tokens; and
+        # key-shaped path segments masked, as in the access log.
         attributes={
             "http.request.method": request.method,
             "http.route": route,
-            "url.path": request.rel_url.raw_path,
+            "url.path": safe_path(request),
         },
     )
 

@@ -426,7 +426,7 @@ async def test_an_internal_bug_is_a_logged_500_without_secrets(
     service = client.app[keys.DEFINITIONS]
 
     async def broken(token: str) -> None:
-        raise RuntimeError("a bug")
+        raise RuntimeError(f"a bug, with data in its message: {token}")
 
     service.teams.get = broken
     response = await client.get(URL, headers=AUTH)
@@ -437,7 +437,8 @@ async def test_an_internal_bug_is_a_logged_500_without_secrets(
         "detail": "The proxy failed to handle this request.",
         "attr": None,
     }
-    assert "unhandled error on GET /flags/definitions" in caplog.text
+    assert "unhandled error on GET /flags/definitions: RuntimeError" in caplog.text
+    assert "in broken" in caplog.text  # the stack (its code), without the message (its data)
     assert TOKEN not in caplog.text
     assert SECRET not in caplog.text
 

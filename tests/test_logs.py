@@ -88,3 +88,16 @@ async def test_a_dead_upstream_fails_every_request_but_logs_once(
     lines = [r.getMessage() for r in caplog.records if r.name == "proxy.forward"]
     assert lines == ["upstream unreachable or broken (refused: ConnectionRefusedError) on GET /api/anything"]
     assert client.app[keys.FORWARDER].failures["refused"] == 40
+
+
+async def test_an_upstream_failure_log_masks_a_token_in_the_path(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_proxy(upstream={"url": f"http://127.0.0.1:{free_port()}"})
+    caplog.set_level(logging.DEBUG, logger="proxy.forward")
+    async with client.get("/api/projects/phc_token_in_the_path/flags?token=phc_in_the_query") as response:
+        assert response.status == 502
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.forward"]
+    assert lines == [
+        "upstream unreachable or broken (refused: ConnectionRefusedError) on GET /api/projects/ph*_***/flags"
+    ]

@@ -218,6 +218,20 @@ async def test_traceparent_reaches_the_upstream_with_the_proxys_span_as_parent(
     assert dict(server.attributes or {})["url.path"] == "/api/projects"
 
 
+async def test_a_token_in_the_path_is_masked_in_the_span(make_proxy: MakeProxy, upstream: Rig) -> None:
+    client = await make_proxy(telemetry={"trace_sampling_ratio": 1.0})
+    exporter = InMemorySpanExporter()
+    provider = client.app[keys.TELEMETRY].tracer_provider
+    assert provider is not None
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    assert (await client.get("/api/projects/phc_token_in_the_path/x")).status == 200
+
+    assert upstream[0].seen[0].path_qs == "/api/projects/phc_token_in_the_path/x"  # forwarded as sent
+    (server,) = [span for span in exporter.get_finished_spans() if span.kind == SpanKind.SERVER]
+    assert dict(server.attributes or {})["url.path"] == "/api/projects/ph*_***/x"
+
+
 async def test_without_tracing_the_clients_traceparent_passes_unchanged(
     make_proxy: MakeProxy, upstream: Rig
 ) -> None:
