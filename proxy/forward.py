@@ -47,8 +47,11 @@ FORWARDED_BY_US = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarde
 # Other client assertions about where a request came from: believed only from a trusted proxy.
 CLIENT_ORIGIN_CLAIMS = frozenset({"forwarded", "x-real-ip"})
 # Host follows the configured policy; Expect was already answered by aiohttp's 100-continue handler, and a
-# second handshake with a backend that never sends 100 would stall the upload.
-REQUEST_SET_BY_US = frozenset({"host", "expect"})
+# second handshake with a backend that never sends 100 would stall the upload. Content-Length is written
+# from the body actually sent (as Transfer-Encoding, hop by hop): framing never comes from the client's
+# header list, which its Connection header can shorten ("Connection: content-length" would otherwise send a
+# body with no framing, read upstream as the next request on a pooled connection: request smuggling).
+REQUEST_SET_BY_US = frozenset({"host", "expect", "content-length"})
 
 DROP_FROM_TRUSTED = HOP_BY_HOP | FORWARDED_BY_US | REQUEST_SET_BY_US
 DROP_FROM_UNTRUSTED = DROP_FROM_TRUSTED | CLIENT_ORIGIN_CLAIMS
@@ -122,13 +125,17 @@ class Forwarder:
         except ClientBodyError as exc:
             return exc.response()
         headers = self._request_headers(request)
-        # A body read whole had a Content-Length, which goes on with the other headers; a streamed one
-        # without a length (the client's was chunked) is chunked again upstream.
+        # Framing from the body sent: a body read whole says its length; a streamed one the length the
+        # client declared (aiohttp's parser holds the client to it), else it is chunked again upstream.
         chunked = False
         if body is None:
-            if method not in BODILESS_METHODS and hdrs.CONTENT_LENGTH not in request.headers:
+            if method not in BODILESS_METHODS or hdrs.CONTENT_LENGTH in request.headers:
                 headers.append(("Content-Length", "0"))  # as aiohttp's client did: some servers want it
-        elif not isinstance(body, bytes) and hdrs.CONTENT_LENGTH not in request.headers:
+        elif isinstance(body, bytes):
+            headers.append(("Content-Length", str(len(body))))
+        elif (length := request.content_length) is not None:
+            headers.append(("Content-Length", str(length)))
+        else:
             chunked = True
             headers.append(("Transfer-Encoding", "chunked"))
         span = None

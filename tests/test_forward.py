@@ -112,6 +112,40 @@ async def test_path_and_query_reach_the_upstream_byte_for_byte(
     assert [seen.raw_path for seen in recorder.seen] == [target]
 
 
+SMUGGLED = b"GET /admin/secret HTTP/1.1\r\nHost: internal\r\nX-Real-IP: 10.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "streamed"])
+@pytest.mark.parametrize("option", ["content-length", "Content-Length, keep-alive"])
+async def test_connection_naming_content_length_cannot_smuggle_a_request(
+    make_proxy: MakeProxy, upstream: Rig, buffered: bool, option: str
+) -> None:
+    """Connection may name any field as hop-by-hop; naming Content-Length must not unframe the body, which
+    the upstream would then read as the next request on a pooled connection, and answer to someone else."""
+    recorder, _ = upstream
+    client = await make_proxy(upstream={"buffer_request_body_bytes": 65536 if buffered else 0})
+
+    head, body = await raw_exchange(
+        client,
+        b"POST /submit HTTP/1.1\r\nHost: app.example\r\n"
+        + f"Connection: close, {option}\r\nContent-Length: {len(SMUGGLED)}\r\n\r\n".encode()
+        + SMUGGLED,
+    )
+    assert head[0] == b"HTTP/1.1 200 OK"
+    assert body == default_answer("POST", "/submit")
+    # The next client, on the pooled upstream connection, gets its own answer.
+    after = await client.get("/innocent")
+    assert await after.read() == default_answer("GET", "/innocent")
+
+    assert [(seen.method, seen.path_qs) for seen in recorder.seen] == [
+        ("POST", "/submit"),
+        ("GET", "/innocent"),
+    ]
+    assert recorder.seen[0].body == SMUGGLED
+    assert recorder.seen[0].headers.getall("Content-Length") == [str(len(SMUGGLED))]
+    assert "Transfer-Encoding" not in recorder.seen[0].headers
+
+
 async def test_large_request_body_without_length_is_streamed_intact(
     make_proxy: MakeProxy, upstream: Rig
 ) -> None:
