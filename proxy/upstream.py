@@ -666,6 +666,11 @@ class Connection(asyncio.Protocol):
     def _finish(self) -> None:
         self._complete = True
         self._active = False
+        if self._reading_paused and self._transport is not None:
+            # The read that paused it was the answer's last (nothing more is due): a connection that goes
+            # back to the pool must read its next answer, and see the upstream close meanwhile.
+            self._reading_paused = False
+            self._transport.resume_reading()
         self._wake()
 
     def _until_eof(self) -> bool:

@@ -29,7 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.errors import BAD_GATEWAY
-from proxy.upstream import Connection, Limits, Pool
+from proxy.upstream import READ_HIGH_WATER, Connection, Limits, Pool
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -582,6 +582,45 @@ async def test_a_cancelled_wait_for_a_connection_leaves_the_pool_whole(
             assert cancelled.cancelled()
         assert upstream.connections == 1
         assert [head.split(b" ")[1] for head in upstream.heads] == [b"/hold", b"/w1", b"/a", b"/b"]
+    finally:
+        pool.close()
+
+
+async def test_an_answer_completed_while_reading_was_paused_leaves_a_connection_that_reads_again(
+    scripted: Callable[[Handler], Awaitable[Scripted]],
+) -> None:
+    """The last bytes of an answer arrive in the read that fills the buffer past its high-water mark
+    (reading pauses), the client leaves without reading it, and the connection goes back to the pool: the
+    next request on it must be read, not left waiting on a paused socket past every timeout."""
+    body = b"b" * (READ_HIGH_WATER + 512)
+    tail = 1024  # the read that crosses the mark also completes the answer
+
+    async def in_two_parts(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if index > 0:
+            writer.write(OK)
+            await writer.drain()
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body[:-tail]))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(body[-tail:])
+        await writer.drain()
+        return True
+
+    upstream = await scripted(in_two_parts)
+    port = int(upstream.url.rpartition(":")[2])
+    pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1, read_timeout=1.0))
+    try:
+        first = await pool.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n", None)
+        conn = first._conn
+        await wait_until(lambda: conn._complete, "the whole answer in, none of it read")
+        assert conn._buffered > READ_HIGH_WATER  # reading was paused by the read that completed it
+        first.release()  # as when the client leaves: the answer was complete, so the connection is kept
+
+        second = await asyncio.wait_for(pool.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n", None), 5)
+        assert await asyncio.wait_for(second.read(), 5) == b"ok"
+        second.release()
+        assert upstream.connections == 1
     finally:
         pool.close()
 
