@@ -634,6 +634,11 @@ class Connection(asyncio.Protocol):
                 content_length = int(raw_value)  # llhttp has checked it is one valid number
             elif lowered == b"connection":
                 connection |= {token.strip().lower() for token in value.split(",")}
+            elif lowered == b"transfer-encoding" and not _only_chunked(raw_value):
+                # A coding other than chunked (gzip, say): only chunked is decoded here, and Transfer-Encoding
+                # is hop by hop, so the client would get coded bytes it could not tell were coded (and without
+                # chunked last, a body running to the close). A clean 502 now, before any byte goes out.
+                raise UpstreamError("malformed", "transfer coding other than chunked")
         reason = self._reason.decode("utf-8", "surrogateescape")
         self._response = Response(self, status, reason, headers, content_length, connection, non_utf8)
         if self._head_only:
@@ -679,6 +684,10 @@ class Connection(asyncio.Protocol):
         if response is None or response.content_length is not None:
             return False
         return not any(name.lower() == b"transfer-encoding" for name, _ in self._headers)
+
+
+def _only_chunked(codings: bytes) -> bool:
+    return all(coding.strip().lower() == b"chunked" for coding in codings.split(b","))
 
 
 def _is_utf8(raw: bytes) -> bool:
