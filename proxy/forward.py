@@ -69,6 +69,9 @@ BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 BODY_TIMEOUT = error_body("invalid_request", "request_timeout", "The request body did not arrive in time.")
 BODY_TOO_LARGE = error_body("invalid_request", "payload_too_large", "The request body is too large.")
 BODY_INCOMPLETE = error_body("invalid_request", "incomplete_body", "The request body ended early.")
+UNSUPPORTED_CODING = error_body(
+    "invalid_request", "unsupported_transfer_coding", "Transfer codings other than chunked are not supported."
+)
 
 
 class ClientBodyError(Exception):
@@ -250,6 +253,14 @@ class Forwarder:
         return headers
 
     async def _request_body(self, request: web.Request) -> bytes | AsyncIterator[bytes] | None:
+        if hdrs.TRANSFER_ENCODING in request.headers and not all(
+            coding.strip().lower() == "chunked"
+            for value in request.headers.getall(hdrs.TRANSFER_ENCODING)
+            for coding in value.split(",")
+        ):
+            # aiohttp removes the chunked framing only: a gzip coding's bytes would go on unmarked (RFC 9112
+            # §6.1: 501 for a coding the server does not understand; gunicorn answers the same).
+            raise ClientBodyError(501, UNSUPPORTED_CODING)
         if not request.body_exists:
             return None
         length = request.content_length
