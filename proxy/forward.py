@@ -70,8 +70,11 @@ BODY_TIMEOUT = error_body("invalid_request", "request_timeout", "The request bod
 BODY_TOO_LARGE = error_body("invalid_request", "payload_too_large", "The request body is too large.")
 BODY_INCOMPLETE = error_body("invalid_request", "incomplete_body", "The request body ended early.")
 UNSUPPORTED_CODING = error_body(
-    "invalid_request", "unsupported_transfer_coding", "Transfer codings other than chunked are not supported."
+    "invalid_request", "unsupported_transfer_coding", "The request's transfer coding is not supported."
 )
+# Codings a request may carry before chunked (gunicorn's list; it answers 501 to any other): aiohttp removes
+# the chunked framing only, so these go on named, for the upstream to decode as it would have.
+PASSED_CODINGS = frozenset({"gzip", "deflate", "compress", "identity"})
 
 
 class ClientBodyError(Exception):
@@ -140,7 +143,7 @@ class Forwarder:
             headers.append(("Content-Length", str(length)))
         else:
             chunked = True
-            headers.append(("Transfer-Encoding", "chunked"))
+            headers.append(("Transfer-Encoding", _codings(request)))
         span = None
         if self._tracer is not None:
             span = tracing.upstream_span(self._tracer, method, self._server_address, headers)
@@ -253,14 +256,10 @@ class Forwarder:
         return headers
 
     async def _request_body(self, request: web.Request) -> bytes | AsyncIterator[bytes] | None:
-        if hdrs.TRANSFER_ENCODING in request.headers and not all(
-            coding.strip().lower() == "chunked"
-            for value in request.headers.getall(hdrs.TRANSFER_ENCODING)
-            for coding in value.split(",")
+        if hdrs.TRANSFER_ENCODING in request.headers and not PASSED_CODINGS.issuperset(
+            _codings(request).split(", ")[:-1]
         ):
-            # aiohttp removes the chunked framing only: a gzip coding's bytes would go on unmarked (RFC 9112
-            # §6.1: 501 for a coding the server does not understand; gunicorn answers the same).
-            raise ClientBodyError(501, UNSUPPORTED_CODING)
+            raise ClientBodyError(501, UNSUPPORTED_CODING)  # RFC 9112 §6.1, and gunicorn's answer
         if not request.body_exists:
             return None
         length = request.content_length
@@ -355,6 +354,17 @@ class ExactHeadResponse(ExactHeadStreamResponse, web.Response):
 def _one_char_per_byte(text: str) -> str:
     """`text`'s bytes on the wire (surrogates back to the bytes they stand for), one character per byte."""
     return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _codings(request: web.Request) -> str:
+    """The Transfer-Encoding to send with a streamed body: the client's codings, chunked last (aiohttp's
+    parser has refused any other order), normalised; plain chunked without one."""
+    codings = [
+        coding.strip().lower()
+        for value in request.headers.getall(hdrs.TRANSFER_ENCODING, ())
+        for coding in value.split(",")
+    ]
+    return ", ".join(codings) if codings else "chunked"
 
 
 def _connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
