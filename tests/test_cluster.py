@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.crc import key_slot
-from redis.exceptions import DataError
+from redis.exceptions import DataError, RedisError
 
 from proxy import keys
 from proxy.billing import BillingTally
 from proxy.cli import main
 from proxy.cluster import RedisClient, hash_tagged
 from proxy.contract import RedisContract
+from proxy.quota import QuotaSnapshot
 from proxy.redis_client import make_client
 from proxy.settings import (
     BillingSettings,
@@ -372,6 +373,34 @@ def replicated_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
         servers.start()
         yield servers
     finally:
+        servers.stop()
+
+
+async def test_slots_left_uncovered_fail_as_redis_errors_that_every_loop_survives(tmp_path: Path) -> None:
+    """While a slot has no owner (a cluster re-forming), redis-py raises its RedisClusterException, which is
+    no RedisError: the quota poller once died of it. Each loop's Redis policy must see a RedisError."""
+    servers = RedisClusterServers(workdir=tmp_path)
+    servers.start()
+    client = make_client(RedisSettings(url=servers.url, timeout_seconds=0.2))
+    try:
+        quota = QuotaSnapshot(CONTRACT.quota_key, max_staleness_seconds=60)
+        billing = BillingTally(CONTRACT, BillingSettings())
+        await quota.refresh(client)
+        keys = {CONTRACT.quota_key, *CONTRACT.billing_keys(TEAM_ID, "posthog-python")}
+        for node in servers.nodes:
+            with node.client() as raw:
+                for key in keys:
+                    raw.execute_command("CLUSTER", "DELSLOTS", slot(key))
+
+        with pytest.raises(RedisError):
+            await client.zrangebyscore(CONTRACT.quota_key, 0, "+inf")
+        await quota.poll(client)  # kept its snapshot, failing open later as documented
+        assert quota.failing
+        billing.count(TEAM_ID, "posthog-python")
+        assert await billing.flush(client) is False  # kept, to be written once Redis answers
+        assert billing.unflushed_requests == 1
+    finally:
+        await client.aclose()
         servers.stop()
 
 
