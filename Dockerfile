@@ -17,7 +17,7 @@ WORKDIR /src
 RUN python3 -m venv /opt/edge-proxy
 
 # Dependencies before code: this layer is rebuilt only when pyproject.toml changes. EXTRAS adds optional
-# dependency groups from pyproject.toml, comma-separated (e.g. --build-arg EXTRAS=otlp once that extra exists).
+# dependency groups from pyproject.toml, comma-separated (--build-arg EXTRAS=otlp for OTLP export).
 ARG EXTRAS=""
 COPY pyproject.toml README.md ./
 RUN python3 -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \

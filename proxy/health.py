@@ -13,6 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy import keys
+from proxy.settings import HEALTH_PATHS
 from proxy.tasks import background
 from proxy.telemetry import HEALTH, observed
 
@@ -102,5 +103,5 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def add_routes(app: web.Application) -> None:
     """Register the health routes; they exist in every SERVICE_MODE."""
-    for path, handler in (("/_liveness", liveness), ("/_readiness", readiness), ("/_startup", startup)):
+    for path, handler in zip(HEALTH_PATHS, (liveness, readiness, startup), strict=True):
         app.router.add_get(path, observed(app, HEALTH, handler), allow_head=True)

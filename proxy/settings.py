@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from limits import parse as parse_rate
@@ -23,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from redis.asyncio import BlockingConnectionPool
 
 
 class ConfigError(Exception):
@@ -88,20 +90,36 @@ def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | Non
     return nodes, service, int(db or 0), unquote(userinfo.partition(":")[2]) or None
 
 
+# Liveness, readiness, startup (proxy/health.py): answered in every mode, so no other route may take them.
+HEALTH_PATHS = ("/_liveness", "/_readiness", "/_startup")
+
+
 def _redis_url(value: str) -> str:
     schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
     if not value.startswith(schemes):
         raise ValueError(f"must start with one of {', '.join(schemes)}")
     if value.startswith(CLUSTER_SCHEME):
         cluster_nodes(value)
-    if value.startswith(SENTINEL_SCHEME):
+    elif value.startswith(SENTINEL_SCHEME):
         sentinel_parts(value)
+    else:
+        # redis-py's own reading of the URL, as the app's pool will read it (port, query options), so a URL
+        # it cannot use fails here, naming the key, not at the first connection. Its messages never quote
+        # the URL (which may hold a password), and neither does this one.
+        try:
+            BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"redis-py cannot use this URL: {exc}") from None
+        path = urlsplit(value).path.strip("/")
+        if not value.startswith("unix://") and path and not (path.isascii() and path.isdigit()):
+            raise ValueError("the database (the URL's path) must be a number")
     return value
 
 
 RateString = Annotated[str, AfterValidator(_rate)]
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]
-Seconds = Annotated[float, Field(gt=0)]
+# Finite: an infinite timeout or interval would unbound what the README promises is bounded.
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class _Section(BaseModel):
@@ -402,6 +420,16 @@ class TelemetrySettings(_Section):
             raise ValueError(f"route must start with '/': {value!r}")
         return value
 
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _exporter_installed(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if value is not None and importlib.util.find_spec("opentelemetry.exporter.otlp") is None:
+            raise ValueError(
+                "needs the otlp extra (pip install 'edge-proxy[otlp]'; "
+                "for the image, docker build --build-arg EXTRAS=otlp)"
+            )
+        return value
+
 
 class LoggingSettings(_Section):
     """Log level and format."""
@@ -458,6 +486,21 @@ class Settings(_Section):
                 "layout.billing_dedupe_key may hold no brace besides {batch_id} "
                 "with a redis+cluster:// redis.url"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_routes(self) -> Self:
+        # aiohttp would serve the first route added for a path and never the other.
+        routes = [("the health probes", path) for path in HEALTH_PATHS]
+        routes.append(("definitions.path", self.definitions.path))
+        routes += [("definitions.aliases", alias) for alias in self.definitions.aliases]
+        if self.telemetry.metrics_enabled:
+            routes.append(("telemetry.metrics_path", self.telemetry.metrics_path))
+        seen: dict[str, str] = {}
+        for key, path in routes:
+            if path in seen:
+                raise ValueError(f"{key}: {path!r} is already the route of {seen[path]}")
+            seen[path] = key
         return self
 
     @model_validator(mode="after")
@@ -536,6 +579,8 @@ ENV_PREFIX = "EDGE_PROXY__"
 def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
     found: dict[tuple[str, ...], tuple[str, str]] = {}
     for name, path in ENV_ALIASES.items():
+        if name == "OTEL_EXPORTER_OTLP_ENDPOINT" and not environ.get(name):
+            continue  # empty is unset, as the OpenTelemetry SDKs read it
         if name in environ:
             found[path] = (name, environ[name])
     for name, value in environ.items():

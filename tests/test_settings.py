@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -371,3 +373,104 @@ def test_settings_are_frozen() -> None:
     settings = load_settings(None, {})
     with pytest.raises(ValueError, match="frozen"):
         settings.workers = 2
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://:s3cret@host:notaport/0", "Port could not be cast to integer value as 'notaport'"),
+        ("redis://:s3cret@host:99999/0", "Port out of range"),
+        ("redis://:s3cret@host:6379/abc", "the database (the URL's path) must be a number"),
+        ("rediss://:s3cret@host:6379/0?foo=bar", "unexpected keyword argument 'foo'"),
+        ("redis://:s3cret@host:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_a_redis_url_redis_py_cannot_use_is_refused_naming_the_key(url: str, says: str) -> None:
+    """Each of these passed the check and then crashed `serve` at its first connection."""
+    message = problems(env={"REDIS_URL": url})
+    assert "redis.url (from $REDIS_URL): " in message
+    assert says in message
+    assert "s3cret" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://host:6379/0",
+        "redis://host",
+        "rediss://:pw@host:6380/15?ssl_cert_reqs=none",
+        "unix:///r.sock?db=2",
+    ],
+)
+def test_redis_urls_redis_py_reads_are_accepted(url: str) -> None:
+    assert load_settings(None, {"REDIS_URL": url}).redis.url == url
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "EDGE_PROXY__REDIS__TIMEOUT_SECONDS",
+        "SHUTDOWN_TIMEOUT_SECONDS",
+        "EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS",
+        "EDGE_PROXY__UPSTREAM__READ_TIMEOUT_SECONDS",
+    ],
+)
+@pytest.mark.parametrize("value", ["inf", "Infinity", "nan"])
+def test_durations_must_be_finite(variable: str, value: str) -> None:
+    message = problems(env={variable: value})
+    assert f"(from ${variable}): Input should be a finite number" in message
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        (
+            {"EDGE_PROXY__TELEMETRY__METRICS_PATH": "/flags/definitions"},
+            "telemetry.metrics_path: '/flags/definitions' is already the route of definitions.path",
+        ),
+        (
+            {"EDGE_PROXY__DEFINITIONS__PATH": "/_readiness"},
+            "definitions.path: '/_readiness' is already the route of the health probes",
+        ),
+        (
+            {"EDGE_PROXY__DEFINITIONS__ALIASES": "[/flags/definitions]"},
+            "definitions.aliases: '/flags/definitions' is already the route of definitions.path",
+        ),
+        (
+            {"EDGE_PROXY__TELEMETRY__METRICS_PATH": "/_startup"},
+            "telemetry.metrics_path: '/_startup' is already the route of the health probes",
+        ),
+    ],
+)
+def test_two_features_on_one_route_are_refused(env: dict[str, str], problem: str) -> None:
+    assert problem in problems(env=env)
+
+
+def test_metrics_off_frees_its_route() -> None:
+    env = {
+        "EDGE_PROXY__TELEMETRY__METRICS_ENABLED": "false",
+        "EDGE_PROXY__TELEMETRY__METRICS_PATH": "/_startup",
+    }
+    assert not load_settings(None, env).telemetry.metrics_enabled
+
+
+def test_an_otlp_endpoint_without_its_exporter_installed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image installs no extra by default: the endpoint set for the pod's other apps would crash it."""
+    real = importlib.util.find_spec
+
+    def without_otlp(name: str, *args: Any) -> Any:
+        return None if name.startswith("opentelemetry.exporter.otlp") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_otlp)
+    message = problems(env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert "telemetry.otlp_endpoint (from $OTEL_EXPORTER_OTLP_ENDPOINT): " in message
+    assert "needs the otlp extra" in message
+    monkeypatch.undo()
+    endpoint = load_settings(
+        None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    ).telemetry.otlp_endpoint
+    assert str(endpoint) == "http://collector:4318/"
+
+
+def test_an_empty_otel_endpoint_is_unset_as_the_sdks_read_it() -> None:
+    assert load_settings(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}).telemetry.otlp_endpoint is None
