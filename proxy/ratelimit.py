@@ -17,10 +17,12 @@ replicas: admitted <= limit + (N - 1) * a, where a is the most one replica holds
 pushed: below half the limit (as it last saw the shared count) a replica pushes in lumps of
 push_fraction * limit, so a <= push_fraction * limit there; past half, it syncs every interval, so a is what
 it admits in about one sync interval plus one round trip. Never more than N * limit, since each replica
-counts its own admissions. Redis cost: nothing for teams far below their limit, one script entry per sync
-interval for a team past half of it. On a Redis Cluster the counters are spread over the slots; the sync
-script then runs once per slot group of keys, all pipelined (one round trip per node), and exact mode uses
-`limits`' Cluster storage.
+counts its own admissions. A push is idempotent (a mark per replica and window holds what it has applied),
+so a sync that timed out here after Redis ran it is not counted again by the next. Redis cost: nothing for
+teams far below their limit, one script entry per sync interval for a team past half of it, and one small
+key per replica and pushed window, expiring with the window. On a Redis Cluster the counters are spread
+over the slots (each mark in its counter's); the sync script then runs once per slot group of keys, all
+pipelined (one round trip per node), and exact mode uses `limits`' Cluster storage.
 
 Redis unreachable: both modes fail open (the request is served, `fail_open` counts it), logged once per
 outage; exact mode then tries Redis again only every sync interval, so requests do not each wait on it.
@@ -32,6 +34,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
@@ -42,7 +45,7 @@ from limits.errors import StorageError
 from redis.exceptions import RedisClusterException, RedisError
 
 from proxy import keys
-from proxy.cluster import RedisClient, run_script, slot_of
+from proxy.cluster import RedisClient, hash_tagged, run_script, slot_of
 from proxy.errors import error_body, json_response
 from proxy.redis_client import close_limits_storage, limits_storage
 from proxy.settings import RateLimitSettings
@@ -54,24 +57,42 @@ RATE_LIMITED = error_body("validation_error", "rate_limit_exceeded", "Rate limit
 
 Budget = Literal["full", "conditional"]
 
-# KEYS: window counters; ARGV: expiry seconds and admitted delta per key. Adds each delta as limits'
-# incr_expire.lua does (the increment that creates the key starts the window) and returns, per key, the
-# shared count and the milliseconds left in its window (-2: no key, nothing counted in this window yet).
+# KEYS: per window, its counter and this replica's mark beside it; ARGV: per window, expiry seconds, the
+# replica's window epoch, what it has admitted in that window in all, and how much of that it has not seen
+# confirmed. Adds what the counter lacks as limits' incr_expire.lua does (the increment that creates the key
+# starts the window) and returns, per window, the shared count and the milliseconds left in its window (-2:
+# no key, nothing counted in this window yet). Idempotent: the mark holds "epoch:admitted" as last applied,
+# so a call that timed out here but ran in Redis, sent again with the same or a larger total, adds only the
+# difference (a plain INCRBY of the unconfirmed count would add it twice, and limit teams below their
+# limit: fail closed). Without a mark (the first push, or the window gone), the unconfirmed count is added.
 SYNC_SCRIPT = """
 local out = {}
-for i, key in ipairs(KEYS) do
-  local delta = tonumber(ARGV[2 * i])
+for i = 1, #KEYS / 2 do
+  local key, mark = KEYS[2 * i - 1], KEYS[2 * i]
+  local epoch, admitted, unconfirmed = ARGV[4 * i - 2], tonumber(ARGV[4 * i - 1]), tonumber(ARGV[4 * i])
+  local delta = unconfirmed
+  local last = redis.call("get", mark)
+  if last then
+    local sep = string.find(last, ":", 1, true)
+    if sep and string.sub(last, 1, sep - 1) == epoch then
+      delta = admitted - tonumber(string.sub(last, sep + 1))
+    end
+  end
   local count
   if delta > 0 then
     count = redis.call("incrby", key, delta)
     if count == delta then
-      redis.call("expire", key, ARGV[2 * i - 1])
+      redis.call("expire", key, ARGV[4 * i - 3])
     end
   else
     count = tonumber(redis.call("get", key) or "0")
   end
+  local ttl = redis.call("pttl", key)
+  if delta > 0 and ttl > 0 then
+    redis.call("set", mark, epoch .. ":" .. admitted, "px", ttl)
+  end
   out[2 * i - 1] = count
-  out[2 * i] = redis.call("pttl", key)
+  out[2 * i] = ttl
 end
 return out
 """
@@ -80,15 +101,29 @@ return out
 class _Window:
     """One team's budget as this replica sees it (fast mode)."""
 
-    __slots__ = ("epoch", "expiry", "key", "limit", "pending", "push_lump", "reset_at", "seen", "shared")
+    __slots__ = (
+        "admitted",
+        "epoch",
+        "expiry",
+        "key",
+        "limit",
+        "mark",
+        "pending",
+        "push_lump",
+        "reset_at",
+        "seen",
+        "shared",
+    )
 
-    def __init__(self, key: str, item: RateLimitItem, push_fraction: float) -> None:
+    def __init__(self, key: str, mark: str, item: RateLimitItem, push_fraction: float) -> None:
         self.key = key
+        self.mark = mark  # this replica's "epoch:admitted" as last applied, in the counter's slot
         self.limit = item.amount
         self.push_lump = max(1, math.floor(item.amount * push_fraction))
         self.expiry = item.get_expiry()
         self.shared = 0  # the shared count at the last sync, this replica's pushed admissions included
         self.pending = 0  # admitted here since the last sync
+        self.admitted = 0  # admitted here in this window, pushed or not
         self.reset_at = 0.0  # monotonic end of the window; provisional until a sync reads its TTL
         self.seen = 0.0
         self.epoch = 0  # bumped when the window ends, so a sync in flight does not touch the next one
@@ -123,6 +158,8 @@ class RateLimiter:
         ignored = [team for team in settings.allowlist if not (team.isascii() and team.isdigit())]
         if ignored:
             log.warning("rate limits: allowlist entries must be team ids; ignoring %d other(s)", len(ignored))
+        # This replica's name in its push marks (the process's, like billing's batch marks).
+        self._replica = uuid.uuid4().hex
         self._full: dict[int, _Window] = {}
         self._conditional: dict[int, _Window] = {}
         self._redis = redis
@@ -151,9 +188,9 @@ class RateLimiter:
         window = windows.get(team_id)
         if window is None:
             budget: Budget = "conditional" if conditional else "full"
-            window = windows[team_id] = _Window(
-                self.key(team_id, budget), self.item(team_id, budget), self._push_fraction
-            )
+            key = self.key(team_id, budget)
+            mark = hash_tagged(f"{self._prefix}:pushed:{self._replica}", key)
+            window = windows[team_id] = _Window(key, mark, self.item(team_id, budget), self._push_fraction)
         now = self._clock()
         # Marked even while failing open: the next sync then reads it, which is how recovery is noticed.
         window.seen = now
@@ -161,13 +198,14 @@ class RateLimiter:
             self.fail_open += 1
             return None
         if now >= window.reset_at:
-            window.shared = window.pending = 0
+            window.shared = window.pending = window.admitted = 0
             window.reset_at = now + window.expiry
             window.epoch += 1
         if window.shared + window.pending >= window.limit:
             self.limited += 1
             return window.reset_at - now
         window.pending += 1
+        window.admitted += 1
         return None
 
     async def acheck(self, team_id: int, conditional: bool) -> float | None:
@@ -216,8 +254,8 @@ class RateLimiter:
                     continue
                 batch, names, args = calls.setdefault(slot(window.key), ([], [], []))
                 batch.append((window, window.pending, window.epoch))
-                names.append(window.key)
-                args += (window.expiry, window.pending)
+                names += (window.key, window.mark)
+                args += (window.expiry, window.epoch, window.admitted, window.pending)
         if not calls:
             return
         try:

@@ -20,6 +20,7 @@ from proxy import keys
 from proxy.ratelimit import SYNC_SCRIPT, RateLimiter, ratelimit_ctx, too_many_requests
 from proxy.redis_client import make_client, redis_ctx
 from proxy.settings import RateLimitSettings, RedisSettings
+from tests.chaos import ChaosProxy
 from tests.conftest import settings_for
 from tests.rig import RedisServer
 
@@ -233,6 +234,36 @@ async def test_a_new_window_admits_again(client: aioredis.Redis) -> None:
         assert time.monotonic() < deadline, "the window never ended"
         await asyncio.sleep(0.05)
         await rl.sync()
+
+
+async def test_a_sync_that_ran_in_redis_but_timed_out_here_is_not_counted_twice(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """Redis runs the sync, its reply comes after the timeout (a busy Redis): the admissions stay
+    unconfirmed here and go again with the next sync (redis-py retries once, too). Counted once all the
+    same, or the team would be limited below its limit until the window ends (failing closed)."""
+    chaos = ChaosProxy(redis_server.port)
+    await chaos.start()
+    slow = make_client(RedisSettings(url=chaos.url, timeout_seconds=0.2))
+    assert isinstance(slow, aioredis.Redis)  # a redis:// URL: the one-node client
+    try:
+        rl = limiter(slow, default="10/minute")
+        assert await burst(rl, 9, team_id=TEAM + 1) == 9
+        await rl.sync()  # the script is loaded in Redis: from here on it runs at the first try
+        assert await burst(rl, 6) == 6
+        chaos.reply_delay = 0.5
+        await rl.sync()
+        assert rl.failing
+        chaos.reply_delay = 0.0
+        await rl.sync()
+        assert not rl.failing
+        assert await shared_count(client, rl) == 6
+        assert await burst(rl, 10) == 4
+        await rl.sync()
+        assert await shared_count(client, rl) == 10
+    finally:
+        await slow.aclose()
+        await chaos.close()
 
 
 @pytest.mark.slow
