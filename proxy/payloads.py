@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -11,6 +12,7 @@ from typing import cast
 
 import zstandard
 from multidict import CIMultiDict, CIMultiDictProxy
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.cluster import RedisClient, mget, mget_many
@@ -81,6 +83,12 @@ class DefinitionsCache:
 
     def __init__(self, client: RedisClient, contract: RedisContract, settings: DefinitionsSettings) -> None:
         self._client = client
+        # On a Cluster a payload and its ETag live in different slots: the backend's write of the pair and
+        # this read of it are atomic per slot only, so a read can pair one write's payload with another's
+        # ETag. Served, an SDK would keep that ETag and get 304s for the new flags; so there each pair is
+        # checked against the contract's ETag (sha256 of the JSON, 16 hex digits) when it is first built.
+        # One node reads and writes the pair atomically (MGET, MSET): nothing to check.
+        self._check_pairs = isinstance(client, RedisCluster)
         self._contract = contract
         # Warnings a request can raise (Redis failing, a bad entry): at most one line per kind per interval.
         self._warn = Throttled(log)
@@ -194,6 +202,12 @@ class DefinitionsCache:
         body = text.encode()
         self._churn += len(body)
         etag = self._decode_etag(team_id, raw_etag)
+        if self._check_pairs and etag is not None and hashlib.sha256(body).hexdigest()[:16] != etag:
+            # Read between the two halves of a write (or the backend hashes otherwise): a miss, read again
+            # next time, never served or kept.
+            self._warn.warning("definitions for team %s do not match their ETag; treated as a miss", team_id)
+            self._drop(team_id)
+            return None
         # The ETag is a hash of the payload: parse each payload once, not at every re-read (a cache
         # smaller than the working set re-reads the same payloads over and over).
         billable = self._billable.get(etag) if etag is not None else None

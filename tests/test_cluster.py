@@ -185,6 +185,35 @@ async def test_definitions_200_and_304_are_served_from_the_cluster_and_kept_fres
     assert {("GET",), ("PIPELINE",)} <= set(observed)
 
 
+async def test_a_payload_read_with_another_writes_etag_is_a_miss_never_served(
+    make_proxy: MakeProxy,
+    cluster: RedisClusterServers,
+    writer: BackendWriter,
+    upstream: tuple[Upstream, TestServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The pair lives in two slots, so a read can fall between the two halves of the backend's write. Served,
+    the old payload would go out under the new ETag, and SDKs would then get 304s for the new flags."""
+    old_text, _ = fill(cluster, writer)
+    _, new_etag = definitions_json([{"id": 2, "key": "gamma", "active": True}])
+    with cluster.client() as raw:  # the new write's ETag has landed, its payload not yet
+        raw.set(*writer.encoded(PAYLOAD_KEY.format(team_id=TEAM_ID) + ETAG_SUFFIX, new_etag))
+    client = await make_proxy()
+
+    response = await client.get(url(), headers=AUTH)
+    assert response.status == 200
+    assert (await response.json())["upstream"] is True  # the backend's answer
+    assert "do not match their ETag" in caplog.text
+
+    text, etag = fill(cluster, writer, flags=[{"id": 2, "key": "gamma", "active": True}])  # the write ends
+    assert etag == new_etag
+    response = await client.get(url(), headers=AUTH)
+    assert await response.read() == text.encode()
+    assert response.headers["ETag"] == f'W/"{etag}"'
+    assert len(upstream[0].seen) == 1
+    assert old_text != text
+
+
 async def test_a_cold_burst_of_more_teams_than_connections_per_node_is_answered_locally(
     make_proxy: MakeProxy,
     cluster: RedisClusterServers,
