@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from proxy import keys
 from proxy.cluster import RedisClient, ScriptCall, hash_tagged, run_script, slot_of
 from proxy.contract import RedisContract
-from proxy.settings import BillingSettings
+from proxy.settings import BILLING_DEDUPE_TTL_SECONDS, BillingSettings
 from proxy.tasks import background
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,9 @@ while k <= #KEYS do
 end
 return applied
 """
-# A batch stays pending about max_pending_batches x flush_interval at most (~8 h by default), far below
-# this: a retry always finds the mark of an earlier attempt that was applied. Each write renews it.
-_DEDUPE_TTL_SECONDS = 86400
+# A batch stays pending about max_pending_batches x flush_interval at most (~8 h by default; settings refuse
+# a day): a retry always finds the mark of an earlier attempt that was applied. Each write renews it.
+_DEDUPE_TTL_SECONDS = BILLING_DEDUPE_TTL_SECONDS
 # Redis runs a script alone, and the proxy builds each call's arguments at once. One interval's tally can
 # hold every team the process served (100,000 teams: 200,000 HINCRBYs, ~200 ms of Redis blocked and ~130 MiB
 # of arguments in one call), so it is sealed in parts of at most _ENTRIES_PER_PART (team, library, bucket)

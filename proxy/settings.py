@@ -90,6 +90,10 @@ def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | Non
     return nodes, service, int(db or 0), unquote(userinfo.partition(":")[2]) or None
 
 
+# How long a process's billing batch mark lives in Redis (renewed by each write): what keeps a retried batch
+# from counting twice, so no batch may stay pending this long.
+BILLING_DEDUPE_TTL_SECONDS = 86400
+
 # Liveness, readiness, startup (proxy/health.py): answered in every mode, so no other route may take them.
 HEALTH_PATHS = ("/_liveness", "/_readiness", "/_startup")
 
@@ -336,10 +340,21 @@ class BillingSettings(_Section):
     # poll; after a bucket boundary, also the new bucket's first seconds held from the previous flush.
     flush_interval_seconds: Seconds = 30.0
     # Unflushed batches (one per flush interval) kept while Redis is down; beyond this the oldest is dropped
-    # and logged.
+    # and logged. Times flush_interval_seconds, under a day: the mark that makes a retried batch count once
+    # lives a day in Redis.
     max_pending_batches: int = Field(default=1000, ge=1)
     # Bound on the final flush at shutdown (all attempts); it runs after the drain, so exit within both.
     final_flush_timeout_seconds: Seconds = 5.0
+
+    @model_validator(mode="after")
+    def _pending_within_the_mark(self) -> Self:
+        held = self.max_pending_batches * self.flush_interval_seconds
+        if held >= BILLING_DEDUPE_TTL_SECONDS:
+            raise ValueError(
+                f"max_pending_batches x flush_interval_seconds is {held:.0f} s: a batch pending that long "
+                f"could outlive its {BILLING_DEDUPE_TTL_SECONDS} s dedupe mark and count twice"
+            )
+        return self
 
 
 class RateLimitSettings(_Section):

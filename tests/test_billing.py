@@ -375,7 +375,7 @@ async def _app_with_billing(redis_url: str, **billing: float) -> web.AppRunner:
 
 async def test_cleanup_flushes_what_was_counted(redis_url: str, redis_server: RedisServer) -> None:
     # The background flusher never runs within the test: only the shutdown flush can write these.
-    runner = await _app_with_billing(redis_url, flush_interval_seconds=3600)
+    runner = await _app_with_billing(redis_url, flush_interval_seconds=3600, max_pending_batches=10)
     count_many(runner.app[keys.BILLING])
     assert hashes(redis_server, 1, "posthog-python") == ({}, {})
     await runner.cleanup()
@@ -385,7 +385,9 @@ async def test_cleanup_flushes_what_was_counted(redis_url: str, redis_server: Re
 async def test_cleanup_with_redis_down_ends_and_logs_the_lost_counts(
     redis_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runner = await _app_with_billing(redis_url, flush_interval_seconds=3600, final_flush_timeout_seconds=2)
+    runner = await _app_with_billing(
+        redis_url, flush_interval_seconds=3600, max_pending_batches=10, final_flush_timeout_seconds=2
+    )
     billing = runner.app[keys.BILLING]
     billing.count(4, "posthog-php", now=T0)
     billing.count(4, "posthog-php", now=T0)

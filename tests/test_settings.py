@@ -474,3 +474,14 @@ def test_an_otlp_endpoint_without_its_exporter_installed_is_refused(monkeypatch:
 
 def test_an_empty_otel_endpoint_is_unset_as_the_sdks_read_it() -> None:
     assert load_settings(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}).telemetry.otlp_endpoint is None
+
+
+def test_batches_pending_longer_than_their_dedupe_mark_lives_are_refused() -> None:
+    message = problems(env={"EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS": "120"})
+    assert "billing: " in message
+    assert "max_pending_batches x flush_interval_seconds is 120000 s" in message
+    env = {
+        "EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS": "120",
+        "EDGE_PROXY__BILLING__MAX_PENDING_BATCHES": "500",
+    }
+    assert load_settings(None, env).billing.max_pending_batches == 500
