@@ -408,10 +408,33 @@ def test_schema_refuses(helm: str, setting: str, complaint: str) -> None:
     assert complaint in result.stderr
 
 
-def test_extra_env_cannot_override_the_secret_references(helm: str) -> None:
-    result = template(helm, *MINIMAL, "--set", "extraEnv[0].name=REDIS_URL", "--set", "extraEnv[0].value=x")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "REDIS_URL",
+        "VERDICT_HMAC_KEY",
+        "BIND",
+        "SHUTDOWN_TIMEOUT_SECONDS",
+        "UPSTREAM_URL",
+        "EDGE_PROXY__REDIS__URL",
+        "EDGE_PROXY__DEFINITIONS__AUTH__HMAC_KEY",
+        "EDGE_PROXY__BIND",
+        "EDGE_PROXY__SHUTDOWN_TIMEOUT_SECONDS",
+    ],
+)
+def test_extra_env_cannot_override_settings_unchecked(helm: str, name: str) -> None:
+    result = template(helm, *MINIMAL, "--set", f"extraEnv[0].name={name}", "--set", "extraEnv[0].value=x")
     assert result.returncode != 0
     assert "extraEnv" in result.stderr
+
+
+def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
+    name, value = "OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4318"
+    result = template(
+        helm, *MINIMAL, "--set", f"extraEnv[0].name={name}", "--set", f"extraEnv[0].value={value}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"name: {name}" in result.stdout
 
 
 @pytest.mark.parametrize(
