@@ -112,12 +112,16 @@ class Telemetry:
             self.tracer = self.tracer_provider.get_tracer("proxy")
             self.redis.tracer = self.tracer
 
-    def shutdown(self) -> None:
-        """Flush and close the providers (a final OTLP export when one is configured); blocking."""
+    async def shutdown(self) -> None:
+        """Flush and close the providers (a final OTLP export when one is configured), side by side and off
+        the loop: each export blocks for up to metrics.EXPORT_TIMEOUT_SECONDS."""
+        closing = []
         if self._meter_provider is not None:
-            self._meter_provider.shutdown(timeout_millis=metrics.EXPORT_TIMEOUT_SECONDS * 1000)
+            timeout_millis = metrics.EXPORT_TIMEOUT_SECONDS * 1000
+            closing.append(asyncio.to_thread(self._meter_provider.shutdown, timeout_millis=timeout_millis))
         if self.tracer_provider is not None:
-            self.tracer_provider.shutdown()
+            closing.append(asyncio.to_thread(self.tracer_provider.shutdown))
+        await asyncio.gather(*closing)
 
 
 def observed(app: web.Application, route: str, handler: Handler) -> Handler:
@@ -192,5 +196,4 @@ async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     telemetry = app[keys.TELEMETRY]
     telemetry.start(app)
     yield
-    # Off the loop: a configured OTLP exporter sends its last batch synchronously.
-    await asyncio.to_thread(telemetry.shutdown)
+    await telemetry.shutdown()

@@ -360,3 +360,33 @@ async def test_otlp_export_carries_the_request_histogram(
         "edge_proxy.redis.command.duration",
     } <= names
     await client.close()  # before the collector: the last export happens at shutdown
+
+
+async def test_shutdown_with_a_collector_that_never_answers_fits_the_charts_margin(
+    make_proxy: MakeProxy,
+) -> None:
+    """The last OTLP exports (metrics and spans) come after the drain and the final billing flush, inside the
+    5 s the chart's shutdown arithmetic leaves: a collector that accepts and never answers must not hold
+    the process past the grace period."""
+    silent_connections: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_connections.append(writer)  # read nothing, answer nothing
+
+    collector = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = collector.sockets[0].getsockname()[1]
+    try:
+        client = await make_proxy(
+            telemetry={"otlp_endpoint": f"http://127.0.0.1:{port}", "trace_sampling_ratio": 1.0}
+        )
+        for _ in range(600):  # more spans than one export batch (512)
+            assert (await client.get("/api/anything")).status == 200
+        started = time.monotonic()
+        await client.close()
+        took = time.monotonic() - started
+        assert silent_connections, "no export was attempted"
+        assert took < 5.0, f"shutdown took {took:.1f} s with a silent collector"
+    finally:
+        for writer in silent_connections:
+            writer.close()
+        collector.close()
