@@ -485,3 +485,11 @@ def test_batches_pending_longer_than_their_dedupe_mark_lives_are_refused() -> No
         "EDGE_PROXY__BILLING__MAX_PENDING_BATCHES": "500",
     }
     assert load_settings(None, env).billing.max_pending_batches == 500
+
+
+def test_an_override_inside_a_file_value_that_is_no_section_is_refused(tmp_path: Path) -> None:
+    """The file's mistake (a URL where the redis section goes) used to vanish under REDIS_URL."""
+    message = problems(write(tmp_path, 'redis: "redis://wrong"\n'), {"REDIS_URL": "redis://redis:6379/0"})
+    assert "invalid configuration (2 problems):" in message
+    assert "  redis: Input should be a valid dictionary" in message
+    assert "  redis.url (from $REDIS_URL): inside a key that holds a value, not a section" in message
