@@ -98,8 +98,9 @@ class Pool:
         """
         streamed = body is not None and type(body) is not bytes
         retry = not streamed and head[: head.find(b" ")] in RETRIED_METHODS
+        fresh = False
         while True:
-            conn, reused = await self._acquire()
+            conn, reused = await self._acquire(fresh)
             try:
                 if streamed:
                     return await conn.exchange_streamed(head, body, head_only, chunked)  # type: ignore[arg-type]
@@ -109,19 +110,22 @@ class Pool:
                 if not (retry and reused and exc.kind == "disconnected" and not conn.answered):
                     raise
                 retry = False
+                fresh = True  # once more on a new connection: the next idle one may have been closed too
                 self.retried += 1
             except BaseException:
                 self.release(conn)
                 raise
 
-    async def _acquire(self) -> tuple[Connection, bool]:
-        """A connection and whether it was reused."""
+    async def _acquire(self, fresh: bool = False) -> tuple[Connection, bool]:
+        """A connection and whether it was reused; `fresh`: a new one, whatever is idle."""
         idle = self._idle
-        while idle:
+        while idle and not fresh:
             conn = idle.pop()  # the most recently used: the least likely to have been closed meanwhile
             if conn.usable(self._loop.time() - self.limits.keepalive_timeout):
                 return conn, True
             self._discard(conn)
+        if fresh and idle and self._count >= self.limits.max_connections:
+            self._discard(idle.popleft())  # the longest idle gives its place to the new connection
         if self._count >= self.limits.max_connections:
             waiter: asyncio.Future[Connection | None] = self._loop.create_future()
             self._waiters.append(waiter)

@@ -196,6 +196,37 @@ async def test_a_connection_the_upstream_closed_while_idle_is_retried_once_for_a
     assert value(samples, "edge_proxy_upstream_connects_total") == 2
 
 
+async def test_the_retry_goes_on_a_new_connection_not_another_idle_one(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    # Two idle connections, both closed by the upstream (each answers one request, then closes on the next):
+    # the retry after the first fails must not take the second, as stale as the first.
+    both_open = asyncio.Event()
+
+    async def one_each(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if index > 0:
+            return False
+        if upstream.connections == 2:
+            both_open.set()
+        await both_open.wait()
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(one_each)
+    client = await proxy_to(make_proxy, upstream)
+    first = await asyncio.gather(client.get("/a"), client.get("/b"))
+    assert [r.status for r in first] == [200, 200]
+    assert upstream.connections == 2
+
+    resp = await client.get("/c")
+
+    assert (resp.status, await resp.read()) == (200, b"ok")
+    assert upstream.connections == 3
+    assert failures(client) == {}
+    assert value(await scrape(client), "edge_proxy_upstream_retries_total") == 1
+
+
 async def test_a_post_on_a_connection_closed_while_idle_is_not_sent_twice(
     make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
 ) -> None:
