@@ -72,6 +72,9 @@ BODY_INCOMPLETE = error_body("invalid_request", "incomplete_body", "The request 
 UNSUPPORTED_CODING = error_body(
     "invalid_request", "unsupported_transfer_coding", "The request's transfer coding is not supported."
 )
+DOT_SEGMENT = error_body("invalid_request", "invalid_path", "The request path may not hold dot segments.")
+# "." and "..", and their percent-encoded spellings (RFC 3986 §2.3: %2E is ".").
+_DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
 # Codings a request may carry before chunked (gunicorn's list; it answers 501 to any other): aiohttp removes
 # the chunked framing only, so these go on named, for the upstream to decode as it would have.
 PASSED_CODINGS = frozenset({"gzip", "deflate", "compress", "identity"})
@@ -125,6 +128,10 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Forward `request` (origin-form path and query only) and stream the upstream's answer."""
         request[keys.FORWARDED] = True
+        if self._base_path and _has_dot_segment(request.raw_path):
+            # Under a base path, a backend that resolves dot segments would take "/prefix/../admin" outside
+            # the prefix the proxy was given: refused rather than forwarded byte for byte.
+            return json_response(400, DOT_SEGMENT)
         method = request.method
         try:
             body = await self._request_body(request)
@@ -354,6 +361,13 @@ class ExactHeadResponse(ExactHeadStreamResponse, web.Response):
 def _one_char_per_byte(text: str) -> str:
     """`text`'s bytes on the wire (surrogates back to the bytes they stand for), one character per byte."""
     return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _has_dot_segment(target: str) -> bool:
+    path = target.partition("?")[0]
+    if "." not in path and "%2" not in path:  # the usual path, at the cost of two scans
+        return False
+    return any(segment.lower() in _DOT_SEGMENTS for segment in path.split("/"))
 
 
 def _codings(request: web.Request) -> str:

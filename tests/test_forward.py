@@ -112,6 +112,39 @@ async def test_path_and_query_reach_the_upstream_byte_for_byte(
     assert [seen.raw_path for seen in recorder.seen] == [target]
 
 
+@pytest.mark.parametrize(
+    ("target", "forwarded"),
+    [
+        ("/../internal/admin", None),
+        ("/api/../../internal", None),
+        ("/%2e%2e/internal", None),
+        ("/.%2E/internal?x=1", None),
+        ("/./api", None),
+        ("/api/x/..", None),
+        ("/api/..x/y.json?a=..", "/public-api/api/..x/y.json?a=.."),
+        ("/api/flags", "/public-api/api/flags"),
+    ],
+)
+async def test_under_a_base_path_dot_segments_are_refused_not_forwarded(
+    make_proxy: MakeProxy, upstream: Rig, target: str, forwarded: str | None
+) -> None:
+    """A backend that resolves "/public-api/../internal" would serve what the base path was to fence off."""
+    recorder, server = upstream
+    client = await make_proxy(upstream={"url": str(server.make_url("/public-api"))})
+
+    head, body = await raw_exchange(
+        client, f"GET {target} HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n".encode()
+    )
+
+    if forwarded is None:
+        assert head[0] == b"HTTP/1.1 400 Bad Request"
+        assert body == forward.DOT_SEGMENT
+        assert recorder.seen == []
+    else:
+        assert head[0] == b"HTTP/1.1 200 OK"
+        assert [seen.raw_path for seen in recorder.seen] == [forwarded]
+
+
 SMUGGLED = b"GET /admin/secret HTTP/1.1\r\nHost: internal\r\nX-Real-IP: 10.0.0.1\r\n\r\n"
 
 
