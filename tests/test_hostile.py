@@ -114,6 +114,13 @@ async def test_malformed_framing_is_400_and_never_forwarded(
     assert (await client.get("/_liveness")).status == 200
 
 
+async def _post_chunked(make_proxy: MakeProxy, coding: bytes) -> bytes:
+    """A POST of b"abcd" in one chunk under `Transfer-Encoding: <coding>`; the whole answer."""
+    client = await make_proxy()
+    raw = b"POST /x HTTP/1.1\r\n" + H + b"Transfer-Encoding: " + coding + b"\r\nConnection: close\r\n\r\n"
+    return await exchange(client, raw + b"4\r\nabcd\r\n0\r\n\r\n")
+
+
 @pytest.mark.parametrize("coding", [b"br, chunked", b"x-custom,chunked", b"gzip, br, chunked"])
 async def test_a_transfer_coding_the_backend_would_not_know_is_501_and_never_forwarded(
     make_proxy: MakeProxy, upstream: Rig, coding: bytes
@@ -121,9 +128,7 @@ async def test_a_transfer_coding_the_backend_would_not_know_is_501_and_never_for
     # gunicorn answers 501 to a coding other than gzip, deflate, compress or identity (RFC 9112 §6.1); so
     # does the proxy, rather than pass on bytes in a coding nobody will decode.
     recorder, _ = upstream
-    client = await make_proxy()
-    raw = b"POST /x HTTP/1.1\r\n" + H + b"Transfer-Encoding: " + coding + b"\r\n\r\n"
-    answer = await exchange(client, raw + b"4\r\nabcd\r\n0\r\n\r\n")
+    answer = await _post_chunked(make_proxy, coding)
 
     assert status_of(answer) == 501
     assert answer.endswith(UNSUPPORTED_CODING)
@@ -141,9 +146,7 @@ async def test_a_chunked_body_is_reframed_with_its_coding_named(
     # RFC 9112 §6.3: chunked last means chunked framing. The proxy decodes the framing and writes its own, so
     # the upstream cannot read it differently; a coding before it stays named, for the upstream to decode.
     recorder, _ = upstream
-    client = await make_proxy()
-    raw = b"POST /x HTTP/1.1\r\n" + H + b"Transfer-Encoding: " + coding + b"\r\nConnection: close\r\n\r\n"
-    answer = await exchange(client, raw + b"4\r\nabcd\r\n0\r\n\r\n")
+    answer = await _post_chunked(make_proxy, coding)
 
     assert status_of(answer) == 200
     [seen] = recorder.seen
