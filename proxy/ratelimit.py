@@ -31,6 +31,7 @@ outage; exact mode then tries Redis again only every sync interval, so requests 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -126,7 +127,9 @@ class _Window:
         self.admitted = 0  # admitted here in this window, pushed or not
         self.reset_at = 0.0  # monotonic end of the window; provisional until a sync reads its TTL
         self.seen = 0.0
-        self.epoch = 0  # bumped when the window ends, so a sync in flight does not touch the next one
+        # New when the window ends, so a sync in flight does not touch the next one; unique in the replica
+        # (not per window object), so a mark left by a window dropped while idle never matches a later one.
+        self.epoch = 0
 
 
 class RateLimiter:
@@ -160,6 +163,7 @@ class RateLimiter:
             log.warning("rate limits: allowlist entries must be team ids; ignoring %d other(s)", len(ignored))
         # This replica's name in its push marks (the process's, like billing's batch marks).
         self._replica = uuid.uuid4().hex
+        self._epochs = itertools.count(1)
         self._full: dict[int, _Window] = {}
         self._conditional: dict[int, _Window] = {}
         self._redis = redis
@@ -200,7 +204,7 @@ class RateLimiter:
         if now >= window.reset_at:
             window.shared = window.pending = window.admitted = 0
             window.reset_at = now + window.expiry
-            window.epoch += 1
+            window.epoch = next(self._epochs)
         if window.shared + window.pending >= window.limit:
             self.limited += 1
             return window.reset_at - now

@@ -266,6 +266,23 @@ async def test_a_sync_that_ran_in_redis_but_timed_out_here_is_not_counted_twice(
         await chaos.close()
 
 
+async def test_a_window_dropped_while_idle_and_begun_again_never_takes_its_old_mark_for_its_own(
+    client: aioredis.Redis,
+) -> None:
+    """Here the window ended and its idle entry was dropped while Redis's (begun later, by the first push)
+    still runs, holding this replica's mark: the next window's admissions must still be pushed."""
+    now = [1000.0]
+    rl = RateLimiter(RateLimitSettings(default="10/minute", idle_seconds=1), client, clock=lambda: now[0])
+    assert await burst(rl, 6) == 6
+    await rl.sync()
+    assert await shared_count(client, rl) == 6
+    now[0] += 120  # past the local window's end (Redis's counter still has most of its minute)
+    await rl.sync()  # idle past its window: dropped
+    assert await burst(rl, 2) == 2
+    await rl.sync()
+    assert await shared_count(client, rl) == 8
+
+
 @pytest.mark.slow
 async def test_fast_mode_fails_open_while_redis_is_down_then_recovers(
     client: aioredis.Redis, redis_server: RedisServer
