@@ -21,7 +21,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 
-from proxy import keys
+from proxy import keys, tasks
 from proxy.histogram import InMemoryHistogram, PrometheusReader, WithHistograms
 from proxy.settings import TelemetrySettings
 
@@ -251,6 +251,11 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         _value(limiter, lambda r: r.fail_open),
     )
     counter("edge_proxy.ratelimit.limited", "Requests answered 429", _value(limiter, lambda r: r.limited))
+    counter(
+        "edge_proxy.background.errors",
+        "Errors other than Redis's in background loops, by task (a loop that stops is started again)",
+        _labelled(lambda: tasks, "task", lambda t: t.errors),
+    )
     gauge(
         "edge_proxy.quota.limited_projects",
         "Projects in the quota-limited snapshot",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,15 @@ log = logging.getLogger(__name__)
 RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 
+# Errors other than Redis's raised in background loops, by task name: each one a bug or an input nobody
+# expected, logged once per streak; the metric counts every one (edge_proxy.background.errors).
+errors: Counter[str] = Counter()
+
+
+def _count_error() -> None:
+    task = asyncio.current_task()
+    errors[task.get_name() if task is not None else "?"] += 1
+
 
 async def _supervised(run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
     """`run()` until it returns; when it raises, log it and start it again (its state lives on in its
@@ -30,6 +40,7 @@ async def _supervised(run: Callable[[], Coroutine[Any, Any, None]], name: str) -
         try:
             await run()
         except Exception as exc:
+            _count_error()
             if loop.time() - started > RESTART_MAX_SECONDS:
                 delay = RESTART_FIRST_SECONDS
             # Not log.exception: the message and a traceback's text can hold a key name, and so a token.
@@ -82,6 +93,8 @@ async def every(
         try:
             await step()
         except Exception as exc:
+            if not isinstance(exc, RedisError):
+                _count_error()
             if on_error is not None:
                 on_error()
             if not failing:

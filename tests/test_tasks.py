@@ -93,3 +93,21 @@ async def test_every_runs_on_after_an_unexpected_error_and_logs_it_once(
     assert lines[1][1] == "the test loop recovered"
     assert lines[2][1] == "the test loop failing (ConnectionError)"
     assert "phc_" not in caplog.text
+
+
+async def test_errors_are_counted_by_task_name_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "RESTART_FIRST_SECONDS", 0.001)
+    runs = 0
+    done = asyncio.Event()
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 3:
+            raise ValueError("unexpected")
+        done.set()
+
+    before = tasks.errors["counted-loop"]
+    async with tasks.background(flaky, name="counted-loop"):
+        await asyncio.wait_for(done.wait(), 5)
+    assert tasks.errors["counted-loop"] == before + 3

@@ -23,9 +23,10 @@ from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from proxy import keys
+from proxy import keys, tasks
 from proxy.app import create_app
 from proxy.logs import JsonFormatter
+from proxy.payloads import DefinitionsCache
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy, settings_for
 from tests.rig import Upstream, free_port
@@ -390,3 +391,25 @@ async def test_shutdown_with_a_collector_that_never_answers_fits_the_charts_marg
         for writer in silent_connections:
             writer.close()
         collector.close()
+
+
+async def test_an_unexpected_error_in_a_background_loop_is_counted_by_task(
+    make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refresh = DefinitionsCache.refresh
+    failures = 0
+
+    async def failing_twice(self: DefinitionsCache) -> None:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise ValueError("an input nobody expected")
+        await refresh(self)
+
+    monkeypatch.setattr(DefinitionsCache, "refresh", failing_twice)
+    before = tasks.errors["definitions-refresher"]
+    client = await make_proxy(definitions={"refresh_interval_seconds": 0.01})
+
+    await until(lambda: tasks.errors["definitions-refresher"] == before + 2, "both failures counted")
+    samples = await scrape(client)
+    assert value(samples, "edge_proxy_background_errors_total", task="definitions-refresher") == before + 2
