@@ -9,10 +9,12 @@ OpenTelemetry SDK only runs when a reader collects (metrics.py), never per reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from time import perf_counter
 
 from aiohttp import hdrs, web
@@ -30,6 +32,24 @@ from proxy.redis_observer import RedisObserver
 from proxy.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# The last exports at shutdown (metrics and spans, side by side) must fit the chart's 5 s margin after the
+# drain and the final billing flush, whatever the collector does.
+FINAL_EXPORT_SECONDS = metrics.EXPORT_TIMEOUT_SECONDS + 0.5
+
+
+def _finish(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _run(close: Callable[[], object], loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
+    try:
+        close()
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop closed first: nobody waits any more
+            loop.call_soon_threadsafe(_finish, done)
+
 
 # Route groups: the label values of `route` (never a path: paths are client-chosen).
 DEFINITIONS = "definitions"
@@ -113,15 +133,30 @@ class Telemetry:
             self.redis.tracer = self.tracer
 
     async def shutdown(self) -> None:
-        """Flush and close the providers (a final OTLP export when one is configured), side by side and off
-        the loop: each export blocks for up to metrics.EXPORT_TIMEOUT_SECONDS."""
-        closing = []
+        """Flush and close the providers (a final OTLP export when one is configured), side by side, for at
+        most FINAL_EXPORT_SECONDS: each runs in a daemon thread, which exit does not wait for. Without a
+        deadline of our own, a collector that never answers held the exit ~15 s (the SDK waits up to 30 s
+        for span batches, one export timeout each), past the pod's grace period."""
+        closers: list[Callable[[], object]] = []
         if self._meter_provider is not None:
             timeout_millis = metrics.EXPORT_TIMEOUT_SECONDS * 1000
-            closing.append(asyncio.to_thread(self._meter_provider.shutdown, timeout_millis=timeout_millis))
+            closers.append(functools.partial(self._meter_provider.shutdown, timeout_millis=timeout_millis))
         if self.tracer_provider is not None:
-            closing.append(asyncio.to_thread(self.tracer_provider.shutdown))
-        await asyncio.gather(*closing)
+            closers.append(self.tracer_provider.shutdown)
+        if not closers:
+            return
+        loop = asyncio.get_running_loop()
+        finished = [loop.create_future() for _ in closers]
+        for close, done in zip(closers, finished, strict=True):
+            threading.Thread(
+                target=_run, args=(close, loop, done), name="telemetry-shutdown", daemon=True
+            ).start()
+        _, unfinished = await asyncio.wait(finished, timeout=FINAL_EXPORT_SECONDS)
+        if unfinished:
+            log.warning(
+                "telemetry: the last export took over %.1f s; exiting without it",
+                FINAL_EXPORT_SECONDS,
+            )
 
 
 def observed(app: web.Application, route: str, handler: Handler) -> Handler:

@@ -38,20 +38,8 @@ def tracer_provider(settings: TelemetrySettings, resource: Resource) -> TracerPr
 
         endpoint = f"{str(settings.otlp_endpoint).rstrip('/')}/v1/traces"
         exporter = OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_SECONDS)
-        provider.add_span_processor(_BoundedBatchSpanProcessor(exporter))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
-
-
-class _BoundedBatchSpanProcessor(BatchSpanProcessor):
-    """Its shutdown sends what is queued for at most EXPORT_TIMEOUT_SECONDS: the SDK's waits up to 30 s, one
-    export timeout per batch of 512, with a collector that does not answer, past the pod's grace period."""
-
-    def shutdown(self) -> None:
-        inner = getattr(self, "_batch_processor", None)  # opentelemetry-sdk >= 1.33; older: the SDK's own
-        if inner is None:
-            super().shutdown()  # type: ignore[no-untyped-call]
-        else:
-            inner.shutdown(timeout_millis=EXPORT_TIMEOUT_SECONDS * 1000)
 
 
 def server_span(tracer: trace.Tracer, request: web.Request, route: str) -> trace.Span:
