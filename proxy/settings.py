@@ -611,8 +611,12 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
     value that is no section (a file's `redis: "redis://..."`, say): validation then names that key, rather
     than the override silently replacing the file's mistake."""
     for part in path[:-1]:
-        child = tree.setdefault(part, {})
-        if not isinstance(child, dict):
+        child = tree.get(part)
+        if (
+            child is None
+        ):  # absent, or a section left empty in the file (`redis:` with its keys commented out)
+            child = tree[part] = {}
+        elif not isinstance(child, dict):
             return False
         tree = child
     tree[path[-1]] = value

@@ -493,3 +493,9 @@ def test_an_override_inside_a_file_value_that_is_no_section_is_refused(tmp_path:
     assert "invalid configuration (2 problems):" in message
     assert "  redis: Input should be a valid dictionary" in message
     assert "  redis.url (from $REDIS_URL): inside a key that holds a value, not a section" in message
+
+
+def test_an_empty_file_section_takes_environment_overrides(tmp_path: Path) -> None:
+    """`redis:` with every key commented out (the URL comes from a Secret) is YAML's null, not a mistake."""
+    path = write(tmp_path, "redis:\n  # url: from the Secret\n")
+    assert load_settings(path, {"REDIS_URL": "redis://redis:6379/0"}).redis.url == "redis://redis:6379/0"
