@@ -132,6 +132,11 @@ class DefinitionsService:
             if live:
                 self._auth_denied["missing"] += 1
             return json_response(401, NOT_AUTHENTICATED)
+        if len(request.headers.getall("Authorization")) > 1:
+            # Repeated: the backend's server joins them ("Bearer a,Bearer a": malformed) where this reads the
+            # first. Its answer goes back as it is, and teaches nothing: learned, its 401 would refuse the
+            # credential itself for denied_ttl_seconds, on every replica.
+            return FORWARD
         credential = bearer(authorization)
         if credential is None:
             # Malformed: however the backend reads it, its answer is the one to give.

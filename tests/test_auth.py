@@ -224,6 +224,26 @@ async def test_a_flood_of_one_new_credential_gets_the_backends_answer_when_it_is
     assert await one() == (status, body)  # and the next one too: nothing was left behind
 
 
+@pytest.mark.parametrize("credential", [GOOD_KEY, SECRET])
+async def test_a_repeated_authorization_header_is_forwarded_and_teaches_nothing(
+    make_proxy: MakeProxy, standin: StandInBackend, upstream: tuple[Upstream, TestServer], credential: str
+) -> None:
+    """gunicorn joins repeated headers ("Bearer k,Bearer k": refused); a proxy reading the first would answer
+    otherwise, and, learning the backend's 401, refuse the key itself for denied_ttl_seconds."""
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    twice = [("Authorization", f"Bearer {credential}"), ("Authorization", f"Bearer {credential}")]
+
+    async with client.get(url, headers=twice) as response:
+        await response.read()
+    assert [seen.headers.getall("Authorization") for seen in upstream[0].seen] == [
+        [f"Bearer {credential}"] * 2
+    ]
+    assert _verdict_keys(client) == []
+    async with client.get(url, headers={"Authorization": f"Bearer {credential}"}) as response:
+        assert response.status == 200
+
+
 async def test_a_verdict_learned_while_another_request_reads_redis_is_used_not_asked_again(
     make_proxy: MakeProxy,
     standin: StandInBackend,
