@@ -28,9 +28,14 @@ class Team:
     secrets: tuple[bytes, ...]
 
 
+# PostHog's project tokens are 47 characters ("phc_" and 43); an unknown token longer than this is not
+# remembered as a miss (each such request reads Redis, shared by concurrent ones).
+MAX_TOKEN_CHARS = 128
+
+
 @dataclass(slots=True)
 class _Cached:
-    team: Team | None  # None: Redis has no record (yet); the request is forwarded
+    team: Team
     expires_at: float
 
 
@@ -62,6 +67,7 @@ class TeamStore:
         ttl_seconds: float,
         miss_ttl_seconds: float,
         max_entries: int = 100_000,
+        max_misses: int = 10_000,
     ) -> None:
         self._client = client
         self._contract = contract
@@ -70,7 +76,12 @@ class TeamStore:
         self._ttl = ttl_seconds
         self._miss_ttl = miss_ttl_seconds
         self._max_entries = max_entries
+        self._max_misses = max_misses
         self._cached: dict[str, _Cached] = {}
+        # Tokens Redis has no record for -> when to ask again. Apart, and smaller: anyone can send unknown
+        # tokens, and a flood of them must neither push out the teams held nor grow memory with their length
+        # (a token longer than any real one is never remembered).
+        self._missed: dict[str, float] = {}
         self._flight: SingleFlight[str, Team | None] = SingleFlight()
         # Tokens whose record was answered past its TTL: the refresher re-reads them together.
         self._due: set[str] = set()
@@ -88,20 +99,19 @@ class TeamStore:
         cached = self._cached.get(token)
         if cached is None:
             return None
-        team = cached.team
-        if team is not None and cached.expires_at < time.monotonic():
+        if cached.expires_at < time.monotonic():
             self._due.add(token)
-        return team
+        return cached.team
 
     async def get(self, token: str) -> Team | None:
         """The team for `token`, or None when Redis has no record (or cannot be read): a miss."""
         team = self.fresh(token)
         if team is not None:
             return team
-        cached = self._cached.get(token)
-        if cached is None:
+        retry_at = self._missed.get(token)
+        if retry_at is None:
             return await self._flight.do(token, lambda: self._read(token))
-        if cached.expires_at < time.monotonic():
+        if retry_at < time.monotonic():
             # A remembered miss is re-read at once: a team the backend just created is found quickly.
             self._flight.start(token, lambda: self._read(token))
         return None
@@ -148,11 +158,19 @@ class TeamStore:
         return cached.team if cached is not None else None
 
     def _remember(self, token: str, team: Team | None) -> None:
+        if team is None:
+            self._cached.pop(token, None)  # a record the backend removed
+            if len(token) > MAX_TOKEN_CHARS:
+                return
+            if token not in self._missed and len(self._missed) >= self._max_misses:
+                del self._missed[next(iter(self._missed))]  # oldest first
+            self._missed[token] = time.monotonic() + self._miss_ttl
+            return
+        self._missed.pop(token, None)
         if token not in self._cached and len(self._cached) >= self._max_entries:
-            # Oldest insertion first: a flood of random tokens cannot grow memory without bound.
+            # Oldest insertion first: memory stays bounded whatever the number of teams.
             del self._cached[next(iter(self._cached))]
-        ttl = self._ttl if team is not None else self._miss_ttl
-        self._cached[token] = _Cached(team, time.monotonic() + ttl)
+        self._cached[token] = _Cached(team, time.monotonic() + self._ttl)
 
     async def close(self) -> None:
         """Cancel reads still in flight."""

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from proxy.contract import RedisContract
 from proxy.settings import RedisLayout
-from proxy.teams import Team, TeamStore
+from proxy.teams import MAX_TOKEN_CHARS, Team, TeamStore
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 
@@ -190,3 +190,36 @@ async def test_a_cold_burst_of_more_teams_than_redis_connections_is_answered_loc
     for team_id, answer in zip(burst, answers, strict=True):
         assert (await answer.json())["flags"][0]["key"] == f"flag-{team_id}"
     assert recorder.seen == []
+
+
+async def test_a_flood_of_unknown_tokens_keeps_the_teams_held_and_stays_small(
+    redis_url: str, writer: BackendWriter
+) -> None:
+    """The team lookup comes before any credential check: anyone can send unknown tokens, of any length."""
+    client = aioredis.Redis.from_url(redis_url)
+    store = TeamStore(
+        client,
+        RedisContract(RedisLayout()),
+        ttl_seconds=60,
+        miss_ttl_seconds=60,
+        max_entries=5,
+        max_misses=10,
+    )
+    try:
+        held = [await store.get(token_of(team_id)) for team_id in (1, 2)]
+        assert [team.id for team in held if team is not None] == [1, 2]
+        for n in range(50):
+            assert await store.get(f"phc_unknown_{n}") is None
+        for n in range(50):
+            assert await store.get("phc_" + "x" * 8000 + str(n)) is None
+
+        assert store.fresh(token_of(1)) is held[0]  # the teams held are still held
+        assert store.fresh(token_of(2)) is held[1]
+        assert len(store._missed) == 10  # the newest short misses; no long token kept
+        assert all(len(token) <= MAX_TOKEN_CHARS for token in store._missed)
+        reset_stats(redis_url)
+        assert await store.get("phc_unknown_49") is None  # remembered: no read
+        assert command_calls(redis_url).get("get", 0) == 0
+    finally:
+        await store.close()
+        await client.aclose()
