@@ -61,8 +61,9 @@ while k <= #KEYS do
 end
 return applied
 """
-# A batch stays pending about max_pending_batches x flush_interval at most (~8 h by default; settings refuse
-# a day): a retry always finds the mark of an earlier attempt that was applied. Each write renews it.
+# A batch stays pending about max_pending_batches x flush_interval at most (~8 h by default; never a day,
+# see BillingSettings.pending_batches_kept): a retry always finds the mark of an earlier attempt that was
+# applied. Each write renews it.
 _DEDUPE_TTL_SECONDS = BILLING_DEDUPE_TTL_SECONDS
 # Redis runs a script alone, and the proxy builds each call's arguments at once. One interval's tally can
 # hold every team the process served (100,000 teams: 200,000 HINCRBYs, ~200 ms of Redis blocked and ~130 MiB
@@ -227,7 +228,7 @@ class BillingTally:
             self._parts += 1
             part = dict(entries[start : start + _ENTRIES_PER_PART])
             self._pending.append(_Part(part, self._parts, self._sealed))
-        while self.pending_batches > self.settings.max_pending_batches:
+        while self.pending_batches > self.settings.pending_batches_kept:
             oldest = self._pending[0].batch
             dropped: Counts = {}
             while self._pending and self._pending[0].batch == oldest:
@@ -236,7 +237,7 @@ class BillingTally:
             self.dropped_counts += requests
             log.error(
                 "billing: more than %d batches unwritten; dropped the oldest, %d request(s) lost: %s",
-                self.settings.max_pending_batches,
+                self.settings.pending_batches_kept,
                 requests,
                 _describe(dropped),
             )
@@ -284,6 +285,15 @@ async def billing_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = app[keys.REDIS]
     tally = BillingTally(RedisContract(settings.layout), settings.billing)
     app[keys.BILLING] = tally
+    if settings.billing.pending_batches_kept < settings.billing.max_pending_batches:
+        log.warning(
+            "billing: keeping %d unwritten batches, not max_pending_batches=%d: at %.0f s each, more would "
+            "outlive the %d s mark that keeps a retried batch from counting twice",
+            settings.billing.pending_batches_kept,
+            settings.billing.max_pending_batches,
+            settings.billing.flush_interval_seconds,
+            _DEDUPE_TTL_SECONDS,
+        )
     flusher = partial(_flush_forever, tally, redis, settings.billing.flush_interval_seconds)
     try:
         async with background(flusher, name="billing-flusher"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from enum import StrEnum
@@ -340,21 +341,17 @@ class BillingSettings(_Section):
     # poll; after a bucket boundary, also the new bucket's first seconds held from the previous flush.
     flush_interval_seconds: Seconds = 30.0
     # Unflushed batches (one per flush interval) kept while Redis is down; beyond this the oldest is dropped
-    # and logged. Times flush_interval_seconds, under a day: the mark that makes a retried batch count once
-    # lives a day in Redis.
+    # and logged. At most a day's worth are kept whatever this says (1000 x 30 s is ~8 h): the mark that makes
+    # a retried batch count once lives a day in Redis.
     max_pending_batches: int = Field(default=1000, ge=1)
     # Bound on the final flush at shutdown (all attempts); it runs after the drain, so exit within both.
     final_flush_timeout_seconds: Seconds = 5.0
 
-    @model_validator(mode="after")
-    def _pending_within_the_mark(self) -> Self:
-        held = self.max_pending_batches * self.flush_interval_seconds
-        if held >= BILLING_DEDUPE_TTL_SECONDS:
-            raise ValueError(
-                f"max_pending_batches x flush_interval_seconds is {held:.0f} s: a batch pending that long "
-                f"could outlive its {BILLING_DEDUPE_TTL_SECONDS} s dedupe mark and count twice"
-            )
-        return self
+    @property
+    def pending_batches_kept(self) -> int:
+        """max_pending_batches, or fewer: no batch may stay pending as long as its dedupe mark lives."""
+        within_the_mark = math.ceil(BILLING_DEDUPE_TTL_SECONDS / self.flush_interval_seconds) - 1
+        return max(1, min(self.max_pending_batches, within_the_mark))
 
 
 class RateLimitSettings(_Section):

@@ -249,6 +249,19 @@ async def test_a_stale_copy_of_an_applied_flush_arriving_late_is_skipped(
     assert hashes(redis_server, 1, "posthog-python") == ({B0: 4, B0 + 1: 1}, {B0: 3, B0 + 1: 1})
 
 
+async def test_batches_are_never_kept_pending_longer_than_their_dedupe_mark_lives(
+    dead_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half-day flushes with the default max_pending_batches (1000): one batch is kept, not 1000 (500 days,
+    long past the day the mark of an applied batch lives, after which its retry would count it twice)."""
+    billing = tally(flush_interval_seconds=43200)
+    for _ in range(2):
+        billing.count(7, "posthog-ruby", now=T0)
+        assert not await billing.flush(dead_client)
+    assert (billing.dropped_counts, billing.pending_batches) == (1, 1)
+    assert "more than 1 batches unwritten" in caplog.text
+
+
 async def test_too_many_pending_batches_drops_the_oldest_with_an_error(
     client: aioredis.Redis,
     dead_client: aioredis.Redis,
@@ -375,7 +388,7 @@ async def _app_with_billing(redis_url: str, **billing: float) -> web.AppRunner:
 
 async def test_cleanup_flushes_what_was_counted(redis_url: str, redis_server: RedisServer) -> None:
     # The background flusher never runs within the test: only the shutdown flush can write these.
-    runner = await _app_with_billing(redis_url, flush_interval_seconds=3600, max_pending_batches=10)
+    runner = await _app_with_billing(redis_url, flush_interval_seconds=3600)
     count_many(runner.app[keys.BILLING])
     assert hashes(redis_server, 1, "posthog-python") == ({}, {})
     await runner.cleanup()
@@ -385,9 +398,7 @@ async def test_cleanup_flushes_what_was_counted(redis_url: str, redis_server: Re
 async def test_cleanup_with_redis_down_ends_and_logs_the_lost_counts(
     redis_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runner = await _app_with_billing(
-        redis_url, flush_interval_seconds=3600, max_pending_batches=10, final_flush_timeout_seconds=2
-    )
+    runner = await _app_with_billing(redis_url, flush_interval_seconds=3600, final_flush_timeout_seconds=2)
     billing = runner.app[keys.BILLING]
     billing.count(4, "posthog-php", now=T0)
     billing.count(4, "posthog-php", now=T0)

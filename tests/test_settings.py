@@ -476,15 +476,15 @@ def test_an_empty_otel_endpoint_is_unset_as_the_sdks_read_it() -> None:
     assert load_settings(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}).telemetry.otlp_endpoint is None
 
 
-def test_batches_pending_longer_than_their_dedupe_mark_lives_are_refused() -> None:
-    message = problems(env={"EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS": "120"})
-    assert "billing: " in message
-    assert "max_pending_batches x flush_interval_seconds is 120000 s" in message
-    env = {
-        "EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS": "120",
-        "EDGE_PROXY__BILLING__MAX_PENDING_BATCHES": "500",
-    }
-    assert load_settings(None, env).billing.max_pending_batches == 500
+@pytest.mark.parametrize(
+    ("interval", "kept"),
+    [("30", 1000), ("86.4", 999), ("90", 959), ("120", 719), ("86400", 1), ("100000", 1)],
+)
+def test_batches_are_kept_pending_for_less_than_their_dedupe_mark_lives(interval: str, kept: int) -> None:
+    billing = load_settings(None, {"EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS": interval}).billing
+    assert billing.max_pending_batches == 1000
+    assert billing.pending_batches_kept == kept
+    assert billing.pending_batches_kept * billing.flush_interval_seconds < 86400 or kept == 1
 
 
 def test_an_override_inside_a_file_value_that_is_no_section_is_refused(tmp_path: Path) -> None:
