@@ -43,6 +43,7 @@ from aiohttp import web
 from limits import RateLimitItem, parse
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from proxy import keys
@@ -164,6 +165,7 @@ class RateLimiter:
         # This replica's name in its push marks (the process's, like billing's batch marks).
         self._replica = uuid.uuid4().hex
         self._epochs = itertools.count(1)
+        self._clustered = isinstance(redis, RedisCluster)
         self._full: dict[int, _Window] = {}
         self._conditional: dict[int, _Window] = {}
         self._redis = redis
@@ -193,7 +195,10 @@ class RateLimiter:
         if window is None:
             budget: Budget = "conditional" if conditional else "full"
             key = self.key(team_id, budget)
-            mark = hash_tagged(f"{self._prefix}:pushed:{self._replica}", key)
+            name = f"{self._prefix}:pushed:{self._replica}"
+            # On a Cluster in the counter's slot (the script touches both); the settings refuse a key_prefix
+            # that would make that impossible.
+            mark = hash_tagged(name, key) if self._clustered else f"{name}:{key}"
             window = windows[team_id] = _Window(key, mark, self.item(team_id, budget), self._push_fraction)
         now = self._clock()
         # Marked even while failing open: the next sync then reads it, which is how recovery is noticed.

@@ -490,7 +490,7 @@ class Settings(_Section):
         return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _cluster_billing_marker(self) -> Self:
+    def _cluster_marks(self) -> Self:
         # On a Cluster each billing batch marker carries a hash tag naming the hash it guards (billing.py), so
         # that both live in one slot; a brace of the template's own would become the tag instead.
         template = self.layout.billing_dedupe_key.replace("{batch_id}", "")
@@ -499,6 +499,10 @@ class Settings(_Section):
                 "layout.billing_dedupe_key may hold no brace besides {batch_id} "
                 "with a redis+cluster:// redis.url"
             )
+        # The same for the rate-limit sync's marks, which take their counter's slot by a hash tag of its key.
+        prefix = self.rate_limits.key_prefix
+        if self.redis.url.startswith(CLUSTER_SCHEME) and ("{" in prefix or "}" in prefix):
+            raise ValueError("rate_limits.key_prefix may hold no brace with a redis+cluster:// redis.url")
         return self
 
     @model_validator(mode="after")

@@ -602,6 +602,13 @@ def test_a_billing_marker_template_with_a_brace_is_refused_on_a_cluster() -> Non
         load_settings(environ={**environ, "REDIS_URL": "redis+cluster://127.0.0.1:7000"})
 
 
+def test_a_rate_limit_key_prefix_with_a_brace_is_refused_on_a_cluster() -> None:
+    environ = {"EDGE_PROXY__RATE_LIMITS__KEY_PREFIX": "rl}"}
+    assert load_settings(environ={**environ, "REDIS_URL": "redis://127.0.0.1:6379/0"})
+    with pytest.raises(ConfigError, match=r"rate_limits\.key_prefix may hold no brace"):
+        load_settings(environ={**environ, "REDIS_URL": "redis+cluster://127.0.0.1:7000"})
+
+
 def test_a_marker_takes_the_slot_of_the_key_it_guards() -> None:
     for key in ("posthog:local_evaluation_requests:42", "{team42}:hash", "a{b"):
         assert slot(hash_tagged("edge-proxy:billing-batch:abc", key)) == slot(key)

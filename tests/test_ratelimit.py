@@ -380,3 +380,12 @@ async def test_fast_mode_costs_redis_nothing_for_teams_far_below_their_limit(cli
 async def _script_calls(client: aioredis.Redis) -> int:
     stats = await client.info("commandstats")
     return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+
+@pytest.mark.parametrize("prefix", ["rl}", "a{}b", "{edge}"])
+async def test_any_key_prefix_works_on_one_node(client: aioredis.Redis, prefix: str) -> None:
+    """The push marks need a hash tag only on a Cluster (where the settings refuse braces)."""
+    rl = limiter(client, default="3/minute", key_prefix=prefix)
+    assert await burst(rl, 4) == 3
+    await rl.sync()
+    assert int(await client.get(rl.key(TEAM, "full")) or 0) == 3
