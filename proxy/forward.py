@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import hdrs, http_writer, web
@@ -364,10 +365,16 @@ def _one_char_per_byte(text: str) -> str:
 
 
 def _has_dot_segment(target: str) -> bool:
+    """Whether any reading a backend may make of the path has a dot segment: as sent, percent-decoded once
+    (%2e%2e, ..%2f), with backslashes as slashes (..%5c) and path parameters dropped (..;/)."""
     path = target.partition("?")[0]
-    if "." not in path and "%2" not in path:  # the usual path, at the cost of two scans
+    if "." not in path and "%" not in path:  # the usual path, at the cost of two scans
         return False
-    return any(segment.lower() in _DOT_SEGMENTS for segment in path.split("/"))
+    for reading in (path, unquote(path).replace("\\", "/")):
+        for segment in reading.split("/"):
+            if segment.lower() in _DOT_SEGMENTS or segment.partition(";")[0] in (".", ".."):
+                return True
+    return False
 
 
 def _codings(request: web.Request) -> str:

@@ -109,12 +109,15 @@ def _redis_url(value: str) -> str:
         sentinel_parts(value)
     else:
         # redis-py's own reading of the URL, as the app's pool will read it (port, query options), so a URL
-        # it cannot use fails here, naming the key, not at the first connection. Its messages never quote
-        # the URL (which may hold a password), and neither does this one.
+        # it cannot use fails here, naming the key, not at the first connection. Its port message quotes what
+        # it read as the port, which is part of the password when that holds an unescaped "/": not repeated.
         try:
             BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"redis-py cannot use this URL: {exc}") from None
+            reason = str(exc)
+            if reason.startswith("Port"):
+                reason = "no port number in 1-65535 (a '/', '@' or ':' in the password must be %-encoded)"
+            raise ValueError(f"redis-py cannot use this URL: {reason}") from None
         path = urlsplit(value).path.strip("/")
         if not value.startswith("unix://") and path and not (path.isascii() and path.isdigit()):
             raise ValueError("the database (the URL's path) must be a number")

@@ -378,8 +378,9 @@ def test_settings_are_frozen() -> None:
 @pytest.mark.parametrize(
     ("url", "says"),
     [
-        ("redis://:s3cret@host:notaport/0", "Port could not be cast to integer value as 'notaport'"),
-        ("redis://:s3cret@host:99999/0", "Port out of range"),
+        ("redis://:s3cret@host:notaport/0", "no port number in 1-65535"),
+        ("redis://:s3cret@host:99999/0", "no port number in 1-65535"),
+        ("redis://user:s3cret/pa@host:6379/0", "a '/', '@' or ':' in the password must be %-encoded"),
         ("redis://:s3cret@host:6379/abc", "the database (the URL's path) must be a number"),
         ("rediss://:s3cret@host:6379/0?foo=bar", "unexpected keyword argument 'foo'"),
         ("redis://:s3cret@host:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
