@@ -23,7 +23,9 @@ from proxy.telemetry import metrics_handler
 
 log = logging.getLogger(__name__)
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP too (a closed terminal, an init system): its default action would end the process with no drain
+# and no final billing flush, and a supervisor's workers would outlive it, still serving the port.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -181,8 +181,9 @@ async def _fetch(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes, 
         return response.status, await response.read(), response.headers.get("Connection")
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 async def test_sigterm_drains_in_flight_requests_and_exits_0(
-    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str, stop: signal.Signals
 ) -> None:
     recorder, server = upstream
     port = free_port()
@@ -202,7 +203,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
                 asyncio.create_task(_fetch(session, f"http://127.0.0.1:{port}/slow?i={i}")) for i in range(50)
             ]
             await wait_until(lambda: _in_flight(recorder) == 50, "50 requests upstream")
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
             signalled = time.monotonic()
 
             # While the 50 are still held upstream: the listener is closed, so new connections are refused,
@@ -229,7 +230,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
     # Prepared after draining began: each tells its client not to reuse the connection.
     assert {connection for _, _, connection in results} == {"close"}
     log = log_path.read_text()
-    assert "SIGTERM: draining" in log
+    assert f"{stop.name}: draining" in log
     # uvloop is a dependency on Linux, so the serving loop must be uvloop's.
     assert "loop uvloop" in log
 
