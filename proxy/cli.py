@@ -55,6 +55,10 @@ def _operate(args: argparse.Namespace, settings: Settings) -> int:
         if credential is not None and args.team is None:
             print("edge-proxy: --credential-stdin needs --team", file=sys.stderr)
             return 2
+        if credential == "":
+            # An empty pipe would revoke the verdict of "" and report success.
+            print("edge-proxy: --credential-stdin read no credential", file=sys.stderr)
+            return 2
         deleted = control.revoke(settings, args.team, credential)
         print(f"revoked {deleted} verdict{'s' * (deleted != 1)}")
         return 0

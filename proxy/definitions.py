@@ -90,7 +90,8 @@ class DefinitionsService:
         if offload.threshold < BUCKETS and not offload.local(
             request.headers.get("Authorization", ""), request.query.get("token", "")
         ):
-            if self.offload.state.shadow:
+            state = offload.state
+            if state.shadow and not state.kill:  # the kill switch stops every local answer, compared ones too
                 return await self.shadow.forward(request, self._forwarder, self._compare)
             return await self._forwarder.forward(request)
         answer = await self.decide(request)

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.forward import Forwarder
+from proxy.logs import where
 from proxy.settings import OffloadSettings
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ class Shadow:
         self.running -= 1
         if not task.cancelled() and (exc := task.exception()) is not None:
             self.outcomes["error"] += 1
-            log.error("shadow comparison failed: %r", exc)
+            # Its type and place, not its message (which can quote a key, and so a token).
+            log.error("shadow comparison failed: %s at %s", type(exc).__name__, where(exc))
 
     def record(
         self, local: web.Response | None, upstream: UpstreamAnswer, *, route: str, team_id: int | None

@@ -383,3 +383,15 @@ async def test_revoke_command_deletes_verdicts(
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{GOOD_KEY}\n"))
     assert main(["revoke", *argv.get(scope, ["--all"])]) == 0
     assert len(_verdict_keys(client)) == (1 if scope == "credential" else 0)
+
+
+async def test_revoke_refuses_an_empty_credential_from_stdin(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty pipe would revoke the verdict of "" and report success: the operator's credential revoked
+    nothing, unnoticed."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("VERDICT_HMAC_KEY", HMAC_KEY)
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert main(["revoke", "--team", str(TEAM_ID), "--credential-stdin"]) == 2
+    assert capsys.readouterr().err == "edge-proxy: --credential-stdin read no credential\n"

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.cli import main
-from proxy.offload import BUCKETS, bucket
+from proxy.offload import BUCKETS, OffloadState, bucket
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -330,3 +330,21 @@ async def test_a_replica_starting_during_a_rollback_forwards_from_its_first_requ
     client = await make_proxy(definitions={"offload": {"watch_interval_seconds": 30}})
     token = next(iter(teams))
     assert await _forwarded(client, token, upstream)
+
+
+async def test_the_kill_switch_stops_shadow_comparisons_too(
+    make_proxy: MakeProxy, teams: dict[str, tuple[int, str, str]], upstream: tuple[Upstream, TestServer]
+) -> None:
+    """An operator pulling the kill switch on a misbehaving local path expects no local work at all."""
+    upstream[0].routes["/flags/definitions"] = _backend(teams)
+    client = await make_proxy(definitions={"offload": {"weight_percent": 0, "shadow": True}})
+    service = client.app[keys.DEFINITIONS]
+    service.offload.apply(OffloadState(0.0, kill=True, shadow=True))
+    token = next(iter(teams))
+    for _ in range(3):
+        response = await client.get(url(token), headers=auth())
+        assert response.status == 200
+        await response.read()
+    await _settle(service.shadow)
+    assert dict(service.shadow.outcomes) == {}
+    assert len(upstream[0].seen) == 3
