@@ -14,6 +14,7 @@ from proxy import keys
 from proxy.conditional import bearer, none_match
 from proxy.contract import RedisContract, library_from_user_agent
 from proxy.errors import error_body, json_response
+from proxy.forward import expect_continue
 from proxy.learning import VerdictLearner
 from proxy.offload import BUCKETS, Offload
 from proxy.payloads import DefinitionsCache
@@ -318,4 +319,4 @@ def add_routes(app: web.Application) -> None:
 
     handler = observed(app, DEFINITIONS, handle)
     for path in dict.fromkeys((settings.definitions.path, *settings.definitions.aliases)):
-        app.router.add_route("*", path, handler)
+        app.router.add_route("*", path, handler, expect_handler=expect_continue)

@@ -12,6 +12,7 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import hdrs, http_writer, web
+from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
 from yarl import URL
@@ -426,6 +427,14 @@ def _trust_checker(networks: Iterable[IPv4Network | IPv6Network]) -> Callable[[s
     return is_trusted
 
 
+async def expect_continue(request: web.Request) -> None:
+    """aiohttp's expect handler without its 417 for an expectation other than 100-continue, which gunicorn
+    ignores (and answers the request): so does the proxy, on every route (Expect is not forwarded)."""
+    if request.version == HttpVersion11 and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body has not begun
+
+
 def add_routes(app: web.Application) -> None:
     """Everything the proxy does not answer itself goes upstream unchanged: the catch-all route, last."""
 
@@ -433,7 +442,7 @@ def add_routes(app: web.Application) -> None:
         # Not a coroutine itself: the forwarder's is awaited by the route wrapper, one frame less per request.
         return app[keys.FORWARDER].forward(request)
 
-    app.router.add_route("*", "/{tail:.*}", observed(app, FORWARD, forward))
+    app.router.add_route("*", "/{tail:.*}", observed(app, FORWARD, forward), expect_handler=expect_continue)
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy import keys
+from proxy.forward import expect_continue
 from proxy.settings import HEALTH_PATHS
 from proxy.tasks import background
 from proxy.telemetry import HEALTH, observed
@@ -104,4 +105,6 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
 def add_routes(app: web.Application) -> None:
     """Register the health routes; they exist in every SERVICE_MODE."""
     for path, handler in zip(HEALTH_PATHS, (liveness, readiness, startup), strict=True):
-        app.router.add_get(path, observed(app, HEALTH, handler), allow_head=True)
+        app.router.add_get(
+            path, observed(app, HEALTH, handler), allow_head=True, expect_handler=expect_continue
+        )

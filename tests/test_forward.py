@@ -333,6 +333,21 @@ async def test_expect_continue_is_answered_here_not_forwarded(make_proxy: MakePr
     assert "Expect" not in seen.headers
 
 
+@pytest.mark.parametrize("path", ["/e", "/flags/definitions?token=phc_unknown", "/_liveness"])
+async def test_an_expectation_other_than_100_continue_is_ignored_as_gunicorn_does(
+    make_proxy: MakeProxy, upstream: Rig, path: str
+) -> None:
+    """aiohttp answers 417 to one; gunicorn ignores it and answers the request."""
+    recorder, _ = upstream
+    client = await make_proxy()
+    request = f"GET {path} HTTP/1.1\r\nHost: app.example\r\nExpect: x-foo\r\nConnection: close\r\n\r\n"
+
+    head, _ = await raw_exchange(client, request.encode())
+
+    assert head[0] == b"HTTP/1.1 200 OK"
+    assert all("Expect" not in seen.headers for seen in recorder.seen)
+
+
 async def test_hop_by_hop_response_headers_are_dropped_and_end_to_end_ones_kept(
     make_proxy: MakeProxy, upstream: Rig
 ) -> None:
