@@ -68,6 +68,11 @@ class Definitions:
         )
 
 
+def _etag_safe(etag: str) -> bool:
+    """RFC 9110 §8.8.3's etagc (visible ASCII but the quote), and not empty."""
+    return bool(etag) and all("!" <= c <= "~" and c != '"' for c in etag)
+
+
 def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
     """Contract §3.8: billed unless every flag key has an unbilled prefix; unparsable payloads are billed."""
     try:
@@ -185,10 +190,16 @@ class DefinitionsCache:
 
     def _decode_etag(self, team_id: int, raw: bytes | None) -> str | None:
         try:
-            return self._contract.decode_text(raw)
+            etag = self._contract.decode_text(raw)
         except DecodeError as exc:
             self._warn.warning("undecodable ETag for team %s: %s", team_id, exc)
             return None
+        if etag is not None and not _etag_safe(etag):
+            # The contract's is 16 hex digits; a quote, a space or a control character (CR/LF) would break
+            # the header, and aiohttp would cut the connection of every answer carrying it.
+            self._warn.warning("undecodable ETag for team %s: characters an ETag cannot hold", team_id)
+            return None
+        return etag
 
     def _build(self, team_id: int, raw_body: bytes | None, raw_etag: bytes | None) -> Definitions | None:
         try:

@@ -64,9 +64,17 @@ class Verdict:
             headers = {str(k): str(v) for k, v in dict(data.get("h") or {}).items()}
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             return None
+        # What verdict_of keeps, and header values aiohttp can write: anything else (CR/LF, a name of its own)
+        # did not come from this proxy, and would cut the connection of every request it answered.
+        if any(name not in DENIAL_HEADERS or not _header_safe(value) for name, value in headers.items()):
+            return None
         if status not in (200, 401, 403):
             return None
         return cls(status, body, headers or None)
+
+
+def _header_safe(value: str) -> bool:
+    return all(" " <= c <= "~" or c == "\t" for c in value)
 
 
 def verdict_of(status: int, headers: Mapping[str, str], body: bytes | None) -> Verdict | None:

@@ -15,6 +15,7 @@ import zstandard
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from proxy import keys
 from proxy.forward import UNSUPPORTED_CODING
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
@@ -471,3 +472,39 @@ async def test_json_nested_too_deep_in_redis_is_a_miss_or_served_never_a_500(
     assert await served.read() == payload.encode()
     assert served.headers["ETag"] == 'W/"0123456789abcdef"'
     assert len(recorder.seen) == 1
+
+
+async def test_an_etag_in_redis_with_a_line_break_is_dropped_not_sent(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    """Written into the header, it would split it (aiohttp refuses and cuts the connection, every time)."""
+    text = '{"cohorts": {}, "flags": [], "group_type_mapping": {}}'
+    backend.cache.set_many(
+        {
+            f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json": text,
+            f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json:etag": "abc\r\nSet-Cookie: x=1",
+        }
+    )
+    client = await make_proxy()
+    response = await client.get(DEFS, headers={"Authorization": f"Bearer {SECRET}"})
+    assert response.status == 200
+    assert await response.read() == text.encode()
+    assert "ETag" not in response.headers
+    assert "Set-Cookie" not in response.headers
+
+
+async def test_a_verdict_in_redis_with_a_header_of_its_own_is_no_verdict(
+    make_proxy: MakeProxy, upstream: Rig, backend: BackendWriter, redis_url: str
+) -> None:
+    """Only this proxy writes verdicts, with Content-Type and WWW-Authenticate at most: anything else is not
+    one of its own, and a line break in it would cut the connection of every request it answered."""
+    recorder, _ = upstream
+    client = await make_proxy(definitions={"auth": {"hmac_key": "0123456789abcdef0123"}})
+    key = client.app[keys.DEFINITIONS].verdicts.key(TEAM_ID, "phx_planted")
+    planted = {"s": 401, "b": '{"detail":"no"}', "h": {"Content-Type": "application/json\r\nSet-Cookie: s=1"}}
+    with _raw(redis_url) as raw:
+        raw.set(key, json.dumps(planted))
+
+    response = await client.get(DEFS, headers={"Authorization": "Bearer phx_planted"})
+    assert response.status == 200  # the backend decided (the rig's upstream says 200)
+    assert [seen.path_qs for seen in recorder.seen] == [DEFS]
