@@ -103,6 +103,11 @@ class TeamStore:
             self._due.add(token)
         return cached.team
 
+    def confirmed_since(self, token: str, seconds: float) -> bool:
+        """Whether Redis confirmed `token`'s record within the last `seconds` (its secrets are that fresh)."""
+        cached = self._cached.get(token)
+        return cached is not None and cached.expires_at - self._ttl >= time.monotonic() - seconds
+
     async def get(self, token: str) -> Team | None:
         """The team for `token`, or None when Redis has no record (or cannot be read): a miss."""
         team = self.fresh(token)

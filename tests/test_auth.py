@@ -395,3 +395,28 @@ async def test_revoke_refuses_an_empty_credential_from_stdin(
     monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
     assert main(["revoke", "--team", str(TEAM_ID), "--credential-stdin"]) == 2
     assert capsys.readouterr().err == "edge-proxy: --credential-stdin read no credential\n"
+
+
+async def test_a_secret_refused_by_a_team_record_older_than_max_staleness_is_the_backends_to_refuse(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer], redis_url: str, redis_server: RedisServer
+) -> None:
+    """Redis is down: the record in memory may predate a rotation. Past max_staleness_seconds the proxy
+    no longer refuses a secret it does not know; the backend, which may know it, answers."""
+    recorder, _ = upstream
+    writer = BackendWriter(redis_url)
+    writer.set_team("phc_rotating", {"id": 70, "api_token": "phc_rotating", "secret_api_token": "phs_v1"})
+    writer.set_definitions(70, [{"id": 1, "key": "beta", "active": True}])
+    client = await make_proxy(
+        definitions={"team_ttl_seconds": 0.2, "max_staleness_seconds": 0.5}, redis={"timeout_seconds": 0.2}
+    )
+    url = "/flags/definitions?token=phc_rotating"
+    assert (await client.get(url, headers={"Authorization": "Bearer phs_v2"})).status == 401  # fresh: local
+    assert recorder.seen == []
+    redis_server.stop()
+    try:
+        await asyncio.sleep(0.7)
+        response = await client.get(url, headers={"Authorization": "Bearer phs_v2"})
+        assert response.status == 200  # the rig's upstream answered
+        assert [seen.path_qs for seen in recorder.seen] == [url]
+    finally:
+        redis_server.start()
