@@ -246,7 +246,7 @@ class DefinitionsService:
         """The shadow side: the local answer to a request the backend answered, counted by difference."""
         local = await self.decide(request, live=False)
         team = await self.teams.get(request.query.get("token", ""))
-        self.shadow.record(
+        await self.shadow.record(
             local if isinstance(local, web.Response) else None,
             upstream,
             route=request.path,

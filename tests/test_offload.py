@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from typing import Any
@@ -348,3 +349,32 @@ async def test_the_kill_switch_stops_shadow_comparisons_too(
     await _settle(service.shadow)
     assert dict(service.shadow.outcomes) == {}
     assert len(upstream[0].seen) == 3
+
+
+def test_large_bodies_that_differ_are_compared_within_bounds() -> None:
+    """A comparison runs beside the requests: JSON equality up to 1 MiB (remembered for the same two bodies),
+    a byte difference above it counts as "body" without parsing; the first difference is found exactly."""
+    from proxy import shadow
+
+    flags = {"flags": [{"key": f"flag-{i}", "active": True} for i in range(25_000)]}
+    local_text = json.dumps(flags)
+    spaced = json.dumps(flags, indent=1).encode()
+    local = web.Response(body=local_text.encode(), content_type="application/json")
+
+    assert len(local_text) < 1024 * 1024 < len(spaced)
+    assert shadow.compare(
+        local, shadow.UpstreamAnswer(200, {"Content-Type": "application/json"}, spaced)
+    ) == ["body"]
+    compact = json.dumps(flags, separators=(",", ":")).encode()
+    answer = shadow.UpstreamAnswer(200, {"Content-Type": "application/json"}, compact)
+    assert shadow.compare(local, answer) == ["match_json"]
+    assert (len(local_text), hash(local_text.encode()), len(compact), hash(compact)) in shadow._JSON_VERDICTS
+    assert shadow.compare(local, answer) == ["match_json"]  # from the remembered verdict
+
+    a = b"x" * 10_000 + b"a" + b"y" * 10
+    b = b"x" * 10_000 + b"b" + b"y" * 10
+    assert shadow.body_diff(a, b) == "local 10011 bytes, upstream 10011 bytes, first difference at byte 10000"
+    assert (
+        shadow.body_diff(a, a[:5000])
+        == "local 10011 bytes, upstream 5000 bytes, first difference at byte 5000"
+    )
