@@ -148,12 +148,10 @@ class ObservedRedisCluster(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """As redis-py's, observed (a command on several nodes, like PING, is one observation)."""
-        try:
-            if self.admission is None:
-                return await _command(self.observer, super().execute_command, args, kwargs)
-            return await self.admission.run(_command, self.observer, super().execute_command, args, kwargs)
-        except RedisClusterException as exc:
-            raise _cluster_error(exc) from exc
+        send = _converted(super().execute_command)
+        if self.admission is None:
+            return await _command(self.observer, send, args, kwargs)
+        return await self.admission.run(_command, self.observer, send, args, kwargs)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         """A pipeline (one round trip per node) whose execute() is observed as one "PIPELINE" command."""
@@ -180,21 +178,26 @@ class _ObservedClusterPipeline(ClusterPipeline):
     admission: ClusterAdmission | None = None
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-        send = super().execute
-        try:
-            if self.admission is None:
-                result: list[Any] = await _pipeline(self.observer, send, raise_on_error, allow_redirections)
-            else:
-                result = await self.admission.run(
-                    _pipeline, self.observer, send, raise_on_error, allow_redirections
-                )
-        except RedisClusterException as exc:
-            raise _cluster_error(exc) from exc
+        send = _converted(super().execute)
+        if self.admission is None:
+            result: list[Any] = await _pipeline(self.observer, send, raise_on_error, allow_redirections)
+        else:
+            result = await self.admission.run(
+                _pipeline, self.observer, send, raise_on_error, allow_redirections
+            )
         return result
 
 
-def _cluster_error(exc: RedisClusterException) -> ClusterError:
-    """redis-py's non-RedisError cluster failures (slots not covered while the cluster re-forms, say) as a
-    RedisError: what every fail-open, forward and retry policy here catches, as for a node that is down.
-    Named by type only: a message can quote a command, and its key holds a token."""
-    return ClusterError(f"Redis Cluster: {type(exc).__name__}")
+def _converted(send: Send) -> Send:
+    """`send` raising redis-py's non-RedisError cluster failures (slots not covered while the cluster
+    re-forms, say) as a ClusterError: what every fail-open, forward and retry policy here catches, as for a
+    node that is down, and what the observer counts. Named by type only: a message can quote a command,
+    and its key holds a token."""
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await send(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterError(f"Redis Cluster: {type(exc).__name__}") from exc
+
+    return call

@@ -40,7 +40,8 @@ async def _supervised(run: Callable[[], Coroutine[Any, Any, None]], name: str) -
         try:
             await run()
         except Exception as exc:
-            _count_error()
+            if not isinstance(exc, RedisError):
+                _count_error()
             if loop.time() - started > RESTART_MAX_SECONDS:
                 delay = RESTART_FIRST_SECONDS
             # Not log.exception: the message and a traceback's text can hold a key name, and so a token.
@@ -87,23 +88,26 @@ async def every(
     Any other exception (data no decoder expected, a bug) is logged once too, at ERROR with where it was
     raised, and the next step runs as usual.
     """
-    failing = False
+    # Apart, so an error of the second kind that begins during an outage (the first) is still logged.
+    redis_failing = other_failing = False
     while True:
         await asyncio.sleep(interval)
         try:
             await step()
-        except Exception as exc:
-            if not isinstance(exc, RedisError):
-                _count_error()
+        except RedisError as exc:
             if on_error is not None:
                 on_error()
-            if not failing:
-                if isinstance(exc, RedisError):
-                    log.warning("%s failing (%s)", what, type(exc).__name__)
-                else:
-                    log.error("%s failing: %s at %s", what, type(exc).__name__, where(exc))  # noqa: TRY400 (as above)
-            failing = True
+            if not redis_failing:
+                log.warning("%s failing (%s)", what, type(exc).__name__)
+            redis_failing = True
+        except Exception as exc:
+            _count_error()
+            if on_error is not None:
+                on_error()
+            if not other_failing:
+                log.error("%s failing: %s at %s", what, type(exc).__name__, where(exc))  # noqa: TRY400 (as above)
+            other_failing = True
         else:
-            if failing:
+            if redis_failing or other_failing:
                 log.info("%s recovered", what)
-            failing = False
+            redis_failing = other_failing = False

@@ -111,3 +111,34 @@ async def test_errors_are_counted_by_task_name_every_time(monkeypatch: pytest.Mo
     async with tasks.background(flaky, name="counted-loop"):
         await asyncio.wait_for(done.wait(), 5)
     assert tasks.errors["counted-loop"] == before + 3
+
+
+async def test_every_logs_an_unexpected_error_that_begins_during_a_redis_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    log = logging.getLogger("test.every.both")
+    outcomes: list[BaseException | None] = [
+        RedisConnectionError(),
+        ValueError(),
+        RedisConnectionError(),
+        None,
+    ]
+    done = asyncio.Event()
+
+    async def step() -> None:
+        if not outcomes:
+            done.set()
+            return
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    runner = asyncio.create_task(tasks.every(0.001, step, what="the loop", log=log))
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        runner.cancel()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "test.every.both"]
+    assert [level for level, _ in lines] == ["WARNING", "ERROR", "INFO"]
+    assert lines[1][1].startswith("the loop failing: ValueError at test_tasks.py:")
