@@ -185,6 +185,10 @@ class _Slot:
 # exponentially, so a worker that cannot start (port taken, upstream DNS) does not spin.
 _HEALTHY_RUN_SECONDS = 10.0
 _MAX_BACKOFF_SECONDS = 30.0
+# A worker that fails this many times in a row, each within _HEALTHY_RUN_SECONDS of starting (a port it
+# cannot listen on, a config it refuses), will not start: the supervisor stops the others and exits 1, for
+# the orchestrator to see, rather than run on with a worker short, or none, and exit 0 at the end.
+_GIVE_UP_CRASHES = 5
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
@@ -224,6 +228,19 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                         if slot.process is not None:
                             slot.process.send_signal(signum)
             clean = _reap(slots, stopping) and clean
+            failing = next((i for i, slot in enumerate(slots) if slot.crashes >= _GIVE_UP_CRASHES), None)
+            if failing is not None and not stopping:
+                log.error(
+                    "worker %d failed %d times in a row within %.0fs of starting: stopping every worker",
+                    failing,
+                    _GIVE_UP_CRASHES,
+                    _HEALTHY_RUN_SECONDS,
+                )
+                stopping = True
+                clean = False
+                for slot in slots:
+                    if slot.process is not None:
+                        slot.process.send_signal(signal.SIGTERM)
     finally:
         signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():

@@ -546,3 +546,25 @@ async def test_large_payloads_reach_slow_readers_byte_for_byte(
             assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
             assert f'ETag: W/"{etag}"'.encode() in head
             assert body == text.encode()
+
+
+async def test_a_supervisor_whose_workers_cannot_start_exits_1(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """A port held without SO_REUSEPORT: no worker can ever listen. It used to restart them forever (with
+    none serving) and exit 0 at the end; the orchestrator must see the failure instead."""
+    _, server = upstream
+    port = free_port()
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", port))
+    holder.listen()
+    try:
+        env = _env(port, server, redis_url)
+        with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
+            code = await wait_exit(supervisor, 90)
+            log = log_path.read_text()
+    finally:
+        holder.close()
+    assert code == 1, log
+    assert "failed 5 times in a row within 10s of starting: stopping every worker" in log
+    assert "cannot listen on" in log
