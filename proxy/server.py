@@ -98,6 +98,8 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
     # clean path instead of the default action.
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
+    # A worker of a supervisor starts with them blocked (see _spawn): one that came meanwhile is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     metrics_runner: web.AppRunner | None = None
     try:
         await runner.setup()
@@ -255,7 +257,13 @@ def _noop(_signum: int, _frame: object) -> None:
 
 
 def _spawn(slot: _Slot, argv: list[str]) -> None:
-    slot.process = subprocess.Popen(argv)  # noqa: S603 - our own interpreter and arguments
+    # The worker starts with the stop signals blocked (a child inherits the mask) and unblocks them once its
+    # handlers are in place (serve): one relayed in its first second waits for them instead of killing it.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        slot.process = subprocess.Popen(argv)  # noqa: S603 - our own interpreter and arguments
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     slot.started_at = time.monotonic()
 
 

@@ -568,3 +568,21 @@ async def test_a_supervisor_whose_workers_cannot_start_exits_1(
     assert code == 1, log
     assert "failed 5 times in a row within 10s of starting: stopping every worker" in log
     assert "cannot listen on" in log
+
+
+async def test_a_sigterm_while_the_workers_start_stops_them_cleanly(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """Relayed before a worker has its handlers (its first second), SIGTERM used to kill it (-15: exit 1)."""
+    _, server = upstream
+    env = _env(free_port(), server, redis_url)
+    with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
+        deadline = time.monotonic() + 10
+        while len(_children(supervisor.pid)) < 2:
+            assert time.monotonic() < deadline, "no workers started"
+            await asyncio.sleep(0.005)
+        supervisor.send_signal(signal.SIGTERM)
+        code = await wait_exit(supervisor, 30)
+        log = log_path.read_text()
+    assert code == 0, log
+    assert "while stopping" not in log
