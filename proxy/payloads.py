@@ -180,6 +180,12 @@ class DefinitionsCache:
                 raw_etag = cast(bytes | None, await self._client.get(self._contract.etag_key(team_id)))
                 etag = self._decode_etag(team_id, raw_etag)
                 if etag is not None:
+                    held = self._entries.get(team_id)
+                    if held is not None and held.etag == etag and (held.body or held.packed) is not None:
+                        # Confirmed as it stands (after an outage, say): the payload held stays held, and the
+                        # next 200 needs no read; an ETag-only entry in its place would throw it away.
+                        held.checked_at = time.monotonic()
+                        return held
                     return self._store(Definitions(team_id, etag, None, True, time.monotonic()))
             keys = (self._contract.payload_key(team_id), self._contract.etag_key(team_id))
             raw_body, raw_etag = await mget(self._client, keys)

@@ -214,3 +214,28 @@ async def _run_books(redis_url: str, steps: list[Op], budget: int, decoded: int 
                 assert all(e.packed is not None for e in held if e.body is not None)
     finally:
         await client.aclose()
+
+
+async def test_an_etag_only_read_confirming_a_held_payload_keeps_it(
+    make_proxy: MakeProxy, payloads: tuple[BackendWriter, dict[int, tuple[bytes, str]]], redis_url: str
+) -> None:
+    """A 304's read (the ETag alone) past max staleness, after an outage for one: the payload held under
+    the same ETag stays held, rather than an ETag-only entry replacing it (the next 200 then read Redis)."""
+    _, stored = payloads
+    client = await make_proxy(definitions={"max_staleness_seconds": 0.2, "refresh_interval_seconds": 3600})
+    team_id = TEAMS[0]
+    body, etag = stored[team_id]
+    assert await served(client, team_id) == (200, body)
+    await asyncio.sleep(0.3)  # past max staleness: the next request reads Redis
+    assert await served(client, team_id, {"If-None-Match": f'W/"{etag}"'}) == (304, b"")
+    cache = client.app[keys.DEFINITIONS].cache
+    held = cache.get(team_id)
+    assert held is not None
+    assert cache.body(held) == body
+    with redis.Redis.from_url(redis_url) as sync:
+        sync.config_resetstat()
+    assert await served(client, team_id) == (200, body)
+    with redis.Redis.from_url(redis_url) as sync:
+        stats = sync.info("commandstats")
+    assert "cmdstat_get" not in stats
+    assert "cmdstat_mget" not in stats
