@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import cast
 
@@ -81,7 +82,9 @@ class TeamStore:
         # Tokens Redis has no record for -> when to ask again. Apart, and smaller: anyone can send unknown
         # tokens, and a flood of them must neither push out the teams held nor grow memory with their length
         # (a token longer than any real one is never remembered).
-        self._missed: dict[str, float] = {}
+        # An OrderedDict: popping its oldest stays O(1) while a flood churns it (next(iter(dict)) walks the
+        # deleted slots at its front: 8 -> 66 us per insert measured during one).
+        self._missed: OrderedDict[str, float] = OrderedDict()
         self._flight: SingleFlight[str, Team | None] = SingleFlight()
         # Tokens whose record was answered past its TTL: the refresher re-reads them together.
         self._due: set[str] = set()
@@ -168,7 +171,7 @@ class TeamStore:
             if len(token) > MAX_TOKEN_CHARS:
                 return
             if token not in self._missed and len(self._missed) >= self._max_misses:
-                del self._missed[next(iter(self._missed))]  # oldest first
+                self._missed.popitem(last=False)  # oldest first
             self._missed[token] = time.monotonic() + self._miss_ttl
             return
         self._missed.pop(token, None)
