@@ -17,8 +17,9 @@ WORKDIR /src
 RUN python3 -m venv /opt/edge-proxy
 
 # Dependencies before code: this layer is rebuilt only when pyproject.toml changes. EXTRAS adds optional
-# dependency groups from pyproject.toml, comma-separated (--build-arg EXTRAS=otlp for OTLP export).
-ARG EXTRAS=""
+# dependency groups from pyproject.toml, comma-separated. otlp by default: OTEL_EXPORTER_OTLP_ENDPOINT is
+# often set pod-wide, and without the exporter the proxy refuses to start (--build-arg EXTRAS= to leave it out).
+ARG EXTRAS="otlp"
 COPY pyproject.toml README.md ./
 RUN python3 -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 extras = [d for e in os.environ["EXTRAS"].split(",") if e for d in p["optional-dependencies"][e]]; \

@@ -442,6 +442,25 @@ def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
     [
         # preStop 10 + drain 15 + flush 5 = 30: no second left before SIGKILL.
         ((*MINIMAL, "--set", "preStop.sleepSeconds=10"), "does not fit in terminationGracePeriodSeconds"),
+        # 5 + 19.9 + 5 = 29.9: a tenth of a second is not the second the README promises.
+        ((*MINIMAL, "--set-json", "config.shutdown_timeout_seconds=19.9"), "with 1s to spare"),
+        # 5 + 18 + 5 = 28 leaves 2 s, not the last OTLP exports' 2.5 s besides the second.
+        (
+            (
+                *MINIMAL,
+                "--set",
+                "config.shutdown_timeout_seconds=18,config.telemetry.otlp_endpoint=http://c:4318",
+            ),
+            "with 3.5s to spare",
+        ),
+        (
+            (*MINIMAL, "--set", "serviceMonitor.enabled=true,config.workers=2"),
+            "serviceMonitor.enabled with config.workers > 1",
+        ),
+        (
+            (*MINIMAL, "--set-json", 'podLabels={"app.kubernetes.io/name":"x"}'),
+            "podLabels may not set app.kubernetes.io/name",
+        ),
         (("--set", "redis.existingSecret.name=r"), "mode fleet needs config.upstream.url"),
         ((*MINIMAL, "--set", "redis.existingSecret.name="), "redis.existingSecret.name is required"),
         ((*MINIMAL, "--set", "mode=sidecar", "--set", "sidecar.appPort=8080"), "must differ"),
@@ -503,3 +522,30 @@ def test_values_schema_config_follows_the_settings_model() -> None:
         f"helm/values.schema.json is behind proxy/settings.py: run `{UPDATE_SCHEMA_ENV}=1 "
         ".venv/bin/pytest tests/test_chart.py -k follows_the_settings_model` and commit the file"
     )
+
+
+def test_a_probe_with_another_handler_loses_the_default_httpget(helm: str) -> None:
+    """Values merging keeps the default httpGet beside an exec override: two handlers, refused by the API."""
+    result = template(helm, *MINIMAL, "--set-json", 'readinessProbe={"exec":{"command":["true"]}}')
+    assert result.returncode == 0, result.stderr
+    [container] = one(load_manifests(result.stdout), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"] == {
+        "exec": {"command": ["true"]},
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": 2,
+    }
+    assert container["livenessProbe"]["httpGet"] == {"path": "/_liveness", "port": "http"}
+
+
+def test_an_empty_aliases_list_leaves_only_the_definitions_path_in_the_httproute(helm: str) -> None:
+    result = template(
+        helm,
+        "--values",
+        str(CHART / "examples" / "fleet-httproute.yaml"),
+        "--set-json",
+        "config.definitions.aliases=[]",
+    )
+    assert result.returncode == 0, result.stderr
+    [rule] = one(load_manifests(result.stdout), "HTTPRoute")["spec"]["rules"]
+    assert [match["path"]["value"] for match in rule["matches"]] == ["/flags/definitions"]

@@ -122,8 +122,23 @@ upstream, a drain that does not fit the grace period.
 {{- $drain := float64 (dig "shutdown_timeout_seconds" 20 $config) }}
 {{- $flush := float64 (dig "billing" "final_flush_timeout_seconds" 5 $config) }}
 {{- $budget := addf (float64 .Values.preStop.sleepSeconds) $drain $flush }}
-{{- if ge $budget (float64 .Values.terminationGracePeriodSeconds) }}
-{{- fail (printf "preStop.sleepSeconds + config.shutdown_timeout_seconds + config.billing.final_flush_timeout_seconds = %vs does not fit in terminationGracePeriodSeconds (%v) with a second to spare: Kubernetes would SIGKILL during the final billing flush" $budget .Values.terminationGracePeriodSeconds) }}
+{{- /* A second to spare; with OTLP export, also the last exports' 2.5 s (telemetry.FINAL_EXPORT_SECONDS). */}}
+{{- $otlp := dig "telemetry" "otlp_endpoint" "" $config }}
+{{- range .Values.extraEnv }}
+{{- if eq .name "OTEL_EXPORTER_OTLP_ENDPOINT" }}{{- $otlp = "from extraEnv" }}{{- end }}
+{{- end }}
+{{- $spare := ternary 3.5 1.0 (not (empty $otlp)) }}
+{{- if gt (addf $budget $spare) (float64 .Values.terminationGracePeriodSeconds) }}
+{{- fail (printf "preStop.sleepSeconds + config.shutdown_timeout_seconds + config.billing.final_flush_timeout_seconds = %vs does not fit in terminationGracePeriodSeconds (%v) with %vs to spare (a second, and the last OTLP exports' 2.5 s when they are on): Kubernetes would SIGKILL during the final billing flush" $budget .Values.terminationGracePeriodSeconds $spare) }}
+{{- end }}
+{{- if and (eq .Values.mode "fleet") .Values.serviceMonitor.enabled (gt (int (dig "workers" 1 $config)) 1) }}
+{{- fail "serviceMonitor.enabled with config.workers > 1: every scrape of the shared port reaches one worker, and its counts replace the last one's (counter resets): run one worker per pod and scale pods" }}
+{{- end }}
+{{- $own := fromYaml (include "edge-proxy.labels" .) }}
+{{- range $key, $_ := default (dict) .Values.podLabels }}
+{{- if hasKey $own $key }}
+{{- fail (printf "podLabels may not set %s: the chart sets it (and the selector may depend on it)" $key) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -165,15 +180,15 @@ The proxy container, shared by the fleet Deployment and the sidecar. Called with
   {{- end }}
   {{- with $v.startupProbe }}
   startupProbe:
-    {{- toYaml (mustMergeOverwrite (dict "httpGet" (dict "port" $portName)) .) | nindent 4 }}
+    {{- include "edge-proxy.probe" (list . $portName) | nindent 4 }}
   {{- end }}
   {{- with $v.livenessProbe }}
   livenessProbe:
-    {{- toYaml (mustMergeOverwrite (dict "httpGet" (dict "port" $portName)) .) | nindent 4 }}
+    {{- include "edge-proxy.probe" (list . $portName) | nindent 4 }}
   {{- end }}
   {{- with (ternary $v.sidecar.readinessProbe $v.readinessProbe .sidecar) }}
   readinessProbe:
-    {{- toYaml (mustMergeOverwrite (dict "httpGet" (dict "port" $portName)) .) | nindent 4 }}
+    {{- include "edge-proxy.probe" (list . $portName) | nindent 4 }}
   {{- end }}
   lifecycle:
     preStop:
@@ -214,4 +229,18 @@ The proxy's volumes: its ConfigMap, and a small memory-backed /tmp (the root fil
   emptyDir:
     medium: Memory
     sizeLimit: 16Mi
+{{- end }}
+
+{{/*
+A probe from values: an httpGet one gets the container's port; one overridden with another handler (exec,
+tcpSocket, grpc) loses the default httpGet that values merging keeps beside it (two handlers: refused).
+*/}}
+{{- define "edge-proxy.probe" -}}
+{{- $probe := index . 0 }}
+{{- $port := index . 1 }}
+{{- if or (hasKey $probe "exec") (hasKey $probe "tcpSocket") (hasKey $probe "grpc") }}
+{{- toYaml (omit $probe "httpGet") }}
+{{- else }}
+{{- toYaml (mustMergeOverwrite (dict "httpGet" (dict "port" $port)) $probe) }}
+{{- end }}
 {{- end }}
