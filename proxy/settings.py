@@ -441,7 +441,7 @@ class TelemetrySettings(_Section):
         if value is not None and importlib.util.find_spec("opentelemetry.exporter.otlp") is None:
             raise ValueError(
                 "needs the otlp extra (pip install 'edge-proxy[otlp]'; "
-                "for the image, docker build --build-arg EXTRAS=otlp)"
+                "the image has it unless built with --build-arg EXTRAS=)"
             )
         return value
 
