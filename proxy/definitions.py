@@ -75,6 +75,8 @@ class DefinitionsService:
         auth = app[keys.SETTINGS].definitions.auth
         self._local_credentials = frozenset(auth.local_credentials)
         self._max_staleness = app[keys.SETTINGS].definitions.max_staleness_seconds
+        # A secret refused by a record not re-read this recently may be one rotated since: see decide().
+        self._recheck_after = max(1.0, 2 * app[keys.SETTINGS].definitions.refresh_interval_seconds)
         self._quota = app[keys.QUOTA]
         self._rate_limits = app[keys.RATE_LIMITS]
         self._billing = app[keys.BILLING]
@@ -153,9 +155,14 @@ class DefinitionsService:
             for secret in team.secrets:
                 matched |= hmac.compare_digest(presented, secret)
             if not matched:
-                if not self.teams.confirmed_since(token, self._max_staleness):
-                    # The secrets may have been rotated since Redis last answered for this record (an
-                    # outage): a refusal is the backend's to make, as a payload that old is (forwarded).
+                # The secrets may have been rotated since the record was read (the backend accepts the new
+                # one at once). Past a second, the record is re-read in the background and this request,
+                # the first such, goes to the backend; the others meanwhile are refused here (a flood of
+                # wrong secrets reaches the backend about once a second per team). Past max staleness
+                # (Redis down), every such request goes to the backend, as a payload that old does.
+                teams = self.teams
+                queued = not teams.confirmed_since(token, self._recheck_after) and teams.recheck(token)
+                if queued or not teams.confirmed_since(token, self._max_staleness):
                     return FORWARD
                 if live:
                     self._auth_denied["secret_api_token"] += 1

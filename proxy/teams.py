@@ -106,6 +106,13 @@ class TeamStore:
             self._due.add(token)
         return cached.team
 
+    def recheck(self, token: str) -> bool:
+        """Queue `token`'s record for the refresher's next read; False if it already is (or is not held)."""
+        if token not in self._cached or token in self._due:
+            return False
+        self._due.add(token)
+        return True
+
     def confirmed_since(self, token: str, seconds: float) -> bool:
         """Whether Redis confirmed `token`'s record within the last `seconds` (its secrets are that fresh)."""
         cached = self._cached.get(token)

@@ -420,3 +420,36 @@ async def test_a_secret_refused_by_a_team_record_older_than_max_staleness_is_the
         assert [seen.path_qs for seen in recorder.seen] == [url]
     finally:
         redis_server.start()
+
+
+async def test_a_rotated_secret_is_accepted_at_once_and_a_flood_of_wrong_ones_stays_local(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """The backend accepts a new secret the moment it is rotated in; a record read a while ago does not
+    know it. Such a refusal goes to the backend (once per team at a time) and the record is re-read, so the
+    new secret is then accepted here, and a flood of wrong secrets is refused here, not forwarded."""
+    recorder, _ = upstream
+    writer = BackendWriter(redis_url)
+    team = {"id": 71, "api_token": "phc_rotation", "secret_api_token": "phs_v1"}
+    writer.set_team("phc_rotation", team)
+    writer.set_definitions(71, [{"id": 1, "key": "beta", "active": True}])
+    client = await make_proxy(definitions={"refresh_interval_seconds": 0.05})
+    url = "/flags/definitions?token=phc_rotation"
+
+    async def status(secret: str) -> int:
+        async with client.get(url, headers={"Authorization": f"Bearer {secret}"}) as response:
+            await response.read()
+            return response.status
+
+    assert await status("phs_v1") == 200
+    writer.set_team(
+        "phc_rotation", {**team, "secret_api_token": "phs_v2", "secret_api_token_backup": "phs_v1"}
+    )
+    await asyncio.sleep(1.2)  # the record in memory is older than the recheck delay
+
+    assert await status("phs_v2") == 200  # the backend's answer (the rig's upstream)
+    assert [seen.path_qs for seen in recorder.seen] == [url]
+    await asyncio.sleep(0.3)  # the refresher re-read the record
+    assert await status("phs_v2") == 200  # now answered here
+    assert [await status(f"phs_wrong_{n}") for n in range(20)] == [401] * 20
+    assert len(recorder.seen) == 1
