@@ -14,7 +14,6 @@ from proxy import keys
 from proxy.conditional import bearer, none_match
 from proxy.contract import RedisContract, library_from_user_agent
 from proxy.errors import error_body, json_response
-from proxy.forward import expect_continue
 from proxy.learning import VerdictLearner
 from proxy.offload import BUCKETS, Offload
 from proxy.payloads import DefinitionsCache
@@ -23,7 +22,7 @@ from proxy.settings import ServiceMode
 from proxy.shadow import Shadow, UpstreamAnswer
 from proxy.tasks import background
 from proxy.teams import TeamStore
-from proxy.telemetry import DEFINITIONS, observed
+from proxy.telemetry import DEFINITIONS, expect_continue, observed
 from proxy.verdicts import VerdictStore
 
 log = logging.getLogger(__name__)

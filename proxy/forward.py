@@ -12,7 +12,6 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import hdrs, http_writer, web
-from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
 from yarl import URL
@@ -22,7 +21,7 @@ from proxy.access_log import safe_path
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
 from proxy.logs import Throttled
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
-from proxy.telemetry import FORWARD, observed
+from proxy.telemetry import FORWARD, expect_continue, observed
 from proxy.upstream import Limits, Pool, Response, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -425,14 +424,6 @@ def _trust_checker(networks: Iterable[IPv4Network | IPv6Network]) -> Callable[[s
         return any(address in network for network in trusted_networks)
 
     return is_trusted
-
-
-async def expect_continue(request: web.Request) -> None:
-    """aiohttp's expect handler without its 417 for an expectation other than 100-continue, which gunicorn
-    ignores (and answers the request): so does the proxy, on every route (Expect is not forwarded)."""
-    if request.version == HttpVersion11 and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the body has not begun
 
 
 def add_routes(app: web.Application) -> None:

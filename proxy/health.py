@@ -13,10 +13,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy import keys
-from proxy.forward import expect_continue
 from proxy.settings import HEALTH_PATHS
 from proxy.tasks import background
-from proxy.telemetry import HEALTH, observed
+from proxy.telemetry import HEALTH, expect_continue, observed
 
 log = logging.getLogger(__name__)
 

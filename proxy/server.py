@@ -19,13 +19,19 @@ from aiohttp import http_writer, web, web_response
 from proxy import keys
 from proxy.app import create_app
 from proxy.settings import Settings
-from proxy.telemetry import metrics_handler
+from proxy.telemetry import expect_continue, metrics_handler
 
 log = logging.getLogger(__name__)
 
 # SIGHUP too (a closed terminal, an init system): its default action would end the process with no drain
 # and no final billing flush, and a supervisor's workers would outlive it, still serving the port.
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """The stop signals, less SIGHUP when this process was started ignoring it (nohup): kept ignored."""
+    ignored = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    return tuple(sig for sig in _STOP_SIGNALS if not (ignored and sig == signal.SIGHUP))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -96,7 +102,8 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
     loop = asyncio.get_running_loop()
     # Installed before startup, so a SIGTERM while Redis connects ends the process through the same
     # clean path instead of the default action.
-    for sig in _STOP_SIGNALS:
+    stops = _stop_signals()
+    for sig in stops:
         loop.add_signal_handler(sig, on_signal, sig)
     # A worker of a supervisor starts with them blocked (see _spawn): one that came meanwhile is handled now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -153,7 +160,7 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
     finally:
-        for sig in _STOP_SIGNALS:
+        for sig in stops:
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
@@ -163,7 +170,9 @@ def _worker_metrics_runner(app: web.Application, settings: Settings) -> web.AppR
     """This worker's own metrics, alone on a port of its own (telemetry.worker_metrics_port)."""
     metrics_app = web.Application()
     metrics_app[keys.TELEMETRY] = app[keys.TELEMETRY]
-    metrics_app.router.add_get(settings.telemetry.metrics_path, metrics_handler, allow_head=False)
+    metrics_app.router.add_get(
+        settings.telemetry.metrics_path, metrics_handler, allow_head=False, expect_handler=expect_continue
+    )
     return web.AppRunner(metrics_app, handle_signals=False, access_log=None)
 
 
@@ -201,7 +210,8 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
-    handled = (*_STOP_SIGNALS, signal.SIGCHLD)
+    stops = _stop_signals()  # a SIGHUP ignored here stays ignored, in the workers too (they inherit it)
+    handled = (*stops, signal.SIGCHLD)
     previous = {sig: signal.signal(sig, _noop) for sig in handled}
     previous_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     slots = [_Slot() for _ in range(settings.workers)]
@@ -222,7 +232,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
             # Blocks until a signal (SIGCHLD included) or the next scheduled restart: no polling.
             select.select([wake_r], [], [], max(0.0, min(waits)) if waits else None)
             for signum in _read_signals(wake_r):
-                if signum in _STOP_SIGNALS:
+                if signum in stops:
                     if not stopping:
                         log.info("%s: stopping %d workers", signal.Signals(signum).name, len(slots))
                     stopping = True

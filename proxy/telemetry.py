@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from time import perf_counter
 
 from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
 from opentelemetry import context, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -219,11 +220,20 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(registry), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
 
 
+async def expect_continue(request: web.Request) -> None:
+    """aiohttp's expect handler without its 417 for an expectation other than 100-continue, which gunicorn
+    ignores (and answers the request): so does the proxy, on every route (Expect is never forwarded)."""
+    if request.version == HttpVersion11 and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body has not begun
+
+
 def add_routes(app: web.Application) -> None:
     """The metrics path, in every service mode and never forwarded, when metrics are enabled."""
     config = app[keys.SETTINGS].telemetry
     if config.metrics_enabled:
-        app.router.add_get(config.metrics_path, observed(app, HEALTH, metrics_handler), allow_head=False)
+        route = observed(app, HEALTH, metrics_handler)
+        app.router.add_get(config.metrics_path, route, allow_head=False, expect_handler=expect_continue)
 
 
 async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -333,7 +333,7 @@ async def test_expect_continue_is_answered_here_not_forwarded(make_proxy: MakePr
     assert "Expect" not in seen.headers
 
 
-@pytest.mark.parametrize("path", ["/e", "/flags/definitions?token=phc_unknown", "/_liveness"])
+@pytest.mark.parametrize("path", ["/e", "/flags/definitions?token=phc_unknown", "/_liveness", "/metrics"])
 async def test_an_expectation_other_than_100_continue_is_ignored_as_gunicorn_does(
     make_proxy: MakeProxy, upstream: Rig, path: str
 ) -> None:

@@ -586,3 +586,25 @@ async def test_a_sigterm_while_the_workers_start_stops_them_cleanly(
         log = log_path.read_text()
     assert code == 0, log
     assert "while stopping" not in log
+
+
+async def test_a_proxy_started_ignoring_sighup_keeps_ignoring_it(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """Started under nohup (SIGHUP ignored), a closed terminal must not stop it; SIGTERM still does."""
+    _, server = upstream
+    port = free_port()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the child, as nohup does
+    try:
+        with proxy_process(tmp_path, _env(port, server, redis_url)) as (process, log_path):
+            signal.signal(signal.SIGHUP, previous)
+            await wait_ready(port, process, log_path)
+            process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            assert process.poll() is None, log_path.read_text()
+            await wait_ready(port, process, log_path)
+            process.send_signal(signal.SIGTERM)
+            assert await wait_exit(process, 15) == 0
+            assert "SIGHUP" not in log_path.read_text()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
