@@ -190,6 +190,7 @@ class _Slot:
     started_at: float = 0.0
     restart_at: float = 0.0
     crashes: int = 0
+    quick_failures: int = 0  # in a row, each within _HEALTHY_RUN_SECONDS of starting
 
 
 # A worker that lived this long before crashing is restarted at once; quicker crashes back off
@@ -240,7 +241,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                         if slot.process is not None:
                             slot.process.send_signal(signum)
             clean = _reap(slots, stopping) and clean
-            failing = next((i for i, slot in enumerate(slots) if slot.crashes >= _GIVE_UP_CRASHES), None)
+            failing = next((i for i, s in enumerate(slots) if s.quick_failures >= _GIVE_UP_CRASHES), None)
             if failing is not None and not stopping:
                 log.error(
                     "worker %d failed %d times in a row within %.0fs of starting: stopping every worker",
@@ -303,7 +304,9 @@ def _reap(slots: list[_Slot], stopping: bool) -> bool:
                 log.error("worker %d exited with %s while stopping", process.pid, code)
                 clean = False
             continue
-        slot.crashes = 1 if now - slot.started_at >= _HEALTHY_RUN_SECONDS else slot.crashes + 1
+        quick = now - slot.started_at < _HEALTHY_RUN_SECONDS
+        slot.crashes = slot.crashes + 1 if quick else 1
+        slot.quick_failures = slot.quick_failures + 1 if quick else 0
         delay = 0.0 if slot.crashes == 1 else min(_MAX_BACKOFF_SECONDS, 0.5 * 2 ** (slot.crashes - 2))
         slot.restart_at = now + delay
         log.error("worker %d exited with %s; restarting it in %.1fs", process.pid, code, delay)

@@ -610,6 +610,19 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[st
     return found
 
 
+def _empty_sections_as_mappings(tree: dict[str, Any], model: type[BaseModel]) -> None:
+    """A section left empty in the file (`redis:`, every key under it commented out) is YAML's null: the
+    section's defaults, as if it were absent. Only for keys that are sections: an empty value is still one."""
+    for name, field in model.model_fields.items():
+        section = field.annotation
+        if not (isinstance(section, type) and issubclass(section, BaseModel)) or name not in tree:
+            continue
+        if tree[name] is None:
+            tree[name] = {}
+        if isinstance(tree[name], dict):
+            _empty_sections_as_mappings(tree[name], section)
+
+
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
     """Set `value` at `path`; False, leaving the tree as it is, when a part of the path already holds a
     value that is no section (a file's `redis: "redis://..."`, say): validation then names that key, rather
@@ -655,6 +668,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
         tree = loaded
+        _empty_sections_as_mappings(tree, Settings)
     sources: dict[tuple[str, ...], str] = {}
     unplaced: list[str] = []
     for key_path, (name, raw) in _env_overrides(environ).items():

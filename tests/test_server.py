@@ -608,3 +608,21 @@ async def test_a_proxy_started_ignoring_sighup_keeps_ignoring_it(
             assert "SIGHUP" not in log_path.read_text()
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_only_quick_failures_in_a_row_count_towards_giving_up() -> None:
+    """A crash after a healthy run is not one of them: give up after 5 quick ones, not 4 after it."""
+
+    class Exited:
+        pid = 4242
+
+        def poll(self) -> int:
+            return 1
+
+    slot = server._Slot(process=Exited(), started_at=time.monotonic() - 3600)  # type: ignore[arg-type]
+    server._reap([slot], stopping=False)
+    assert (slot.crashes, slot.quick_failures) == (1, 0)
+    for expected in range(1, server._GIVE_UP_CRASHES + 1):
+        slot.process, slot.started_at = Exited(), time.monotonic()  # type: ignore[assignment]
+        server._reap([slot], stopping=False)
+        assert slot.quick_failures == expected

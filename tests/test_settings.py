@@ -500,3 +500,11 @@ def test_an_empty_file_section_takes_environment_overrides(tmp_path: Path) -> No
     """`redis:` with every key commented out (the URL comes from a Secret) is YAML's null, not a mistake."""
     path = write(tmp_path, "redis:\n  # url: from the Secret\n")
     assert load_settings(path, {"REDIS_URL": "redis://redis:6379/0"}).redis.url == "redis://redis:6379/0"
+
+
+def test_empty_file_sections_are_their_defaults_and_empty_values_still_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "redis:\nrate_limits:\ndefinitions:\n  auth:\n")
+    settings = load_settings(path, {})
+    assert settings.redis == RedisSettings()
+    assert settings.definitions.auth == DefinitionsSettings().auth
+    assert "workers: Input should be a valid integer" in problems(write(tmp_path, "workers:\n"))
