@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 from redis.asyncio import BlockingConnectionPool
+from redis.exceptions import RedisError
 
 
 class ConfigError(Exception):
@@ -95,6 +96,21 @@ def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | Non
 # from counting twice, so no batch may stay pending this long.
 BILLING_DEDUPE_TTL_SECONDS = 86400
 
+
+def _safe_reason(exc: Exception) -> str:
+    """redis-py's (or urllib's) complaint about a URL, when it cannot quote the password: an option's name
+    or value. Others (a port or netloc message quotes what it read, which can be part of a password holding
+    an unescaped '/' or '@') become a general one."""
+    reason = str(exc)
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in reason:
+        return "an unknown query option" + reason[reason.index("argument") + len("argument") :]
+    if reason.startswith(("Invalid value for '", "Redis URL must specify")):
+        return reason
+    if isinstance(exc, RedisError):
+        return f"a query option redis-py refuses ({type(exc).__name__})"
+    return "no host and port it can read (a '/', '@', ':' or non-ASCII character in a password is %-encoded)"
+
+
 # Liveness, readiness, startup (proxy/health.py): answered in every mode, so no other route may take them.
 HEALTH_PATHS = ("/_liveness", "/_readiness", "/_startup")
 
@@ -113,11 +129,8 @@ def _redis_url(value: str) -> str:
         # it read as the port, which is part of the password when that holds an unescaped "/": not repeated.
         try:
             BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
-        except (ValueError, TypeError) as exc:
-            reason = str(exc)
-            if reason.startswith("Port"):
-                reason = "no port number in 1-65535 (a '/', '@' or ':' in the password must be %-encoded)"
-            raise ValueError(f"redis-py cannot use this URL: {reason}") from None
+        except (ValueError, TypeError, RedisError) as exc:
+            raise ValueError(f"redis-py cannot use this URL: {_safe_reason(exc)}") from None
         path = urlsplit(value).path.strip("/")
         if not value.startswith("unix://") and path and not (path.isascii() and path.isdigit()):
             raise ValueError("the database (the URL's path) must be a number")
@@ -342,7 +355,8 @@ class BillingSettings(_Section):
     # begun during an interval waits for the next flush, so each flush writes one bucket per (team, SDK).
     # What a SIGKILL can lose is one interval of one process's counts (SIGTERM flushes): 30 s is one SDK
     # poll; after a bucket boundary, also the new bucket's first seconds held from the previous flush.
-    flush_interval_seconds: Seconds = 30.0
+    # Under a day: a batch retried later than that would find its dedupe mark gone.
+    flush_interval_seconds: Annotated[float, Field(gt=0, lt=86400, allow_inf_nan=False)] = 30.0
     # Unflushed batches (one per flush interval) kept while Redis is down; beyond this the oldest is dropped
     # and logged. At most a day's worth are kept whatever this says (1000 x 30 s is ~8 h): the mark that makes
     # a retried batch count once lives a day in Redis.
