@@ -183,7 +183,8 @@ class Shadow:
             self.outcomes["local_forwards"] += 1
             return
         local_body = local.body if isinstance(local.body, bytes) else b""
-        if len(local_body) >= _OFF_LOOP_BYTES and upstream.body is not None and local_body != upstream.body:
+        big = max(len(local_body), len(upstream.body or b"")) >= _OFF_LOOP_BYTES
+        if big and upstream.body is not None and local_body != upstream.body:
             kinds = await asyncio.to_thread(compare, local, upstream)
         else:
             kinds = compare(local, upstream)

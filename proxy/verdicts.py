@@ -83,6 +83,8 @@ def verdict_of(status: int, headers: Mapping[str, str], body: bytes | None) -> V
         return Verdict(200)
     if status in (401, 403) and body is not None and len(body) <= MAX_DENIAL_BODY_BYTES:
         kept = {name: headers[name] for name in DENIAL_HEADERS if name in headers}
+        if not all(_header_safe(value) for value in kept.values()):
+            return None  # what decode() would refuse once it is read back from Redis: learned, then dropped
         try:
             body.decode()
         except UnicodeDecodeError:
