@@ -21,7 +21,7 @@ from proxy.access_log import safe_path
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
 from proxy.logs import Throttled
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
-from proxy.telemetry import FORWARD, expect_continue, observed
+from proxy.telemetry import CLIENT_CLOSED, FORWARD, expect_continue, observed
 from proxy.upstream import Limits, Pool, Response, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -159,12 +159,18 @@ class Forwarder:
             [f"{method} {self._target(request)} HTTP/1.1\r\n", *[f"{k}: {v}\r\n" for k, v in headers], "\r\n"]
         ).encode("utf-8", "surrogateescape")  # header bytes leave as they came in
         try:
-            upstream = await self.pool.send(head, body, head_only=method == "HEAD", chunked=chunked)
+            upstream = await self.pool.send(
+                head, body, head_only=method == "HEAD", chunked=chunked, wanted=_client_still_there(request)
+            )
         except ClientBodyError as exc:
             tracing.end_upstream_span(span, None, exc)
             return exc.response()
         except UpstreamError as exc:
             tracing.end_upstream_span(span, None, exc)
+            if exc.kind == "abandoned":
+                # Nobody to answer (aiohttp does not cancel a handler whose client left): nginx's 499.
+                request.protocol.force_close()
+                return web.Response(status=CLIENT_CLOSED)
             self.failures[exc.kind] += 1
             return self._failed(request, None, exc)
         tracing.end_upstream_span(span, upstream.status, None)
@@ -195,7 +201,7 @@ class Forwarder:
         streamed = ExactHeadStreamResponse if upstream.non_utf8 else web.StreamResponse
         response = streamed(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
-            await _relay(request, upstream, response, observe, capture_bytes)
+            await _relay(request, upstream, response, observe, capture_bytes, self.pool.limits.read_timeout)
         except UpstreamError as exc:
             self.failures[exc.kind] += 1
             return self._failed(request, response, exc)
@@ -307,8 +313,13 @@ async def _relay(
     response: web.StreamResponse,
     observe: Observer | None,
     capture_bytes: int,
+    write_timeout: float,
 ) -> None:
-    """Stream the answer through; an observer sees it at the end, with the body if within `capture_bytes`."""
+    """Stream the answer through; an observer sees it at the end, with the body if within `capture_bytes`.
+
+    A client that takes no more of it for `write_timeout` (the upstream's read timeout: the same silence,
+    the other way) is cut off: it would hold an upstream connection, and what was read for it, for ever.
+    """
     captured: list[bytes] | None = [] if observe is not None and capture_bytes > 0 else None
     size = 0
     if request.app[keys.HEALTH].draining:
@@ -316,7 +327,11 @@ async def _relay(
     await response.prepare(request)
     # Whatever arrived is passed on, so server-sent events and chunked answers are not held back.
     async for chunk in upstream.chunks():
-        await response.write(chunk)
+        try:
+            async with asyncio.timeout(write_timeout):
+                await response.write(chunk)
+        except TimeoutError:
+            raise ConnectionResetError("the client stopped reading") from None
         if captured is not None:
             size += len(chunk)
             if size <= capture_bytes:
@@ -362,6 +377,14 @@ class ExactHeadResponse(ExactHeadStreamResponse, web.Response):
 def _one_char_per_byte(text: str) -> str:
     """`text`'s bytes on the wire (surrogates back to the bytes they stand for), one character per byte."""
     return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _client_still_there(request: web.Request) -> Callable[[], bool]:
+    def wanted() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    return wanted
 
 
 def _has_dot_segment(target: str) -> bool:

@@ -16,7 +16,7 @@ import contextlib
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -33,7 +33,8 @@ RETRIED_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DE
 
 class UpstreamError(Exception):
     """The upstream failed this exchange. `kind` is the metrics label: refused, timeout, disconnected or
-    malformed. The message never carries request data (URLs hold project tokens)."""
+    malformed; or abandoned, which is no failure of the upstream's (the client left while the request
+    waited for a connection, and it was not sent). The message never carries request data."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(f"{kind}: {reason}")
@@ -88,6 +89,7 @@ class Pool:
         *,
         head_only: bool = False,
         chunked: bool = False,
+        wanted: Callable[[], bool] | None = None,
     ) -> Response:
         """Send `head` (request line and headers, blank line included) and `body`; the answer once its head
         is in. `head_only`: the request was HEAD (its answer has no body whatever it declares). `chunked`:
@@ -100,7 +102,7 @@ class Pool:
         retry = not streamed and head[: head.find(b" ")] in RETRIED_METHODS
         fresh = False
         while True:
-            conn, reused = await self._acquire(fresh)
+            conn, reused = await self._acquire(fresh, wanted)
             try:
                 if streamed:
                     return await conn.exchange_streamed(head, body, head_only, chunked)  # type: ignore[arg-type]
@@ -116,8 +118,11 @@ class Pool:
                 self.release(conn)
                 raise
 
-    async def _acquire(self, fresh: bool = False) -> tuple[Connection, bool]:
-        """A connection and whether it was reused; `fresh`: a new one, whatever is idle."""
+    async def _acquire(
+        self, fresh: bool = False, wanted: Callable[[], bool] | None = None
+    ) -> tuple[Connection, bool]:
+        """A connection and whether it was reused; `fresh`: a new one, whatever is idle. After waiting for
+        one, `wanted()` says whether the request is still worth sending (its client is still there)."""
         idle = self._idle
         while idle and not fresh:
             conn = idle.pop()  # the most recently used: the least likely to have been closed meanwhile
@@ -130,20 +135,34 @@ class Pool:
             waiter: asyncio.Future[Connection | None] = self._loop.create_future()
             self._waiters.append(waiter)
             try:
-                handed = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    # Handed a slot or a connection just as this request was cancelled: pass it on.
-                    late = waiter.result()
-                    if late is not None:
-                        self.release(late)
-                    else:
-                        self._count -= 1
-                        self._wake_one()
+                # Bounded: behind a backend too slow to free a connection, waiting longer than an answer may
+                # take only piles requests up (their clients long gone): 504 instead.
+                async with asyncio.timeout(self.limits.read_timeout):
+                    try:
+                        handed = await waiter
+                    except asyncio.CancelledError:
+                        if waiter.done() and not waiter.cancelled():
+                            # Handed a slot or a connection just as this request was cancelled: pass it on.
+                            late = waiter.result()
+                            if late is not None:
+                                self.release(late)
+                            else:
+                                self._count -= 1
+                                self._wake_one()
+                        else:
+                            with contextlib.suppress(ValueError):  # already popped and skipped as done
+                                self._waiters.remove(waiter)
+                        raise
+            except TimeoutError:
+                raise UpstreamError("timeout", "no upstream connection came free in time") from None
+            if wanted is not None and not wanted():
+                # Its client left while it waited: not sent, the connection (or slot) goes to the next.
+                if handed is not None:
+                    self.release(handed)
                 else:
-                    with contextlib.suppress(ValueError):  # already popped and skipped as done
-                        self._waiters.remove(waiter)
-                raise
+                    self._count -= 1
+                    self._wake_one()
+                raise UpstreamError("abandoned", "the client left while the request waited")
             if handed is not None:
                 return handed, True
         else:

@@ -8,6 +8,7 @@ each exercised on real sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import json
@@ -29,7 +30,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.errors import BAD_GATEWAY
-from proxy.upstream import READ_HIGH_WATER, Connection, Limits, Pool
+from proxy.upstream import READ_HIGH_WATER, Connection, Limits, Pool, UpstreamError
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -907,3 +908,86 @@ async def test_connections_cut_under_load_never_mix_answers_or_leak_pool_places(
         assert pool.waiting == 0
     finally:
         await chaos.close()
+
+
+async def test_a_wait_for_a_connection_is_bounded_and_an_abandoned_one_is_never_sent(
+    scripted: Callable[[Handler], Awaitable[Scripted]],
+) -> None:
+    """Behind a backend too slow to free a connection, requests do not wait longer than an answer may take
+    (504), and one whose client left while it waited is not sent: its turn goes to the next."""
+    release = asyncio.Event()
+
+    async def slow(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if not head.startswith(b"GET /hold "):
+            writer.write(OK)
+            await writer.drain()
+            return True
+        # A byte every 0.1 s until released: never silent for the read timeout, the connection held.
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        sent = 0
+        while not release.is_set():
+            writer.write(b"k")
+            sent += 1
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.write(b"k" * (1000 - sent))
+        await writer.drain()
+        return True
+
+    upstream = await scripted(slow)
+    port = int(upstream.url.rpartition(":")[2])
+    pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1, read_timeout=0.3))
+
+    async def get(path: bytes, wanted: Callable[[], bool] | None = None) -> bytes:
+        response = await pool.send(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % path, None, wanted=wanted)
+        try:
+            return await response.read()
+        finally:
+            response.release()
+
+    try:
+        held = asyncio.ensure_future(get(b"/hold"))
+        await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
+        with pytest.raises(UpstreamError) as timed_out:
+            await get(b"/late")
+        assert timed_out.value.kind == "timeout"
+
+        gone = asyncio.ensure_future(get(b"/gone", wanted=lambda: False))
+        after = asyncio.ensure_future(get(b"/after"))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await held == b"k" * 1000
+        with pytest.raises(UpstreamError) as abandoned:
+            await gone
+        assert abandoned.value.kind == "abandoned"
+        assert await after == b"ok"
+        assert [head.split(b" ")[1] for head in upstream.heads] == [b"/hold", b"/after"]
+        assert pool.connections() == {"idle": 1, "busy": 0}
+    finally:
+        release.set()
+        pool.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_connection(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    total = 64 * 1024 * 1024
+
+    async def floods(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"z" * 65536
+        with contextlib.suppress(ConnectionError):
+            for _ in range(total // len(block)):
+                writer.write(block)
+                await writer.drain()
+        return False
+
+    upstream = await scripted(floods)
+    client = await proxy_to(make_proxy, upstream, read_timeout_seconds=1)
+    assert client.port is not None
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+    pool = client.app[keys.FORWARDER].pool
+    await wait_until(lambda: pool.connections()["busy"] == 1, "the forward under way")
+    await wait_until(lambda: pool.connections()["busy"] == 0, "the stalled client cut off", within=10)
+    writer.close()
