@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -11,6 +12,27 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from proxy import tasks
 
 SECRET_LOOKING = "posthog:1:team_token:phc_must_never_be_logged"
+
+
+async def _run_every(
+    outcomes: list[BaseException | None], log: logging.Logger, on_error: Callable[[], None] | None = None
+) -> None:
+    """every() over a step raising each of `outcomes` in turn (None: a step that succeeds), until done."""
+    done = asyncio.Event()
+
+    async def step() -> None:
+        if not outcomes:
+            done.set()
+            return
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    runner = asyncio.create_task(tasks.every(0.001, step, what=log.name, log=log, on_error=on_error))
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        runner.cancel()
 
 
 async def test_a_background_loop_that_raises_is_logged_and_started_again(
@@ -67,31 +89,18 @@ async def test_every_runs_on_after_an_unexpected_error_and_logs_it_once(
         None,
     ]
     errors = 0
-    done = asyncio.Event()
-
-    async def step() -> None:
-        if not outcomes:
-            done.set()
-            return
-        outcome = outcomes.pop(0)
-        if outcome is not None:
-            raise outcome
 
     def on_error() -> None:
         nonlocal errors
         errors += 1
 
-    runner = asyncio.create_task(tasks.every(0.001, step, what="the test loop", log=log, on_error=on_error))
-    try:
-        await asyncio.wait_for(done.wait(), 5)
-    finally:
-        runner.cancel()
+    await _run_every(outcomes, log, on_error)
     assert errors == 3
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "test.every"]
     assert [level for level, _ in lines] == ["ERROR", "INFO", "WARNING", "INFO"]
-    assert lines[0][1].startswith("the test loop failing: RecursionError at test_tasks.py:")
-    assert lines[1][1] == "the test loop recovered"
-    assert lines[2][1] == "the test loop failing (ConnectionError)"
+    assert lines[0][1].startswith("test.every failing: RecursionError at test_tasks.py:")
+    assert lines[1][1] == "test.every recovered"
+    assert lines[2][1] == "test.every failing (ConnectionError)"
     assert "phc_" not in caplog.text
 
 
@@ -118,27 +127,7 @@ async def test_every_logs_an_unexpected_error_that_begins_during_a_redis_outage(
 ) -> None:
     caplog.set_level(logging.INFO)
     log = logging.getLogger("test.every.both")
-    outcomes: list[BaseException | None] = [
-        RedisConnectionError(),
-        ValueError(),
-        RedisConnectionError(),
-        None,
-    ]
-    done = asyncio.Event()
-
-    async def step() -> None:
-        if not outcomes:
-            done.set()
-            return
-        outcome = outcomes.pop(0)
-        if outcome is not None:
-            raise outcome
-
-    runner = asyncio.create_task(tasks.every(0.001, step, what="the loop", log=log))
-    try:
-        await asyncio.wait_for(done.wait(), 5)
-    finally:
-        runner.cancel()
+    await _run_every([RedisConnectionError(), ValueError(), RedisConnectionError(), None], log)
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "test.every.both"]
     assert [level for level, _ in lines] == ["WARNING", "ERROR", "INFO"]
-    assert lines[1][1].startswith("the loop failing: ValueError at test_tasks.py:")
+    assert lines[1][1].startswith("test.every.both failing: ValueError at test_tasks.py:")

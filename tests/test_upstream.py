@@ -122,6 +122,15 @@ async def proxy_to(make_proxy: MakeProxy, upstream: Scripted, **upstream_setting
     return await make_proxy(upstream={"url": upstream.url, **upstream_settings})
 
 
+async def pool_get(pool: Pool, path: bytes, wanted: Callable[[], bool] | None = None) -> bytes:
+    """GET `path` through `pool` alone; the whole body."""
+    response = await pool.send(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % path, None, wanted=wanted)
+    try:
+        return await response.read()
+    finally:
+        response.release()
+
+
 def failures(client: Client) -> dict[str, int]:
     return dict(client.app[keys.FORWARDER].failures)
 
@@ -598,12 +607,8 @@ async def test_a_cancelled_wait_for_a_connection_leaves_the_pool_whole(
     port = int(upstream.url.rpartition(":")[2])
     pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1))
 
-    async def get(path: bytes) -> bytes:
-        response = await pool.send(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % path, None)
-        try:
-            return await response.read()
-        finally:
-            response.release()
+    def get(path: bytes) -> Awaitable[bytes]:
+        return pool_get(pool, path)
 
     try:
         held = asyncio.ensure_future(get(b"/hold"))
@@ -938,12 +943,8 @@ async def test_a_wait_for_a_connection_is_bounded_and_an_abandoned_one_is_never_
     port = int(upstream.url.rpartition(":")[2])
     pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1, read_timeout=0.3))
 
-    async def get(path: bytes, wanted: Callable[[], bool] | None = None) -> bytes:
-        response = await pool.send(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % path, None, wanted=wanted)
-        try:
-            return await response.read()
-        finally:
-            response.release()
+    def get(path: bytes, wanted: Callable[[], bool] | None = None) -> Awaitable[bytes]:
+        return pool_get(pool, path, wanted)
 
     try:
         held = asyncio.ensure_future(get(b"/hold"))
