@@ -30,7 +30,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry
 
-# From 0.1 ms (a 304 from memory is ~0.05-0.3 ms of handler time) to 10 s (a slow upstream).
+# From 0.1 ms (a 304 from memory is ~0.05-0.3 ms of handler time) to 30 s (upstream.read_timeout_seconds's
+# default: a slow upstream's answers and the 504s would otherwise all fall in +Inf).
 DURATION_BUCKETS_SECONDS = (
     0.0001,
     0.00025,
@@ -48,6 +49,7 @@ DURATION_BUCKETS_SECONDS = (
     2.5,
     5.0,
     10.0,
+    30.0,
 )
 
 # A series' label values, in the order of the histogram's label names.

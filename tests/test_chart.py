@@ -454,6 +454,14 @@ def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
             "with 3.5s to spare",
         ),
         (
+            (
+                *MINIMAL,
+                "--set",
+                "autoscaling.enabled=true,autoscaling.minReplicas=5,autoscaling.maxReplicas=3",
+            ),
+            "autoscaling.minReplicas is above autoscaling.maxReplicas",
+        ),
+        (
             (*MINIMAL, "--set", "serviceMonitor.enabled=true,config.workers=2"),
             "serviceMonitor.enabled with config.workers > 1",
         ),
