@@ -143,12 +143,7 @@ class Pool:
                     except asyncio.CancelledError:
                         if waiter.done() and not waiter.cancelled():
                             # Handed a slot or a connection just as this request was cancelled: pass it on.
-                            late = waiter.result()
-                            if late is not None:
-                                self.release(late)
-                            else:
-                                self._count -= 1
-                                self._wake_one()
+                            self._pass_on(waiter.result())
                         else:
                             with contextlib.suppress(ValueError):  # already popped and skipped as done
                                 self._waiters.remove(waiter)
@@ -157,11 +152,7 @@ class Pool:
                 raise UpstreamError("timeout", "no upstream connection came free in time") from None
             if wanted is not None and not wanted():
                 # Its client left while it waited: not sent, the connection (or slot) goes to the next.
-                if handed is not None:
-                    self.release(handed)
-                else:
-                    self._count -= 1
-                    self._wake_one()
+                self._pass_on(handed)
                 raise UpstreamError("abandoned", "the client left while the request waited")
             if handed is not None:
                 return handed, True
@@ -239,6 +230,14 @@ class Pool:
         self._idle.append(conn)
         if self._expiry is None:
             self._expiry = self._loop.call_later(self.limits.keepalive_timeout, self._expire)
+
+    def _pass_on(self, handed: Connection | None) -> None:
+        """Give back what a waiter was handed and will not use: a connection, or (None) a slot."""
+        if handed is not None:
+            self.release(handed)
+        else:
+            self._count -= 1
+            self._wake_one()
 
     def _discard(self, conn: Connection) -> None:
         conn.close()
