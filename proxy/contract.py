@@ -6,6 +6,7 @@ import io
 import pickletools
 import re
 import struct
+import warnings
 import zlib
 from typing import cast
 
@@ -127,22 +128,27 @@ def _unpickle_text(data: bytes) -> str:
     """The str (or UTF-8 bytes) of a pickle made of one string opcode; DecodeError for any other pickle."""
     found: str | bytes | None = None
     try:
-        # genops only parses opcodes and their arguments; it never imports or calls anything.
-        for opcode, arg, pos in pickletools.genops(io.BytesIO(data)):
-            name = opcode.name
-            if name in _TEXT_OPS or name in _BYTES_OPS:
-                if found is not None:
-                    raise DecodeError("pickle holds more than one string")
-                found = cast("str | bytes", arg)
-            elif name == "STOP" and found is not None and pos == len(data) - 1:
-                return _utf8(found) if isinstance(found, bytes) else _checked(found)
-            elif (
-                (name == "PROTO" and pos == 0) or name == "FRAME" or (name in _MEMO_OPS and found is not None)
-            ):
-                continue
-            else:
-                raise DecodeError(f"pickle opcode {name} at byte {pos} is not allowed here")
-    except (ValueError, struct.error) as exc:
+        # A string argument with an invalid escape (protocol 0) makes genops warn; garbage, refused here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            # genops only parses opcodes and their arguments; it never imports or calls anything.
+            for opcode, arg, pos in pickletools.genops(io.BytesIO(data)):
+                name = opcode.name
+                if name in _TEXT_OPS or name in _BYTES_OPS:
+                    if found is not None:
+                        raise DecodeError("pickle holds more than one string")
+                    found = cast("str | bytes", arg)
+                elif name == "STOP" and found is not None and pos == len(data) - 1:
+                    return _utf8(found) if isinstance(found, bytes) else _checked(found)
+                elif (
+                    (name == "PROTO" and pos == 0)
+                    or name == "FRAME"
+                    or (name in _MEMO_OPS and found is not None)
+                ):
+                    continue
+                else:
+                    raise DecodeError(f"pickle opcode {name} at byte {pos} is not allowed here")
+    except (ValueError, struct.error, DeprecationWarning) as exc:
         # Truncated or garbled: genops reports both as ValueError.
         raise DecodeError("not a pickle") from exc
     # genops returns only after STOP, which returned or raised above.
