@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from redis.exceptions import RedisClusterException, RedisError
 
-from proxy import __version__, control, logs, server
+from proxy import __version__, connections, control, logs, server
 from proxy.settings import ConfigError, Settings, load_settings
 
 
@@ -112,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (RedisError, RedisClusterException, ValueError) as exc:
             print(f"edge-proxy: {args.command} failed: {exc}", file=sys.stderr)
             return 1
+    # Before the check below and before any worker starts (they inherit it).
+    connections.raise_open_file_limit()
+    try:
+        connections.client_cap(settings)
+    except ConfigError as exc:
+        print(f"edge-proxy: {exc}", file=sys.stderr)
+        return 2
     logs.configure(settings.logging)
     if settings.workers > 1:
         return server.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])

@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from proxy.billing import BillingTally
     from proxy.cluster import RedisClient
+    from proxy.connections import ClientConnections
     from proxy.definitions import DefinitionsService
     from proxy.forward import Forwarder
     from proxy.health import Health
@@ -26,6 +27,7 @@ RATE_LIMITS: web.AppKey[RateLimiter] = web.AppKey("rate_limits")
 BILLING: web.AppKey[BillingTally] = web.AppKey("billing")
 DEFINITIONS: web.AppKey[DefinitionsService] = web.AppKey("definitions")
 TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
+CONNECTIONS: web.AppKey[ClientConnections] = web.AppKey("connections")
 
 # Set on a request the forwarder sent upstream: its answer is the upstream's (telemetry's answered_by).
 FORWARDED: web.RequestKey[bool] = web.RequestKey("forwarded")

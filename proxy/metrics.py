@@ -135,6 +135,18 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         return None if forwarder is None else forwarder.pool
 
     gauge("edge_proxy.requests.in_flight", "Requests being handled", _value(itself, lambda t: t.in_flight))
+    clients = app[keys.CONNECTIONS]
+    gauge("edge_proxy.client.connections", "Client connections open", lambda: [(clients.open, {})])
+    gauge(
+        "edge_proxy.client.connections_limit",
+        "Client connections admitted at once (client_limits.max_connections, or derived from RLIMIT_NOFILE)",
+        lambda: [(clients.limit, {})],
+    )
+    counter(
+        "edge_proxy.client.connections_refused",
+        "Client connections closed on arrival because the limit was reached",
+        lambda: [(clients.refused, {})],
+    )
     counter(
         "edge_proxy.definitions.requests",
         "Definitions requests by outcome (forwarded: answered by the upstream)",

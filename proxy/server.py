@@ -113,6 +113,8 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
         try:
             if stop.is_set():
                 return 0
+            assert runner.server is not None  # set by setup()
+            app[keys.CONNECTIONS].admit_on(runner.server)
             # SO_REUSEPORT always: N workers (or a new pod process during a restart) share the port.
             site = web.TCPSite(runner, settings.bind_host, settings.bind_port, reuse_port=True, backlog=1024)
             try:
@@ -141,10 +143,11 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
             gc.collect()
             gc.freeze()
             log.info(
-                "listening on %s (mode %s, loop %s)",
+                "listening on %s (mode %s, loop %s, up to %d client connections)",
                 settings.bind,
                 settings.service_mode.value,
                 type(loop).__module__.partition(".")[0],
+                app[keys.CONNECTIONS].limit,
             )
             await stop.wait()
             # Before the listener closes, so every response from here on says 503 / Connection: close.

@@ -416,6 +416,11 @@ class ClientLimitsSettings(_Section):
     # Forwarded request bodies over this are refused with 413 (before anything goes upstream when the
     # Content-Length says so; a chunked body is cut when it crosses the limit).
     max_body_bytes: int = Field(default=100 * 1024**2, ge=0)
+    # Client connections open at once; one more is closed on arrival (counted, logged). Unset: the open-file
+    # limit (raised at start to its hard limit) less what the proxy keeps for its own connections
+    # (upstream.max_connections + 2 x redis.max_connections + 64), so a surge of clients can never take the
+    # descriptors forwards and Redis need. Set above what the limit allows: refused at start.
+    max_connections: int | None = Field(default=None, ge=1)
 
 
 class TelemetrySettings(_Section):

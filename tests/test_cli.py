@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -36,12 +37,28 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(
-    *args: str, env: dict[str, str] | None = None, command: str | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: str | None = None,
+    open_files: tuple[int, int] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the installed command (or `python -m proxy`) with only `env` as configuration."""
+    """Run the installed command (or `python -m proxy`) with only `env` as configuration.
+
+    `open_files`: the (soft, hard) RLIMIT_NOFILE it starts with.
+    """
     argv = [command] if command else [sys.executable, "-m", "proxy"]
+
+    def limit_open_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     return subprocess.run(
-        [*argv, *args], env={**clean_environ(), **(env or {})}, capture_output=True, text=True, timeout=60
+        [*argv, *args],
+        env={**clean_environ(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit_open_files if open_files is not None else None,
     )
 
 
@@ -151,3 +168,14 @@ def test_serve_exits_1_when_the_port_is_taken() -> None:
         result = run("serve", env={"BIND": f"127.0.0.1:{port}", "LOG_FORMAT": "text"})
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_connection_cap_the_open_file_limit_cannot_hold() -> None:
+    # 1,000 clients + 256 upstream + 2 x 16 Redis + 64 spare = 1,352 descriptors; the hard limit is 1,024.
+    env = {"BIND": f"127.0.0.1:{free_port()}", "EDGE_PROXY__CLIENT_LIMITS__MAX_CONNECTIONS": "1000"}
+    result = run("serve", env=env, open_files=(512, 1024))
+    assert result.returncode == 2
+    assert "client_limits.max_connections: 1000 client connections" in result.stderr
+    assert "need 1352 open files; this process may open 1024" in result.stderr  # the soft limit raised first
+    assert "listening" not in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -32,17 +33,26 @@ BODY = b"0123456789abcdef" * 4096  # 64 KiB: big enough that a truncated answer 
 
 @contextmanager
 def proxy_process(
-    tmp_path: Path, env: Mapping[str, str], *args: str
+    tmp_path: Path, env: Mapping[str, str], *args: str, open_files: tuple[int, int] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """Start `python -m proxy serve` configured by `env` alone; killed on the way out, whatever happened."""
+    """Start `python -m proxy serve` configured by `env` alone; killed on the way out, whatever happened.
+
+    `open_files`: the (soft, hard) RLIMIT_NOFILE it starts with, as a container runtime would set it.
+    """
     base = {k: v for k, v in os.environ.items() if k not in ENV_ALIASES and not k.startswith(ENV_PREFIX)}
     log_path = tmp_path / f"proxy-{len(list(tmp_path.glob('proxy-*.log')))}.log"
+
+    def limit_open_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", *args],
             env={**base, "LOG_FORMAT": "text", **env},
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=limit_open_files if open_files is not None else None,
         )
     try:
         yield process, log_path
@@ -90,6 +100,13 @@ def _listening_on(pid: int, port: int) -> bool:
         return any(os.readlink(fds / fd) in inodes for fd in os.listdir(fds))
     except OSError:  # the process exited meanwhile
         return False
+
+
+def _open_files(pid: int) -> tuple[int, int]:
+    """Process `pid`'s (soft, hard) RLIMIT_NOFILE, from /proc."""
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if "open files" in line)
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
 
 
 def _exists(pid: int) -> bool:
@@ -626,3 +643,116 @@ def test_only_quick_failures_in_a_row_count_towards_giving_up() -> None:
         slot.process, slot.started_at = Exited(), time.monotonic()  # type: ignore[assignment]
         server._reap([slot], stopping=False)
         assert slot.quick_failures == expected
+
+
+async def _hold_connections(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` idle client connections, opened one by one (each accepted before the next)."""
+    held = []
+    for _ in range(count):
+        held.append(await asyncio.open_connection("127.0.0.1", port))
+    return held
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closes this connection (EOF or reset) without answering, within 5 s."""
+    try:
+        return await asyncio.wait_for(reader.read(1), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def _release(held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+    for _, writer in held:
+        writer.close()
+    for _, writer in held:
+        with suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_clients_over_the_connection_cap_are_closed_on_arrival_counted_and_logged(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    _, server = upstream
+    port = free_port()
+    env = _env(port, server, redis_url, EDGE_PROXY__CLIENT_LIMITS__MAX_CONNECTIONS="3")
+    with proxy_process(tmp_path, env) as (process, log_path):
+        await wait_ready(port, process, log_path)  # its connection is closed once ready
+        await wait_until(lambda: "up to 3 client connections" in _log(log_path), "the listening line")
+        held = await _hold_connections(port, 3)
+        try:
+            over_reader, over_writer = await asyncio.open_connection("127.0.0.1", port)
+            over_writer.write(FORWARDED)
+            assert await _closed_by_server(over_reader)
+            over_writer.close()
+            # The admitted ones are served as usual: a forward on one of them.
+            reader, writer = held[0]
+            writer.write(FORWARDED)
+            answer = await asyncio.wait_for(reader.read(), 10)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+        finally:
+            await _release(held)
+        # Their places are free again (the closes reach the proxy asynchronously: retried until then).
+        async with aiohttp.ClientSession() as session:
+
+            async def scrape() -> bytes | None:
+                with suppress(aiohttp.ClientConnectionError):
+                    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                        return await response.read()
+                return None
+
+            deadline = time.monotonic() + 10
+            while (text := await scrape()) is None:
+                assert time.monotonic() < deadline, "no place freed for a new client"
+                await asyncio.sleep(0.05)
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+        if sample.name.startswith("edge_proxy_client_connections")
+    }
+    assert samples["edge_proxy_client_connections_limit"] == 3
+    assert samples["edge_proxy_client_connections_refused_total"] == 1
+    assert 1 <= samples["edge_proxy_client_connections"] <= 3  # the scrape's own, and closes not yet seen
+    assert _log(log_path).count("client connection refused: 3 open") == 1
+    assert "Traceback" not in _log(log_path)
+    assert _in_flight(upstream[0]) == 0
+
+
+async def test_a_surge_of_clients_cannot_take_the_descriptors_forwards_need(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """More clients than the process may open files: the surge is turned away, forwards still connect.
+
+    Started with RLIMIT_NOFILE 100 (soft) / 400 (hard): the proxy raises its soft limit to 400 and admits
+    400 - (256 + 2 x 16 + 64) = 48, or half the limit when that is more: 200 clients. Without the cap the
+    450 clients below would take every descriptor, and the forward's upstream connect would fail (EMFILE).
+    """
+    recorder, server = upstream
+    port = free_port()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024:  # this test process holds 450 client sockets itself
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    with proxy_process(tmp_path, _env(port, server, redis_url), open_files=(100, 400)) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        assert _open_files(process.pid) == (400, 400)
+        assert "up to 200 client connections" in _log(log_path)
+        held = await _hold_connections(port, 450)
+        try:
+            refused = sum(await asyncio.gather(*(_closed_by_server(r) for r, _ in held[200:])))
+            assert refused == 250
+            # The first connection was admitted: its forward still gets an upstream connection.
+            reader, writer = held[0]
+            writer.write(FORWARDED)
+            answer = await asyncio.wait_for(reader.read(), 10)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            assert recorder.seen[-1].path_qs == "/x"
+            # So does Redis: the readiness check (on a connection admitted once the surge left).
+            await _release(held[200:])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /_readiness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            ready = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        finally:
+            await _release(held)
+    assert ready.startswith(b"HTTP/1.1 200 "), ready
+    assert "client connection refused: 200 open" in _log(log_path)

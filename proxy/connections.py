@@ -1,0 +1,121 @@
+"""Client connections against the open-file limit: descriptors kept for Redis and the upstream, always.
+
+Every client connection is a file descriptor, and so is every connection the proxy opens itself. Without a
+cap, a surge of clients (thousands of SDK processes keeping their connection alive, a reconnect storm)
+takes the last descriptor: libuv then accepts and drops new clients without a word, and, worse, the
+upstream pool and Redis can no longer connect: forwards turn into 502s, and a Redis connection lost
+meanwhile cannot be replaced. Here the process first raises its soft RLIMIT_NOFILE to the hard
+limit (what Go's runtime does at start), then admits clients only up to a cap that leaves room for its own
+connections; a client over the cap is closed at once, counted, and logged (throttled), as Envoy's
+`global_downstream_max_connections` and nginx's `worker_connections` do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.logs import Throttled
+from proxy.settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+# Descriptors a serving process holds besides its clients and its two pools: listening sockets (the bind
+# and the worker metrics port), the event loop's epoll and signal pipes, stdio, the OTLP exporters'
+# connections, shadow comparisons' threads. Generous: a descriptor kept spare costs nothing.
+SPARE_DESCRIPTORS = 64
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as far as the kernel allows; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft  # a hard limit above the kernel's nr_open: keep what we have
+        return hard
+    return soft
+
+
+def reserved_descriptors(settings: Settings) -> int:
+    """Descriptors kept for the proxy's own connections: the upstream pool, Redis, and spares.
+
+    Redis counts twice: exact-mode rate limits keep a second pool (`limits`' own client) of the same size.
+    On a Cluster `redis.max_connections` is per node: with many nodes, set `client_limits.max_connections`.
+    """
+    return settings.upstream.max_connections + 2 * settings.redis.max_connections + SPARE_DESCRIPTORS
+
+
+def client_cap(settings: Settings, open_files: int | None = None) -> int:
+    """How many client connections this process admits at once (`client_limits.max_connections`).
+
+    Unset, it is the open-file limit less the reserve (at least half the limit, so a low limit still
+    serves). Set above what the limit allows, the configuration is refused, naming the key.
+    """
+    if open_files is None:
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    reserve = reserved_descriptors(settings)
+    configured = settings.client_limits.max_connections
+    if configured is None:
+        return max(open_files - reserve, open_files // 2, 1)
+    if configured + reserve > open_files:
+        raise ConfigError(
+            "invalid configuration (1 problem):\n"
+            f"  client_limits.max_connections: {configured} client connections and {reserve} descriptors "
+            f"for the proxy's own (upstream.max_connections + 2 x redis.max_connections + "
+            f"{SPARE_DESCRIPTORS}) need {configured + reserve} open files; this process may open "
+            f"{open_files} (RLIMIT_NOFILE, `ulimit -n`): lower it, or raise the limit"
+        )
+    return configured
+
+
+class ClientConnections:
+    """The client connections a server admits: at most `limit` open, the rest closed on arrival."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.refused = 0  # connections closed on arrival because `limit` were open
+        self._open: set[RequestHandler] = set()
+        self._warn = Throttled(log)
+
+    @property
+    def open(self) -> int:
+        """Client connections open now."""
+        return len(self._open)
+
+    def admit_on(self, server: web.Server) -> None:
+        """Count `server`'s connections and close those over the limit (call after the runner's setup).
+
+        aiohttp's RequestHandler reports every connection to its server's `connection_made` and
+        `connection_lost`, and offers no other hook: these wrap the two on this one server instance.
+        tests/test_server.py runs a real process at its cap, so an aiohttp that stopped calling them fails.
+        """
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)  # aiohttp's bookkeeping first, so connection_lost finds it
+            if len(self._open) >= self.limit:
+                self.refused += 1
+                self._warn.warning(
+                    "client connection refused: %d open, client_limits.max_connections is %d",
+                    len(self._open),
+                    self.limit,
+                )
+                # Nothing was read or written: a plain close, and the client may retry. After aiohttp has
+                # set the connection up (it starts the handler's task next); closing right here would
+                # leave that task to find its connection already torn down.
+                asyncio.get_running_loop().call_soon(handler.force_close)
+                return
+            self._open.add(handler)
+
+        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+            self._open.discard(handler)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
