@@ -16,19 +16,23 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python3 -m venv /opt/edge-proxy
 
-# Dependencies before code: this layer is rebuilt only when pyproject.toml changes. EXTRAS adds optional
-# dependency groups from pyproject.toml, comma-separated. otlp by default: OTEL_EXPORTER_OTLP_ENDPOINT is
-# often set pod-wide, and without the exporter the proxy refuses to start (--build-arg EXTRAS= to leave it out).
+# Dependencies before code: this layer is rebuilt only when a lock changes. The locks (`make lock`, from
+# pyproject.toml's ranges) pin every package and its hashes: two builds of one commit get the same
+# versions, the ones the tests ran with (make install installs the same pins), or the build fails. EXTRAS
+# picks the lock: otlp by default (OTEL_EXPORTER_OTLP_ENDPOINT is often set pod-wide, and without the
+# exporter the proxy refuses to start); --build-arg EXTRAS= leaves it out. pip check proves the lock whole.
 ARG EXTRAS="otlp"
-COPY pyproject.toml README.md ./
-RUN python3 -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-extras = [d for e in os.environ["EXTRAS"].split(",") if e for d in p["optional-dependencies"][e]]; \
-print("\n".join(p["dependencies"] + extras))' > /tmp/requirements.txt \
-    && /opt/edge-proxy/bin/pip install --requirement /tmp/requirements.txt
+COPY requirements/image.lock requirements/image-otlp.lock requirements/
+RUN lock="requirements/image${EXTRAS:+-$EXTRAS}.lock" \
+    && { test -f "$lock" || { echo "EXTRAS must be otlp or empty, not '$EXTRAS'" >&2; exit 1; }; } \
+    && /opt/edge-proxy/bin/pip install --require-hashes --no-deps --requirement "$lock" \
+    && /opt/edge-proxy/bin/pip check
 
+COPY pyproject.toml README.md ./
 COPY proxy/ proxy/
-# --no-deps: everything it needs is installed above. The bytecode is compiled here with unchecked-hash pycs:
-# the root filesystem is read-only at runtime, so nothing could be cached then, and the image never changes.
+# --no-deps: everything it needs is installed above (setuptools only builds it and is not in the image).
+# The bytecode is compiled here with unchecked-hash pycs: the root filesystem is read-only at runtime, so
+# nothing could be cached then, and the image never changes.
 RUN /opt/edge-proxy/bin/pip install --no-deps . \
     && python3 -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/edge-proxy/lib
 

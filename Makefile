@@ -2,17 +2,28 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/dev.lock | cksum | cut -d' ' -f1)
 
-.PHONY: install run demo test lint format bench microbench chart docker-lint soak clean
+.PHONY: install run demo test lint format lock bench microbench chart docker-lint soak clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the versions the image ships (requirements/dev.lock pins the image's lock and the test tools).
+$(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,lint]'
+	$(PY) -m pip install --quiet --constraint requirements/dev.lock -e '.[test,lint]'
 	rm -f $(VENV)/.installed-* && touch $@
+
+# The locks, from pyproject.toml's ranges (README "Dependencies"): the image's two (hashed; with and without
+# the otlp extra) and dev.lock, which takes the image's pins and adds the test and lint tools. Pins already
+# in a lock are kept while they satisfy the ranges; `make lock LOCK_ARGS=--upgrade` moves all to the newest.
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --quiet $(LOCK_ARGS)
+lock: $(STAMP)
+	$(PY) -m pip install --quiet 'uv==0.13.8'
+	$(UV_COMPILE) --generate-hashes -o requirements/image.lock
+	$(UV_COMPILE) --generate-hashes --extra otlp -o requirements/image-otlp.lock
+	$(UV_COMPILE) --extra otlp --extra test --extra lint -c requirements/image-otlp.lock -o requirements/dev.lock
 
 # The demo: redis-server, the reference Django backend and edge-proxy, with SDK clients polling through it
 # for ~20 s and a live summary (`make run DEMO_ARGS="--seconds 60 --clients 24"`). Stops all it started.
