@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import sys
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -59,6 +60,8 @@ def client_cap(settings: Settings, open_files: int | None = None) -> int:
     """
     if open_files is None:
         open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if open_files == resource.RLIM_INFINITY:  # no limit at all (not on Linux, where nr_open bounds it)
+        open_files = sys.maxsize
     reserve = reserved_descriptors(settings)
     configured = settings.client_limits.max_connections
     if configured is None:

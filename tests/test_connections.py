@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import pytest
 
 from proxy.connections import client_cap, reserved_descriptors
@@ -34,6 +37,11 @@ def test_the_reserve_is_the_upstream_pool_redis_twice_and_spares() -> None:
 )
 def test_unset_the_cap_follows_the_open_file_limit(open_files: int, cap: int) -> None:
     assert client_cap(settings(), open_files) == cap
+
+
+def test_no_open_file_limit_means_no_cap_to_speak_of() -> None:
+    assert client_cap(settings(), resource.RLIM_INFINITY) == sys.maxsize - 184
+    assert client_cap(settings(max_connections=100_000), resource.RLIM_INFINITY) == 100_000
 
 
 def test_a_cap_within_the_limit_is_kept_as_set() -> None:
