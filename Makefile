@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/dev.lock
 	$(PY) -m pip install --quiet --constraint requirements/dev.lock -e '.[test,lint]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The locks, from pyproject.toml's ranges (README "Dependencies"): the image's two (hashed; with and without
+# The locks, from pyproject.toml's ranges (README "Deployment"): the image's two (hashed; with and without
 # the otlp extra) and dev.lock, which takes the image's pins and adds the test and lint tools. Pins already
 # in a lock are kept while they satisfy the ranges; `make lock LOCK_ARGS=--upgrade` moves all to the newest.
 UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --quiet $(LOCK_ARGS)
