@@ -155,7 +155,12 @@ class Pool:
                 self._pass_on(handed)
                 raise UpstreamError("abandoned", "the client left while the request waited")
             if handed is not None:
-                return handed, True
+                if handed.alive():
+                    return handed, True
+                # Closed after it was handed over and before this request ran (the upstream ended the idle
+                # connection in the same loop pass that freed it): nothing was written on it, so any request
+                # goes on a new connection, in the place the dead one held.
+                handed.close()
         else:
             self._count += 1  # reserved before the connect, so concurrent connects respect the limit
         try:
@@ -378,6 +383,15 @@ class Connection(asyncio.Protocol):
         """Idle, open, and idle since after `idle_deadline`."""
         return not self._lost and not self._broken and self.idle_since > idle_deadline
 
+    def alive(self) -> bool:
+        """Open, as far as this side knows (neither lost, broken nor closing)."""
+        return (
+            not self._lost
+            and not self._broken
+            and self._transport is not None
+            and not self._transport.is_closing()
+        )
+
     def reusable(self) -> bool:
         """The exchange ended cleanly and both sides allow another request on this connection."""
         return (
@@ -447,6 +461,11 @@ class Connection(asyncio.Protocol):
             transport.write(b"0\r\n\r\n")
 
     def _begin(self, head_only: bool) -> None:
+        self.answered = False
+        if not self.alive():
+            # Never written to a closed transport (uvloop raises RuntimeError; asyncio drops the bytes and
+            # the request would wait out the read timeout): a clean "disconnected", retried when allowed.
+            raise UpstreamError("disconnected", "connection closed before the request was written")
         if self._parser is None or not self._complete or self._head_only:
             # A new parser unless the last one stopped cleanly between two messages.
             self._parser = httptools.HttpResponseParser(self)
@@ -463,7 +482,6 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self._error = None
         self._upload = None
-        self.answered = False
         self._last_read = self._loop.time()
         if self._timer is None:
             # Re-armed only when it fires (see _on_timer): no timer created or cancelled per request.

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -628,6 +629,55 @@ async def test_a_cancelled_wait_for_a_connection_leaves_the_pool_whole(
         assert [head.split(b" ")[1] for head in upstream.heads] == [b"/hold", b"/w1", b"/a", b"/b"]
     finally:
         pool.close()
+
+
+async def _handed_over_then_closed(method: bytes) -> tuple[bytes, list[list[bytes]], int, dict[str, int]]:
+    """A request waiting for the only connection is handed it, and the connection closes before it runs.
+
+    What that request got, the request lines the upstream saw, its connections, and the pool's state.
+    """
+    upstream = Scripted(answering(OK))
+    upstream.server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    port = int(upstream.url.rpartition(":")[2])
+    pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1, read_timeout=5))
+    try:
+        first = await pool.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n", None)
+        assert await first.read() == b"ok"
+        request = b"%b /waiter HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n" % method
+        waiter = asyncio.ensure_future(pool.send(request, b"hi"))
+        await wait_until(lambda: pool.waiting == 1, "a request waiting for the only connection")
+        transport = first._conn._transport
+        assert transport is not None
+        first.release()  # handed to the waiter, which has not run yet ...
+        transport.close()  # ... and closed before it does
+        answer = await waiter  # a RuntimeError, a read timeout or a 502 would raise here
+        body = await answer.read()
+        answer.release()
+        lines = [head.split(b" ")[:2] for head in upstream.heads]
+        return body, lines, upstream.connections, pool.connections()
+    finally:
+        pool.close()
+        upstream.server.close()
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_connection_closed_after_it_was_handed_to_a_waiter_is_replaced_not_written_to(
+    loop: str, method: bytes
+) -> None:
+    """The upstream ends a keep-alive connection in the loop pass that frees it for a waiting request.
+
+    Writing to it raised RuntimeError under uvloop (the serving loop: a 500) and, under asyncio, was dropped
+    (a POST then waited out the read timeout: a 504). Nothing was written on it, so even a POST goes on a
+    new connection.
+    """
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        body, lines, connections, pool = runner.run(_handed_over_then_closed(method))
+    assert body == b"ok"
+    assert lines == [[b"GET", b"/first"], [method, b"/waiter"]]
+    assert connections == 2
+    assert pool == {"idle": 1, "busy": 0}
 
 
 async def test_an_answer_completed_while_reading_was_paused_leaves_a_connection_that_reads_again(
