@@ -99,10 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edge-proxy: {exc}", file=sys.stderr)
         return 2
+    if args.command in ("serve", "check-config"):
+        # Before the check and before any worker starts (they inherit it); check-config sees what serve would.
+        connections.raise_open_file_limit()
+        try:
+            clients = connections.client_cap(settings)
+        except ConfigError as exc:
+            print(f"edge-proxy: {exc}", file=sys.stderr)
+            return 2
     if args.command == "check-config":
         print(
             f"configuration OK: bind {settings.bind}, mode {settings.service_mode.value}, "
-            f"upstream {settings.upstream.base}, workers {settings.workers}"
+            f"upstream {settings.upstream.base}, workers {settings.workers}, "
+            f"up to {clients} client connections"
         )
         return 0
     if args.command in ("offload", "revoke"):
@@ -112,14 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (RedisError, RedisClusterException, ValueError) as exc:
             print(f"edge-proxy: {args.command} failed: {exc}", file=sys.stderr)
             return 1
-    # Before the check below and before any worker starts (they inherit it).
-    connections.raise_open_file_limit()
-    try:
-        connections.client_cap(settings)
-    except ConfigError as exc:
-        print(f"edge-proxy: {exc}", file=sys.stderr)
-        return 2
     logs.configure(settings.logging)
+    connections.warn_if_short(settings)
     if settings.workers > 1:
         return server.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])
     return server.run(settings, args.worker_index)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import resource
 import sys
+from itertools import islice
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 # and the worker metrics port), the event loop's epoll and signal pipes, stdio, the OTLP exporters'
 # connections, shadow comparisons' threads. Generous: a descriptor kept spare costs nothing.
 SPARE_DESCRIPTORS = 64
+# At the limit, how many of the oldest connections are looked at for an idle one to close: bounded, so a
+# server whose every connection is busy does not walk them all for each new one.
+IDLE_SCAN = 64
 
 
 def raise_open_file_limit() -> int:
@@ -46,8 +50,9 @@ def raise_open_file_limit() -> int:
 def reserved_descriptors(settings: Settings) -> int:
     """Descriptors kept for the proxy's own connections: the upstream pool, Redis, and spares.
 
-    Redis counts twice: exact-mode rate limits keep a second pool (`limits`' own client) of the same size.
-    On a Cluster `redis.max_connections` is per node: with many nodes, set `client_limits.max_connections`.
+    Redis counts twice: on a Cluster, exact-mode rate limits keep a second client (`limits`' own) with pools
+    of the same size; on one node they share the proxy's pool and the second share is spare. On a Cluster
+    `redis.max_connections` is per node: with many nodes, set `client_limits.max_connections`.
     """
     return settings.upstream.max_connections + 2 * settings.redis.max_connections + SPARE_DESCRIPTORS
 
@@ -65,7 +70,7 @@ def client_cap(settings: Settings, open_files: int | None = None) -> int:
     reserve = reserved_descriptors(settings)
     configured = settings.client_limits.max_connections
     if configured is None:
-        return max(open_files - reserve, open_files // 2, 1)
+        return max(open_files - reserve, open_files // 2, 1)  # see warn_if_short for the floor
     if configured + reserve > open_files:
         raise ConfigError(
             "invalid configuration (1 problem):\n"
@@ -77,13 +82,41 @@ def client_cap(settings: Settings, open_files: int | None = None) -> int:
     return configured
 
 
+def warn_if_short(settings: Settings) -> None:
+    """Log at start when the open-file limit is too low to keep the reserve beside the derived cap.
+
+    Below twice the reserve (~704 descriptors with the defaults), the derived cap stays at half the limit
+    so the proxy still serves clients, and the reserve is no longer whole.
+    """
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if settings.client_limits.max_connections is not None or open_files == resource.RLIM_INFINITY:
+        return
+    cap, reserve = client_cap(settings, open_files), reserved_descriptors(settings)
+    if cap + reserve > open_files:
+        log.warning(
+            "the open-file limit (%d) is too low to keep %d descriptors for the upstream pool and Redis "
+            "beside %d client connections: raise it (ulimit -n), or lower upstream.max_connections",
+            open_files,
+            reserve,
+            cap,
+        )
+
+
 class ClientConnections:
-    """The client connections a server admits: at most `limit` open, the rest closed on arrival."""
+    """The client connections a server admits: at most `limit` open.
+
+    At the limit, a new connection takes the place of the oldest idle one (no request in progress: an SDK
+    between two polls, a client that never sent one), which aiohttp closes at once, as nginx reuses idle
+    keep-alive connections when its worker_connections run out: so a probe or a new SDK gets in while the
+    places are held by idle connections. Only when the oldest IDLE_SCAN connections are all busy is the new
+    one closed on arrival instead.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.refused = 0  # connections closed on arrival because `limit` were open
-        self._open: set[RequestHandler] = set()
+        self.refused = 0  # connections closed on arrival: every place taken by a busy connection
+        self.closed_idle = 0  # idle connections closed to make room for a new one
+        self._open: dict[RequestHandler, None] = {}  # oldest first
         self._warn = Throttled(log)
 
     @property
@@ -92,7 +125,7 @@ class ClientConnections:
         return len(self._open)
 
     def admit_on(self, server: web.Server) -> None:
-        """Count `server`'s connections and close those over the limit (call after the runner's setup).
+        """Count `server`'s connections and keep them within the limit (call after the runner's setup).
 
         aiohttp's RequestHandler reports every connection to its server's `connection_made` and
         `connection_lost`, and offers no other hook: these wrap the two on this one server instance.
@@ -102,23 +135,38 @@ class ClientConnections:
 
         def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
             made(handler, transport)  # aiohttp's bookkeeping first, so connection_lost finds it
-            if len(self._open) >= self.limit:
+            if len(self._open) >= self.limit and not self._make_room():
                 self.refused += 1
                 self._warn.warning(
-                    "client connection refused: %d open, client_limits.max_connections is %d",
-                    len(self._open),
+                    "client connection refused: all %d places (the client connection limit) are busy",
                     self.limit,
                 )
-                # Nothing was read or written: a plain close, and the client may retry. After aiohttp has
-                # set the connection up (it starts the handler's task next); closing right here would
-                # leave that task to find its connection already torn down.
+                # Nothing is read from it (close() makes aiohttp drop whatever arrives) and nothing written:
+                # a plain close, and the client may retry. The transport closes on the next loop pass,
+                # after aiohttp has set the connection up; closed right here, the handler's task would
+                # find its connection already torn down.
+                handler.close()
                 asyncio.get_running_loop().call_soon(handler.force_close)
                 return
-            self._open.add(handler)
+            self._open[handler] = None
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
-            self._open.discard(handler)
+            self._open.pop(handler, None)
             lost(handler, exc)
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def _make_room(self) -> bool:
+        """Close the oldest idle connection, if one of the oldest IDLE_SCAN is; whether one was."""
+        for handler in islice(self._open, IDLE_SCAN):
+            # aiohttp's own state: no request being handled or its answer written, none parsed and waiting
+            # (read only here, at the limit, never per request).
+            if not handler._request_in_progress and not handler._messages:
+                del self._open[handler]
+                self.closed_idle += 1
+                # As aiohttp's own keep-alive timeout does: the transport still sends what it holds (the end
+                # of the last answer, to a slow reader), then closes.
+                handler.force_close()
+                return True
+        return False

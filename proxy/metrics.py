@@ -143,8 +143,13 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         lambda: [(clients.limit, {})],
     )
     counter(
+        "edge_proxy.client.connections_closed_idle",
+        "Idle client connections closed to make room for a new one at the limit",
+        lambda: [(clients.closed_idle, {})],
+    )
+    counter(
         "edge_proxy.client.connections_refused",
-        "Client connections closed on arrival because the limit was reached",
+        "Client connections closed on arrival: at the limit, and no idle one to make room",
         lambda: [(clients.refused, {})],
     )
     counter(

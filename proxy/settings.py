@@ -416,10 +416,12 @@ class ClientLimitsSettings(_Section):
     # Forwarded request bodies over this are refused with 413 (before anything goes upstream when the
     # Content-Length says so; a chunked body is cut when it crosses the limit).
     max_body_bytes: int = Field(default=100 * 1024**2, ge=0)
-    # Client connections open at once; one more is closed on arrival (counted, logged). Unset: the open-file
+    # Client connections open at once. At the limit a new one takes the place of the oldest idle one (closed),
+    # or, when every place is busy, is closed on arrival (both counted; refusals logged). Unset: the open-file
     # limit (raised at start to its hard limit) less what the proxy keeps for its own connections
-    # (upstream.max_connections + 2 x redis.max_connections + 64), so a surge of clients can never take the
-    # descriptors forwards and Redis need. Set above what the limit allows: refused at start.
+    # (upstream.max_connections + 2 x redis.max_connections + 64), so clients cannot take the descriptors
+    # forwards and Redis need; under about twice that reserve, half the limit (a warning at start says the
+    # reserve is short). Set above what the limit allows: refused at start (and by check-config).
     max_connections: int | None = Field(default=None, ge=1)
 
 

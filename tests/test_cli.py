@@ -174,8 +174,13 @@ def test_serve_exits_1_when_the_port_is_taken() -> None:
 def test_serve_refuses_a_connection_cap_the_open_file_limit_cannot_hold() -> None:
     # 1,000 clients + 256 upstream + 2 x 16 Redis + 64 spare = 1,352 descriptors; the hard limit is 1,024.
     env = {"BIND": f"127.0.0.1:{free_port()}", "EDGE_PROXY__CLIENT_LIMITS__MAX_CONNECTIONS": "1000"}
-    result = run("serve", env=env, open_files=(512, 1024))
-    assert result.returncode == 2
-    assert "client_limits.max_connections: 1000 client connections" in result.stderr
-    assert "need 1352 open files; this process may open 1024" in result.stderr  # the soft limit raised first
-    assert "listening" not in result.stderr
+    for command in ("serve", "check-config"):  # check-config sees what serve would
+        result = run(command, env=env, open_files=(512, 1024))
+        assert result.returncode == 2, command
+        assert "client_limits.max_connections: 1000 client connections" in result.stderr
+        assert "need 1352 open files; this process may open 1024" in result.stderr  # soft limit raised first
+        assert "listening" not in result.stderr
+    env["EDGE_PROXY__CLIENT_LIMITS__MAX_CONNECTIONS"] = "672"
+    accepted = run("check-config", env=env, open_files=(512, 1024))
+    assert accepted.returncode == 0, accepted.stderr
+    assert "up to 672 client connections" in accepted.stdout

@@ -669,63 +669,99 @@ async def _release(held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
             await writer.wait_closed()
 
 
-async def test_clients_over_the_connection_cap_are_closed_on_arrival_counted_and_logged(
-    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
-) -> None:
-    _, server = upstream
-    port = free_port()
-    env = _env(port, server, redis_url, EDGE_PROXY__CLIENT_LIMITS__MAX_CONNECTIONS="3")
-    with proxy_process(tmp_path, env) as (process, log_path):
-        await wait_ready(port, process, log_path)  # its connection is closed once ready
-        await wait_until(lambda: "up to 3 client connections" in _log(log_path), "the listening line")
-        held = await _hold_connections(port, 3)
-        try:
-            over_reader, over_writer = await asyncio.open_connection("127.0.0.1", port)
-            over_writer.write(FORWARDED)
-            assert await _closed_by_server(over_reader)
-            over_writer.close()
-            # The admitted ones are served as usual: a forward on one of them.
-            reader, writer = held[0]
-            writer.write(FORWARDED)
-            answer = await asyncio.wait_for(reader.read(), 10)
-            assert answer.startswith(b"HTTP/1.1 200 "), answer
-        finally:
-            await _release(held)
-        # Their places are free again (the closes reach the proxy asynchronously: retried until then).
-        async with aiohttp.ClientSession() as session:
-
-            async def scrape() -> bytes | None:
-                with suppress(aiohttp.ClientConnectionError):
-                    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
-                        return await response.read()
-                return None
-
-            deadline = time.monotonic() + 10
-            while (text := await scrape()) is None:
-                assert time.monotonic() < deadline, "no place freed for a new client"
-                await asyncio.sleep(0.05)
-    samples = {
+async def _client_connection_samples(port: int) -> dict[str, float]:
+    """The edge_proxy_client_connections* samples from /metrics on `port`."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    return {
         sample.name: sample.value
-        for family in text_string_to_metric_families(text.decode())
+        for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name.startswith("edge_proxy_client_connections")
     }
+
+
+async def test_at_the_connection_cap_the_oldest_idle_connection_makes_room_and_busy_ones_never_do(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    recorder, server = upstream
+    port = free_port()
+    metrics_port = _two_free_ports(avoid=port)  # uncapped: scraping never takes one of the places
+    env = _env(
+        port,
+        server,
+        redis_url,
+        EDGE_PROXY__CLIENT_LIMITS__MAX_CONNECTIONS="3",
+        EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT=str(metrics_port),
+    )
+
+    async def open_now() -> float:
+        return (await _client_connection_samples(metrics_port))["edge_proxy_client_connections"]
+
+    async def wait_open(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while await open_now() != count:
+            assert time.monotonic() < deadline, f"never {count} client connections open"
+            await asyncio.sleep(0.02)
+
+    async with gated_upstream(upstream) as release:
+        with proxy_process(tmp_path, env) as (process, log_path):
+            await wait_ready(port, process, log_path)  # its connection is closed once ready
+            assert "up to 3 client connections" in _log(log_path)
+            await wait_open(0)
+            idle = []
+            for _ in range(3):  # one by one, so the proxy sees them in this order
+                idle.append(await asyncio.open_connection("127.0.0.1", port))
+                await wait_open(len(idle))
+            # A fourth: the oldest idle one is closed to make room, and the new one is served.
+            assert await _raw_exchange(port, LIVENESS) != b""
+            assert await _closed_by_server(idle[0][0])
+            for reader, _ in idle[1:]:
+                assert not await _closed_by_server_within(reader, 0.2)
+            await wait_open(2)
+            # Three busy ones (answers held by the upstream): a fourth is closed on arrival, unread.
+            busy = [*idle[1:], await asyncio.open_connection("127.0.0.1", port)]
+            for i, (_, writer) in enumerate(busy):
+                writer.write(b"GET /slow?busy=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % i)
+            await wait_until(lambda: _in_flight(recorder) == 3, "three requests held upstream")
+            over_reader, over_writer = await asyncio.open_connection("127.0.0.1", port)
+            over_writer.write(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await _closed_by_server(over_reader)
+            over_writer.close()
+            release.set()
+            answers = [await asyncio.wait_for(reader.read(), 10) for reader, _ in busy]
+            samples = await _client_connection_samples(metrics_port)
+            await _release([*idle, *busy])
+    assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers), answers
     assert samples["edge_proxy_client_connections_limit"] == 3
+    assert samples["edge_proxy_client_connections_closed_idle_total"] == 1
     assert samples["edge_proxy_client_connections_refused_total"] == 1
-    assert 1 <= samples["edge_proxy_client_connections"] <= 3  # the scrape's own, and closes not yet seen
-    assert _log(log_path).count("client connection refused: 3 open") == 1
+    assert "/never" not in [seen.path_qs for seen in recorder.seen]  # a refused request is never forwarded
+    assert _log(log_path).count("client connection refused: all 3 places") == 1
     assert "Traceback" not in _log(log_path)
-    assert _in_flight(upstream[0]) == 0
+
+
+async def _closed_by_server_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), seconds) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
 
 
 async def test_a_surge_of_clients_cannot_take_the_descriptors_forwards_need(
     tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
 ) -> None:
-    """More clients than the process may open files: the surge is turned away, forwards still connect.
+    """More clients than the process may open files: the oldest idle ones make room, forwards still connect.
 
     Started with RLIMIT_NOFILE 100 (soft) / 400 (hard): the proxy raises its soft limit to 400 and admits
-    400 - (256 + 2 x 16 + 64) = 48, or half the limit when that is more: 200 clients. Without the cap the
-    450 clients below would take every descriptor, and the forward's upstream connect would fail (EMFILE).
+    400 - (256 + 2 x 16 + 64) = 48, or half the limit when that is more: 200 clients (and warns that the
+    reserve is short). Without the cap the 450 idle clients below would take every descriptor, and the
+    forward's upstream connect would fail (EMFILE: a 502).
     """
     recorder, server = upstream
     port = free_port()
@@ -736,23 +772,22 @@ async def test_a_surge_of_clients_cannot_take_the_descriptors_forwards_need(
         await wait_ready(port, process, log_path)
         assert _open_files(process.pid) == (400, 400)
         assert "up to 200 client connections" in _log(log_path)
+        assert "open-file limit (400) is too low to keep 352 descriptors" in _log(log_path)
         held = await _hold_connections(port, 450)
         try:
-            refused = sum(await asyncio.gather(*(_closed_by_server(r) for r, _ in held[200:])))
-            assert refused == 250
-            # The first connection was admitted: its forward still gets an upstream connection.
-            reader, writer = held[0]
+            # The 250 oldest were closed to make room for the newest 200.
+            closed = await asyncio.gather(*(_closed_by_server(reader) for reader, _ in held[:250]))
+            assert all(closed)
+            # The newest are open: a forward on one still gets an upstream connection.
+            reader, writer = held[-1]
             writer.write(FORWARDED)
             answer = await asyncio.wait_for(reader.read(), 10)
             assert answer.startswith(b"HTTP/1.1 200 "), answer
             assert recorder.seen[-1].path_qs == "/x"
-            # So does Redis: the readiness check (on a connection admitted once the surge left).
-            await _release(held[200:])
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /_readiness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            ready = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
+            # So does Redis: the readiness check, on yet another new connection.
+            ready = await _raw_exchange(
+                port, b"GET /_readiness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
         finally:
             await _release(held)
     assert ready.startswith(b"HTTP/1.1 200 "), ready
-    assert "client connection refused: 200 open" in _log(log_path)
