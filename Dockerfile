@@ -14,7 +14,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-RUN python3 -m venv /opt/edge-proxy
+# Without pip or setuptools of its own (ensurepip's, which would float with the base image and carry their
+# CVEs into the runtime): the base image's pip installs into it (--python).
+RUN python3 -m venv --without-pip /opt/edge-proxy
 
 # Dependencies before code: this layer is rebuilt only when a lock changes. The locks (`make lock`, from
 # pyproject.toml's ranges) pin every package and its hashes: two builds of one commit get the same
@@ -25,15 +27,16 @@ ARG EXTRAS="otlp"
 COPY requirements/image.lock requirements/image-otlp.lock requirements/
 RUN lock="requirements/image${EXTRAS:+-$EXTRAS}.lock" \
     && { test -f "$lock" || { echo "EXTRAS must be otlp or empty, not '$EXTRAS'" >&2; exit 1; }; } \
-    && /opt/edge-proxy/bin/pip install --require-hashes --no-deps --requirement "$lock" \
-    && /opt/edge-proxy/bin/pip check
+    && python3 -m pip --python /opt/edge-proxy/bin/python install --require-hashes --no-deps --requirement "$lock" \
+    && python3 -m pip --python /opt/edge-proxy/bin/python check
 
 COPY pyproject.toml README.md ./
 COPY proxy/ proxy/
-# --no-deps: everything it needs is installed above (setuptools only builds it and is not in the image).
-# The bytecode is compiled here with unchecked-hash pycs: the root filesystem is read-only at runtime, so
-# nothing could be cached then, and the image never changes.
-RUN /opt/edge-proxy/bin/pip install --no-deps . \
+# --no-deps: everything it needs is installed above. setuptools builds it in pip's isolated build
+# environment (the one thing fetched unpinned; it never reaches the image). The bytecode is compiled here
+# with unchecked-hash pycs: the root filesystem is read-only at runtime, so nothing could be cached then,
+# and the image never changes.
+RUN python3 -m pip --python /opt/edge-proxy/bin/python install --no-deps . \
     && python3 -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/edge-proxy/lib
 
 FROM ${PYTHON_IMAGE} AS runtime

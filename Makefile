@@ -15,14 +15,17 @@ $(STAMP): pyproject.toml requirements/dev.lock
 	$(PY) -m pip install --quiet --constraint requirements/dev.lock -e '.[test,lint]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The locks, from pyproject.toml's ranges (README "Deployment"): the image's two (hashed; with and without
-# the otlp extra) and dev.lock, which takes the image's pins and adds the test and lint tools. Pins already
+# The locks, from pyproject.toml's ranges (README "Deployment"): the image's two (hashed; with the otlp
+# extra, then without it from the same pins) and dev.lock, which takes the image's pins and adds the test
+# and lint tools. Pins already
 # in a lock are kept while they satisfy the ranges; `make lock LOCK_ARGS=--upgrade` moves all to the newest.
+# Not after `install`: a range just changed in pyproject.toml may exclude a pin the constraints still hold.
 UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --quiet $(LOCK_ARGS)
-lock: $(STAMP)
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet 'uv==0.13.8'
-	$(UV_COMPILE) --generate-hashes -o requirements/image.lock
 	$(UV_COMPILE) --generate-hashes --extra otlp -o requirements/image-otlp.lock
+	$(UV_COMPILE) --generate-hashes -c requirements/image-otlp.lock -o requirements/image.lock
 	$(UV_COMPILE) --extra otlp --extra test --extra lint -c requirements/image-otlp.lock -o requirements/dev.lock
 
 # The demo: redis-server, the reference Django backend and edge-proxy, with SDK clients polling through it

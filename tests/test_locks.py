@@ -11,8 +11,8 @@ import importlib.metadata
 import os
 import re
 import subprocess
+import sys
 import tomllib
-import venv
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ROOT / "requirements"
 IMAGE, IMAGE_OTLP, DEV = LOCKS / "image.lock", LOCKS / "image-otlp.lock", LOCKS / "dev.lock"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def direct(lock: Path) -> set[str]:
+    """The packages a lock says pyproject.toml asked for (uv's `# via edge-proxy (pyproject.toml)`)."""
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.read_text())
+    return {
+        canonicalize_name(Requirement(entry.split("\n", 1)[0].rstrip(" \\")).name)
+        for entry in entries
+        if entry and not entry.startswith("#") and "edge-proxy (pyproject.toml)" in entry
+    }
 
 
 def pins(lock: Path) -> dict[str, list[tuple[Requirement, int]]]:
@@ -72,6 +82,18 @@ def test_each_lock_pins_every_declared_dependency_within_its_range(
             assert "hiredis" in locked, requirement
 
 
+@pytest.mark.parametrize(
+    ("lock", "extras"),
+    [(IMAGE, ()), (IMAGE_OTLP, ("otlp",)), (DEV, ("otlp", "test", "lint"))],
+    ids=["image", "image-otlp", "dev"],
+)
+def test_each_lock_was_made_from_the_dependencies_pyproject_declares_now(
+    lock: Path, extras: tuple[str, ...]
+) -> None:
+    """A dependency added to or removed from pyproject.toml without `make lock` shows here."""
+    assert direct(lock) == {canonicalize_name(r.name) for r in declared(*extras)}, f"{lock.name}: make lock"
+
+
 @pytest.mark.parametrize("lock", [IMAGE, IMAGE_OTLP], ids=["image", "image-otlp"])
 def test_every_package_of_the_image_is_pinned_with_hashes(lock: Path) -> None:
     for entries in pins(lock).values():
@@ -104,17 +126,26 @@ def test_the_tests_run_with_the_pinned_versions() -> None:
     assert not differ, f"the test environment is not the lock's (run make install): {differ}"
 
 
-def _dockerfile_install_step() -> str:
-    """The Dockerfile's RUN that installs a lock, as the shell script it runs."""
+def _dockerfile_build_steps(venv_dir: Path) -> str:
+    """The Dockerfile's RUNs that make the virtualenv and install a lock, as one shell script.
+
+    With `venv_dir` for /opt/edge-proxy, and this interpreter (which has pip) for the base image's python3.
+    """
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    (step,) = [line[len("RUN ") :] for line in text.splitlines() if line.startswith("RUN lock=")]
-    return step
+    steps = [
+        line[len("RUN ") :]
+        for line in text.splitlines()
+        if line.startswith(("RUN python3 -m venv ", "RUN lock="))
+    ]
+    assert len(steps) == 2, steps
+    script = " && ".join(f"{{ {step}; }}" for step in steps)
+    return script.replace("/opt/edge-proxy", str(venv_dir)).replace("python3 ", f"{sys.executable} ")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_dockerfile_installs_the_image_lock_by_hash_and_it_is_complete(tmp_path: Path) -> None:
-    """The Dockerfile's own step, run against a fresh virtualenv in place of /opt/edge-proxy.
+    """The Dockerfile's own steps, run against a fresh virtualenv in place of /opt/edge-proxy.
 
     Downloads from the package index (pip's cache helps the second time). pip check passing means the lock
     holds every dependency of every package in it: the image installs it with --no-deps.
@@ -122,10 +153,8 @@ def test_the_dockerfile_installs_the_image_lock_by_hash_and_it_is_complete(tmp_p
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_PROXY", "VIRTUAL_ENV"))}
     for extras, lock in (("otlp", IMAGE_OTLP), ("", IMAGE)):
         target = tmp_path / f"venv-{extras or 'plain'}"
-        venv.create(target, with_pip=True)
-        script = _dockerfile_install_step().replace("/opt/edge-proxy", str(target))
         done = subprocess.run(
-            ["sh", "-c", script],
+            ["sh", "-c", _dockerfile_build_steps(target)],
             cwd=ROOT,
             env={**environment, "EXTRAS": extras},
             capture_output=True,
@@ -135,7 +164,7 @@ def test_the_dockerfile_installs_the_image_lock_by_hash_and_it_is_complete(tmp_p
         assert done.returncode == 0, done.stdout + done.stderr
         assert "No broken requirements found." in done.stdout
         listed = subprocess.run(
-            [target / "bin" / "python", "-m", "pip", "list", "--format=freeze"],
+            [sys.executable, "-m", "pip", "--python", target / "bin" / "python", "list", "--format=freeze"],
             capture_output=True,
             text=True,
             check=True,
@@ -143,8 +172,9 @@ def test_the_dockerfile_installs_the_image_lock_by_hash_and_it_is_complete(tmp_p
         installed = {canonicalize_name(line.partition("==")[0]) for line in listed.split()}
         assert set(pins(lock)) - {"async-timeout"} <= installed  # async-timeout: only before 3.11.3
         assert ("protobuf" in installed) == (extras == "otlp")
+        assert not {"pip", "setuptools"} & installed  # nothing that floats with the base image
     refused = subprocess.run(
-        ["sh", "-c", _dockerfile_install_step().replace("/opt/edge-proxy", str(tmp_path / "none"))],
+        ["sh", "-c", _dockerfile_build_steps(tmp_path / "none")],
         cwd=ROOT,
         env={**environment, "EXTRAS": "otlp,prometheus"},
         capture_output=True,
@@ -153,3 +183,58 @@ def test_the_dockerfile_installs_the_image_lock_by_hash_and_it_is_complete(tmp_p
     )
     assert refused.returncode == 1
     assert "EXTRAS must be otlp or empty, not 'otlp,prometheus'" in refused.stderr
+
+
+def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore's `patterns` leave `path` out of the build context (the last match decides;
+    a pattern matching a parent directory matches everything below it)."""
+
+    def regex(pattern: str) -> re.Pattern[str]:
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            elif pattern[i] == "[":
+                end = pattern.index("]", i)
+                out, i = out + pattern[i : end + 1], end + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        return re.compile(out + r"\Z")
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        matcher = regex(pattern.lstrip("!").strip("/"))
+        if any(matcher.match(prefix) for prefix in prefixes):
+            excluded = not negated
+    return excluded
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context() -> None:
+    """.dockerignore is an allow-list: a COPY source left off it fails `docker build` (no engine here)."""
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    sources = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            sources += line.split()[1:-1]
+    assert "requirements/image.lock" in sources
+    for source in sources:
+        files = [f for f in tracked if f == source or f.startswith(source.rstrip("/") + "/")]
+        assert files, f"COPY {source}: no such file in the repository"
+        for file in files:
+            assert not _dockerignore_excludes(file, patterns), f"COPY {source}: {file} is not in the context"
+    assert _dockerignore_excludes("tests/test_locks.py", patterns)  # the allow-list still leaves others out
+    assert _dockerignore_excludes("proxy/__pycache__/app.cpython-311.pyc", patterns)
