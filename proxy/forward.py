@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # Told the upstream's status and headers, and its body when that was small enough to be buffered (else None).
 Observer = Callable[[int, Mapping[str, str], bytes | None], None]
+# Told the upstream's status as soon as its head is in, before any of a streamed body is relayed.
+StatusObserver = Callable[[int], None]
 
 # RFC 9110 §7.6.1: connection-specific fields never cross a proxy; fields named in Connection join them.
 HOP_BY_HOP = frozenset(
@@ -125,9 +127,17 @@ class Forwarder:
         self._tracer = tracer
 
     async def forward(
-        self, request: web.Request, observe: Observer | None = None, capture_bytes: int = 0
+        self,
+        request: web.Request,
+        observe: Observer | None = None,
+        capture_bytes: int = 0,
+        on_status: StatusObserver | None = None,
     ) -> web.StreamResponse:
-        """Forward `request` (origin-form path and query only) and stream the upstream's answer."""
+        """Forward `request` (origin-form path and query only) and stream the upstream's answer.
+
+        `observe` sees the answer once it is relayed (with its body within `capture_bytes`); `on_status`
+        sees its status as soon as the upstream's head is in.
+        """
         request[keys.FORWARDED] = True
         if self._base_path and _has_dot_segment(request.raw_path):
             # Under a base path, a backend that resolves dot segments would take "/prefix/../admin" outside
@@ -174,6 +184,8 @@ class Forwarder:
             self.failures[exc.kind] += 1
             return self._failed(request, None, exc)
         tracing.end_upstream_span(span, upstream.status, None)
+        if on_status is not None:
+            on_status(upstream.status)
         try:
             return await self._answer(request, upstream, observe, capture_bytes)
         finally:

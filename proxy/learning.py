@@ -40,19 +40,31 @@ class VerdictLearner:
         learning = asyncio.get_running_loop().create_future()
         self._learning[key] = learning
 
+        def done() -> None:
+            # Its own entry only: when the answer was no verdict, the requests that waited for it forward
+            # together, and each one's entry replaces the one before (later arrivals wait on the newest).
+            if self._learning.get(key) is learning:
+                del self._learning[key]
+            if not learning.done():
+                learning.set_result(None)
+
+        def on_status(status: int) -> None:
+            # An allowed answer decides at its head: the rest of the flood is answered while this client
+            # still downloads (a slow SDK reading a large payload held every other request of its key).
+            if (verdict := verdict_of(status, {}, None)) is not None and verdict.allowed:
+                self._verdicts.learn(key, verdict)
+                done()
+
         def observe(status: int, headers: Mapping[str, str], body: bytes | None) -> None:
+            # A refusal decides with its body (the exact answer to give again), at the end.
             verdict = verdict_of(status, headers, body)
-            if verdict is not None:
+            if verdict is not None and not verdict.allowed:
                 self._verdicts.learn(key, verdict)
 
         try:
             # Captured even when streamed: a refusal sent chunked (no Content-Length) is still learned.
             return await self._forwarder.forward(
-                request, observe=observe, capture_bytes=MAX_DENIAL_BODY_BYTES
+                request, observe=observe, capture_bytes=MAX_DENIAL_BODY_BYTES, on_status=on_status
             )
         finally:
-            # Its own entry only: when the answer was no verdict, the requests that waited for it forward
-            # together, and each one's entry replaces the one before (later arrivals wait on the newest).
-            if self._learning.get(key) is learning:
-                del self._learning[key]
-            learning.set_result(None)
+            done()

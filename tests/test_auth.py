@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import socket
 from typing import Any
 
 import pytest
@@ -453,3 +454,39 @@ async def test_a_rotated_secret_is_accepted_at_once_and_a_flood_of_wrong_ones_st
     assert await status("phs_v2") == 200  # now answered here
     assert [await status(f"phs_wrong_{n}") for n in range(20)] == [401] * 20
     assert len(recorder.seen) == 1
+
+
+async def test_an_allowed_key_decides_at_the_answers_head_not_after_the_first_clients_download(
+    make_proxy: MakeProxy, standin: StandInBackend, upstream: tuple[Upstream, TestServer]
+) -> None:
+    """The first request of a new key is forwarded and its answer streamed (here 16 MB to a client that reads
+    its head and stops); the same key's next request is answered from memory meanwhile. Learned only at the
+    end of the relay, every later request of the key waited for the slowest first downloader."""
+    big = b'{"flags":[],"pad":"' + b"x" * (16 * 2**20) + b'"}'  # more than socket buffers hold
+    asked = 0
+
+    async def definitions(request: web.Request, body: bytes) -> web.StreamResponse:
+        nonlocal asked
+        asked += 1
+        return web.Response(body=big, content_type="application/json")
+
+    upstream[0].routes["/flags/definitions"] = definitions
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    request = f"GET {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {GOOD_KEY}\r\n\r\n".encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", client.server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        # The first client reads no more; the second is answered while the first still holds its stream.
+        async with client.get(url, headers={"Authorization": f"Bearer {GOOD_KEY}"}) as response:
+            second = response.status, await response.read()
+        assert second == (200, standin.payloads[TEAM_ID][0].encode())  # the payload in Redis, from memory
+        assert asked == 1
+    finally:
+        writer.close()
