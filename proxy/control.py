@@ -77,10 +77,14 @@ def describe(state: OffloadState) -> str:
 def revoke(settings: Settings, team_id: int | None, credential: str | None) -> int:
     """Delete learned verdicts: one (team + credential), a team's, or all; the number deleted."""
     auth = settings.definitions.auth
+    if auth.hmac_key is None:
+        raise ValueError(
+            "definitions.auth.hmac_key is not set: verdicts are kept in each proxy's memory, not in Redis, "
+            f"and cannot be revoked from here; they expire after {auth.allowed_ttl_seconds:g} s "
+            "(allowed) or a restart of the proxies"
+        )
     with _client(settings) as client:
         if credential is not None and team_id is not None:
-            if auth.hmac_key is None:
-                raise ValueError("definitions.auth.hmac_key is not set: verdicts are not in Redis")
             digest = hmac.digest(auth.hmac_key.get_secret_value().encode(), credential.encode(), "sha256")
             return int(cast(int, client.delete(f"{auth.key_prefix}:{team_id}:{digest.hex()}")))
         deleted = 0

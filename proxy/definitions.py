@@ -279,7 +279,10 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = DefinitionsCache(client, contract, settings.definitions)
     auth = settings.definitions.auth
     if auth.learn_verdicts and auth.hmac_key is None:
-        log.warning("definitions.auth.hmac_key is not set: verdicts are kept per process, not shared")
+        log.warning(
+            "definitions.auth.hmac_key is not set: verdicts are kept per process, not shared, and cannot be "
+            "revoked (by the backend or edge-proxy revoke) before they expire"
+        )
     verdicts = VerdictStore(
         client,
         hmac_key=auth.hmac_key.get_secret_value().encode() if auth.hmac_key else None,

@@ -59,6 +59,11 @@ REQUEST_SET_BY_US = frozenset({"host", "expect", "content-length"})
 DROP_FROM_TRUSTED = HOP_BY_HOP | FORWARDED_BY_US | REQUEST_SET_BY_US
 DROP_FROM_UNTRUSTED = DROP_FROM_TRUSTED | CLIENT_ORIGIN_CLAIMS
 
+# What edge_proxy_upstream_errors_total{kind} counts: no connection (refused), silence past the read or
+# connect timeout (timeout), every pooled connection busy past the read timeout (pool_timeout), a connection
+# cut mid-answer (disconnected), an answer that is not HTTP (malformed), and answers with a 5xx status.
+FAILURE_KINDS = ("refused", "timeout", "pool_timeout", "disconnected", "malformed", "5xx")
+
 # Responses that declare a length up to this are read whole before the headers go out: most API answers
 # then fail as a clean 502/504 instead of a cut connection. Everything else is streamed chunk by chunk.
 BUFFERED_RESPONSE_BYTES = 64 * 1024
@@ -109,9 +114,10 @@ class Forwarder:
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.pool = pool
-        # Upstream failures by kind (refused, timeout, disconnected, malformed, 5xx), for metrics; the log
-        # gets at most one line per kind of failure per interval (a dead upstream fails every request).
-        self.failures: Counter[str] = Counter()
+        # Upstream failures by kind, for metrics (every kind from the start, at 0, so an alert on its
+        # increase sees the first one); the log gets at most one line per kind of failure per interval (a
+        # dead upstream fails every request).
+        self.failures: Counter[str] = Counter(dict.fromkeys(FAILURE_KINDS, 0))
         self._warn = Throttled(log)
         self._body_timeout = limits.body_read_timeout_seconds
         self._max_body_bytes = limits.max_body_bytes
@@ -239,6 +245,14 @@ class Forwarder:
             return response
         if exc.kind == "timeout":
             self._warn.warning("upstream timed out (%s) on %s %s", exc, method, path)
+            return json_response(504, GATEWAY_TIMEOUT)
+        if exc.kind == "pool_timeout":
+            # Not the backend's silence: every pooled connection stayed busy for the read timeout.
+            self._warn.warning(
+                "no upstream connection came free in time (all upstream.max_connections busy) on %s %s",
+                method,
+                path,
+            )
             return json_response(504, GATEWAY_TIMEOUT)
         self._warn.warning("upstream unreachable or broken (%s) on %s %s", exc, method, path)
         return json_response(502, BAD_GATEWAY)

@@ -65,6 +65,7 @@ async def background(
     """Run `run()` as a task for the duration of the block, started again whenever it raises; cancel and
     await it on the way out."""
     task = asyncio.create_task(_supervised(run, name), name=name)
+    errors[name] += 0  # its series exists from the start, at 0, so an alert on its increase sees the first
     try:
         yield task
     finally:

@@ -149,7 +149,7 @@ class Pool:
                                 self._waiters.remove(waiter)
                         raise
             except TimeoutError:
-                raise UpstreamError("timeout", "no upstream connection came free in time") from None
+                raise UpstreamError("pool_timeout", "no upstream connection came free in time") from None
             if wanted is not None and not wanted():
                 # Its client left while it waited: not sent, the connection (or slot) goes to the next.
                 self._pass_on(handed)

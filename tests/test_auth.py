@@ -398,6 +398,20 @@ async def test_revoke_refuses_an_empty_credential_from_stdin(
     assert capsys.readouterr().err == "edge-proxy: --credential-stdin read no credential\n"
 
 
+@pytest.mark.parametrize("scope", [["--all"], ["--team", str(TEAM_ID)]])
+async def test_revoke_without_an_hmac_key_refuses_rather_than_report_a_revocation_that_cannot_happen(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], scope: list[str]
+) -> None:
+    """Without the key, verdicts live in each proxy's memory only: "revoked 0 verdicts", exit 0, told the
+    operator a leaked key was dealt with while every replica kept answering it."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.delenv("VERDICT_HMAC_KEY", raising=False)
+    assert main(["revoke", *scope]) == 1
+    err = capsys.readouterr().err
+    assert "definitions.auth.hmac_key is not set" in err
+    assert "cannot be revoked from here; they expire after 300 s" in err
+
+
 async def test_a_secret_refused_by_a_team_record_older_than_max_staleness_is_the_backends_to_refuse(
     make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer], redis_url: str, redis_server: RedisServer
 ) -> None:

@@ -140,7 +140,13 @@ async def test_known_mix_gives_exact_counts_by_label(
     assert value(samples, "edge_proxy_ratelimit_limited_total") == 1
     assert value(samples, "edge_proxy_billing_flushed_requests_total") == 5
     assert value(samples, "edge_proxy_requests_in_flight") == 1  # this scrape
-    assert not [key for key in samples if key[0] == "edge_proxy_upstream_errors_total"]
+    # Every kind from the start, at 0 (an alert on increase() sees the first failure of each).
+    kinds = {"refused", "timeout", "pool_timeout", "disconnected", "malformed", "5xx"}
+    for kind in kinds:
+        assert value(samples, "edge_proxy_upstream_errors_total", kind=kind) == 0
+    errors = {key for key in samples if key[0] == "edge_proxy_upstream_errors_total"}
+    assert len(errors) == len(kinds)
+    assert value(samples, "edge_proxy_background_errors_total", task="billing-flusher") == 0
 
     def count(route: str, status: str, answered_by: str) -> float:
         labels = {"route": route, "method": "GET", "status_code": status, "answered_by": answered_by}

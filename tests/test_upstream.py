@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
-from proxy.errors import BAD_GATEWAY
+from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT
 from proxy.upstream import READ_HIGH_WATER, Connection, Limits, Pool, UpstreamError
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
@@ -133,7 +133,7 @@ async def pool_get(pool: Pool, path: bytes, wanted: Callable[[], bool] | None = 
 
 
 def failures(client: Client) -> dict[str, int]:
-    return dict(client.app[keys.FORWARDER].failures)
+    return {kind: n for kind, n in client.app[keys.FORWARDER].failures.items() if n}
 
 
 # Connections
@@ -1001,7 +1001,7 @@ async def test_a_wait_for_a_connection_is_bounded_and_an_abandoned_one_is_never_
         await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
         with pytest.raises(UpstreamError) as timed_out:
             await get(b"/late")
-        assert timed_out.value.kind == "timeout"
+        assert timed_out.value.kind == "pool_timeout"  # not the backend's silence: its own kind
 
         gone = asyncio.ensure_future(get(b"/gone", wanted=lambda: False))
         after = asyncio.ensure_future(get(b"/after"))
@@ -1042,3 +1042,42 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_con
     await wait_until(lambda: pool.connections()["busy"] == 1, "the forward under way")
     await wait_until(lambda: pool.connections()["busy"] == 0, "the stalled client cut off", within=10)
     writer.close()
+
+
+async def test_a_request_no_connection_came_free_for_is_504_counted_as_the_pools_not_the_backends(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /hold "):
+            # A byte every 0.1 s until released: never silent for the read timeout, the connection held.
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while not release.is_set():
+                writer.write(b"1\r\nk\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            writer.write(b"0\r\n\r\n")
+        else:
+            writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(slow)
+    client = await proxy_to(make_proxy, upstream, max_connections=1, read_timeout_seconds=0.5)
+    try:
+        held = asyncio.ensure_future(client.get("/hold"))
+        await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
+        async with client.get("/late") as late:
+            assert late.status == 504
+            assert await late.read() == GATEWAY_TIMEOUT
+        assert failures(client) == {"pool_timeout": 1}
+        samples = await scrape(client)
+        assert value(samples, "edge_proxy_upstream_errors_total", kind="pool_timeout") == 1
+        assert value(samples, "edge_proxy_upstream_errors_total", kind="timeout") == 0
+    finally:
+        release.set()
+    async with await held as answer:
+        assert answer.status == 200
+        body = await answer.read()
+    assert set(body) == {ord("k")}  # the held request ends normally
