@@ -50,7 +50,10 @@ COPY --from=build /opt/edge-proxy /opt/edge-proxy
 # The default config (every key at its default); Kubernetes mounts the chart's ConfigMap over /etc/edge-proxy.
 COPY config/edge-proxy.yaml /etc/edge-proxy/config.yaml
 
+# EDGE_PROXY_CONFIG: the file a command run in the container reads when not given --config (kubectl exec
+# ... edge-proxy offload status then sees the same defaults as the proxy it controls).
 ENV PATH=/opt/edge-proxy/bin:$PATH \
+    EDGE_PROXY_CONFIG=/etc/edge-proxy/config.yaml \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 USER 10001:10001

@@ -226,7 +226,7 @@ def main() -> int:
             finally:
                 writer.close()
             manifest = dataset.write_manifest(workdir / "manifest.json", teams, workdir / "www")
-            base_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY__")}
+            base_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY")}
             proxy_env = {
                 **base_env,
                 **QUIET,

@@ -304,7 +304,7 @@ def start_proxy(
     for attempt in range(1, config.proxy_attempts + 1):
         port = procs.free_port()
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY__")},
+            **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY")},
             "BIND": f"127.0.0.1:{port}",
             "REDIS_URL": redis_url,
             "UPSTREAM_URL": upstream_url,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -12,15 +13,20 @@ from redis.exceptions import RedisClusterException, RedisError
 from proxy import __version__, connections, control, logs, server
 from proxy.settings import ConfigError, Settings, load_settings
 
+# The config file when --config is not given: the image sets it to the file it serves with, so a command
+# run in the container (`edge-proxy offload status`) reads the same defaults as the proxy it controls.
+CONFIG_ENV = "EDGE_PROXY_CONFIG"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-proxy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edge-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    config_help = f"YAML config file (environment overrides it; default ${CONFIG_ENV}, if set)"
     serve = commands.add_parser("serve", help="serve until SIGTERM, then drain")
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     for sub in (serve, check):
-        sub.add_argument("--config", metavar="FILE", help="YAML config file (environment overrides it)")
+        sub.add_argument("--config", metavar="FILE", help=config_help)
     serve.add_argument("--workers", type=int, metavar="N", help="processes sharing the port (default 1)")
     # Set by the supervisor of --workers N on each worker it starts (telemetry.worker_metrics_port).
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -28,18 +34,25 @@ def _parser() -> argparse.ArgumentParser:
     offload = commands.add_parser(
         "offload", help="the definitions offload weight, kill switch and shadow mode"
     )
-    offload.add_argument("--config", metavar="FILE", help="YAML config file (for the Redis URL and keys)")
+    offload.add_argument("--config", metavar="FILE", help=config_help)
+    # Also after the action (`offload status --config F`); unset there, the one before it (or none) stands.
+    config_after = argparse.ArgumentParser(add_help=False)
+    config_after.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help)
     actions = offload.add_subparsers(dest="action", required=True)
-    actions.add_parser("status", help="what every replica follows now")
-    weight = actions.add_parser("set", help="share of requests answered locally, 0-100")
+    actions.add_parser("status", parents=[config_after], help="what every replica follows now")
+    weight = actions.add_parser(
+        "set", parents=[config_after], help="share of requests answered locally, 0-100"
+    )
     weight.add_argument("percent", type=float)
     for name, text in (("kill", "forward everything at once (rollback)"), ("shadow", "compare answers")):
-        toggle = actions.add_parser(name, help=text)
+        toggle = actions.add_parser(name, parents=[config_after], help=text)
         toggle.add_argument("state", choices=("on", "off"))
-    actions.add_parser("reset", help="forget runtime changes: back to the config file")
+    actions.add_parser(
+        "reset", parents=[config_after], help="forget runtime changes: back to the config file"
+    )
 
     revoke = commands.add_parser("revoke", help="delete learned auth verdicts")
-    revoke.add_argument("--config", metavar="FILE", help="YAML config file (for the Redis URL and keys)")
+    revoke.add_argument("--config", metavar="FILE", help=config_help)
     scope = revoke.add_mutually_exclusive_group(required=True)
     scope.add_argument("--team", type=int, metavar="ID", help="every verdict of this team")
     scope.add_argument("--all", action="store_true", help="every verdict of every team")
@@ -78,7 +91,7 @@ def _operate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config or os.environ.get(CONFIG_ENV) or None)
     if getattr(args, "workers", None) is not None:
         # Validated like the file and environment values (model_copy alone would skip the 1..64 bound).
         try:

@@ -200,7 +200,7 @@ async def run(
     port = free_port()
     stats_path = workdir / "stats.jsonl"
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY__")},
+        **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY")},
         "BIND": f"127.0.0.1:{port}",
         "UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}",
         "REDIS_URL": redis_server.url,

@@ -217,7 +217,7 @@ def assert_check_config(config: str, tmp: Path) -> str:
     """`edge-proxy check-config` accepts the rendered file, with the env the chart sets from Secrets."""
     path = tmp / "config.yaml"
     path.write_text(config, encoding="utf-8")
-    env = {name: value for name, value in os.environ.items() if not name.startswith("EDGE_PROXY__")}
+    env = {name: value for name, value in os.environ.items() if not name.startswith("EDGE_PROXY")}
     env.update(REDIS_URL="redis://:secret@redis:6379/0", VERDICT_HMAC_KEY="0123456789abcdef0123")
     result = run(sys.executable, "-m", "proxy", "check-config", "--config", str(path), env=env)
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from proxy.settings import ENV_ALIASES, ENV_PREFIX
+from proxy.settings import ENV_ALIASES
 from tests.rig import free_port
 
 BAD_FILE = """
@@ -26,7 +26,7 @@ BAD_KEYS = ("upstream.url", "service_mode", "rate_limits.default", "upstream_typ
 
 def clean_environ() -> dict[str, str]:
     """This process's environment without any edge-proxy configuration."""
-    return {k: v for k, v in os.environ.items() if k not in ENV_ALIASES and not k.startswith(ENV_PREFIX)}
+    return {k: v for k, v in os.environ.items() if k not in ENV_ALIASES and not k.startswith("EDGE_PROXY")}
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -378,3 +379,29 @@ def test_large_bodies_that_differ_are_compared_within_bounds() -> None:
         shadow.body_diff(a, a[:5000])
         == "local 10011 bytes, upstream 5000 bytes, first difference at byte 5000"
     )
+
+
+async def test_offload_status_reads_the_config_file_given_before_or_after_the_action_or_by_environment(
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """The configured weight is what every replica follows until a runtime change: a status that ignored
+    the file reported 100 % while replicas served 10 % (`offload status --config F` was refused)."""
+    config = tmp_path / "edge-proxy.yaml"
+    config.write_text("definitions: {offload: {weight_percent: 10}}\n")
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.delenv("EDGE_PROXY_CONFIG", raising=False)
+    for argv in (
+        ["offload", "--config", str(config), "status"],
+        ["offload", "status", "--config", str(config)],
+    ):
+        assert main(argv) == 0
+        assert capsys.readouterr().out.splitlines()[-1].startswith("definitions offload 10% ")
+    monkeypatch.setenv("EDGE_PROXY_CONFIG", str(config))  # what the image sets
+    assert main(["offload", "status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("definitions offload 10% ")
+    monkeypatch.delenv("EDGE_PROXY_CONFIG")
+    assert main(["offload", "status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("definitions offload 100% ")

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import server
-from proxy.settings import ENV_ALIASES, ENV_PREFIX
+from proxy.settings import ENV_ALIASES
 from tests.backend_writer import BackendWriter
 from tests.rig import Upstream, free_port
 
@@ -39,7 +39,7 @@ def proxy_process(
 
     `open_files`: the (soft, hard) RLIMIT_NOFILE it starts with, as a container runtime would set it.
     """
-    base = {k: v for k, v in os.environ.items() if k not in ENV_ALIASES and not k.startswith(ENV_PREFIX)}
+    base = {k: v for k, v in os.environ.items() if k not in ENV_ALIASES and not k.startswith("EDGE_PROXY")}
     log_path = tmp_path / f"proxy-{len(list(tmp_path.glob('proxy-*.log')))}.log"
 
     def limit_open_files() -> None:
