@@ -45,8 +45,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix proxy tests bench scripts examples
 	$(VENV)/bin/ruff format proxy tests bench scripts examples
 
-# Benchmark (needs wrk; nginx optional): proxy vs the Django backend, an aiohttp ceiling and nginx, ~18 min;
-# `make bench BENCH_ARGS=--quick` (~2 min), or e.g. BENCH_ARGS="--scenarios 200,304 --sizes 50k".
+# Benchmark (needs wrk; nginx optional): proxy vs the Django backend, an aiohttp ceiling and nginx, ~24 min;
+# `make bench BENCH_ARGS=--quick` (~3 min), or e.g. BENCH_ARGS="--scenarios 200,304 --sizes 50k".
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v nginx >/dev/null || apt-get install -y -qq nginx-light || echo "no nginx: that row is skipped"

@@ -346,7 +346,7 @@ class QuotaSettings(_Section):
 
 
 class BillingSettings(_Section):
-    """Billing counters: tallied in memory, flushed in one pipelined round trip."""
+    """Billing counters: tallied in memory, flushed in calls of at most 1,000 increments each."""
 
     # Two HINCRBY per billed (team, SDK) per flush, whatever the traffic, so Redis pays per team and
     # interval, not per request: 1,000 teams cost 200 commands/s at 10 s and 67/s at 30 s (the reference:
