@@ -1081,3 +1081,39 @@ async def test_a_request_no_connection_came_free_for_is_504_counted_as_the_pools
         assert answer.status == 200
         body = await answer.read()
     assert set(body) == {ord("k")}  # the held request ends normally
+
+
+async def test_a_request_whose_client_left_while_it_waited_for_a_connection_is_never_sent_and_is_a_499(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /hold "):
+            await release.wait()
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(slow)
+    client = await proxy_to(make_proxy, upstream, max_connections=1)
+    pool = client.app[keys.FORWARDER].pool
+    held = asyncio.ensure_future(client.get("/hold"))
+    try:
+        await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
+        _, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(lambda: pool.waiting == 1, "the second request waiting for the connection")
+        writer.close()  # its client leaves while it waits
+        await asyncio.sleep(0.1)
+    finally:
+        release.set()
+    async with await held as answer:
+        assert answer.status == 200
+    async with client.get("/after") as after:
+        assert after.status == 200
+    assert [head.split(b" ")[1] for head in upstream.heads] == [b"/hold", b"/after"]
+    labels = {"route": "forward", "method": "GET", "answered_by": "upstream"}
+    samples = await scrape(client)
+    assert value(samples, "edge_proxy_request_duration_seconds_count", status_code="499", **labels) == 1
+    assert failures(client) == {}  # not the upstream's failure
