@@ -128,7 +128,9 @@ class BillingTally:
     @property
     def unflushed_requests(self) -> int:
         """Requests counted but not yet confirmed written (tally plus pending batches)."""
-        return sum(self._counts.values()) + sum(part.requests for part in self._pending)
+        # list() first, in one C call: the OTLP export thread reads this while the loop may change the deque
+        # (a generator over it could raise "deque mutated during iteration" there and lose the point).
+        return sum(self._counts.values()) + sum(part.requests for part in list(self._pending))
 
     def _bucket(self, now: float | None) -> int:
         return int((time.time() if now is None else now) // self._bucket_seconds)

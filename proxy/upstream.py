@@ -220,7 +220,8 @@ class Pool:
     @property
     def waiting(self) -> int:
         """Requests waiting for a connection (the pool is at max_connections)."""
-        return sum(not waiter.done() for waiter in self._waiters)
+        # list() first, in one C call: the OTLP export thread reads this while the loop changes the deque.
+        return sum(not waiter.done() for waiter in list(self._waiters))
 
     def release(self, conn: Connection) -> None:
         """Give `conn` back: to a waiter or the idle set if it can carry another request, else close."""
