@@ -160,9 +160,13 @@ class ClientConnections:
     def _make_room(self) -> bool:
         """Close the oldest idle connection, if one of the oldest IDLE_SCAN is; whether one was."""
         for handler in islice(self._open, IDLE_SCAN):
-            # aiohttp's own state: no request being handled or its answer written, none parsed and waiting
-            # (read only here, at the limit, never per request).
-            if not handler._request_in_progress and not handler._messages:
+            # aiohttp's own idle test (its keep-alive timer's): the handler waits for the next request and
+            # none is queued. Not "no request in progress": a request taken off the queue is not in progress
+            # until its task first runs, and closing then would run it and send the answer nowhere. Nor a
+            # handler that has not started, or one reading the rest of a body after an early answer.
+            # (Read only here, at the limit, never per request.)
+            waiter = handler._waiter
+            if waiter is not None and not waiter.done() and not handler._messages:
                 del self._open[handler]
                 self.closed_idle += 1
                 # As aiohttp's own keep-alive timeout does: the transport still sends what it holds (the end

@@ -466,6 +466,8 @@ class Connection(asyncio.Protocol):
         if not self.alive():
             # Never written to a closed transport (uvloop raises RuntimeError; asyncio drops the bytes and
             # the request would wait out the read timeout): a clean "disconnected", retried when allowed.
+            # Broken, so the pool drops it (the last exchange's state would call it reusable).
+            self._broken = True
             raise UpstreamError("disconnected", "connection closed before the request was written")
         if self._parser is None or not self._complete or self._head_only:
             # A new parser unless the last one stopped cleanly between two messages.

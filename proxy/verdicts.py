@@ -214,18 +214,18 @@ class VerdictStore:
         held = self._held
         for start in range(0, len(keys), _MGET_CHUNK):
             chunk = keys[start : start + _MGET_CHUNK]
-            now = time.monotonic()
-            for key in chunk:
-                entry = held.get(key)
-                if entry is not None and entry.expires_at < now:
-                    del held[key]
+            self._expire(chunk)
             if not self.shared:
                 await asyncio.sleep(0)  # expiry only: still the loop's turn between chunks
                 continue
             # As they were when this chunk's MGET left, and the writes still in flight then.
             entries = [held.get(key) for key in chunk]
             unshared = set(self._unshared)
-            raws = await mget(self._client, chunk)
+            try:
+                raws = await mget(self._client, chunk)
+            except RedisError:
+                self._expire(keys[start + _MGET_CHUNK :])  # Redis down: the rest still expire this cycle
+                raise
             for key, seen, raw in zip(chunk, entries, raws, strict=True):
                 # Dropped before, re-learned while the MGET was out, or not yet written when it left: Redis
                 # cannot know yet. Unchanged bytes: nothing to decode.
@@ -235,6 +235,13 @@ class VerdictStore:
                     del held[key]  # revoked (deleted), or not a verdict any more
                 else:
                     seen.verdict, seen.raw = verdict, raw
+
+    def _expire(self, keys: list[str]) -> None:
+        now, held = time.monotonic(), self._held
+        for key in keys:
+            entry = held.get(key)
+            if entry is not None and entry.expires_at < now:
+                del held[key]
 
     async def run_revalidation(self, interval: float) -> None:
         """Revalidate forever; while Redis cannot be read, held verdicts live out their own TTL."""

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from proxy.redis_client import make_client
 from proxy.settings import RedisSettings
 from proxy.verdicts import Verdict, VerdictStore
+from tests.rig import RedisServer
 
 
 @pytest.fixture
@@ -129,3 +131,28 @@ async def test_the_oldest_verdict_gives_way_at_max_entries(client: aioredis.Redi
         store.learn(key, DENIED)
     assert len(store) == 3
     assert [store.cached(key) for key in keys] == [None, None, DENIED, DENIED, DENIED]
+
+
+async def test_with_redis_down_every_expired_verdict_is_still_dropped_each_cycle(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """Expiry runs chunk by chunk before each chunk's MGET: with Redis down the first MGET fails, and the
+    chunks after it must still expire (they were swept 1,000 a cycle: 200 s for 200,000)."""
+    store = VerdictStore(
+        client,
+        hmac_key=b"k" * 32,
+        key_prefix="edge-proxy:verdict:v1",
+        allowed_ttl_seconds=300,
+        denied_ttl_seconds=0.01,
+    )
+    for i in range(2500):
+        store.learn(store.key(7, f"phx_random_{i}"), DENIED)
+    await store.close()
+    await asyncio.sleep(0.05)  # all expired
+    redis_server.stop()
+    try:
+        with pytest.raises(RedisError):
+            await store.revalidate()
+    finally:
+        redis_server.start()
+    assert len(store) == 0
