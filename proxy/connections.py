@@ -105,8 +105,8 @@ def warn_if_short(settings: Settings) -> None:
 class ClientConnections:
     """The client connections a server admits: at most `limit` open.
 
-    At the limit, a new connection takes the place of the oldest idle one (no request in progress: an SDK
-    between two polls, a client that never sent one), which aiohttp closes at once, as nginx reuses idle
+    At the limit, a new connection takes the place of the oldest idle one (waiting for its next request: an
+    SDK between two polls, a client that never sent one), which aiohttp closes at once, as nginx reuses idle
     keep-alive connections when its worker_connections run out: so a probe or a new SDK gets in while the
     places are held by idle connections. Only when the oldest IDLE_SCAN connections are all busy is the new
     one closed on arrival instead.
