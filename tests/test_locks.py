@@ -56,16 +56,20 @@ def version(requirement: Requirement) -> str:
     return specifier.version
 
 
+# Each lock with the pyproject.toml extras it was made from.
+EACH_LOCK = pytest.mark.parametrize(
+    ("lock", "extras"),
+    [(IMAGE, ()), (IMAGE_OTLP, ("otlp",)), (DEV, ("otlp", "test", "lint"))],
+    ids=["image", "image-otlp", "dev"],
+)
+
+
 def declared(*extras: str) -> list[Requirement]:
     listed = PROJECT["dependencies"] + [d for e in extras for d in PROJECT["optional-dependencies"][e]]
     return [Requirement(d) for d in listed]
 
 
-@pytest.mark.parametrize(
-    ("lock", "extras"),
-    [(IMAGE, ()), (IMAGE_OTLP, ("otlp",)), (DEV, ("otlp", "test", "lint"))],
-    ids=["image", "image-otlp", "dev"],
-)
+@EACH_LOCK
 def test_each_lock_pins_every_declared_dependency_within_its_range(
     lock: Path, extras: tuple[str, ...]
 ) -> None:
@@ -82,11 +86,7 @@ def test_each_lock_pins_every_declared_dependency_within_its_range(
             assert "hiredis" in locked, requirement
 
 
-@pytest.mark.parametrize(
-    ("lock", "extras"),
-    [(IMAGE, ()), (IMAGE_OTLP, ("otlp",)), (DEV, ("otlp", "test", "lint"))],
-    ids=["image", "image-otlp", "dev"],
-)
+@EACH_LOCK
 def test_each_lock_was_made_from_the_dependencies_pyproject_declares_now(
     lock: Path, extras: tuple[str, ...]
 ) -> None:

@@ -110,6 +110,19 @@ def answering(*replies: bytes) -> Handler:
     return handler
 
 
+def holding_until(release: asyncio.Event) -> Handler:
+    """A handler answering OK at once, except GET /hold, answered once `release` is set."""
+
+    async def handler(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /hold "):
+            await release.wait()
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    return handler
+
+
 async def first_only(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
     """Answer a connection's first request; read the next one and close without a word."""
     if index > 0:
@@ -597,14 +610,7 @@ async def test_a_cancelled_wait_for_a_connection_leaves_the_pool_whole(
 ) -> None:
     release = asyncio.Event()
 
-    async def slow(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if head.startswith(b"GET /hold "):
-            await release.wait()
-        writer.write(OK)
-        await writer.drain()
-        return True
-
-    upstream = await scripted(slow)
+    upstream = await scripted(holding_until(release))
     port = int(upstream.url.rpartition(":")[2])
     pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1))
 
@@ -1088,14 +1094,7 @@ async def test_a_request_whose_client_left_while_it_waited_for_a_connection_is_n
 ) -> None:
     release = asyncio.Event()
 
-    async def slow(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if head.startswith(b"GET /hold "):
-            await release.wait()
-        writer.write(OK)
-        await writer.drain()
-        return True
-
-    upstream = await scripted(slow)
+    upstream = await scripted(holding_until(release))
     client = await proxy_to(make_proxy, upstream, max_connections=1)
     pool = client.app[keys.FORWARDER].pool
     held = asyncio.ensure_future(client.get("/hold"))
