@@ -6,8 +6,9 @@ takes the last descriptor: libuv then accepts and drops new clients without a wo
 upstream pool and Redis can no longer connect: forwards turn into 502s, and a Redis connection lost
 meanwhile cannot be replaced. Here the process first raises its soft RLIMIT_NOFILE to the hard
 limit (what Go's runtime does at start), then admits clients only up to a cap that leaves room for its own
-connections; a client over the cap is closed at once, counted, and logged (throttled), as Envoy's
-`global_downstream_max_connections` and nginx's `worker_connections` do.
+connections. At the cap the oldest idle client connection makes room for the new one (as nginx reuses idle
+keep-alive connections when `worker_connections` run out); only when they are all busy is the new one
+closed at once, counted and logged (throttled), as Envoy's `global_downstream_max_connections` does.
 """
 
 from __future__ import annotations
