@@ -251,6 +251,14 @@ class DefinitionsService:
     async def _compare(self, request: web.Request, upstream: UpstreamAnswer) -> None:
         """The shadow side: the local answer to a request the backend answered, counted by difference."""
         local = await self.decide(request, live=False)
+        if (
+            isinstance(local, Forward)
+            and local.learn_key is not None
+            and self.learner.teach(local.learn_key, upstream.status, upstream.headers, upstream.body)
+        ):
+            # A credential the proxy had no verdict for, which the backend has just answered: learned from
+            # that answer (as a local request's forward would be), and then compared like any other.
+            local = await self.decide(request, live=False)
         team = await self.teams.get(request.query.get("token", ""))
         await self.shadow.record(
             local if isinstance(local, web.Response) else None,

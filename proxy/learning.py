@@ -33,6 +33,17 @@ class VerdictLearner:
             verdict = self._verdicts.cached(key)
         return verdict
 
+    def teach(self, key: str, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
+        """Learn what an answer the backend gave this credential says of it; whether it said anything.
+
+        For answers forwarded on another path (shadow comparisons): without this, a personal API key
+        forwarded with offload at 0 % would never be known locally, and never compared.
+        """
+        if not self._enabled or (verdict := verdict_of(status, headers, body)) is None:
+            return False
+        self._verdicts.learn(key, verdict)
+        return True
+
     async def forward(self, request: web.Request, key: str) -> web.StreamResponse:
         """Forward an undecided request; the backend's answer, if it is a verdict, decides later ones."""
         if not self._enabled:

@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import random
+import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -16,11 +18,18 @@ from aiohttp import web
 from proxy.forward import Forwarder
 from proxy.logs import where
 from proxy.settings import OffloadSettings
+from proxy.verdicts import DENIAL_HEADERS
 
 log = logging.getLogger(__name__)
 
 # The headers an SDK acts on; everything else (Date, Server, Vary, ...) legitimately differs.
 COMPARED_HEADERS = ("ETag", "Cache-Control", "Content-Type")
+# Kept from the backend's answer besides: what a verdict is learned from, and how the body is coded.
+KEPT_HEADERS = tuple(dict.fromkeys((*COMPARED_HEADERS, *DENIAL_HEADERS, "Content-Encoding")))
+# zlib's window bits per content coding it can undo: gzip's header and trailer, deflate's zlib wrapper.
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# How long the mismatches logged per kind are counted before the sample starts again.
+_LOG_WINDOW_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,9 @@ def compare(local: web.Response, upstream: UpstreamAnswer) -> list[str]:
 
     "match" means byte-equal bodies; "match_json" equal only as canonical JSON (key order, spacing).
     """
+    if upstream.status == 429 and local.status != 429:
+        # The backend's own rate limit: a comparison spends none of the local budget, so the two cannot agree.
+        return ["upstream_rate_limited"]
     kinds = []
     if local.status != upstream.status:
         kinds.append("status")
@@ -80,6 +92,24 @@ _JSON_VERDICTS: dict[tuple[int, int, int, int], bool] = {}
 _JSON_VERDICTS_HELD = 1024
 
 
+def decoded(upstream: UpstreamAnswer, limit: int) -> UpstreamAnswer:
+    """The answer with its body as the client reads it: gzip and deflate undone (an ingress may compress
+    what the backend sends), up to `limit` bytes; a coding this cannot undo leaves no body to compare."""
+    coding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding == "identity" or upstream.body is None:
+        return upstream
+    body: bytes | None = None
+    if (wbits := _DECODERS.get(coding)) is not None:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            body = decoder.decompress(upstream.body, limit + 1)
+        except zlib.error:
+            body = None
+        if body is not None and (len(body) > limit or not decoder.eof):
+            body = None  # past the limit, or cut short
+    return UpstreamAnswer(upstream.status, upstream.headers, body)
+
+
 def body_diff(local: bytes, upstream: bytes | None) -> str:
     """A short, secret-free summary of how two bodies differ: lengths and the first differing offset."""
     if upstream is None:
@@ -116,6 +146,7 @@ class Shadow:
         self.max_body_bytes = settings.shadow_max_body_bytes
         self.outcomes: Counter[str] = Counter()
         self._logged: Counter[str] = Counter()
+        self._logged_since = time.monotonic()
         self.running = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -141,7 +172,7 @@ class Shadow:
         answers: list[UpstreamAnswer] = []
 
         def observe(status: int, headers: Mapping[str, str], body: bytes | None) -> None:
-            kept = {name: headers[name] for name in COMPARED_HEADERS if name in headers}
+            kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
             answers.append(UpstreamAnswer(status, kept, body))
 
         try:
@@ -173,7 +204,8 @@ class Shadow:
     async def record(
         self, local: web.Response | None, upstream: UpstreamAnswer, *, route: str, team_id: int | None
     ) -> None:
-        """Count the outcome by kind; log a bounded sample of mismatches with enough to reproduce them.
+        """Count the outcome by kind; log a sample of mismatches (`shadow_log_samples` per kind an hour)
+        with enough to reproduce them. "local_forwards": the local side would have forwarded (not compared).
 
         Two large bodies that differ are compared as JSON (up to 1 MiB) and scanned for their first
         difference in a thread, so requests on the loop are held as little as may be behind a comparison
@@ -182,6 +214,11 @@ class Shadow:
         if local is None:
             self.outcomes["local_forwards"] += 1
             return
+        if "Content-Encoding" in upstream.headers:
+            upstream = await asyncio.to_thread(decoded, upstream, self.max_body_bytes)
+        if time.monotonic() - self._logged_since > _LOG_WINDOW_SECONDS:
+            self._logged.clear()
+            self._logged_since = time.monotonic()
         local_body = local.body if isinstance(local.body, bytes) else b""
         big = max(len(local_body), len(upstream.body or b"")) >= _OFF_LOOP_BYTES
         if big and upstream.body is not None and local_body != upstream.body:

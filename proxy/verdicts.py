@@ -82,7 +82,13 @@ def verdict_of(status: int, headers: Mapping[str, str], body: bytes | None) -> V
     """The verdict an upstream answer carries: 2xx/304 allowed, 401/403 denied; None for anything else."""
     if 200 <= status < 300 or status == 304:
         return Verdict(200)
-    if status in (401, 403) and body is not None and len(body) <= MAX_DENIAL_BODY_BYTES:
+    if (
+        status in (401, 403)
+        and body is not None
+        and len(body) <= MAX_DENIAL_BODY_BYTES
+        # A compressed refusal (an ingress gzipping it) would be sent again without its Content-Encoding.
+        and headers.get("Content-Encoding", "identity").lower() == "identity"
+    ):
         kept = {name: headers[name] for name in DENIAL_HEADERS if name in headers}
         if not all(_header_safe(value) for value in kept.values()):
             return None  # what decode() would refuse once it is read back from Redis: learned, then dropped

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +231,126 @@ async def test_shadow_detects_and_classifies_each_disagreement(
     assert dict(shadow.outcomes) == {kind: 3}
     # The backend answered every request: the local answers it was compared with are not counted as served.
     assert client.app[keys.TELEMETRY].etag == {"hit": 0, "miss": 0, "none": 0}
+
+
+def _denying(status: int, body: bytes, **headers: str) -> Any:
+    """An upstream refusing every request as the backend refuses a credential."""
+
+    async def answer(request: web.Request, _body: bytes) -> web.StreamResponse:
+        return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("backend", "outcomes", "learned"),
+    [
+        ("allows", {"match": 3}, True),
+        ("refuses", {"match": 3}, True),
+        ("refuses gzipped", {"local_forwards": 3}, False),
+    ],
+)
+async def test_shadow_compares_personal_api_key_clients_by_learning_from_the_backend(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    backend: str,
+    outcomes: dict[str, int],
+    learned: bool,
+) -> None:
+    """posthog-python's local evaluation sends a personal API key: with offload at 0 % no local request ever
+    learned its verdict, so every comparison was "local_forwards" (nothing compared, no mismatch shown)."""
+    refusal = b'{"type":"authentication_error","code":"authentication_failed","detail":"Invalid"}'
+    if backend == "allows":
+        upstream[0].routes["/flags/definitions"] = _backend(teams)
+    elif backend == "refuses":
+        upstream[0].routes["/flags/definitions"] = _denying(401, refusal, **{"WWW-Authenticate": "Bearer"})
+    else:
+        # Compressed by an ingress: a verdict learned from it would be sent again without its coding.
+        upstream[0].routes["/flags/definitions"] = _denying(
+            401, gzip.compress(refusal), **{"Content-Encoding": "gzip"}
+        )
+    client = await make_proxy(
+        definitions={
+            "offload": {"weight_percent": 0, "shadow": True},
+            "auth": {"hmac_key": "offload-test-verdict-hmac-key-0123456789"},  # shared: visible in Redis
+        }
+    )
+    assert client.app is not None
+    shadow = client.app[keys.DEFINITIONS].shadow
+    token = next(iter(teams))
+    for _ in range(3):
+        response = await client.get(
+            url(token), headers={"Authorization": "Bearer phx_shadowed_key", "User-Agent": "posthog-python/7"}
+        )
+        assert response.status == (200 if backend == "allows" else 401)
+        await response.read()
+        await _settle(shadow)
+    assert dict(shadow.outcomes) == outcomes
+    with redis.Redis.from_url(redis_url) as store:
+        assert bool(store.keys("edge-proxy:verdict:*")) is learned
+    # Every request still went to the backend: learning changes what is compared, not who answers.
+    assert sum(seen.path_qs.startswith("/flags/definitions") for seen in upstream[0].seen) == 3
+
+
+@pytest.mark.parametrize(("coding", "compress"), [("gzip", gzip.compress), ("deflate", zlib.compress)])
+async def test_shadow_compares_a_compressed_answer_as_the_client_reads_it(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    coding: str,
+    compress: Any,
+) -> None:
+    token = next(iter(teams))
+    _, text, etag = teams[token]
+
+    async def compressed(request: web.Request, _body: bytes) -> web.StreamResponse:
+        headers = {
+            "ETag": f'W/"{etag}"',
+            "Cache-Control": "private, must-revalidate",
+            "Content-Encoding": coding,
+        }
+        return web.Response(body=compress(text.encode()), content_type="application/json", headers=headers)
+
+    upstream[0].routes["/flags/definitions"] = compressed
+    client = await make_proxy(definitions={"offload": {"weight_percent": 0, "shadow": True}})
+    assert client.app is not None
+    shadow = client.app[keys.DEFINITIONS].shadow
+    response = await client.get(url(token), headers=auth())
+    assert response.status == 200
+    assert await response.read() == text.encode()  # aiohttp's client undoes the coding, as SDKs do
+    await _settle(shadow)
+    assert dict(shadow.outcomes) == {"match": 1}
+
+
+async def test_a_backend_rate_limit_is_counted_as_such_not_as_mismatches(
+    make_proxy: MakeProxy, teams: dict[str, tuple[int, str, str]], upstream: tuple[Upstream, TestServer]
+) -> None:
+    """A comparison spends no local rate-limit budget, so the backend's 429s can never be agreed with."""
+    limited = b'{"type":"throttled_error","code":"throttled","detail":"Request was throttled."}'
+    upstream[0].routes["/flags/definitions"] = _denying(429, limited, **{"Retry-After": "30"})
+    client = await make_proxy(definitions={"offload": {"weight_percent": 0, "shadow": True}})
+    assert client.app is not None
+    shadow = client.app[keys.DEFINITIONS].shadow
+    for _ in range(2):
+        assert (await client.get(url(next(iter(teams))), headers=auth())).status == 429
+    await _settle(shadow)
+    assert dict(shadow.outcomes) == {"upstream_rate_limited": 2}
+
+
+def test_a_shadow_body_past_the_limit_or_in_a_coding_not_undone_is_not_compared() -> None:
+    from proxy.shadow import UpstreamAnswer, decoded
+
+    text = b'{"flags": []}' * 100
+    packed = gzip.compress(text)
+    whole = decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, packed), len(text))
+    assert whole.body == text
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, packed), len(text) - 1).body is None
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, packed[:-20]), len(text)).body is None
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "br"}, b"\x0b\x02\x80"), 1000).body is None
+    plain = UpstreamAnswer(200, {"Content-Encoding": "identity"}, text)
+    assert decoded(plain, 10) is plain
 
 
 async def test_client_never_waits_for_the_shadow_comparison(
