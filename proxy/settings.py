@@ -673,6 +673,19 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, without the snippet of the file its message quotes (the file can
+    hold a Redis URL with its password, or an HMAC key)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    parts = [
+        f"{text}{f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''}"
+        for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
+        if text
+    ]
+    return ": ".join(parts) or type(exc).__name__
+
+
 def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read the YAML file (if any), apply environment overrides, validate; ConfigError on any problem."""
     environ = os.environ if environ is None else environ
@@ -683,7 +696,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {path}: not valid YAML: {_yaml_problem(exc)}") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

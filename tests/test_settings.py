@@ -364,6 +364,18 @@ def test_unusable_files(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in message
 
 
+def test_a_malformed_file_is_placed_by_line_without_quoting_its_text(tmp_path: Path) -> None:
+    """PyYAML's own message quotes the lines around the problem: here, a Redis password."""
+    path = write(tmp_path, 'redis:\n  url: "redis://:YamlS3cretPw@127.0.0.1:6379/0\nupstream: {}\n')
+    message = problems(path)
+    assert "YamlS3cretPw" not in message
+    assert message.startswith(f"config file {path}: not valid YAML: ")
+    assert message.endswith(
+        "while scanning a quoted scalar at line 2, column 8: "
+        "found unexpected end of stream at line 4, column 1"
+    )
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
     assert problems(path) == f"config file {path}: No such file or directory"
