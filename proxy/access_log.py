@@ -2,14 +2,17 @@
 
 Replaces aiohttp's access log, whose default format prints the request line with its query string, and so
 the project token. Only the path is logged, percent-encoded as received (an encoded newline cannot forge a
-line), with anything shaped like a PostHog key masked: some backend routes carry the project token in the
-path. Headers are never logged.
+line), with anything shaped like a PostHog key masked (some backend routes carry the project token in the
+path) and every segment shaped like another secret: share, embed, invite and password-reset links carry
+their token as a path segment. Headers are never logged. The same masked path goes into warnings and traces.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -17,11 +20,33 @@ log = logging.getLogger("proxy.access")
 
 # phc_ (project token), phs_ (secret token), phx_ (personal API key), and any other ph?_ key shape.
 _KEY_SHAPED = re.compile(r"ph[a-z]_[A-Za-z0-9_-]+")
+# Any other token: 16 or more URL-safe characters (urlsafe base64, hex, a UUID), unless lower-case words
+# (a slug such as local_evaluation). Numbers and file names (a dot) are shorter or pass.
+_TOKEN_SHAPED = re.compile(r"[A-Za-z0-9_-]{16,}")
+_WORDS = re.compile(r"[a-z_-]+")
 
 
 def safe_path(request: web.Request) -> str:
-    """The request path without its query string, key-shaped segments masked."""
-    return _KEY_SHAPED.sub("ph*_***", request.rel_url.raw_path)
+    """The request path without its query string, secret-shaped segments masked."""
+    raw = request.rel_url.raw_path
+    # Remembered for the paths clients send again and again; only short ones, so the memory stays bounded.
+    return _masked_memo(raw) if len(raw) <= 256 else masked(raw)
+
+
+def masked(raw_path: str) -> str:
+    """`raw_path` with PostHog keys (`ph*_***`) and other token-shaped segments (`***`) masked, encoded
+    forms included (`ph%63_...`): what may be logged."""
+    segments = raw_path.split("/")
+    for index, segment in enumerate(segments):
+        plain = unquote(segment) if "%" in segment else segment
+        if _KEY_SHAPED.search(plain):
+            segments[index] = _KEY_SHAPED.sub("ph*_***", segment) if plain is segment else "***"
+        elif _TOKEN_SHAPED.fullmatch(plain) and not _WORDS.fullmatch(plain):
+            segments[index] = "***"
+    return "/".join(segments)
+
+
+_masked_memo = functools.lru_cache(maxsize=4096)(masked)
 
 
 def write(

@@ -90,6 +90,28 @@ async def test_a_dead_upstream_fails_every_request_but_logs_once(
     assert client.app[keys.FORWARDER].failures["refused"] == 40
 
 
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/api/projects/phc_token_in_the_path/flags", "/api/projects/ph*_***/flags"),
+        ("/api/x/ph%63_encoded_key/y", "/api/x/***/y"),  # the key, percent-encoded
+        ("/shared/Xq3vT9kL2mNpQ8rS1tUvWxYz", "/shared/***"),  # a share link's token
+        ("/embedded/EmbedTokenNoDigitsAtAll", "/embedded/***"),
+        ("/signup/0b3f1c2e-9a8d-4f6e-b1c2-d3e4f5a6b7c8", "/signup/***"),  # an invite
+        ("/reset/MTI/c5k2l9-8f3e0a9b1c2d3e4f5a6b", "/reset/MTI/***"),  # Django's password-reset link
+        ("/reset/MTI/c5k2l9-8f3e0a9b1c2d3e4f%35a6b", "/reset/MTI/***"),
+        ("/api/environments/2/feature_flags/local_evaluation",) * 2,
+        ("/static/chunk-3F4A5B6C7D8E9F.js", "/static/chunk-3F4A5B6C7D8E9F.js"),
+        ("/api/projects/12345/insights/987/", "/api/projects/12345/insights/987/"),
+        ("/a%0Ab", "/a%0Ab"),  # still as received: an encoded newline cannot forge a line
+    ],
+)
+def test_secrets_in_the_path_are_masked_before_any_log_sees_them(path: str, logged: str) -> None:
+    from proxy.access_log import masked
+
+    assert masked(path) == logged
+
+
 async def test_an_upstream_failure_log_masks_a_token_in_the_path(
     make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
 ) -> None:

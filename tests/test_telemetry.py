@@ -287,14 +287,16 @@ async def test_access_log_lines_are_json_with_the_fields_and_no_secret(
     await client.get(definitions(TOKEN), headers={**auth(f"phx_{MARKER}"), "traceparent": TRACEPARENT})
     await client.get(definitions(token), headers=auth(f"phs_{MARKER}"))
     await client.get(f"/array/{token}/config?api_key={MARKER}", headers={"Cookie": MARKER})
+    await client.get(f"/shared/{MARKER}0a1B2c3D4e")  # a share link: its token (22 characters) is the path
 
     records = [r for r in caplog.records if r.name == "proxy.access"]
-    assert len(records) == 3
+    assert len(records) == 4
     lines = [json.loads(JsonFormatter().format(record)) for record in records]
     assert (lines[0]["route"], lines[0]["path"]) == ("definitions", "/flags/definitions")
     assert lines[0]["trace_id"] == TRACE_ID
-    assert [line["answered_by"] for line in lines] == ["upstream", "upstream", "upstream"]
+    assert [line["answered_by"] for line in lines] == ["upstream"] * 4
     assert (lines[2]["route"], lines[2]["path"]) == ("forward", "/array/ph*_***/config")
+    assert (lines[3]["route"], lines[3]["path"]) == ("forward", "/shared/***")
     for line in lines:
         assert {"method", "path", "route", "status", "answered_by", "duration_ms", "trace_id", "msg"} <= set(
             line
