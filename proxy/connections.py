@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 # and the worker metrics port), the event loop's epoll and signal pipes, stdio, the OTLP exporters'
 # connections, shadow comparisons' threads. Generous: a descriptor kept spare costs nothing.
 SPARE_DESCRIPTORS = 64
-# At the limit, how many of the oldest connections are looked at for an idle one to close: bounded, so a
-# server whose every connection is busy does not walk them all for each new one.
+# At the limit, how many connections are looked at for an idle one to close: bounded, so a server whose
+# every connection is busy does not walk them all for each new one. Those found busy go to the back, so the
+# next look sees others (64 slow clients cannot hide the idle ones behind them).
 IDLE_SCAN = 64
 
 
@@ -109,8 +110,8 @@ class ClientConnections:
     At the limit, a new connection takes the place of the oldest idle one (waiting for its next request: an
     SDK between two polls, a client that never sent one), which aiohttp closes at once, as nginx reuses idle
     keep-alive connections when its worker_connections run out: so a probe or a new SDK gets in while the
-    places are held by idle connections. Only when the oldest IDLE_SCAN connections are all busy is the new
-    one closed on arrival instead.
+    places are held by idle connections. Only when the IDLE_SCAN connections looked at are all busy is the new
+    one closed on arrival instead; those go to the back of the line, behind the ones not yet looked at.
     """
 
     def __init__(self, limit: int) -> None:
@@ -159,19 +160,36 @@ class ClientConnections:
         server.connection_lost = connection_lost  # type: ignore[method-assign]
 
     def _make_room(self) -> bool:
-        """Close the oldest idle connection, if one of the oldest IDLE_SCAN is; whether one was."""
+        """Close the oldest idle connection among the first IDLE_SCAN; whether one was. Busy ones seen go to
+        the back."""
+        busy = []
+        closed = False
         for handler in islice(self._open, IDLE_SCAN):
-            # aiohttp's own idle test (its keep-alive timer's): the handler waits for the next request and
-            # none is queued. Not "no request in progress": a request taken off the queue is not in progress
-            # until its task first runs, and closing then would run it and send the answer nowhere. Nor a
-            # handler that has not started, or one reading the rest of a body after an early answer.
-            # (Read only here, at the limit, never per request.)
-            waiter = handler._waiter
-            if waiter is not None and not waiter.done() and not handler._messages:
+            if _idle(handler):
                 del self._open[handler]
                 self.closed_idle += 1
-                # As aiohttp's own keep-alive timeout does: the transport still sends what it holds (the end
-                # of the last answer, to a slow reader), then closes.
                 handler.force_close()
-                return True
+                closed = True
+                break
+            busy.append(handler)
+        for handler in busy:
+            self._open[handler] = self._open.pop(handler)
+        return closed
+
+
+def _idle(handler: RequestHandler) -> bool:
+    """Whether closing `handler` loses nothing: it waits for the next request, all of its last answer sent.
+
+    aiohttp's own idle test (its keep-alive timer's): the handler waits for the next request and none is
+    queued. Not "no request in progress": a request taken off the queue is not in progress until its task
+    first runs, and closing then would run it and send the answer nowhere. Nor a handler that has not
+    started, or one reading the rest of a body after an early answer. And the transport has sent everything:
+    closed with bytes still to send, a socket stays open until a reader that stopped reading takes them (for
+    ever), uncounted. A client partway through sending a request head counts as idle, as for aiohttp's
+    keep-alive timeout: nothing of that request has been handled. (Read only at the limit, never per request.)
+    """
+    waiter = handler._waiter
+    if waiter is None or waiter.done() or handler._messages:
         return False
+    transport = handler.transport
+    return transport is None or transport.get_write_buffer_size() == 0

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
 import sys
+from functools import partial
 
 import pytest
 from aiohttp import web
 
+from proxy import connections
 from proxy.connections import ClientConnections, client_cap, reserved_descriptors
 from proxy.settings import ConfigError, Settings
 from tests.test_server import wait_until
@@ -101,3 +104,113 @@ async def test_a_connection_whose_request_was_read_is_never_taken_for_idle() -> 
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def _serving(app: web.Application, clients: ClientConnections) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    assert runner.server is not None
+    clients.admit_on(runner.server)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_a_connection_still_sending_its_last_answer_is_not_idle() -> None:
+    """Closed with bytes still to send, a socket stays open until its reader takes them: a client that
+    stopped reading kept its descriptor for ever, no longer counted against the cap."""
+    sent = 0
+
+    async def large(request: web.Request) -> web.StreamResponse:
+        # Written until the kernel's buffers are full and the transport keeps the rest: less than its
+        # high-water mark, so the handler never waits, ends, and its connection waits for the next request.
+        nonlocal sent
+        response = web.StreamResponse()
+        await response.prepare(request)
+        assert request.transport is not None
+        while request.transport.get_write_buffer_size() == 0 and sent < 256 * 1024 * 1024:
+            await response.write(b"x" * 8192)
+            sent += 8192
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/large", large)
+    clients = ClientConnections(1)
+    runner, port = await _serving(app, clients)
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the kernel fills sooner
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")  # and nothing read yet
+        await wait_until(lambda: clients.open == 1, "the connection admitted")
+        (handler,) = clients._open
+
+        def answered_but_unsent() -> bool:
+            waiter = handler._waiter
+            waiting = waiter is not None and not waiter.done()
+            return waiting and handler.transport is not None and handler.transport.get_write_buffer_size() > 0
+
+        # The answer is written (the handler waits for the next request), its tail still in the transport.
+        await wait_until(answered_but_unsent, "the answer written, its end still unsent")
+        assert not clients._make_room()
+        assert clients.closed_idle == 0
+        # The client reads it all (chunked: up to the last chunk): then it is idle, and makes room.
+        answer = bytearray()
+        while not answer.endswith(b"\r\n0\r\n\r\n"):
+            answer += await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.count(b"x") == sent
+        await wait_until(partial(connections._idle, handler), "everything sent")
+        assert clients._make_room()
+        sock.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_busy_connections_looked_at_make_way_for_the_ones_behind_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the cap only the first IDLE_SCAN connections are looked at: those found busy go to the back, so
+    that a few slow clients at the front cannot lock every newcomer out while idle ones wait behind them."""
+    monkeypatch.setattr(connections, "IDLE_SCAN", 3)
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="slow")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    clients = ClientConnections(10)
+    runner, port = await _serving(app, clients)
+    opened = []
+    try:
+        for count in range(1, 5):  # three busy at the front, one idle behind them
+            opened.append(await asyncio.open_connection("127.0.0.1", port))
+            await wait_until(partial(_open_is, clients, count), "admitted in order")
+            if count < 4:
+                opened[-1][1].write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+                await wait_until(partial(_busy, clients, count - 1), "its request started")
+        await wait_until(partial(connections._idle, list(clients._open)[3]), "the fourth idle")
+        assert not clients._make_room()  # the three looked at are busy: they go to the back
+        assert clients._make_room()  # the next look starts at the idle one
+        assert clients.closed_idle == 1
+        assert await asyncio.wait_for(opened[3][0].read(), 5) == b""
+        release.set()
+        for reader, _ in opened[:3]:
+            assert (await asyncio.wait_for(reader.readuntil(b"slow"), 5)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for _, writer in opened:
+            writer.close()
+        await runner.cleanup()
+
+
+def _open_is(clients: ClientConnections, count: int) -> bool:
+    return clients.open == count
+
+
+def _busy(clients: ClientConnections, index: int) -> bool:
+    return not connections._idle(list(clients._open)[index])
