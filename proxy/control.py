@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import sys
+import time
 from typing import cast
 
 import redis
@@ -43,12 +44,16 @@ def _client(settings: Settings) -> redis.Redis | redis.RedisCluster:
 
 
 def offload_status(settings: Settings) -> OffloadState:
-    """The state every replica follows now: the control hash over the configured defaults."""
+    """The state every replica follows now: the control hash over the configured defaults (what in the hash
+    cannot be read is said on stderr)."""
     offload = settings.definitions.offload
     configured = OffloadState(offload.weight_percent, kill=False, shadow=offload.shadow)
     with _client(settings) as client:
         fields = cast(dict[bytes, bytes], client.hgetall(offload.control_key))
-    return parse_state(fields, configured)
+    state, problems = parse_state(fields, configured)
+    for problem in problems:
+        print(f"edge-proxy: the control hash's {problem}: replicas keep the state they had", file=sys.stderr)
+    return state
 
 
 def offload_update(settings: Settings, **fields: str) -> OffloadState:
@@ -59,10 +64,16 @@ def offload_update(settings: Settings, **fields: str) -> OffloadState:
 
 
 def offload_reset(settings: Settings) -> OffloadState:
-    """Delete the control hash: every replica returns to its configuration file."""
+    """Every replica back to its configuration file: the control hash replaced by one that only says when it
+    was reset (deleted, replicas would write back the state they follow, as after a Redis flush)."""
+    key = settings.definitions.offload.control_key
     with _client(settings) as client:
-        client.delete(settings.definitions.offload.control_key)
+        client.eval(_RESET, 1, key, str(int(time.time())))
     return offload_status(settings)
+
+
+# In one step (a replica reading between a delete and a write would take it for a flush).
+_RESET = "redis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], 'reset', ARGV[1]) return 1"
 
 
 def describe(state: OffloadState) -> str:

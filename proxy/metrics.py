@@ -204,6 +204,11 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         _value(definitions, lambda d: 0.0 if d.offload.state.kill else d.offload.state.weight_percent),
     )
     counter(
+        "edge_proxy.offload.control_restored",
+        "Times the offload control hash vanished (Redis restarted empty, flushed) and was written back",
+        _value(definitions, lambda d: d.offload.restored),
+    )
+    counter(
         "edge_proxy.shadow.comparisons",
         "Shadow comparisons by kind: match, match_json, or the kind of each mismatch",
         _labelled(definitions, "kind", lambda d: d.shadow.outcomes),

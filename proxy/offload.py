@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,20 +51,52 @@ class OffloadState:
         }
 
 
-def parse_state(fields: Mapping[bytes, bytes], default: OffloadState) -> OffloadState:
-    """The state from the control hash; a field that is absent or unreadable keeps the configured value."""
+# What an operator may type for on and off (redis-cli HSET, by hand, under pressure), in any case.
+_ON = frozenset({"1", "true", "on", "yes"})
+_OFF = frozenset({"0", "false", "off", "no"})
+
+
+def parse_state(
+    fields: Mapping[bytes, bytes], default: OffloadState, last: OffloadState | None = None
+) -> tuple[OffloadState, list[str]]:
+    """The state from the control hash, and what in it could not be read.
+
+    A field that is absent takes the configured value; one that is unreadable keeps `last` (the state in
+    force: a typo must not send everything back to the file's weight), else the configured value.
+    """
     text = {k.decode(errors="replace"): v.decode(errors="replace").strip() for k, v in fields.items()}
+    kept = last or default
+    problems = []
     weight = default.weight_percent
-    try:
-        if "weight_percent" in text:
-            weight = min(100.0, max(0.0, float(text["weight_percent"])))
-    except ValueError:
-        log.warning(
-            "offload control: weight_percent %r is not a number; keeping %g", text["weight_percent"], weight
-        )
-    kill = text["kill"] in ("1", "true", "on") if "kill" in text else default.kill
-    shadow = text["shadow"] in ("1", "true", "on") if "shadow" in text else default.shadow
-    return OffloadState(weight, kill, shadow)
+    if "weight_percent" in text:
+        try:
+            weight = float(text["weight_percent"])
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            problems.append(f"weight_percent {text['weight_percent']!r} is not a number")
+            weight = kept.weight_percent
+        weight = min(100.0, max(0.0, weight))
+    switches = {"kill": default.kill, "shadow": default.shadow}
+    for name in switches:
+        if name in text:
+            value = text[name].lower()
+            if value in _ON or value in _OFF:
+                switches[name] = value in _ON
+            else:
+                problems.append(f"{name} {text[name]!r} is neither on nor off")
+                switches[name] = getattr(kept, name)
+    return OffloadState(weight, switches["kill"], switches["shadow"]), problems
+
+
+# Writes the hash back as it was last read, unless someone wrote it meanwhile (one step, on a Cluster too).
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('HSET', KEYS[1], unpack(ARGV))
+    return 1
+end
+return 0
+"""
 
 
 class Offload:
@@ -75,6 +108,10 @@ class Offload:
         self.configured = OffloadState(settings.weight_percent, kill=False, shadow=settings.shadow)
         self.state = self.configured
         self.threshold = self.state.threshold
+        # The control hash as last read (empty: never set, or reset), and what in it was unreadable.
+        self._fields: dict[bytes, bytes] = {}
+        self._problems: list[str] = []
+        self.restored = 0  # times the hash vanished (Redis restarted empty, flushed) and was written back
 
     def local(self, credential: str, token: str) -> bool:
         """Whether this client's requests are answered locally at the current weight."""
@@ -104,9 +141,34 @@ class Offload:
             await self.poll()
 
     async def poll(self) -> None:
-        """Read the control hash once."""
-        fields = cast(dict[bytes, bytes], await self._client.hgetall(self._settings.control_key))
-        self.apply(parse_state(fields, self.configured))
+        """Read the control hash once.
+
+        A hash that vanishes after it was read (Redis restarted empty, a FLUSHALL, a failover to a replica
+        that never had it) is not a return to the file: that would undo a kill switch or a 10 % rollout on
+        every replica at once, in the middle of the incident. It is written back as last read, and the
+        state stays; `edge-proxy offload reset` returns to the file by writing a hash that says so.
+        """
+        key = self._settings.control_key
+        fields = cast(dict[bytes, bytes], await self._client.hgetall(key))
+        if not fields and self._fields:
+            args = [part for item in self._fields.items() for part in item]
+            if await self._client.eval(_RESTORE, 1, key, *args):
+                self.restored += 1
+                log.warning(
+                    "offload control hash %s vanished (Redis restarted empty or flushed?): written back as "
+                    "last read; offload stays at %g%% (kill switch %s); `edge-proxy offload reset` returns "
+                    "to the configuration file",
+                    key,
+                    self.state.weight_percent,
+                    "on" if self.state.kill else "off",
+                )
+            return
+        state, problems = parse_state(fields, self.configured, self.state)
+        if problems != self._problems:
+            for problem in problems:
+                log.warning("offload control: %s; that field keeps the value in force", problem)
+        self._fields, self._problems = fields, problems
+        self.apply(state)
 
     async def watch(self) -> None:
         """Follow the control hash forever; while Redis is unreadable the last state stays in force."""

@@ -292,7 +292,8 @@ class OffloadSettings(_Section):
     # Mismatches logged per kind (a sample to reproduce from); all are counted.
     shadow_log_samples: int = Field(default=20, ge=0)
     # Redis hash every replica watches: fields weight_percent, kill (1 = forward everything), shadow (0/1).
-    # Absent fields fall back to this file. `edge-proxy offload set|kill|status` write and read it.
+    # Absent fields fall back to this file. `edge-proxy offload set|kill|status|reset` write and read it;
+    # a hash that vanishes (Redis flushed) is written back by the replicas that read it.
     control_key: str = "edge-proxy:offload:definitions"
     watch_interval_seconds: Seconds = 0.5
 

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.cli import main
-from proxy.offload import BUCKETS, OffloadState, bucket
+from proxy.offload import BUCKETS, OffloadState, bucket, parse_state
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -109,6 +109,88 @@ async def test_every_replica_follows_the_control_key_within_two_seconds(
     assert main(["offload", "reset"]) == 0
     for replica in replicas:
         await _until(lambda r=replica: _local(r, token, upstream), deadline=time.monotonic() + 2.0)
+
+
+async def test_a_control_hash_that_vanishes_is_written_back_not_taken_for_a_reset(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis restarted empty or flushed took the hash away, and every replica went back to the file: the
+    kill switch undone in the middle of the incident it was pulled for."""
+    client = await make_proxy(definitions={"offload": {"watch_interval_seconds": 0.05}})
+    assert client.app is not None
+    offload = client.app[keys.DEFINITIONS].offload
+    token = next(iter(teams))
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    assert main(["offload", "kill", "on"]) == 0
+    await _until(lambda: _forwarded(client, token, upstream), deadline=time.monotonic() + 2.0)
+    with redis.Redis.from_url(redis_url) as store:
+        store.delete(CONTROL_KEY)  # what a flush or an empty restart does to it
+        await _until(lambda: _hash_back(store), deadline=time.monotonic() + 2.0)
+        assert store.hgetall(CONTROL_KEY) == {b"kill": b"1"}
+    assert offload.state.kill
+    assert offload.restored == 1
+    assert await _forwarded(client, token, upstream)
+    assert "offload control hash edge-proxy:offload:definitions vanished" in caplog.text
+    # The way back to the file is a reset: a hash that says so, which is not written back either.
+    assert main(["offload", "reset"]) == 0
+    await _until(lambda: _local(client, token, upstream), deadline=time.monotonic() + 2.0)
+    with redis.Redis.from_url(redis_url) as store:
+        assert list(store.hgetall(CONTROL_KEY)) == [b"reset"]
+    assert offload.restored == 1
+
+
+async def _hash_back(store: redis.Redis) -> bool:
+    return bool(store.exists(CONTROL_KEY))
+
+
+async def test_a_replica_that_never_saw_the_hash_follows_its_file(
+    make_proxy: MakeProxy, teams: dict[str, tuple[int, str, str]], upstream: tuple[Upstream, TestServer]
+) -> None:
+    client = await make_proxy(definitions={"offload": {"weight_percent": 0, "watch_interval_seconds": 0.05}})
+    assert client.app is not None
+    await asyncio.sleep(0.2)
+    assert await _forwarded(client, next(iter(teams)), upstream)
+    assert client.app[keys.DEFINITIONS].offload.restored == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "state", "problems"),
+    [
+        ({"kill": "ON"}, OffloadState(50.0, kill=True, shadow=False), []),
+        ({"kill": "Yes", "shadow": "no"}, OffloadState(50.0, kill=True, shadow=False), []),
+        (
+            {"kill": "maybe"},
+            OffloadState(50.0, kill=True, shadow=False),
+            ["kill 'maybe' is neither on nor off"],
+        ),
+        (
+            {"weight_percent": "1O"},
+            OffloadState(10.0, kill=False, shadow=False),
+            ["weight_percent '1O' is not a number"],
+        ),
+        (
+            {"weight_percent": "nan"},
+            OffloadState(10.0, kill=False, shadow=False),
+            ["weight_percent 'nan' is not a number"],
+        ),
+        ({"weight_percent": "250"}, OffloadState(100.0, kill=False, shadow=False), []),
+        ({}, OffloadState(50.0, kill=False, shadow=False), []),
+    ],
+)
+def test_control_values_typed_by_hand_are_read_leniently_and_a_typo_keeps_the_state_in_force(
+    fields: dict[str, str], state: OffloadState, problems: list[str]
+) -> None:
+    """An operator under pressure types `HSET ... kill ON` or `weight_percent 1O`: the first is on, the second
+    keeps the weight in force (10 %), not the file's (50 %)."""
+    configured = OffloadState(50.0, kill=False, shadow=False)
+    in_force = OffloadState(10.0, kill=True, shadow=False)
+    raw = {name.encode(): value.encode() for name, value in fields.items()}
+    assert parse_state(raw, configured, in_force) == (state, problems)
 
 
 async def test_no_request_is_dropped_while_the_weight_flips(
