@@ -60,6 +60,14 @@ LOCAL = "local"
 UPSTREAM = "upstream"
 # Client-chosen too: any other method is counted as _OTHER (the OTel HTTP semantic conventions' value).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Status codes kept as labels: every one the proxy answers itself, and the usual ones a backend does. Any
+# other (an upstream may answer 200-999) is its class, "2xx" to "9xx": a label set an upstream cannot grow
+# past the series cap (past it every new series shares one, and scrapes grow by megabytes).
+_STATUSES = frozenset(
+    {200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308}
+    | {400, 401, 402, 403, 404, 405, 409, 410, 413, 415, 417, 422, 429, 431, 499}
+    | {500, 501, 502, 503, 504}
+)
 # The handler was cancelled (the client left, or shutdown's deadline passed): nginx's code for it.
 CLIENT_CLOSED = 499
 
@@ -105,7 +113,13 @@ class Telemetry:
         method = request.method
         if self.metrics_enabled:
             self.requests.observe(
-                (route, method if method in _METHODS else "_OTHER", status, answered_by), seconds
+                (
+                    route,
+                    method if method in _METHODS else "_OTHER",
+                    status if status in _STATUSES else f"{status // 100}xx",
+                    answered_by,
+                ),
+                seconds,
             )
         if span is not None:
             span.set_attribute("http.response.status_code", status)
