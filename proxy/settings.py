@@ -432,6 +432,9 @@ class TelemetrySettings(_Section):
     # Prometheus text on metrics_path, answered in every service mode and never forwarded.
     metrics_enabled: bool = True
     metrics_path: str = "/metrics"
+    # On bind's port (the clients'), metrics_path is rendered at most once per this interval and scrapes
+    # within it get the same text: a client asking in a loop cannot hold the event loop. 0: every scrape.
+    metrics_min_interval_seconds: float = Field(default=1.0, ge=0, le=60, allow_inf_nan=False)
     # With --workers N the workers share bind's port, so a scrape there reaches one of them (the kernel
     # picks). Set this and each worker also answers metrics_path, with its own counts only, on bind's host at
     # this port plus its index (0 to N-1, kept across restarts): scrape those N ports as N targets. Unset:

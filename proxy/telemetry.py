@@ -15,7 +15,7 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from time import perf_counter
+from time import monotonic, perf_counter
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
@@ -234,6 +234,26 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(registry), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
 
 
+def shared_metrics_handler(min_interval: float) -> Handler:
+    """The exposition on the clients' port: rendered at most once per `min_interval`, later scrapes within it
+    answered the same bytes. A render holds the event loop for milliseconds, and this port is the clients'
+    (in sidecar mode, whatever the ingress sends): eight connections asking for it in a loop cut definitions
+    answers 27x. Prometheus scrapes seconds apart, so it always gets a fresh one."""
+    rendered: tuple[float, bytes] | None = None
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal rendered
+        registry = request.app[keys.TELEMETRY].registry
+        if registry is None:
+            raise web.HTTPNotFound
+        now = monotonic()
+        if rendered is None or now - rendered[0] >= min_interval:
+            rendered = (now, generate_latest(registry))
+        return web.Response(body=rendered[1], headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+    return handler
+
+
 async def expect_continue(request: web.Request) -> None:
     """aiohttp's expect handler without its 417 for an expectation other than 100-continue, which gunicorn
     ignores (and answers the request): so does the proxy, on every route (Expect is never forwarded)."""
@@ -246,7 +266,7 @@ def add_routes(app: web.Application) -> None:
     """The metrics path, in every service mode and never forwarded, when metrics are enabled."""
     config = app[keys.SETTINGS].telemetry
     if config.metrics_enabled:
-        route = observed(app, HEALTH, metrics_handler)
+        route = observed(app, HEALTH, shared_metrics_handler(config.metrics_min_interval_seconds))
         app.router.add_get(config.metrics_path, route, allow_head=False, expect_handler=expect_continue)
 
 

@@ -47,7 +47,12 @@ async def upstream(aiohttp_server: AiohttpServer) -> tuple[Upstream, TestServer]
 
 def settings_for(upstream_url: str, redis_url: str, **overrides: Any) -> Settings:
     """Settings pointing at the rig, with nested overrides as plain dicts."""
-    tree: dict[str, Any] = {"upstream": {"url": upstream_url}, "redis": {"url": redis_url}}
+    tree: dict[str, Any] = {
+        "upstream": {"url": upstream_url},
+        "redis": {"url": redis_url},
+        # Scrapes right after what they count: fresh every time (the default's once a second has its test).
+        "telemetry": {"metrics_min_interval_seconds": 0},
+    }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(tree.get(key), dict):
             tree[key] = {**tree[key], **value}

@@ -212,6 +212,22 @@ async def test_an_upstream_cannot_grow_the_status_labels(make_proxy: MakeProxy, 
     assert value(samples, "edge_proxy_request_duration_seconds_count", status_code="2xx", **forward) == 15
 
 
+async def test_scrapes_on_the_clients_port_render_at_most_once_an_interval(
+    make_proxy: MakeProxy, upstream: Rig
+) -> None:
+    """A render holds the event loop; on the clients' port anyone may ask in a loop (the reviewer's eight
+    connections doing so cut definitions answers 27x). Within the interval the same text comes back."""
+    client = await make_proxy(telemetry={"metrics_min_interval_seconds": 30})
+    first = await scrape(client)
+    assert (await client.get("/anything")).status == 200  # forwarded: counted...
+    labels = {"route": "forward", "method": "GET", "status_code": "200", "answered_by": "upstream"}
+    assert await scrape(client) == first  # ...but not shown before the interval is out
+    assert value(first, "edge_proxy_request_duration_seconds_count", **labels) == 0
+    fresh = await make_proxy(telemetry={"metrics_min_interval_seconds": 0})
+    assert (await fresh.get("/anything")).status == 200
+    assert value(await scrape(fresh), "edge_proxy_request_duration_seconds_count", **labels) == 1
+
+
 async def test_metrics_path_is_answered_in_every_mode_and_never_forwarded(
     make_proxy: MakeProxy, upstream: Rig
 ) -> None:
