@@ -293,6 +293,10 @@ class DefinitionsCache:
         for team_id in idle:
             self._drop(team_id)
             self._used_at.pop(team_id, None)
+        if len(self._used_at) > 2 * len(self._entries) + 1024:
+            # Teams dropped otherwise (the budget, a payload gone) keep their time of use, so a team loaded
+            # again is not taken for a new one; past twice what is held, only those held keep it.
+            self._used_at = {t: self._used_at[t] for t in self._entries if t in self._used_at}
         self.release_memory(now)
         team_ids = list(self._entries)
         if not team_ids:

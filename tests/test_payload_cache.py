@@ -239,3 +239,24 @@ async def test_an_etag_only_read_confirming_a_held_payload_keeps_it(
         stats = sync.info("commandstats")
     assert "cmdstat_get" not in stats
     assert "cmdstat_mget" not in stats
+
+
+async def test_times_of_use_are_kept_for_the_teams_held_not_every_team_ever_loaded(redis_url: str) -> None:
+    """Teams the budget pushed out kept their time of use for ever: one entry per team ever served."""
+    writer = BackendWriter(redis_url)
+    small = writer.set_definitions(1, flags(1)[:1])[0].encode()
+    for team in range(2, 3001):
+        writer.set_definitions(team, flags(team)[:1])
+    client = aioredis.Redis.from_url(redis_url)
+    cache = DefinitionsCache(
+        client, RedisContract(RedisLayout()), DefinitionsSettings(cache_budget_bytes=10 * len(small))
+    )
+    try:
+        for team in range(1, 3001):
+            assert await cache.load(team, with_body=True) is not None
+        assert len(cache) <= 10
+        await cache.refresh()
+        assert len(cache._used_at) <= 2 * len(cache) + 1024
+        assert set(cache._entries) <= set(cache._used_at)  # those held keep theirs
+    finally:
+        await client.aclose()
