@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ async def startup(request: web.Request) -> web.Response:
 
 
 async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
-    """PING Redis in the background so readiness (and the fail-open policies) know whether it answers."""
+    """PING Redis in the background: readiness, and the request path (which reads nothing from a Redis
+    that does not answer), follow it."""
     health = app[keys.HEALTH]
     client = app[keys.REDIS]
     interval = app[keys.SETTINGS].redis.health_check_interval_seconds
@@ -83,20 +85,28 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         else client.ping
     )
 
+    async def check() -> None:
+        try:
+            await ping()
+        except (RedisError, OSError) as exc:
+            if health.redis_ok:
+                log.warning("redis unreachable: %s", type(exc).__name__)
+            health.redis_ok = False
+        else:
+            if not health.redis_ok:
+                log.info("redis reachable")
+            health.redis_ok = True
+
     async def watch() -> None:
         while True:
-            try:
-                await ping()
-            except (RedisError, OSError) as exc:
-                if health.redis_ok:
-                    log.warning("redis unreachable: %s", type(exc).__name__)
-                health.redis_ok = False
-            else:
-                if not health.redis_ok:
-                    log.info("redis reachable")
-                health.redis_ok = True
             await asyncio.sleep(interval)
+            await check()
 
+    # Once before serving (the request path reads Redis only while this says it answers), bounded: with
+    # Redis down the proxy starts anyway, forwarding what memory cannot answer, and the watch carries on.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(app[keys.SETTINGS].redis.timeout_seconds):
+            await check()
     async with background(watch, name="redis-monitor"):
         yield
 

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -86,8 +87,17 @@ def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
 class DefinitionsCache:
     """team id -> Definitions: `get` reads memory, `load` reads Redis on a miss, `refresh` keeps it fresh."""
 
-    def __init__(self, client: RedisClient, contract: RedisContract, settings: DefinitionsSettings) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        contract: RedisContract,
+        settings: DefinitionsSettings,
+        *,
+        redis_up: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._client = client
+        # False while the health monitor's PING fails: a load is then a miss at once (the request forwarded).
+        self._redis_up = redis_up
         # On a Cluster a payload and its ETag live in different slots: the backend's write of the pair and
         # this read of it are atomic per slot only, so a read can pair one write's payload with another's
         # ETag. Served, an SDK would keep that ETag and get 304s for the new flags; so there each pair is
@@ -169,6 +179,8 @@ class DefinitionsCache:
 
     async def load(self, team_id: int, *, with_body: bool) -> Definitions | None:
         """Read the team's entry from Redis (concurrent loads share one read); None is a miss."""
+        if not self._redis_up():
+            return None
         entry = await self._flight.do((team_id, with_body), lambda: self._read(team_id, with_body))
         if entry is not None:
             self._used_at[team_id] = time.monotonic()

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -69,8 +70,11 @@ class TeamStore:
         miss_ttl_seconds: float,
         max_entries: int = 100_000,
         max_misses: int = 10_000,
+        redis_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self._client = client
+        # False while the health monitor's PING fails: a request then reads nothing from Redis.
+        self._redis_up = redis_up
         self._contract = contract
         # Warnings a request can raise (Redis failing, a bad record): at most one line per kind per interval.
         self._warn = Throttled(log)
@@ -123,6 +127,9 @@ class TeamStore:
         team = self.fresh(token)
         if team is not None:
             return team
+        if not self._redis_up():
+            # Known unreachable: no request waits out the timeout for it (the record held, if any, serves).
+            return self._current(token)
         retry_at = self._missed.get(token)
         if retry_at is None:
             return await self._flight.do(token, lambda: self._read(token))

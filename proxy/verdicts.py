@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -119,8 +119,11 @@ class VerdictStore:
         allowed_ttl_seconds: float,
         denied_ttl_seconds: float,
         max_entries: int = 200_000,
+        redis_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self._client = client
+        # False while the health monitor's PING fails: a lookup is then undecided at once (the backend asked).
+        self._redis_up = redis_up
         # Warnings a request can raise (Redis failing): at most one line per kind per interval.
         self._warn = Throttled(log)
         # Without a configured key verdicts stay in this process: a random key cannot be shared.
@@ -159,7 +162,7 @@ class VerdictStore:
     async def lookup(self, key: str) -> Verdict | None:
         """Memory, else one Redis read shared by concurrent callers; None means undecided."""
         verdict = self.cached(key)
-        if verdict is not None or not self.shared:
+        if verdict is not None or not self.shared or not self._redis_up():
             return verdict
         return await self._flight.do(key, lambda: self._read(key))
 

@@ -238,6 +238,40 @@ async def test_hung_redis_costs_requests_at_most_the_timeout_and_recovers(
     await assert_billed_exactly(client, ledger, redis_server)
 
 
+async def test_while_the_monitor_finds_redis_down_requests_read_nothing_from_it(
+    make_proxy: MakeProxy, backend: BackendWriter, redis_url: str
+) -> None:
+    """A hung Redis held each request that had to read it for up to ~5x the timeout (2-2.5 s measured at
+    0.5 s), for as long as the hang lasted, though the monitor already knew. Known down: forwarded at once.
+    (Redis stays up here and the monitor's next PING is an hour away, so only its verdict changes.)"""
+    write_team(backend)
+    client = await make_proxy(redis={"url": redis_url, "health_check_interval_seconds": 3600})
+    assert client.app is not None
+    health = client.app[keys.HEALTH]
+    assert health.redis_ok  # the first PING ran before the app served
+    requests = [
+        ("an unknown token", "/flags/definitions?token=phc_never_seen", AUTH),
+        ("a personal API key not yet decided", URL, {"Authorization": "Bearer phx_undecided"}),
+        ("a team not held", URL, AUTH),
+    ]
+    with redis.Redis.from_url(redis_url) as store:
+        health.redis_ok = False
+        store.config_resetstat()
+        for what, path, headers in requests:
+            response = await client.get(path, headers=headers)
+            assert response.status == 200, what
+            assert json.loads(await response.read())["upstream"] is True, what
+        stats = store.info("commandstats")
+        assert "cmdstat_get" not in stats
+        assert "cmdstat_pttl" not in stats
+        # Known up again: the same requests read Redis, and the team's is answered from it.
+        health.redis_ok = True
+        response = await client.get(URL, headers=AUTH)
+        assert response.status == 200
+        assert "upstream" not in json.loads(await response.read())
+        assert "cmdstat_get" in store.info("commandstats")
+
+
 async def test_partition_keeps_billing_and_flushes_it_exactly_once(
     chaos: ChaosProxy, make_proxy: MakeProxy, backend: BackendWriter, redis_server: RedisServer
 ) -> None:
