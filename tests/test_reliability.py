@@ -540,6 +540,118 @@ async def test_sentinel_url_serves_bills_and_limits_through_the_named_master(
     await assert_billed_exactly(client, ledger, redis_server)
 
 
+@pytest.fixture
+def sentinel_pair(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, str]]:
+    """A master and its replica, each a real redis-server, watched by a real sentinel that fails over half a
+    second after the master stops answering: (master, replica, the proxy's redis+sentinel URL)."""
+    servers: list[RedisServer] = []
+    for name in ("master", "replica"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        options = ("--replicaof", "127.0.0.1", str(servers[0].port)) if servers else ()
+        server = RedisServer(free_port(), workdir, options=options)
+        server.start()
+        servers.append(server)
+    master, replica = servers
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor edge 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds edge 500\nsentinel failover-timeout edge 5000\n"
+    )
+    sentinel = subprocess.Popen(
+        [redis_server_binary(), str(config), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # the replica in sync, and known to the sentinel (it can promote only what it knows)
+            try:
+                with replica.client() as sync, redis.Redis(port=port, socket_timeout=0.5) as watcher:
+                    linked = sync.info("replication").get("master_link_status") == "up"
+                    if linked and watcher.execute_command("SENTINEL", "REPLICAS", "edge"):
+                        break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "sentinel and replica not ready"
+            time.sleep(0.05)
+        yield master, replica, f"redis+sentinel://127.0.0.1:{port}/edge/0"
+    finally:
+        sentinel.kill()
+        sentinel.wait(5)
+        for server in servers:
+            server.stop()
+
+
+async def test_a_sentinel_failover_is_followed_without_a_restart_and_billing_stays_exact(
+    make_proxy: MakeProxy,
+    upstream: tuple[Upstream, TestServer],
+    sentinel_pair: tuple[RedisServer, RedisServer, str],
+) -> None:
+    """The master hangs with a billing flush in flight, is killed, and the sentinel promotes its replica:
+    every request meanwhile is answered (never a 5xx), the new master is followed (a rewrite is served) and
+    both billing hashes end equal to the proxy's own 200s."""
+    master, replica, url = sentinel_pair
+    text = write_team(BackendWriter(master.url))
+    client = await make_proxy(**fast_settings(url))
+    assert client.app is not None
+    tally = client.app[keys.BILLING]
+    bodies = {text.encode()}
+    local = 0
+
+    async def ask() -> bytes:
+        nonlocal local
+        forwarded = len(upstream[0].seen)
+        async with client.get(URL, headers=AUTH) as response:
+            body = await response.read()
+            assert response.status == 200, (response.status, body)  # never a 5xx
+        if len(upstream[0].seen) == forwarded:
+            assert body in bodies
+            local += 1
+        return body
+
+    for _ in range(5):
+        await ask()
+    assert local == 5
+    await eventually(lambda: tally.unflushed_requests == 0, "billing flushed")
+    with master.client() as sync:
+        assert sync.execute_command("WAIT", 1, 5000) == 1  # acknowledged means replicated, from here on
+
+    assert master.process is not None
+    master.process.send_signal(signal.SIGSTOP)  # hung: a flush is sent, never applied, its outcome unknown
+    failed = tally.failed_flushes
+    for _ in range(3):
+        await ask()
+    await eventually(lambda: tally.failed_flushes > failed, "a flush to the hung master failed")
+    master.stop()
+
+    def promoted() -> bool:
+        with replica.client() as sync:
+            return bool(sync.info("replication")["role"] == "master")
+
+    during = 0
+    while not promoted():
+        await ask()
+        during += 1
+        await asyncio.sleep(0.02)
+    assert during > 0
+    new_text = BackendWriter(replica.url).set_definitions(
+        TEAM_ID, [{"id": 2, "key": "gamma", "active": True}]
+    )[0]
+    bodies.add(new_text.encode())
+
+    async def rewrite_served() -> bool:
+        return await ask() == new_text.encode()
+
+    await eventually(rewrite_served, "the rewrite on the new master served", within=20)
+    await eventually(lambda: tally.unflushed_requests == 0, "billing flushed to the new master", within=20)
+    team, sdk = billing_hashes(replica)
+    assert sum(team.values()) == sum(sdk.values()) == local
+    assert tally.dropped_counts == 0
+
+
 def test_operator_cli_works_through_sentinel(
     redis_server: RedisServer,
     sentinel_url: str,
