@@ -57,10 +57,15 @@ def offload_status(settings: Settings) -> OffloadState:
 
 
 def offload_update(settings: Settings, **fields: str) -> OffloadState:
-    """Write fields of the control hash (every replica follows within its watch interval)."""
+    """Write fields of the control hash (every replica follows within its watch interval); the hash is the
+    operator's again, no longer a copy a replica wrote back (which another could replace)."""
+    args = [part for item in fields.items() for part in item]
     with _client(settings) as client:
-        client.hset(settings.definitions.offload.control_key, mapping=fields)
+        client.eval(_UPDATE, 1, settings.definitions.offload.control_key, *args)
     return offload_status(settings)
+
+
+_UPDATE = "redis.call('HDEL', KEYS[1], 'restored_from') redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
 
 
 def offload_reset(settings: Settings) -> OffloadState:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,10 +90,22 @@ def parse_state(
     return OffloadState(weight, switches["kill"], switches["shadow"]), problems
 
 
-# Writes the hash back as it was last read, unless someone wrote it meanwhile (one step, on a Cluster too).
+# Set by a replica that wrote the hash back: when what it wrote was last read as an operator wrote it (wall
+# clock). Another replica that read it later, differently, puts its own copy in place (the freshest wins).
+RESTORED_FROM = b"restored_from"
+# Write back as last read, unless someone wrote it meanwhile (one step, on a Cluster too).
 _RESTORE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
     redis.call('HSET', KEYS[1], unpack(ARGV))
+    return 1
+end
+return 0
+"""
+# Replace a copy written back from an older read, unless it changed meanwhile.
+_REPLACE = """
+if redis.call('HGET', KEYS[1], 'restored_from') == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], unpack(ARGV, 2))
     return 1
 end
 return 0
@@ -108,8 +121,10 @@ class Offload:
         self.configured = OffloadState(settings.weight_percent, kill=False, shadow=settings.shadow)
         self.state = self.configured
         self.threshold = self.state.threshold
-        # The control hash as last read (empty: never set, or reset), and what in it was unreadable.
+        # The control hash as last read (empty: never set, or reset), when that was known to be current (wall
+        # clock: compared across replicas), and what in it was unreadable.
         self._fields: dict[bytes, bytes] = {}
+        self._read_at = 0.0
         self._problems: list[str] = []
         self.restored = 0  # times the hash vanished (Redis restarted empty, flushed) and was written back
 
@@ -145,30 +160,51 @@ class Offload:
 
         A hash that vanishes after it was read (Redis restarted empty, a FLUSHALL, a failover to a replica
         that never had it) is not a return to the file: that would undo a kill switch or a 10 % rollout on
-        every replica at once, in the middle of the incident. It is written back as last read, and the
-        state stays; `edge-proxy offload reset` returns to the file by writing a hash that says so.
+        every replica at once, in the middle of the incident. It is written back as last read, marked with
+        when that read was; a replica that read it later and differently (one was cut off while an operator
+        changed it) replaces that copy with its own, so the freshest read wins within a watch interval.
+        `edge-proxy offload reset` returns to the file by writing a hash that says so.
         """
         key = self._settings.control_key
         fields = cast(dict[bytes, bytes], await self._client.hgetall(key))
-        if not fields and self._fields:
-            args = [part for item in self._fields.items() for part in item]
-            if await self._client.eval(_RESTORE, 1, key, *args):
-                self.restored += 1
-                log.warning(
-                    "offload control hash %s vanished (Redis restarted empty or flushed?): written back as "
-                    "last read; offload stays at %g%% (kill switch %s); `edge-proxy offload reset` returns "
-                    "to the configuration file",
-                    key,
-                    self.state.weight_percent,
-                    "on" if self.state.kill else "off",
-                )
+        marker = fields.pop(RESTORED_FROM, None)
+        if not fields:
+            if self._fields and await self._client.eval(_RESTORE, 1, key, *self._marked()):
+                self._restored(key, "vanished (Redis restarted empty or flushed?)")
             return
+        if marker is None:
+            read_at = time.time()  # as an operator wrote it: current now
+        else:
+            read_at = _seconds(marker)
+            if self._fields and fields != self._fields and read_at < self._read_at:
+                # Written back from an older read than this replica's: this one's is put in its place.
+                if await self._client.eval(_REPLACE, 1, key, marker, *self._marked()):
+                    self._restored(key, "was written back from an older read than this replica's")
+                return
+            if fields == self._fields:
+                read_at = max(read_at, self._read_at)
         state, problems = parse_state(fields, self.configured, self.state)
         if problems != self._problems:
             for problem in problems:
                 log.warning("offload control: %s; that field keeps the value in force", problem)
-        self._fields, self._problems = fields, problems
+        self._fields, self._read_at, self._problems = fields, read_at, problems
         self.apply(state)
+
+    def _marked(self) -> list[bytes | str]:
+        """The hash as last read, with when that was, as HSET arguments."""
+        pairs: list[bytes | str] = [part for item in self._fields.items() for part in item]
+        return [*pairs, RESTORED_FROM, repr(self._read_at)]
+
+    def _restored(self, key: str, what: str) -> None:
+        self.restored += 1
+        log.warning(
+            "offload control hash %s %s: written back as this replica last read it; offload stays at %g%% "
+            "(kill switch %s); `edge-proxy offload reset` returns to the configuration file",
+            key,
+            what,
+            self.state.weight_percent,
+            "on" if self.state.kill else "off",
+        )
 
     async def watch(self) -> None:
         """Follow the control hash forever; while Redis is unreadable the last state stays in force."""
@@ -178,3 +214,11 @@ class Offload:
             what="offload control (keeping the last state)",
             log=log,
         )
+
+
+def _seconds(raw: bytes) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0

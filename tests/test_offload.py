@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.cli import main
-from proxy.offload import BUCKETS, OffloadState, bucket, parse_state
+from proxy.offload import BUCKETS, Offload, OffloadState, bucket, parse_state
+from proxy.settings import OffloadSettings
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -131,7 +133,9 @@ async def test_a_control_hash_that_vanishes_is_written_back_not_taken_for_a_rese
     with redis.Redis.from_url(redis_url) as store:
         store.delete(CONTROL_KEY)  # what a flush or an empty restart does to it
         await _until(lambda: _hash_back(store), deadline=time.monotonic() + 2.0)
-        assert store.hgetall(CONTROL_KEY) == {b"kill": b"1"}
+        restored = store.hgetall(CONTROL_KEY)
+        assert restored.pop(b"restored_from")  # when this replica last read it
+        assert restored == {b"kill": b"1"}
     assert offload.state.kill
     assert offload.restored == 1
     assert await _forwarded(client, token, upstream)
@@ -142,6 +146,49 @@ async def test_a_control_hash_that_vanishes_is_written_back_not_taken_for_a_rese
     with redis.Redis.from_url(redis_url) as store:
         assert list(store.hgetall(CONTROL_KEY)) == [b"reset"]
     assert offload.restored == 1
+
+
+async def test_of_two_copies_written_back_the_fresher_read_wins(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica cut off while the operator reset the kill switch, then a flush, and that replica polls first:
+    it writes back the kill switch it last saw. The replica that saw the reset puts its copy in place."""
+    settings = OffloadSettings()
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    stale, fresh = (Offload(client, settings) for client in clients)
+    try:
+        with redis.Redis.from_url(redis_url) as store:
+            store.hset(CONTROL_KEY, "kill", "1")
+            for replica in (stale, fresh):
+                await replica.poll()
+                assert replica.state.kill
+            store.delete(CONTROL_KEY)
+            store.hset(CONTROL_KEY, "reset", "1")  # what `offload reset` writes
+            await fresh.poll()  # the stale one is cut off meanwhile
+            assert not fresh.state.kill
+            store.flushall()
+            await stale.poll()  # first after the flush: its old copy goes back
+            assert store.hget(CONTROL_KEY, "kill") == b"1"
+            await fresh.poll()  # a later read, and another: replaced
+            replaced = store.hgetall(CONTROL_KEY)
+            assert replaced.pop(b"restored_from")
+            assert replaced == {b"reset": b"1"}
+            await stale.poll()
+            assert not stale.state.kill
+            assert not fresh.state.kill
+            assert (stale.restored, fresh.restored) == (1, 1)
+            # The operator's next write makes the hash theirs again, no copy for a replica to replace.
+            monkeypatch.setenv("REDIS_URL", redis_url)
+            assert main(["offload", "kill", "on"]) == 0
+            assert store.hgetall(CONTROL_KEY) == {b"reset": b"1", b"kill": b"1"}
+            await stale.poll()
+            await fresh.poll()
+            assert stale.state.kill
+            assert fresh.state.kill
+            assert store.hgetall(CONTROL_KEY) == {b"reset": b"1", b"kill": b"1"}
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 async def _hash_back(store: redis.Redis) -> bool:
