@@ -281,9 +281,9 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
     health = app[keys.HEALTH]
 
     def redis_up() -> bool:
-        # While the monitor's PING fails, requests read nothing from Redis: what memory cannot answer is
+        # While the monitor's PINGs fail, requests read nothing from Redis: what memory cannot answer is
         # forwarded at once instead of waiting out the timeout (up to ~5x it, measured, before forwarding).
-        return health.redis_ok
+        return health.redis_reads
 
     teams = TeamStore(
         client,

@@ -23,13 +23,30 @@ log = logging.getLogger(__name__)
 _OK = b'{"status":"ok"}'
 
 
+# Failed PINGs in a row after which the request path stops reading Redis: one can be a pool that every request
+# holds for a moment (a cold burst), not Redis.
+READS_OFF_AFTER = 2
+
+
 @dataclass
 class Health:
-    """What readiness reports: Redis reachable, startup finished, not draining."""
+    """What readiness reports: Redis reachable, startup finished, not draining; and whether the request path
+    reads Redis at all."""
 
     started: bool = False
     redis_ok: bool = False
     draining: bool = False
+    # False once Redis failed READS_OFF_AFTER PINGs in a row (one node; on a Cluster never: a hung node would
+    # stop reads from the healthy ones too), until one answers: then what memory cannot answer is forwarded
+    # at once, rather than each request waiting out the timeout for an answer that does not come.
+    redis_reads: bool = True
+    failed_pings: int = 0
+
+    def record_ping(self, answered: bool, *, cluster: bool) -> None:
+        """Take one PING's outcome: readiness follows each; reads stop after several failures in a row."""
+        self.redis_ok = answered
+        self.failed_pings = 0 if answered else self.failed_pings + 1
+        self.redis_reads = cluster or self.failed_pings < READS_OFF_AFTER
 
     @property
     def ready(self) -> bool:
@@ -79,11 +96,8 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     client = app[keys.REDIS]
     interval = app[keys.SETTINGS].redis.health_check_interval_seconds
     # On a Cluster every primary must answer (redis-py would ask one node): each serves a share of the teams.
-    ping = (
-        partial(client.ping, target_nodes=RedisCluster.PRIMARIES)
-        if isinstance(client, RedisCluster)
-        else client.ping
-    )
+    cluster = isinstance(client, RedisCluster)
+    ping = partial(client.ping, target_nodes=RedisCluster.PRIMARIES) if cluster else client.ping
 
     async def check() -> None:
         try:
@@ -91,11 +105,11 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         except (RedisError, OSError) as exc:
             if health.redis_ok:
                 log.warning("redis unreachable: %s", type(exc).__name__)
-            health.redis_ok = False
+            health.record_ping(False, cluster=cluster)
         else:
             if not health.redis_ok:
                 log.info("redis reachable")
-            health.redis_ok = True
+            health.record_ping(True, cluster=cluster)
 
     async def watch() -> None:
         while True:

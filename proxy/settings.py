@@ -211,8 +211,8 @@ class RedisSettings(_Section):
     # Per process; a call finding all busy waits for one up to timeout_seconds. On a Cluster: per node, and
     # at most this many calls in flight at once (each holds at most one connection per node).
     max_connections: int = Field(default=16, ge=1)
-    # How often the health monitor pings Redis: readiness follows it, and while a PING fails requests
-    # read nothing from Redis (what memory cannot answer is forwarded at once).
+    # How often the health monitor pings Redis: readiness follows it, and after two failed in a row (one
+    # node) requests read nothing from Redis until one answers (what memory cannot answer is forwarded).
     health_check_interval_seconds: Seconds = 1.0
 
 

@@ -249,13 +249,14 @@ async def test_while_the_monitor_finds_redis_down_requests_read_nothing_from_it(
     assert client.app is not None
     health = client.app[keys.HEALTH]
     assert health.redis_ok  # the first PING ran before the app served
+    assert health.redis_reads
     requests = [
         ("an unknown token", "/flags/definitions?token=phc_never_seen", AUTH),
         ("a personal API key not yet decided", URL, {"Authorization": "Bearer phx_undecided"}),
         ("a team not held", URL, AUTH),
     ]
     with redis.Redis.from_url(redis_url) as store:
-        health.redis_ok = False
+        health.redis_reads = False  # as after two failed PINGs
         store.config_resetstat()
         for what, path, headers in requests:
             response = await client.get(path, headers=headers)
@@ -265,11 +266,28 @@ async def test_while_the_monitor_finds_redis_down_requests_read_nothing_from_it(
         assert "cmdstat_get" not in stats
         assert "cmdstat_pttl" not in stats
         # Known up again: the same requests read Redis, and the team's is answered from it.
-        health.redis_ok = True
+        health.redis_reads = True
         response = await client.get(URL, headers=AUTH)
         assert response.status == 200
         assert "upstream" not in json.loads(await response.read())
         assert "cmdstat_get" in store.info("commandstats")
+
+
+def test_reads_stop_after_failed_pings_in_a_row_and_never_on_a_cluster() -> None:
+    """One failed PING can be the pool every request holds for a moment (a cold burst): readiness follows
+    it, the request path only a second in a row. On a Cluster one hung node would stop reads from all."""
+    from proxy.health import Health
+
+    health = Health(redis_ok=True)
+    health.record_ping(False, cluster=False)
+    assert (health.redis_ok, health.redis_reads) == (False, True)
+    health.record_ping(False, cluster=False)
+    assert (health.redis_ok, health.redis_reads) == (False, False)
+    health.record_ping(True, cluster=False)
+    assert (health.redis_ok, health.redis_reads) == (True, True)
+    for _ in range(3):
+        health.record_ping(False, cluster=True)
+    assert (health.redis_ok, health.redis_reads) == (False, True)
 
 
 async def test_partition_keeps_billing_and_flushes_it_exactly_once(
