@@ -257,7 +257,11 @@ class DefinitionsService:
             and self.learner.teach(local.learn_key, upstream.status, upstream.headers, upstream.body)
         ):
             # A credential the proxy had no verdict for, which the backend has just answered: learned from
-            # that answer (as a local request's forward would be), and then compared like any other.
+            # that answer (as a local request's forward would be), and then compared like any other; but a
+            # refusal learned from this very answer would be compared with itself.
+            if upstream.status in (401, 403):
+                self.shadow.outcomes["learned_refusal"] += 1
+                return
             local = await self.decide(request, live=False)
         team = await self.teams.get(request.query.get("token", ""))
         await self.shadow.record(

@@ -65,7 +65,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 # past the series cap (past it every new series shares one, and scrapes grow by megabytes).
 _STATUSES = frozenset(
     {200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308}
-    | {400, 401, 402, 403, 404, 405, 409, 410, 413, 415, 417, 422, 429, 431, 499}
+    | {400, 401, 402, 403, 404, 405, 408, 409, 410, 413, 415, 417, 422, 429, 431, 499}
     | {500, 501, 502, 503, 504}
 )
 # The handler was cancelled (the client left, or shutdown's deadline passed): nginx's code for it.
