@@ -39,7 +39,9 @@ def create_app(settings: Settings) -> web.Application:
     # Plain counters only; the OpenTelemetry providers open in telemetry_ctx.
     app[keys.TELEMETRY] = telemetry.Telemetry(settings)
     # Admits clients on the serving socket (server.serve); the cap leaves descriptors for the pools below.
-    app[keys.CONNECTIONS] = connections.ClientConnections(connections.client_cap(settings))
+    app[keys.CONNECTIONS] = connections.ClientConnections(
+        connections.client_cap(settings), settings.client_limits.send_timeout_seconds
+    )
 
     app.cleanup_ctx.extend(
         [

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import resource
 import sys
+import time
 from itertools import islice
 
 from aiohttp import web
@@ -114,11 +115,19 @@ class ClientConnections:
     one closed on arrival instead; those go to the back of the line, behind the ones not yet looked at.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, send_timeout: float = 60.0) -> None:
         self.limit = limit
+        self.send_timeout = send_timeout
         self.refused = 0  # connections closed on arrival: every place taken by a busy connection
         self.closed_idle = 0  # idle connections closed to make room for a new one
-        self._open: dict[RequestHandler, None] = {}  # oldest first
+        self.send_timeouts = 0  # connections aborted: their client took none of an answer for send_timeout
+        # Oldest first, with their transports: aiohttp forgets a handler's once it closes it, while a socket
+        # with unsent bytes stays open until the client takes them (or is aborted here).
+        self._open: dict[RequestHandler, asyncio.Transport] = {}
+        # Connections relaying a streamed upstream answer: the relay bounds each write itself.
+        self.relaying: set[RequestHandler] = set()
+        # Connections seen holding unsent bytes: how many, and since when that count has not moved.
+        self._stalled: dict[RequestHandler, tuple[int, float]] = {}
         self._warn = Throttled(log)
 
     @property
@@ -150,14 +159,51 @@ class ClientConnections:
                 handler.close()
                 asyncio.get_running_loop().call_soon(handler.force_close)
                 return
-            self._open[handler] = None
+            self._open[handler] = transport
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
             self._open.pop(handler, None)
+            self._stalled.pop(handler, None)
             lost(handler, exc)
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def sweep(self, now: float) -> None:
+        """Abort the connections whose client has taken none of an answer's bytes for send_timeout.
+
+        aiohttp has no send deadline: a whole answer waits in its drain, and a connection closed with bytes
+        unsent (its keep-alive timeout, a drain) waits for the client to take them, for as long as the client
+        keeps the connection open without reading (the kernel probes a zero window for ever). Each holds a
+        descriptor, a place under the cap, and the answer's buffered bytes: a few such clients asking for a
+        large payload locked every newcomer out. nginx's send_timeout (60 s) is the same rule. Bytes unsent
+        and not one fewer since the last look (nothing else is written meanwhile: a whole answer is one
+        write, and streamed ones, which refill, are left to the relay's own bound) for send_timeout: aborted.
+        """
+        stalled = self._stalled
+        for handler, transport in list(self._open.items()):
+            size = transport.get_write_buffer_size()
+            if size == 0 or handler in self.relaying:
+                stalled.pop(handler, None)
+                continue
+            seen = stalled.get(handler)
+            if seen is None or seen[0] != size:
+                stalled[handler] = (size, now)
+            elif now - seen[1] >= self.send_timeout:
+                del stalled[handler]
+                self.send_timeouts += 1
+                self._warn.warning(
+                    "client connection aborted: its client took none of %d bytes for %gs",
+                    size,
+                    self.send_timeout,
+                )
+                transport.abort()
+
+    async def run_sweeper(self) -> None:
+        """Sweep four times per send_timeout, for as long as the server runs."""
+        while True:
+            await asyncio.sleep(self.send_timeout / 4)
+            self.sweep(time.monotonic())
 
     def _make_room(self) -> bool:
         """Close the oldest idle connection among the first IDLE_SCAN; whether one was. Busy ones seen go to

@@ -350,21 +350,32 @@ async def _relay(
     size = 0
     if request.app[keys.HEALTH].draining:
         response.force_close()  # Connection: close on a stream started during the drain (see telemetry)
-    await response.prepare(request)
-    # Whatever arrived is passed on, so server-sent events and chunked answers are not held back.
-    async for chunk in upstream.chunks():
+    # Bounded here, write by write: the connections' sweep leaves it alone meanwhile (its buffer refills).
+    connections = request.app.get(keys.CONNECTIONS)  # absent in an app of the forwarder alone
+    relaying = connections.relaying if connections is not None else set()
+    relaying.add(request.protocol)
+    try:
+        await response.prepare(request)
+        # Whatever arrived is passed on, so server-sent events and chunked answers are not held back.
+        async for chunk in upstream.chunks():
+            try:
+                async with asyncio.timeout(write_timeout):
+                    await response.write(chunk)
+            except TimeoutError:
+                raise ConnectionResetError("the client stopped reading") from None
+            if captured is not None:
+                size += len(chunk)
+                if size <= capture_bytes:
+                    captured.append(chunk)
+                else:
+                    captured = None
         try:
             async with asyncio.timeout(write_timeout):
-                await response.write(chunk)
+                await response.write_eof()
         except TimeoutError:
             raise ConnectionResetError("the client stopped reading") from None
-        if captured is not None:
-            size += len(chunk)
-            if size <= capture_bytes:
-                captured.append(chunk)
-            else:
-                captured = None
-    await response.write_eof()
+    finally:
+        relaying.discard(request.protocol)
     if observe is not None:
         observe(upstream.status, response.headers, b"".join(captured) if captured is not None else None)
 

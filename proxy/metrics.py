@@ -153,6 +153,11 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         lambda: [(clients.refused, {})],
     )
     counter(
+        "edge_proxy.client.connections_send_timeouts",
+        "Client connections aborted: their client took none of an answer for send_timeout_seconds",
+        lambda: [(clients.send_timeouts, {})],
+    )
+    counter(
         "edge_proxy.definitions.requests",
         "Definitions requests by outcome (forwarded: answered by the upstream)",
         _labelled(itself, "outcome", lambda t: _definitions_outcomes(t.requests)),

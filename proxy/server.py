@@ -108,6 +108,7 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
     # A worker of a supervisor starts with them blocked (see _spawn): one that came meanwhile is handled now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     metrics_runner: web.AppRunner | None = None
+    sweeper: asyncio.Task[None] | None = None
     try:
         await runner.setup()
         try:
@@ -115,6 +116,7 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
                 return 0
             assert runner.server is not None  # set by setup()
             app[keys.CONNECTIONS].admit_on(runner.server)
+            sweeper = asyncio.create_task(app[keys.CONNECTIONS].run_sweeper(), name="client-send-timeouts")
             # SO_REUSEPORT always: N workers (or a new pod process during a restart) share the port.
             site = web.TCPSite(runner, settings.bind_host, settings.bind_port, reuse_port=True, backlog=1024)
             try:
@@ -154,6 +156,8 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
             app[keys.HEALTH].draining = True
             log.info("draining: up to %.1fs for in-flight requests", settings.shutdown_timeout_seconds)
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
             # aiohttp 3.14 BaseRunner.cleanup: close the listening sockets; RequestHandler.close() on every
             # connection (idle keep-alive ones close at once, busy ones after their current response); wait
             # for running handlers (see shutdown_timeout above), then cancel the rest; then the cleanup

@@ -415,6 +415,11 @@ class ClientLimitsSettings(_Section):
     keepalive_timeout_seconds: Seconds = 75.0
     # Longest silence while reading a forwarded request's body: then 408, and the upstream request is dropped.
     body_read_timeout_seconds: Seconds = 30.0
+    # A client that takes none of an answer's bytes for this long has its connection aborted (nginx's
+    # send_timeout): it would hold a descriptor, a place under max_connections and the answer's bytes for as
+    # long as it stayed connected without reading. Streamed forwards are bounded per write by
+    # upstream.read_timeout_seconds.
+    send_timeout_seconds: Seconds = 60.0
     # Forwarded request bodies over this are refused with 413 (before anything goes upstream when the
     # Content-Length says so; a chunked body is cut when it crosses the limit).
     max_body_bytes: int = Field(default=100 * 1024**2, ge=0)

@@ -214,3 +214,77 @@ def _open_is(clients: ClientConnections, count: int) -> bool:
 
 def _busy(clients: ClientConnections, index: int) -> bool:
     return not connections._idle(list(clients._open)[index])
+
+
+async def test_a_client_that_takes_none_of_its_answer_is_aborted_after_the_send_timeout() -> None:
+    """aiohttp has no send deadline: a client that stops reading kept its connection, its place under the cap
+    and the answer's bytes for as long as it stayed connected (a few locked every newcomer out)."""
+    sent = 0
+
+    async def large(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        response = web.StreamResponse()
+        await response.prepare(request)
+        assert request.transport is not None
+        while request.transport.get_write_buffer_size() == 0 and sent < 256 * 1024 * 1024:
+            await response.write(b"x" * 8192)
+            sent += 8192
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/large", large)
+    clients = ClientConnections(10, send_timeout=30)
+    runner, port = await _serving(app, clients)
+    loop = asyncio.get_running_loop()
+    socks = []
+    try:
+        for _ in range(2):  # two that never read
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+            await wait_until(partial(_open_is, clients, len(socks)), "admitted")
+            sent = 0
+            await wait_until(partial(_unsent, clients, len(socks) - 1), "its answer's end unsent")
+        _, watched = clients._open
+        clients.relaying.add(watched)  # as while a stream relays: the relay's own bound applies, not this
+        clients.sweep(0.0)
+        clients.sweep(29.0)
+        assert clients.send_timeouts == 0  # not yet
+        clients.sweep(30.0)
+        assert clients.send_timeouts == 1
+        await wait_until(partial(_open_is, clients, 1), "the stalled one aborted, and counted out")
+        assert list(clients._open) == [watched]
+        received = bytearray()  # what the kernel held, then the end: never the whole answer
+        while chunk := await asyncio.wait_for(loop.sock_recv(socks[0], 1 << 20), 5):
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200 ")
+        assert not received.endswith(b"\r\n0\r\n\r\n")
+        # A client that reads (however slowly) moves its count: never aborted.
+        clients.relaying.discard(watched)
+        clients.sweep(100.0)
+        for _ in range(1000):  # read a little at a time until the server could send some more
+            await asyncio.wait_for(loop.sock_recv(socks[1], 4096), 5)
+            if _unsent_changed(clients, watched):
+                break
+        else:
+            raise AssertionError("the server never sent more")
+        clients.sweep(200.0)
+        assert clients.send_timeouts == 1
+    finally:
+        for sock in socks:
+            sock.close()
+        await runner.cleanup()
+
+
+def _unsent(clients: ClientConnections, index: int) -> bool:
+    transport = list(clients._open.values())[index]
+    return transport.get_write_buffer_size() > 0 and connections._idle(list(clients._open)[index]) is False
+
+
+def _unsent_changed(clients: ClientConnections, handler: object) -> bool:
+    size, _ = clients._stalled[handler]  # type: ignore[index]
+    return bool(clients._open[handler].get_write_buffer_size() != size)  # type: ignore[index]
