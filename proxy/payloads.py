@@ -96,7 +96,7 @@ class DefinitionsCache:
         redis_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self._client = client
-        # False while the health monitor's PING fails: a load is then a miss at once (the request forwarded).
+        # False while the health monitor finds Redis down (Health.redis_reads): a load is a miss at once.
         self._redis_up = redis_up
         # On a Cluster a payload and its ETag live in different slots: the backend's write of the pair and
         # this read of it are atomic per slot only, so a read can pair one write's payload with another's

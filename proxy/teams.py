@@ -73,7 +73,7 @@ class TeamStore:
         redis_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self._client = client
-        # False while the health monitor's PING fails: a request then reads nothing from Redis.
+        # False while the health monitor finds Redis down (Health.redis_reads): then nothing is read from it.
         self._redis_up = redis_up
         self._contract = contract
         # Warnings a request can raise (Redis failing, a bad record): at most one line per kind per interval.

@@ -122,7 +122,7 @@ class VerdictStore:
         redis_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self._client = client
-        # False while the health monitor's PING fails: a lookup is then undecided at once (the backend asked).
+        # False while the health monitor finds Redis down (Health.redis_reads): a lookup is undecided at once.
         self._redis_up = redis_up
         # Warnings a request can raise (Redis failing): at most one line per kind per interval.
         self._warn = Throttled(log)
