@@ -106,6 +106,27 @@ async def test_a_connection_whose_request_was_read_is_never_taken_for_idle() -> 
         await runner.cleanup()
 
 
+class _Unsent:
+    """An app whose /large answer is written until the kernel's buffers are full and the transport keeps the
+    rest: less than its high-water mark, so the handler never waits, ends, and its connection waits for the
+    next request with the end of that answer unsent (to a client that does not read)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.app = web.Application()
+        self.app.router.add_get("/large", self.large)
+
+    async def large(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        assert request.transport is not None
+        while request.transport.get_write_buffer_size() == 0 and self.sent < 256 * 1024 * 1024:
+            await response.write(b"x" * 8192)
+            self.sent += 8192
+        await response.write_eof()
+        return response
+
+
 async def _serving(app: web.Application, clients: ClientConnections) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app)
     await runner.setup()
@@ -119,25 +140,9 @@ async def _serving(app: web.Application, clients: ClientConnections) -> tuple[we
 async def test_a_connection_still_sending_its_last_answer_is_not_idle() -> None:
     """Closed with bytes still to send, a socket stays open until its reader takes them: a client that
     stopped reading kept its descriptor for ever, no longer counted against the cap."""
-    sent = 0
-
-    async def large(request: web.Request) -> web.StreamResponse:
-        # Written until the kernel's buffers are full and the transport keeps the rest: less than its
-        # high-water mark, so the handler never waits, ends, and its connection waits for the next request.
-        nonlocal sent
-        response = web.StreamResponse()
-        await response.prepare(request)
-        assert request.transport is not None
-        while request.transport.get_write_buffer_size() == 0 and sent < 256 * 1024 * 1024:
-            await response.write(b"x" * 8192)
-            sent += 8192
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_get("/large", large)
+    unsent = _Unsent()
     clients = ClientConnections(1)
-    runner, port = await _serving(app, clients)
+    runner, port = await _serving(unsent.app, clients)
     try:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the kernel fills sooner
@@ -162,7 +167,7 @@ async def test_a_connection_still_sending_its_last_answer_is_not_idle() -> None:
         while not answer.endswith(b"\r\n0\r\n\r\n"):
             answer += await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10)
         assert answer.startswith(b"HTTP/1.1 200 ")
-        assert answer.count(b"x") == sent
+        assert answer.count(b"x") == unsent.sent
         await wait_until(partial(connections._idle, handler), "everything sent")
         assert clients._make_room()
         sock.close()
@@ -219,23 +224,9 @@ def _busy(clients: ClientConnections, index: int) -> bool:
 async def test_a_client_that_takes_none_of_its_answer_is_aborted_after_the_send_timeout() -> None:
     """aiohttp has no send deadline: a client that stops reading kept its connection, its place under the cap
     and the answer's bytes for as long as it stayed connected (a few locked every newcomer out)."""
-    sent = 0
-
-    async def large(request: web.Request) -> web.StreamResponse:
-        nonlocal sent
-        response = web.StreamResponse()
-        await response.prepare(request)
-        assert request.transport is not None
-        while request.transport.get_write_buffer_size() == 0 and sent < 256 * 1024 * 1024:
-            await response.write(b"x" * 8192)
-            sent += 8192
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_get("/large", large)
+    unsent = _Unsent()
     clients = ClientConnections(10, send_timeout=30)
-    runner, port = await _serving(app, clients)
+    runner, port = await _serving(unsent.app, clients)
     loop = asyncio.get_running_loop()
     socks = []
     try:
@@ -247,7 +238,7 @@ async def test_a_client_that_takes_none_of_its_answer_is_aborted_after_the_send_
             await loop.sock_sendall(sock, b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
             socks.append(sock)
             await wait_until(partial(_open_is, clients, len(socks)), "admitted")
-            sent = 0
+            unsent.sent = 0
             await wait_until(partial(_unsent, clients, len(socks) - 1), "its answer's end unsent")
         _, watched = clients._open
         clients.relaying.add(watched)  # as while a stream relays: the relay's own bound applies, not this

@@ -511,20 +511,28 @@ async def test_sigterm_under_load_drops_no_accepted_request(
 # Redis Sentinel
 
 
-@pytest.fixture
-def sentinel_url(redis_server: RedisServer, redis_url: str, tmp_path: Path) -> Iterator[str]:
-    """A real redis-server in Sentinel mode monitoring the suite's Redis as service `edge`."""
+def _start_sentinel(
+    workdir: Path, master_port: int, options: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A real redis-server in Sentinel mode watching the master on `master_port` as service `edge`."""
     port = free_port()
-    config = tmp_path / "sentinel.conf"
+    config = workdir / "sentinel.conf"
     config.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor edge 127.0.0.1 {redis_server.port} 1\n"
+        f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+        f"sentinel monitor edge 127.0.0.1 {master_port} 1\n{options}"
     )
     process = subprocess.Popen(
         [redis_server_binary(), str(config), "--sentinel"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    return process, port
+
+
+@pytest.fixture
+def sentinel_url(redis_server: RedisServer, redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real redis-server in Sentinel mode monitoring the suite's Redis as service `edge`."""
+    process, port = _start_sentinel(tmp_path, redis_server.port)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -571,17 +579,10 @@ def sentinel_pair(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, st
         server.start()
         servers.append(server)
     master, replica = servers
-    port = free_port()
-    config = tmp_path / "sentinel.conf"
-    config.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor edge 127.0.0.1 {master.port} 1\n"
-        "sentinel down-after-milliseconds edge 500\nsentinel failover-timeout edge 5000\n"
-    )
-    sentinel = subprocess.Popen(
-        [redis_server_binary(), str(config), "--sentinel"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    sentinel, port = _start_sentinel(
+        tmp_path,
+        master.port,
+        "sentinel down-after-milliseconds edge 500\nsentinel failover-timeout edge 5000\n",
     )
     try:
         deadline = time.monotonic() + 15
