@@ -91,7 +91,9 @@ def parse_state(
 
 
 # Set by a replica that wrote the hash back: when what it wrote was last read as an operator wrote it (wall
-# clock). Another replica that read it later, differently, puts its own copy in place (the freshest wins).
+# clock), and a digest of the fields it wrote. Another replica that read it later, differently, puts its own
+# copy in place (the freshest wins); fields that no longer match the digest were edited since, by hand: the
+# operator's, followed as written.
 RESTORED_FROM = b"restored_from"
 # Write back as last read, unless someone wrote it meanwhile (one step, on a Cluster too).
 _RESTORE = """
@@ -101,14 +103,20 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 return 0
 """
-# Replace a copy written back from an older read, unless it changed meanwhile.
+# Replace a copy written back from an older read, unless the hash changed meanwhile in any field: ARGV is the
+# number of field/value pairs expected, those pairs, then the pairs to write.
 _REPLACE = """
-if redis.call('HGET', KEYS[1], 'restored_from') == ARGV[1] then
-    redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-    return 1
+local current = redis.call('HGETALL', KEYS[1])
+local n = tonumber(ARGV[1])
+if #current ~= 2 * n then return 0 end
+local have = {}
+for i = 1, #current, 2 do have[current[i]] = current[i + 1] end
+for i = 2, 2 * n, 2 do
+    if have[ARGV[i]] ~= ARGV[i + 1] then return 0 end
 end
-return 0
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2 * n + 2))
+return 1
 """
 
 
@@ -168,17 +176,19 @@ class Offload:
         key = self._settings.control_key
         fields = cast(dict[bytes, bytes], await self._client.hgetall(key))
         marker = fields.pop(RESTORED_FROM, None)
-        if not fields:
+        if not fields and marker is None:
             if self._fields and await self._client.eval(_RESTORE, 1, key, *self._marked()):
                 self._restored(key, "vanished (Redis restarted empty or flushed?)")
             return
-        if marker is None:
-            read_at = time.time()  # as an operator wrote it: current now
+        read_at, digest = _marker(marker)
+        if marker is None or digest != _digest(fields):
+            read_at = time.time()  # as an operator wrote it (or edited a copy since): current now
         else:
-            read_at = _seconds(marker)
             if self._fields and fields != self._fields and read_at < self._read_at:
                 # Written back from an older read than this replica's: this one's is put in its place.
-                if await self._client.eval(_REPLACE, 1, key, marker, *self._marked()):
+                expected = [part for item in (*fields.items(), (RESTORED_FROM, marker)) for part in item]
+                replace = [len(expected) // 2, *expected, *self._marked()]
+                if await self._client.eval(_REPLACE, 1, key, *replace):
                     self._restored(key, "was written back from an older read than this replica's")
                 return
             if fields == self._fields:
@@ -190,10 +200,10 @@ class Offload:
         self._fields, self._read_at, self._problems = fields, read_at, problems
         self.apply(state)
 
-    def _marked(self) -> list[bytes | str]:
-        """The hash as last read, with when that was, as HSET arguments."""
-        pairs: list[bytes | str] = [part for item in self._fields.items() for part in item]
-        return [*pairs, RESTORED_FROM, repr(self._read_at)]
+    def _marked(self) -> list[bytes | str | int]:
+        """The hash as last read, with when that was and a digest of it, as HSET arguments."""
+        pairs: list[bytes | str | int] = [part for item in self._fields.items() for part in item]
+        return [*pairs, RESTORED_FROM, f"{self._read_at!r} {_digest(self._fields)}"]
 
     def _restored(self, key: str, what: str) -> None:
         self.restored += 1
@@ -216,9 +226,19 @@ class Offload:
         )
 
 
-def _seconds(raw: bytes) -> float:
+def _digest(fields: Mapping[bytes, bytes]) -> str:
+    """The fields' digest, whatever their order."""
+    crc = zlib.crc32(b"\n".join(sorted(k + b"=" + v for k, v in fields.items())))
+    return f"{crc:08x}"
+
+
+def _marker(raw: bytes | None) -> tuple[float, str | None]:
+    """A write-back's read time and digest (0 and None when absent or garbled)."""
+    if raw is None:
+        return 0.0, None
+    seconds, _, digest = raw.decode(errors="replace").partition(" ")
     try:
-        value = float(raw)
+        value = float(seconds)
     except ValueError:
-        return 0.0
-    return value if math.isfinite(value) else 0.0
+        return 0.0, None
+    return (value if math.isfinite(value) else 0.0), digest or None

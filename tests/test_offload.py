@@ -191,6 +191,36 @@ async def test_of_two_copies_written_back_the_fresher_read_wins(
             await client.aclose()
 
 
+async def test_a_copy_written_back_then_edited_by_hand_is_the_operators(redis_url: str) -> None:
+    """`redis-cli HSET` keeps the write-back's marker: the copy then said "replace me" to a fresher replica,
+    which put back its own and lost the operator's edit; HDEL of every field left a hash none followed."""
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    stale, fresh = (Offload(client, OffloadSettings()) for client in clients)
+    try:
+        with redis.Redis.from_url(redis_url) as store:
+            store.hset(CONTROL_KEY, "weight_percent", "10")
+            await stale.poll()
+            store.hset(CONTROL_KEY, "weight_percent", "50")  # while the stale one is cut off
+            await fresh.poll()
+            store.flushall()
+            await stale.poll()  # writes back 10 %
+            assert store.hget(CONTROL_KEY, "weight_percent") == b"10"
+            store.hset(CONTROL_KEY, "kill", "1")  # the operator, by hand, on the copy
+            for _ in range(2):
+                await fresh.poll()
+                await stale.poll()
+            assert store.hget(CONTROL_KEY, "kill") == b"1"  # not replaced
+            assert fresh.state.kill
+            assert stale.state.kill
+            store.hdel(CONTROL_KEY, "kill", "weight_percent")  # every field but the marker, by hand
+            await fresh.poll()
+            await stale.poll()
+            assert fresh.state == stale.state == fresh.configured  # the file, as `offload status` says
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 async def _hash_back(store: redis.Redis) -> bool:
     return bool(store.exists(CONTROL_KEY))
 
