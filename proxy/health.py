@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,10 +41,11 @@ class Health:
     redis_reads: bool = True
     failed_pings: int = 0
 
-    def record_ping(self, answered: bool, *, cluster: bool) -> None:
-        """Take one PING's outcome: readiness follows each; reads stop after several failures in a row."""
+    def record_ping(self, answered: bool, *, cluster: bool, failures: int = 1) -> None:
+        """Take one PING's outcome (`failures`: how many failed PINGs it counts for): readiness follows each;
+        reads stop after several failures in a row."""
         self.redis_ok = answered
-        self.failed_pings = 0 if answered else self.failed_pings + 1
+        self.failed_pings = 0 if answered else self.failed_pings + failures
         self.redis_reads = cluster or self.failed_pings < READS_OFF_AFTER
 
     @property
@@ -117,10 +117,16 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
             await check()
 
     # Once before serving (the request path reads Redis only while this says it answers), bounded: with
-    # Redis down the proxy starts anyway, forwarding what memory cannot answer, and the watch carries on.
-    with contextlib.suppress(TimeoutError):
+    # Redis down or silent the proxy starts anyway, forwarding what memory (empty yet) cannot answer without
+    # waiting for Redis, and the watch carries on.
+    try:
         async with asyncio.timeout(app[keys.SETTINGS].redis.timeout_seconds):
             await check()
+    except TimeoutError:
+        log.warning("redis unreachable: no answer to a PING within redis.timeout_seconds")
+    if not health.redis_ok:
+        # Nothing is in memory yet: until a PING answers, no request waits for Redis at all.
+        health.record_ping(False, cluster=cluster, failures=READS_OFF_AFTER)
     async with background(watch, name="redis-monitor"):
         yield
 

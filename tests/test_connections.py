@@ -240,9 +240,13 @@ async def test_a_client_that_takes_none_of_its_answer_is_aborted_after_the_send_
             await wait_until(partial(_open_is, clients, len(socks)), "admitted")
             unsent.sent = 0
             await wait_until(partial(_unsent, clients, len(socks) - 1), "its answer's end unsent")
-        _, watched = clients._open
+        stuck, watched = clients._open
         clients.relaying.add(watched)  # as while a stream relays: the relay's own bound applies, not this
         clients.sweep(0.0)
+        # Another request on the stuck one: one more answer queued behind, no byte taken: not progress.
+        before = clients._open[stuck].get_write_buffer_size()
+        await loop.sock_sendall(socks[0], b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(partial(_more_unsent, clients, stuck, before), "the second answer queued")
         clients.sweep(29.0)
         assert clients.send_timeouts == 0  # not yet
         clients.sweep(30.0)
@@ -279,3 +283,7 @@ def _unsent(clients: ClientConnections, index: int) -> bool:
 def _unsent_changed(clients: ClientConnections, handler: object) -> bool:
     size, _ = clients._stalled[handler]  # type: ignore[index]
     return bool(clients._open[handler].get_write_buffer_size() != size)  # type: ignore[index]
+
+
+def _more_unsent(clients: ClientConnections, handler: object, than: int) -> bool:
+    return bool(clients._open[handler].get_write_buffer_size() > than)  # type: ignore[index]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -288,6 +289,26 @@ def test_reads_stop_after_failed_pings_in_a_row_and_never_on_a_cluster() -> None
     for _ in range(3):
         health.record_ping(False, cluster=True)
     assert (health.redis_ok, health.redis_reads) == (False, True)
+
+
+async def test_a_redis_that_never_answers_at_start_is_not_waited_for_by_requests(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer]
+) -> None:
+    """Connections accepted, nothing ever answered: the first PING before serving times out, and from the
+    first request on nothing waits for Redis (each one waited out the timeout until two PINGs had failed)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        client = await make_proxy(
+            redis={"url": url, "timeout_seconds": 0.2, "health_check_interval_seconds": 3600}
+        )
+        assert client.app is not None
+        health = client.app[keys.HEALTH]
+        assert (health.redis_ok, health.redis_reads) == (False, False)
+        response = await client.get(URL, headers=AUTH)
+        assert response.status == 200
+        assert json.loads(await response.read())["upstream"] is True  # forwarded without asking Redis
 
 
 async def test_partition_keeps_billing_and_flushes_it_exactly_once(
