@@ -180,10 +180,12 @@ class ClientConnections:
         keeps the connection open without reading (the kernel probes a zero window for ever). Each holds a
         descriptor, a place under the cap, and the answer's buffered bytes: a few such clients asking for a
         large payload locked every newcomer out. nginx's send_timeout (60 s) is the same rule. Progress is
-        fewer bytes unsent than at the last look; more (another answer queued behind, to a client that keeps
-        asking and never reads) is not. Streamed relays, which refill their buffer, are left to the relay's
-        own bound. A reader slower than the kernel hands bytes back (a few hundred bytes a second at 60 s) is
-        taken for a stalled one, as by nginx.
+        any change in the bytes unsent since the last look: more can be a client that read its last answer
+        and asked again, whose progress a look cannot see (the buffer emptied in between). A client that asks
+        and never reads queues answers until the transport passes its high-water mark (64 KiB); its handler
+        then waits, nothing more is queued, and the timeout applies. Streamed relays, which refill their
+        buffer, are left to the relay's own bound. A reader slower than the kernel hands bytes back (a few
+        hundred bytes a second at 60 s) is taken for a stalled one, as by nginx.
         """
         stalled = self._stalled
         for handler in self._open if handlers is None else handlers:
@@ -195,10 +197,8 @@ class ClientConnections:
                 stalled.pop(handler, None)
                 continue
             seen = stalled.get(handler)
-            if seen is None or size < seen[0]:
+            if seen is None or size != seen[0]:
                 stalled[handler] = (size, now)
-            elif size > seen[0]:
-                stalled[handler] = (size, seen[1])
             elif now - seen[1] >= self.send_timeout:
                 del stalled[handler]
                 self.send_timeouts += 1

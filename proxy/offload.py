@@ -103,6 +103,14 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 return 0
 """
+# Drop a write-back's marker, unless another write-back replaced it meanwhile.
+_ADOPT = """
+if redis.call('HGET', KEYS[1], 'restored_from') == ARGV[1] then
+    redis.call('HDEL', KEYS[1], 'restored_from')
+    return 1
+end
+return 0
+"""
 # Replace a copy written back from an older read, unless the hash changed meanwhile in any field: ARGV is the
 # number of field/value pairs expected, those pairs, then the pairs to write.
 _REPLACE = """
@@ -183,8 +191,12 @@ class Offload:
         read_at, digest = _marker(marker)
         if marker is None or digest != _digest(fields):
             read_at = time.time()  # as an operator wrote it (or edited a copy since): current now
+            if marker is not None:
+                # A copy edited by hand is the operator's for good: its marker goes, so that an edit undone
+                # later (the copy's own values back) is not taken for the old copy again.
+                await self._client.eval(_ADOPT, 1, key, marker)
         else:
-            if self._fields and fields != self._fields and read_at < self._read_at:
+            if self._read_at and fields != self._fields and read_at < self._read_at:
                 # Written back from an older read than this replica's: this one's is put in its place.
                 expected = [part for item in (*fields.items(), (RESTORED_FROM, marker)) for part in item]
                 replace = [len(expected) // 2, *expected, *self._marked()]

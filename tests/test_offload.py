@@ -212,10 +212,23 @@ async def test_a_copy_written_back_then_edited_by_hand_is_the_operators(redis_ur
             assert store.hget(CONTROL_KEY, "kill") == b"1"  # not replaced
             assert fresh.state.kill
             assert stale.state.kill
-            store.hdel(CONTROL_KEY, "kill", "weight_percent")  # every field but the marker, by hand
-            await fresh.poll()
+            store.hdel(CONTROL_KEY, "kill")  # undone by hand: the copy's own values again, and they stay
+            for _ in range(2):
+                await fresh.poll()
+                await stale.poll()
+            assert store.hgetall(CONTROL_KEY) == {b"weight_percent": b"10"}
+            assert not fresh.state.kill
+            assert not stale.state.kill
+            # A fresh copy written back, its every field but the marker deleted by hand before anyone looked:
+            # that is the operator's too (the file, as `offload status` says), for every replica.
+            store.flushall()
             await stale.poll()
-            assert fresh.state == stale.state == fresh.configured  # the file, as `offload status` says
+            assert store.hexists(CONTROL_KEY, "restored_from")
+            store.hdel(CONTROL_KEY, "weight_percent")
+            for _ in range(3):
+                await fresh.poll()
+                await stale.poll()
+            assert fresh.state == stale.state == fresh.configured
     finally:
         for client in clients:
             await client.aclose()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -292,23 +291,30 @@ def test_reads_stop_after_failed_pings_in_a_row_and_never_on_a_cluster() -> None
 
 
 async def test_a_redis_that_never_answers_at_start_is_not_waited_for_by_requests(
-    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer]
+    make_proxy: MakeProxy, redis_server: RedisServer, redis_url: str
 ) -> None:
-    """Connections accepted, nothing ever answered: the first PING before serving times out, and from the
-    first request on nothing waits for Redis (each one waited out the timeout until two PINGs had failed)."""
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(64)
-        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    """Hung from the start (SIGSTOP): the first PING before serving times out, and from the first request on
+    nothing asks Redis (each request waited out the timeout until two PINGs had failed)."""
+    assert redis_server.process is not None
+    with redis_server.client() as store:
+        store.config_resetstat()
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
         client = await make_proxy(
-            redis={"url": url, "timeout_seconds": 0.2, "health_check_interval_seconds": 3600}
+            redis={"url": redis_url, "timeout_seconds": 0.2, "health_check_interval_seconds": 3600}
         )
         assert client.app is not None
         health = client.app[keys.HEALTH]
         assert (health.redis_ok, health.redis_reads) == (False, False)
-        response = await client.get(URL, headers=AUTH)
+        response = await client.get("/flags/definitions?token=phc_never_seen", headers=AUTH)
         assert response.status == 200
-        assert json.loads(await response.read())["upstream"] is True  # forwarded without asking Redis
+        assert json.loads(await response.read())["upstream"] is True
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    # What was sent while it hung runs now: the team lookup a request makes (a GET) would be among it.
+    await asyncio.sleep(0.2)
+    with redis_server.client() as store:
+        assert "cmdstat_get" not in store.info("commandstats")
 
 
 async def test_partition_keeps_billing_and_flushes_it_exactly_once(
