@@ -345,9 +345,15 @@ async def _relay(
 
     A client that takes no more of it for `write_timeout` (the upstream's read timeout: the same silence,
     the other way) is cut off: it would hold an upstream connection, and what was read for it, for ever.
+    A write waits only once 64 KiB are unsent (aiohttp's drain), which a trickle (a server-sent-events
+    heartbeat) takes hours to queue: so before each write the bytes still unsent are also compared with what
+    the last write left, and fewer (or none) is progress; none for `write_timeout` cuts the client off too.
     """
     captured: list[bytes] | None = [] if observe is not None and capture_bytes > 0 else None
     size = 0
+    transport = request.transport
+    loop = asyncio.get_running_loop()
+    progress_at, left = loop.time(), 0
     if request.app[keys.HEALTH].draining:
         response.force_close()  # Connection: close on a stream started during the drain (see telemetry)
     # Bounded here, write by write: the connections' sweep leaves it alone meanwhile (its buffer refills).
@@ -358,11 +364,18 @@ async def _relay(
         await response.prepare(request)
         # Whatever arrived is passed on, so server-sent events and chunked answers are not held back.
         async for chunk in upstream.chunks():
+            unsent = transport.get_write_buffer_size() if transport is not None else 0
+            now = loop.time()
+            if unsent == 0 or unsent < left:
+                progress_at = now
+            elif now - progress_at >= write_timeout:
+                raise ConnectionResetError("the client stopped reading")
             try:
                 async with asyncio.timeout(write_timeout):
                     await response.write(chunk)
             except TimeoutError:
                 raise ConnectionResetError("the client stopped reading") from None
+            left = transport.get_write_buffer_size() if transport is not None else 0
             if captured is not None:
                 size += len(chunk)
                 if size <= capture_bytes:

@@ -1050,6 +1050,119 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_con
     writer.close()
 
 
+async def test_a_client_that_stops_reading_a_trickling_stream_is_cut_off_too(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    """A write waits only once 64 KiB are unsent: a stream that trickles (a server-sent-events heartbeat)
+    behind a client that stopped reading never reached that, and held its client and upstream connections for
+    as long as the upstream kept sending (found by a reviewer: 40 s of heartbeats with a 2 s timeout)."""
+    full = asyncio.Event()
+    ended: list[str] = []
+
+    async def trickles(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            while not full.is_set():  # until the kernel holds all it will for the client: bytes wait unsent
+                writer.write(b"4000\r\n%b\r\n" % (b"x" * 0x4000))
+                await writer.drain()
+                await asyncio.sleep(0.005)
+            for _ in range(200):  # then a heartbeat every 0.1 s, for 20 s
+                writer.write(b"e\r\n: keep-alive\n\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            ended.append("sent all")
+        except ConnectionError:
+            ended.append("cut off")
+        return False
+
+    upstream = await scripted(trickles)
+    client = await proxy_to(make_proxy, upstream, read_timeout_seconds=1)
+    assert client.port is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (client.host, client.port))
+    await loop.sock_sendall(sock, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+    try:
+        server = client.server.runner.server if client.server.runner is not None else None
+        assert server is not None
+
+        def unsent() -> int:
+            return sum(h.transport.get_write_buffer_size() for h in server.connections if h.transport)
+
+        await wait_until(lambda: unsent() > 0, "bytes waiting unsent")
+        full.set()
+        assert unsent() < 65536  # so no write waits: the trickle's case
+        pool = client.app[keys.FORWARDER].pool
+        await wait_until(lambda: pool.connections()["busy"] == 0, "the stalled client cut off", within=8)
+        await wait_until(lambda: ended == ["cut off"], "the upstream connection closed")
+    finally:
+        sock.close()
+
+
+async def test_a_client_slower_than_the_stream_but_reading_is_never_cut_off(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    """The other side of the rule above: bytes wait unsent without a break for over twice the timeout (the
+    client reads, slower than the upstream sends), and the client gets the whole stream."""
+    full = asyncio.Event()
+
+    async def streams(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while not full.is_set():
+            writer.write(b"400\r\n%b\r\n" % (b"x" * 0x400))
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        for _ in range(150):  # then 1 KiB every 10 ms (~100 KB/s) for 1.5 s
+            writer.write(b"400\r\n%b\r\n" % (b"y" * 0x400))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return False
+
+    upstream = await scripted(streams)
+    client = await proxy_to(make_proxy, upstream, read_timeout_seconds=0.5)
+    assert client.port is not None
+    server = client.server.runner.server if client.server.runner is not None else None
+    assert server is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (client.host, client.port))
+    await wait_until(lambda: len(server.connections) == 1, "the connection accepted")
+    transport = server.connections[0].transport
+    assert transport is not None
+    # A small send buffer, so the kernel hands space back as the client reads (a large one only once half of
+    # what it holds is read: no reader slower than that shows progress, as for nginx's send_timeout).
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    await loop.sock_sendall(sock, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+    await wait_until(lambda: transport.get_write_buffer_size() > 0, "bytes waiting unsent")
+    full.set()
+    received = bytearray()
+    unsent: list[tuple[float, int]] = []
+    try:
+        async with asyncio.timeout(30):
+            while not received.endswith(b"0\r\n\r\n"):
+                data = await loop.sock_recv(sock, 4096)
+                assert data, f"cut off after {len(received)} bytes"
+                received += data
+                unsent.append((loop.time(), transport.get_write_buffer_size()))
+                if b"y" in data:
+                    await asyncio.sleep(0.08)  # ~50 KB/s: slower than the upstream sends
+    finally:
+        sock.close()
+    assert received.partition(b"\r\n\r\n")[2].count(b"y") == 150 * 0x400
+    # The case checked: bytes waited unsent, without a break, for longer than the timeout.
+    longest, since = 0.0, None
+    for at, size in unsent:
+        since = (since or at) if size else None
+        longest = max(longest, at - since) if since is not None else longest
+    assert longest > 1.0, longest
+
+
 async def test_a_request_no_connection_came_free_for_is_504_counted_as_the_pools_not_the_backends(
     make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
 ) -> None:
