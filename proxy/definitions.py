@@ -17,7 +17,7 @@ from proxy.errors import error_body, json_response
 from proxy.learning import VerdictLearner
 from proxy.offload import BUCKETS, Offload
 from proxy.payloads import DefinitionsCache
-from proxy.ratelimit import too_many_requests
+from proxy.ratelimit import SYNC_FIRST, too_many_requests
 from proxy.settings import ServiceMode
 from proxy.shadow import Shadow, UpstreamAnswer
 from proxy.tasks import background
@@ -185,11 +185,10 @@ class DefinitionsService:
         conditional = if_none_match is not None
         limiter = self._rate_limits
         if live:
-            retry_after = (
-                limiter.check(team.id, conditional)
-                if limiter.fast
-                else await limiter.acheck(team.id, conditional)
-            )
+            # From memory in fast mode, unless this replica holds all it may unpushed (a burst).
+            retry_after = limiter.check(team.id, conditional) if limiter.fast else SYNC_FIRST
+            if retry_after == SYNC_FIRST:
+                retry_after = await limiter.acheck(team.id, conditional)
             if retry_after is not None:
                 return too_many_requests(retry_after)
 
@@ -212,9 +211,9 @@ class DefinitionsService:
 
         # A stale ETag gets a full answer, so the reference charges it to the full budget too.
         if conditional and live:
-            retry_after = (
-                limiter.check(team.id, False) if limiter.fast else await limiter.acheck(team.id, False)
-            )
+            retry_after = limiter.check(team.id, False) if limiter.fast else SYNC_FIRST
+            if retry_after == SYNC_FIRST:
+                retry_after = await limiter.acheck(team.id, False)
             if retry_after is not None:
                 return too_many_requests(retry_after)
 

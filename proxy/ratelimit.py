@@ -8,19 +8,21 @@ expiring with the window), so both modes below can run side by side during a rol
 
 exact: `limits`' async Redis storage and fixed-window strategy, one round trip per request (two when limited).
 
-fast (default): a request is admitted from memory when `shared + pending < limit`, where `shared` is the
-count read from Redis at this replica's last sync and `pending` what it admitted since. Every
+fast (default): a request is admitted from memory when `shared + pending < limit`, where `shared` is the count
+read from Redis at this replica's last sync and `pending` what it admitted since. Every
 `sync_interval_seconds` one Lua call pushes the pending counts of all recently active teams into the shared
-counters and reads them back with their time left. A replica never over-admits on its own, but it cannot
-see what other replicas have admitted and not pushed yet. Over-admission bound, per team and window, with N
-replicas: admitted <= limit + (N - 1) * a, where a is the most one replica holds admitted but not yet
-pushed: below half the limit (as it last saw the shared count) a replica pushes in lumps of
-push_fraction * limit, so a <= push_fraction * limit there; past half, it syncs every interval, so a is what
-it admits in about one sync interval plus one round trip. Never more than N * limit, since each replica
-counts its own admissions. A push is idempotent (a mark per replica and window holds what it has applied),
-so a sync that timed out here after Redis ran it is not counted again by the next. Redis cost: nothing for
-teams far below their limit, one script entry per sync interval for a team past half of it, and one small
-key per replica and pushed window, expiring with the window. On a Redis Cluster the counters are spread
+counters and reads them back with their time left. A replica never over-admits on its own, but it cannot see
+what other replicas have admitted and not pushed yet, so it holds at most a lump of push_fraction * limit (at
+least 1) admitted and not pushed: a request past that waits for a sync (at once, one for all the requests
+waiting) and is then decided on the fresh count. Over-admission bound, per team and window, with N replicas:
+admitted <= limit + (N - 1) * lump. (Before, the lump only said when a push was due, at the next interval: a
+burst inside one interval let every replica admit the whole limit.) Half a lump admitted starts a push at
+once, in the background, so a request waits only in a burst (a lump within one round trip). Below half the
+limit a team's admissions are pushed that way, past half every interval as well. A push is idempotent (a mark
+per replica and window holds what it has applied), so a sync that timed out here after Redis ran it is not
+counted again by the next. Redis cost: one script entry per half lump for a team far below its limit (none for
+one polling a few times a window), one script entry per sync interval for a team past half of it, and one
+small key per replica and pushed window, expiring with the window. On a Redis Cluster the counters are spread
 over the slots (each mark in its counter's); the sync script then runs once per slot group of keys, all
 pipelined (one round trip per node), and exact mode uses `limits`' Cluster storage.
 
@@ -56,17 +58,21 @@ from proxy.tasks import background
 log = logging.getLogger(__name__)
 
 RATE_LIMITED = error_body("validation_error", "rate_limit_exceeded", "Rate limit exceeded")
+# check()'s answer when the replica holds all it may admitted and not pushed: decide with `await acheck()`.
+SYNC_FIRST = -1.0
 
 Budget = Literal["full", "conditional"]
 
-# KEYS: per window, its counter and this replica's mark beside it; ARGV: per window, expiry seconds, the
-# replica's window epoch, what it has admitted in that window in all, and how much of that it has not seen
-# confirmed. Adds what the counter lacks as limits' incr_expire.lua does (the increment that creates the key
-# starts the window) and returns, per window, the shared count and the milliseconds left in its window (-2:
-# no key, nothing counted in this window yet). Idempotent: the mark holds "epoch:admitted" as last applied,
-# so a call that timed out here but ran in Redis, sent again with the same or a larger total, adds only the
-# difference (a plain INCRBY of the unconfirmed count would add it twice, and limit teams below their
-# limit: fail closed). Without a mark (the first push, or the window gone), the unconfirmed count is added.
+# KEYS: per window, its counter and this replica's mark beside it; ARGV: per window, the milliseconds left in
+# the replica's window, its window epoch, what it has admitted in that window in all, and how much of that it
+# has not seen confirmed. Adds what the counter lacks as limits' incr_expire.lua does (the increment that
+# creates the key starts the window), the key expiring when the window began here ends (with the full window
+# from the push, a lump's worth of requests later, every window was that much longer: a team at 95 % of its
+# limit was limited) and returns, per window, the shared count and the milliseconds left in its window (-2: no
+# key, nothing counted in this window yet). Idempotent: the mark holds "epoch:admitted" as last applied, so a
+# call that timed out here but ran in Redis, sent again with the same or a larger total, adds only the
+# difference (a plain INCRBY of the unconfirmed count would add it twice, and limit teams below their limit:
+# fail closed). Without a mark (the first push, or the window gone), the unconfirmed count is added.
 SYNC_SCRIPT = """
 local out = {}
 for i = 1, #KEYS / 2 do
@@ -84,7 +90,7 @@ for i = 1, #KEYS / 2 do
   if delta > 0 then
     count = redis.call("incrby", key, delta)
     if count == delta then
-      redis.call("expire", key, ARGV[4 * i - 3])
+      redis.call("pexpire", key, ARGV[4 * i - 3])
     end
   else
     count = tonumber(redis.call("get", key) or "0")
@@ -111,6 +117,7 @@ class _Window:
         "limit",
         "mark",
         "pending",
+        "push_at",
         "push_lump",
         "reset_at",
         "seen",
@@ -122,6 +129,8 @@ class _Window:
         self.mark = mark  # this replica's "epoch:admitted" as last applied, in the counter's slot
         self.limit = item.amount
         self.push_lump = max(1, math.floor(item.amount * push_fraction))
+        # Pushed at once from here (half a lump): the lump is reached, and a request waits, only in a burst.
+        self.push_at = max(1, self.push_lump // 2)
         self.expiry = item.get_expiry()
         self.shared = 0  # the shared count at the last sync, this replica's pushed admissions included
         self.pending = 0  # admitted here since the last sync
@@ -173,6 +182,7 @@ class RateLimiter:
         self._storage = limits_storage(redis, settings.key_prefix)
         self._strategy = FixedWindowRateLimiter(self._storage)
         self._probe_at = 0.0
+        self._syncing: asyncio.Future[None] | None = None
 
     def item(self, team_id: int, budget: Budget) -> RateLimitItem:
         """The rate that applies to `team_id` in `budget`; overrides apply to the full budget only."""
@@ -213,14 +223,28 @@ class RateLimiter:
         if window.shared + window.pending >= window.limit:
             self.limited += 1
             return window.reset_at - now
+        if window.pending >= window.push_lump:
+            return SYNC_FIRST  # all this replica may hold unpushed: the caller awaits acheck()
         window.pending += 1
         window.admitted += 1
+        if (
+            window.pending >= window.push_at
+            and (window.shared + window.pending) * 2 < window.limit  # past half: synced every interval
+            and (self._syncing is None or self._syncing.done())
+        ):
+            self._start_sync()  # in the background: this request goes on from memory
         return None
 
     async def acheck(self, team_id: int, conditional: bool) -> float | None:
         """Either mode: None if admitted (and counted), else seconds until the window frees."""
         if self.fast:
-            return self.check(team_id, conditional)
+            while (retry_after := self.check(team_id, conditional)) == SYNC_FIRST:
+                try:
+                    await self.sync()  # pushes this window (it holds a lump) and reads the count back
+                except Exception:  # a bug, not Redis (sync() keeps those): the background loop logs it
+                    self.fail_open += 1
+                    return None
+            return retry_after
         if team_id in self._allowlist:
             return None
         if self.failing and self._clock() < self._probe_at:
@@ -244,7 +268,31 @@ class RateLimiter:
         return max(reset - time.time(), 0.0)
 
     async def sync(self) -> None:
-        """Fast mode: push admitted counts and re-read the shared ones of active teams, in one round trip."""
+        """Fast mode: push admitted counts and re-read the shared ones of active teams, in one round trip.
+
+        One at a time: a call while one is under way shares it (the caller's window, if it was not in that run
+        yet, goes in the next: acheck() loops). Cancelling a caller does not cancel the sync.
+        """
+        running = self._syncing
+        # A finished one too: its done callback runs a loop pass later, and awaiting a finished future does
+        # not yield, so a caller looping in acheck() between the two spun for ever, the loop held (found by
+        # a reviewer). A new run is a new task: awaiting it yields.
+        if running is None or running.done():
+            running = self._start_sync()
+        await asyncio.shield(running)
+
+    def _start_sync(self) -> asyncio.Future[None]:
+        running = self._syncing = asyncio.ensure_future(self._sync())
+        running.add_done_callback(self._synced)
+        return running
+
+    def _synced(self, task: asyncio.Future[None]) -> None:
+        if self._syncing is task:
+            self._syncing = None
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller left (shutdown) is not an error of its own
+
+    async def _sync(self) -> None:
         now = self._clock()
         slot = slot_of(self._redis)
         # Per slot (one on one node): the windows synced, the script's keys and its arguments.
@@ -264,7 +312,8 @@ class RateLimiter:
                 batch, names, args = calls.setdefault(slot(window.key), ([], [], []))
                 batch.append((window, window.pending, window.epoch))
                 names += (window.key, window.mark)
-                args += (window.expiry, window.epoch, window.admitted, window.pending)
+                left_ms = max(1, math.ceil((window.reset_at - now) * 1000))
+                args += (left_ms, window.epoch, window.admitted, window.pending)
         if not calls:
             return
         try:
@@ -287,11 +336,11 @@ class RateLimiter:
         self._recovered()
 
     def _worth_syncing(self, window: _Window) -> bool:
-        # A team far below its limit costs Redis nothing: its admissions are pushed in lumps of
-        # push_fraction * limit, and only a team past half its budget is synced every interval. SDKs poll
-        # every 30 s, so most teams never come near their limit, and Redis sees O(teams near limit).
+        # A team far below its limit costs Redis little: its admissions are pushed half a lump at a time,
+        # and only a team past half its budget is synced every interval. SDKs poll every 30 s, so most teams
+        # never come near their limit, and Redis sees O(teams near limit).
         used = window.shared + window.pending
-        return used * 2 >= window.limit or window.pending >= window.push_lump
+        return used * 2 >= window.limit or window.pending >= window.push_at
 
     async def aclose(self) -> None:
         """Close what `limits` holds of its own (a Cluster client; on one node it shares the app's pool)."""

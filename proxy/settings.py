@@ -385,11 +385,12 @@ class RateLimitSettings(_Section):
     # Team ids that bypass both budgets (anything else is ignored, with a warning at startup).
     allowlist: tuple[str, ...] = ()
     # "fast": admit from memory, reconcile with Redis every sync_interval_seconds (no Redis call per
-    # request; replicas may over-admit by what they admit between two syncs). "exact": a round trip each.
+    # request; each replica may over-admit by one lump, below). "exact": a round trip each.
     mode: Literal["fast", "exact"] = "fast"
     sync_interval_seconds: Seconds = 0.2
-    # Fast mode: below half its limit a team's admissions are pushed to Redis in lumps of this fraction of
-    # the limit (the over-admission bound per other replica); past half, every sync interval.
+    # Fast mode: the most a replica holds admitted and not pushed, as a fraction of the limit (at least 1
+    # request; the over-admission bound per other replica): half of it starts a push at once, and a request
+    # past all of it (a burst) waits for one. Past half its limit a team is also synced every interval.
     push_fraction: float = Field(default=0.1, gt=0, le=1)
     # A team without a request for this long is no longer re-read at each sync (fast mode): each sync's Redis
     # work is proportional to the teams seen within this time.

@@ -345,9 +345,16 @@ async def test_survey_only_payloads_are_not_billed(make_proxy: MakeProxy, backen
 async def test_steady_state_costs_almost_no_redis_commands(
     make_proxy: MakeProxy, backend: BackendWriter
 ) -> None:
+    """Steady state: SDK fleets polling, teams far below their rate limits. One team sends the 1,000 requests
+    here in well under a second, 100x its default 600/minute: with that limit it would be synced with Redis
+    like a team at its limit (a push every half lump of 30, about five commands each; which test_ratelimit
+    prices), so it gets a limit it is far below, as a steady-state team is."""
     _, etag = backend.set_definitions(TEAM_ID, flags(50))
     client = await proxy_for(
-        make_proxy, billing={"flush_interval_seconds": 2.0}, quota={"poll_interval_seconds": 2.0}
+        make_proxy,
+        billing={"flush_interval_seconds": 2.0},
+        quota={"poll_interval_seconds": 2.0},
+        rate_limits={"default": "600000/minute", "etag": "6000000/minute"},
     )
     assert (await client.get(URL, headers=AUTH)).status == 200
     store = sync_redis(backend.redis_url)

@@ -16,8 +16,8 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from pytest_aiohttp import AiohttpClient
 
-from proxy import keys
-from proxy.ratelimit import SYNC_SCRIPT, RateLimiter, ratelimit_ctx, too_many_requests
+from proxy import keys, ratelimit
+from proxy.ratelimit import SYNC_FIRST, SYNC_SCRIPT, RateLimiter, ratelimit_ctx, too_many_requests
 from proxy.redis_client import make_client, redis_ctx
 from proxy.settings import RateLimitSettings, RedisSettings
 from tests.chaos import ChaosProxy
@@ -43,8 +43,11 @@ def limiter(client: aioredis.Redis, **settings: Any) -> RateLimiter:
 
 
 async def request(rl: RateLimiter, team_id: int = TEAM, conditional: bool = False) -> float | None:
-    """One request's check, through the method the handler uses in this mode."""
-    return rl.check(team_id, conditional) if rl.fast else await rl.acheck(team_id, conditional)
+    """One request's check, as the handler makes it: from memory in fast mode unless it must sync first."""
+    retry_after = rl.check(team_id, conditional) if rl.fast else SYNC_FIRST
+    if retry_after == SYNC_FIRST:
+        retry_after = await rl.acheck(team_id, conditional)
+    return retry_after
 
 
 async def burst(rl: RateLimiter, n: int, team_id: int = TEAM, conditional: bool = False) -> int:
@@ -130,11 +133,12 @@ async def test_check_refuses_exact_mode(client: aioredis.Redis) -> None:
 
 
 async def test_fast_mode_makes_no_redis_call_per_request(client: aioredis.Redis) -> None:
-    rl = limiter(client, default="5/minute")
-    await burst(rl, 50)
-    assert await client.keys("*") == []  # only sync() writes
-    await rl.sync()
-    assert await shared_count(client, rl) == 5
+    rl = limiter(client, default="600/minute")
+    assert await burst(rl, 29) == 29  # from memory
+    assert await client.keys("*") == []
+    assert await burst(rl, 1) == 1  # half a lump (5 % of the limit): pushed, in the background
+    await rl.sync()  # (the same push)
+    assert await shared_count(client, rl) == 30
 
 
 async def test_fast_and_exact_replicas_share_one_counter(client: aioredis.Redis) -> None:
@@ -177,14 +181,15 @@ async def test_two_replicas_admit_exactly_the_limit_when_synced_between_bursts(
 
 
 async def test_two_replicas_hammered_between_syncs_stay_within_the_bound(client: aioredis.Redis) -> None:
-    a, b = limiter(client, default="10/minute"), limiter(client, default="10/minute")
-    # Four each from an empty view: 8 in all, still under the limit.
+    # A lump of 2: each replica holds at most 2 admitted and not pushed.
+    a, b = (limiter(client, default="10/minute", push_fraction=0.2) for _ in range(2))
+    # Four each (two from memory, a sync, two more): 8 in all, still under the limit.
     assert await burst(a, 4) == 4
     assert await burst(b, 4) == 4
     await a.sync()
     await b.sync()
     await a.sync()
-    # Both now see 8 and admit 2 each from that view: 12 = limit + (N - 1) * 2.
+    # Both now see 8 and admit 2 each from that view: 12 = limit + (N - 1) * lump.
     assert await burst(a, 5) == 2
     assert await burst(b, 5) == 2
     await a.sync()
@@ -223,6 +228,123 @@ async def test_concurrent_replicas_with_background_sync_stay_within_the_bound(
     assert limit <= admitted <= limit + (replicas - 1) * max(most_unpushed)
     assert admitted <= replicas * limit
     assert await shared_count(client, pool[0]) == admitted
+
+
+async def test_replicas_bursting_inside_one_sync_interval_stay_within_the_bound(
+    client: aioredis.Redis,
+) -> None:
+    """Found by a reviewer: the lump only said when a push was due, at the next interval (0.2 s), so a burst
+    inside one let each replica admit the whole limit (200 of 100 with two). Now a replica past a lump
+    unpushed syncs before deciding: at most limit + (N - 1) * lump."""
+    limit, lump, replicas = 100, 10, 2
+    rate = f"{limit}/10 seconds"
+    pool = [limiter(client, default=rate, push_fraction=lump / limit) for _ in range(replicas)]
+    syncs = [asyncio.create_task(rl.run()) for rl in pool]
+    try:
+        admitted = [await burst(rl, 150) for rl in pool]  # well inside one sync interval each
+    finally:
+        for task in syncs:
+            task.cancel()
+        await asyncio.gather(*syncs, return_exceptions=True)
+    assert admitted[0] == limit  # the first alone: exactly its limit
+    assert limit <= sum(admitted) <= limit + (replicas - 1) * lump
+    for rl in pool:
+        await rl.sync()
+    assert await shared_count(client, pool[0]) == sum(admitted)
+
+
+async def test_requests_past_the_lump_share_one_sync_per_lump(client: aioredis.Redis) -> None:
+    rl = limiter(client, default="1000/minute", push_fraction=0.01)  # a lump of 10
+    await client.script_load(SYNC_SCRIPT)
+    before = await _script_calls(client)
+    results = await asyncio.gather(*(request(rl) for _ in range(100)))  # all at once
+    assert results == [None] * 100
+    assert await _script_calls(client) - before <= 11  # about one a lump (10), not one a request
+    await rl.sync()
+    assert await shared_count(client, rl) == 100
+
+
+async def test_a_team_below_its_limit_is_pushed_before_any_request_waits(client: aioredis.Redis) -> None:
+    """Half a lump admitted starts a push in the background: a request waits for Redis only in a burst (a
+    lump within one round trip), never in steady traffic (a reviewer saw 53 of 15,682 wait, up to 6 ms)."""
+    rl = limiter(client, default="100/minute")  # a lump of 10, pushed from 5
+    for _ in range(9):  # up to half the limit (past it, the team is synced every interval)
+        for _ in range(5):
+            assert rl.check(TEAM, False) is None  # never SYNC_FIRST
+        await asyncio.sleep(0.05)  # the push started by the fifth ends
+    assert await shared_count(client, rl) == 45
+
+
+async def test_a_request_woken_as_a_sync_ends_does_not_spin(client: aioredis.Redis) -> None:
+    """Found by a reviewer: a sync's task ends a loop pass before its done callback forgets it, and awaiting a
+    finished task does not yield: a request looping in acheck() in between spun for ever, the event loop
+    (health checks included) held at 100 % CPU."""
+    rl = limiter(client, default="100/minute", push_fraction=0.05)  # a lump of 5
+    calls = 0
+    check = rl.check
+
+    def counted(team_id: int, conditional: bool) -> float | None:
+        nonlocal calls
+        calls += 1
+        assert calls < 1000, "acheck() spinning"
+        return check(team_id, conditional)
+
+    rl.check = counted  # type: ignore[method-assign]
+    for _ in range(5):
+        assert rl.check(1, False) is None
+    woken = asyncio.get_running_loop().create_future()
+    script = ratelimit.run_script  # type: ignore[attr-defined]
+
+    async def run_script(*args: Any, **kwargs: Any) -> Any:
+        replies = await script(*args, **kwargs)
+        # Team 2 fills its lump while this sync (which does not hold it) is under way, and a request of it is
+        # woken in the same pass that ends the sync: before the sync's done callback.
+        for _ in range(5):
+            assert rl.check(2, False) is None
+        assert rl.check(2, False) == SYNC_FIRST
+        woken.set_result(None)
+        return replies
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ratelimit, "run_script", run_script)
+
+        async def late_request() -> float | None:
+            await woken
+            return await rl.acheck(2, False)
+
+        waiting = asyncio.ensure_future(late_request())
+        await rl.sync()
+        assert await asyncio.wait_for(waiting, 5) is None
+
+
+async def test_a_request_waiting_for_a_sync_is_admitted_when_redis_is_down(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    rl = limiter(client, default="5/minute")  # a lump of 1: the second request must sync first
+    assert await request(rl) is None
+    redis_server.stop()
+    try:
+        assert await request(rl) is None
+        assert rl.failing
+        assert rl.fail_open == 1
+    finally:
+        redis_server.start()
+
+
+async def test_the_shared_window_ends_when_the_one_begun_here_does(client: aioredis.Redis) -> None:
+    """Found by a reviewer: the counter took a full window from the first push, a lump of requests after the
+    window began here, and the sync then moved the local end to match: every window that much longer, so a
+    team at 95 % of its limit was limited (the limit in effect ~limit / (1 + push_fraction))."""
+    now = [1000.0]
+    rl = RateLimiter(RateLimitSettings(default="100/minute"), client, clock=lambda: now[0])
+    assert await burst(rl, 1) == 1  # the window begins here, at 1000
+    now[0] += 45
+    assert await burst(rl, 9) == 9  # a lump, 45 s in: pushed at the next sync
+    await rl.sync()
+    assert await shared_count(client, rl) == 10
+    assert 14_000 < await client.pttl(rl.key(TEAM, "full")) <= 15_000  # what is left of the minute
+    window = rl._full[TEAM]
+    assert window.reset_at <= 1060.0  # the local end was not moved later
 
 
 async def test_a_new_window_admits_again(client: aioredis.Redis) -> None:
@@ -337,8 +459,9 @@ async def test_ratelimit_ctx_syncs_in_the_background_and_stops_cleanly(
         "http://127.0.0.1:9", redis_url, rate_limits={"default": "5/minute", "sync_interval_seconds": 0.01}
     )
 
-    async def handler(request: web.Request) -> web.Response:
-        retry_after = request.app[keys.RATE_LIMITS].check(TEAM, "If-None-Match" in request.headers)
+    async def handler(http_request: web.Request) -> web.Response:
+        conditional = "If-None-Match" in http_request.headers
+        retry_after = await request(http_request.app[keys.RATE_LIMITS], conditional=conditional)
         return web.Response(text="ok") if retry_after is None else too_many_requests(retry_after)
 
     app = web.Application()
@@ -370,7 +493,7 @@ async def test_fast_mode_costs_redis_nothing_for_teams_far_below_their_limit(cli
     for _ in range(5):
         await rl.sync()
     assert await _script_calls(client) == before
-    # A team reaching a lump (10 % of 600) is pushed; past half its limit, it is synced every interval.
+    # A team reaching half a lump (5 % of 600) is pushed at once; past half its limit, every interval.
     assert await burst(rl, 57) == 57
     await rl.sync()
     assert await shared_count(client, rl) == 60
