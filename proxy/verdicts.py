@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 # Response headers of a denial that a client may act on; everything else is the backend's business.
 DENIAL_HEADERS = ("Content-Type", "WWW-Authenticate")
 MAX_DENIAL_BODY_BYTES = 8192
+# A refusal is a verdict on the credential only when it is the backend's refusal of that credential
+# (contract §3 step 3: "Personal API key is invalid.", "Secret API token is invalid.", a key without the
+# scopes). Its 401 for the project token (step 2: unknown, or rotated away while this proxy still held its
+# team record), for a header it could not read (not_authenticated), or a page of an ingress says nothing
+# about the credential: learned, it refused the credential for every client of the team, on every replica,
+# for denied_ttl_seconds (found by a reviewer: one poll with the old token after a rotation, and new-token
+# SDKs got 401 for 30 s).
+CREDENTIAL_REFUSAL_CODES = frozenset({"authentication_failed", "permission_denied"})
+# The backend's message, not a secret.
+TOKEN_INVALID_DETAIL = " ".join(
+    ("The provided API key is invalid or has expired.", "Please check your API key and try again.")
+)
 _MGET_CHUNK = 1000
 
 
@@ -92,12 +104,24 @@ def verdict_of(status: int, headers: Mapping[str, str], body: bytes | None) -> V
         kept = {name: headers[name] for name in DENIAL_HEADERS if name in headers}
         if not all(_header_safe(value) for value in kept.values()):
             return None  # what decode() would refuse once it is read back from Redis: learned, then dropped
-        try:
-            body.decode()
-        except UnicodeDecodeError:
+        if not _refuses_the_credential(body):
             return None
         return Verdict(status, body, kept)
     return None
+
+
+def _refuses_the_credential(body: bytes) -> bool:
+    try:
+        # UTF-8 first, as the verdict stores it (json.loads would take UTF-16 and -32 bytes too).
+        error = json.loads(body.decode())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+    return (
+        isinstance(error, dict)
+        and error.get("type") == "authentication_error"
+        and error.get("code") in CREDENTIAL_REFUSAL_CODES
+        and error.get("detail") != TOKEN_INVALID_DETAIL
+    )
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
 from tests.rig import RedisServer, Upstream
-from tests.standin_backend import StandInBackend
+from tests.standin_backend import NOT_AUTHENTICATED, TOKEN_INVALID, StandInBackend
 from tests.test_telemetry import scrape, value
 
 TOKEN = "phc_auth_project"
@@ -243,6 +243,75 @@ async def test_a_repeated_authorization_header_is_forwarded_and_teaches_nothing(
     assert _verdict_keys(client) == []
     async with client.get(url, headers={"Authorization": f"Bearer {credential}"}) as response:
         assert response.status == 200
+
+
+async def test_a_refusal_of_the_project_token_teaches_nothing_about_the_credential(
+    make_proxy: MakeProxy, standin: StandInBackend, redis_url: str
+) -> None:
+    """Found by a reviewer: after a project token rotation, one poll with the old token (its team record still
+    held here) went to the backend with a personal key not learned yet, and the backend's 401 for the token
+    was learned as the key's verdict for the team: SDKs on the new token got 401 (and cleared their flags)
+    for denied_ttl_seconds, on every replica."""
+    new_token = "phc_rotated_project"
+    team = dict(standin.teams[TOKEN], api_token=new_token)
+    client = await _proxy(make_proxy)
+    old = f"/flags/definitions?token={TOKEN}"
+    assert (await client.get(old, headers={"Authorization": f"Bearer {SECRET}"})).status == 200  # record held
+    with BackendWriter(redis_url) as writer:  # the rotation: the old token names no team from now on
+        writer.set_team(new_token, team)
+        writer.delete_team(TOKEN)
+    standin.teams[new_token] = standin.teams.pop(TOKEN) | team
+    async with client.get(old, headers={"Authorization": f"Bearer {GOOD_KEY}"}) as response:
+        assert response.status == 401
+        assert await response.read() == TOKEN_INVALID  # the backend's answer, passed on
+    assert _verdict_keys(client) == []
+    new = f"/flags/definitions?token={new_token}"
+    async with client.get(new, headers={"Authorization": f"Bearer {GOOD_KEY}"}) as response:
+        assert response.status == 200
+    assert standin.decided == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, NOT_AUTHENTICATED),
+        (403, b"<html><body>Forbidden by the ingress</body></html>"),
+        (401, b'{"detail":"Authentication credentials were not provided."}'),
+        (403, b'{"type":"authentication_error","code":"permission_denied","detail":"x","attr":null}'[:40]),
+        # The right refusal, in UTF-16: stored as text it could not be.
+        (401, '{"type":"authentication_error","code":"authentication_failed"}'.encode("utf-16")),
+    ],
+)
+async def test_a_refusal_that_is_not_the_backends_refusal_of_the_credential_teaches_nothing(
+    make_proxy: MakeProxy,
+    upstream: tuple[Upstream, TestServer],
+    standin: StandInBackend,
+    status: int,
+    body: bytes,
+) -> None:
+    async def refuses(request: web.Request, _: bytes) -> web.Response:
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    upstream[0].routes["/flags/definitions"] = refuses
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    for _ in range(2):
+        async with client.get(url, headers={"Authorization": f"Bearer {GOOD_KEY}"}) as response:
+            assert response.status == status
+            assert await response.read() == body
+    assert _verdict_keys(client) == []
+    assert len(upstream[0].seen) == 2  # both went to the backend
+
+
+async def test_an_authorization_header_with_a_unicode_space_is_forwarded_and_teaches_nothing(
+    make_proxy: MakeProxy, standin: StandInBackend, upstream: tuple[Upstream, TestServer]
+) -> None:
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+    async with client.get(url, headers={"Authorization": f"Bearer\xa0{GOOD_KEY}"}) as response:
+        await response.read()
+    assert len(upstream[0].seen) == 1  # the backend's to read, however it reads it
+    assert _verdict_keys(client) == []
 
 
 async def test_a_verdict_learned_while_another_request_reads_redis_is_used_not_asked_again(

@@ -71,6 +71,15 @@ def test_bearer_returns_an_encodable_single_token_or_none(header: str) -> None:
         assert credential.split() == [credential]
         credential.encode()  # what the HMAC and the secret comparison need
         assert header.split()[0].lower() == "bearer"
+        assert header.isascii()  # read as the backend reads it (latin-1 there, UTF-8 here): ASCII only
+
+
+@pytest.mark.parametrize("space", ["\xa0", "\u2003", "\u3000", "\x85"])
+def test_bearer_takes_no_unicode_space_for_the_gap(space: str) -> None:
+    """`Bearer<U+00A0>key` is two words to str.split() here, and one ("Bearer\xc2\xa0key", latin-1) to the
+    backend, which refuses it: read here, its refusal was learned for the key (found by a reviewer)."""
+    assert bearer(f"Bearer{space}phx_key") is None
+    assert bearer(f"Bearer phx_key{space}") is None
 
 
 @FUZZ
