@@ -18,6 +18,7 @@ from proxy.billing import BillingTally, billing_ctx
 from proxy.contract import RedisContract
 from proxy.redis_client import make_client, redis_ctx
 from proxy.settings import BillingSettings, RedisLayout, RedisSettings
+from tests.chaos import ChaosProxy, Mode
 from tests.conftest import settings_for
 from tests.rig import RedisServer, free_port
 
@@ -408,8 +409,46 @@ async def test_cleanup_with_redis_down_ends_and_logs_the_lost_counts(
         r.getMessage() for r in caplog.records if r.name == "proxy.billing" and r.levelno == logging.ERROR
     ]
     assert len(errors) == 1
-    lost = f"2 request(s) not confirmed written at shutdown (team/library/bucket=n): 4/posthog-php/{B0}=2"
-    assert lost in errors[0]
+    mark = billing._mark
+    assert errors[0].startswith(
+        "billing: 2 request(s) not confirmed written at shutdown: a part was applied if GET "
+        f"{mark} (kept 24 h) is its number or more, else re-apply it by hand (team/library/bucket=n): "
+    )
+    assert errors[0].endswith(f": part 1: 4/posthog-php/{B0}=2")
+    redis_server.start()
+    assert redis_server.client().get(mark) is None  # never applied: re-applying it is right
+
+
+async def test_counts_redis_applied_but_never_confirmed_are_told_apart_in_the_shutdown_log(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by two reviewers: Redis ran the final flush and its reply was lost (a hung or partitioned Redis),
+    and the log asked the operator to re-apply counts Redis already had, without a way to tell."""
+    chaos = ChaosProxy(redis_server.port)
+    await chaos.start()
+    try:
+        runner = await _app_with_billing(
+            chaos.url, flush_interval_seconds=3600, final_flush_timeout_seconds=1
+        )
+        billing = runner.app[keys.BILLING]
+        billing.count(5, "posthog-go", now=T0)
+        assert await billing.flush(runner.app[keys.REDIS])  # part 1, confirmed (and the script loaded)
+        for _ in range(3):
+            billing.count(5, "posthog-go", now=T0)
+        chaos.mode = Mode.SWALLOW_REPLIES
+        await runner.cleanup()
+    finally:
+        await chaos.close()
+    errors = [
+        r.getMessage() for r in caplog.records if r.name == "proxy.billing" and r.levelno == logging.ERROR
+    ]
+    assert len(errors) == 1
+    assert f"GET {billing._mark} (kept 24 h) is its number or more" in errors[0]
+    assert errors[0].endswith(f": part 2: 5/posthog-go/{B0}=3")
+    applied = redis_server.client().get(billing._mark)
+    assert isinstance(applied, bytes)
+    assert int(applied) >= 2  # applied, as the log's test tells
+    assert hashes(redis_server, 5, "posthog-go") == ({B0: 4}, {B0: 4})
 
 
 async def test_background_flusher_writes_without_a_request_touching_redis(
