@@ -6,6 +6,7 @@ import importlib.util
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -690,11 +691,24 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     if not isinstance(exc, yaml.MarkedYAMLError):
         return type(exc).__name__
     parts = [
-        f"{text}{f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''}"
+        f"{_QUOTED.sub(_unquoted, text)}"
+        f"{f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''}"
         for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
         if text
     ]
     return ": ".join(parts) or type(exc).__name__
+
+
+# PyYAML's messages quote what they stumbled on: an undefined alias's or unknown tag's name, which is a
+# password or key that begins with `*`, `&` or `!` written unquoted (found by a reviewer). Kept: a single
+# character (escaped too) and the names of its own tokens (`'<block end>'`).
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _unquoted(match: re.Match[str]) -> str:
+    quoted = match.group(0)
+    character = len(quoted) <= 3 or (len(quoted) <= 6 and quoted[1] == "\\")  # 'x', '\t', '\x00'
+    return quoted if character or quoted[1] == "<" else f"{quoted[0]}…{quoted[0]}"
 
 
 def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -706,6 +720,8 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path}: not valid YAML: {_yaml_problem(exc)}") from exc
         if loaded is None:

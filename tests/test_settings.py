@@ -376,6 +376,31 @@ def test_a_malformed_file_is_placed_by_line_without_quoting_its_text(tmp_path: P
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "definitions:\n  auth:\n    hmac_key: *Sup3rS3cretHmacKey0123\n",  # an undefined alias
+        "redis:\n  url: !Pa55w0rdTag redis://127.0.0.1:6379/0\n",  # an unknown tag
+        "redis:\n  password: &anchor\n  url: *Sup3rS3cret'Quote\n",
+    ],
+)
+def test_a_malformed_file_never_quotes_the_name_yaml_stumbled_on(tmp_path: Path, text: str) -> None:
+    """Found by a reviewer: a secret written unquoted that begins with `*`, `&` or `!` is a YAML alias, anchor
+    or tag, and PyYAML's message names it."""
+    message = problems(write(tmp_path, text))
+    assert "not valid YAML" in message
+    assert "S3cret" not in message
+    assert "Pa55w0rd" not in message
+    assert " at line " in message
+
+
+def test_a_file_that_is_not_utf8_is_refused_by_name(tmp_path: Path) -> None:
+    """A Latin-1 file with a password holding "ä": a traceback (exit 1), not the refusal naming the file."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b'redis:\n  url: "redis://:p\xe4ss@127.0.0.1:6379/0"\n')
+    assert problems(path) == f"config file {path}: not UTF-8 (byte 25)"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
     assert problems(path) == f"config file {path}: No such file or directory"
