@@ -21,7 +21,7 @@ log = logging.getLogger("proxy.access")
 # phc_ (project token), phs_ (secret token), phx_ (personal API key), and any other ph?_ key shape.
 _KEY_SHAPED = re.compile(r"ph[a-z]_[A-Za-z0-9_-]+")
 # Any other token: 16 or more URL-safe characters (urlsafe base64, hex, a UUID), unless lower-case words
-# (a slug such as local_evaluation). Numbers and file names (a dot) are shorter or pass.
+# (a slug such as local_evaluation), wherever it stands in a segment. Numbers are shorter.
 _TOKEN_SHAPED = re.compile(r"[A-Za-z0-9_-]{16,}")
 _WORDS = re.compile(r"[a-z_-]+")
 
@@ -39,11 +39,26 @@ def masked(raw_path: str) -> str:
     segments = raw_path.split("/")
     for index, segment in enumerate(segments):
         plain = unquote(segment) if "%" in segment else segment
-        if _KEY_SHAPED.search(plain):
-            segments[index] = _KEY_SHAPED.sub("ph*_***", segment) if plain is segment else "***"
-        elif _TOKEN_SHAPED.fullmatch(plain) and not _WORDS.fullmatch(plain):
-            segments[index] = "***"
+        if plain is not segment:
+            # Encoded: what is masked cannot be placed in the encoded form; the whole segment goes.
+            if _KEY_SHAPED.search(plain) or _has_token(plain):
+                segments[index] = "***"
+        elif _KEY_SHAPED.search(segment):
+            segments[index] = _TOKEN_SHAPED.sub(_token_masked, _KEY_SHAPED.sub("ph*_***", segment))
+        elif _has_token(segment):
+            # Every token-shaped run, not only a whole segment: `<token>.png`, a JWT's three parts, a signed
+            # value's `a:b:c` (found by a reviewer).
+            segments[index] = _TOKEN_SHAPED.sub(_token_masked, segment)
     return "/".join(segments)
+
+
+def _has_token(text: str) -> bool:
+    return any(not _WORDS.fullmatch(run) for run in _TOKEN_SHAPED.findall(text))
+
+
+def _token_masked(match: re.Match[str]) -> str:
+    run = match.group(0)
+    return run if _WORDS.fullmatch(run) else "***"
 
 
 _masked_memo = functools.lru_cache(maxsize=4096)(masked)

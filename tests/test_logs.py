@@ -101,7 +101,16 @@ async def test_a_dead_upstream_fails_every_request_but_logs_once(
         ("/reset/MTI/c5k2l9-8f3e0a9b1c2d3e4f5a6b", "/reset/MTI/***"),  # Django's password-reset link
         ("/reset/MTI/c5k2l9-8f3e0a9b1c2d3e4f%35a6b", "/reset/MTI/***"),
         ("/api/environments/2/feature_flags/local_evaluation",) * 2,
-        ("/static/chunk-3F4A5B6C7D8E9F.js", "/static/chunk-3F4A5B6C7D8E9F.js"),
+        # Any token-shaped run in a segment, not only a whole one (found by a reviewer): with a suffix, the
+        # parts of a JWT, a signed value's signature. A hashed asset name goes too: masked errs safe.
+        ("/shared/Xq3vT9kL2mNpQ8rS1tUvWxYz.png", "/shared/***.png"),
+        ("/unsubscribe/eyJhbGciOiJIUzI1NiJ9.eyJ1c2VyIjoxMjN9.c2lnbmF0dXJlc2ln", "/unsubscribe/***.***.***"),
+        ("/verify/Y2xp:1tQxyz:AbCdEfGhIjKlMnOpQrStUv", "/verify/Y2xp:1tQxyz:***"),
+        ("/embedded/Xq3vT9kL2mNpQ8rS1tUvWxYz;x", "/embedded/***;x"),
+        ("/shared/Xq3vT9kL2mNpQ8rS1tUvWxYz%2F", "/shared/***"),
+        ("/api/projects/phc_abc.Xq3vT9kL2mNpQ8rS1tUv/x", "/api/projects/ph*_***.***/x"),
+        ("/static/chunk-3F4A5B6C7D8E9F.js", "/static/***.js"),
+        ("/api/feature_flags/local_evaluation.json", "/api/feature_flags/local_evaluation.json"),
         ("/api/projects/12345/insights/987/", "/api/projects/12345/insights/987/"),
         ("/a%0Ab", "/a%0Ab"),  # still as received: an encoded newline cannot forge a line
     ],
