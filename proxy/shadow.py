@@ -100,14 +100,27 @@ def decoded(upstream: UpstreamAnswer, limit: int) -> UpstreamAnswer:
         return upstream
     body: bytes | None = None
     if (wbits := _DECODERS.get(coding)) is not None:
+        body = _inflated(upstream.body, wbits, limit)
+        if body is None and coding == "deflate":
+            body = _inflated(upstream.body, -zlib.MAX_WBITS, limit)  # raw, as urllib3 also accepts
+    return UpstreamAnswer(upstream.status, upstream.headers, body)
+
+
+def _inflated(data: bytes, wbits: int, limit: int) -> bytes | None:
+    """`data` decompressed, every gzip member of it (as urllib3 reads them all); None if it cannot be, is cut
+    short, or passes `limit`. (Found by a reviewer: a second member, or raw deflate, was a false mismatch.)"""
+    out = bytearray()
+    while True:
         decoder = zlib.decompressobj(wbits)
         try:
-            body = decoder.decompress(upstream.body, limit + 1)
+            out += decoder.decompress(data, limit + 1 - len(out))
         except zlib.error:
-            body = None
-        if body is not None and (len(body) > limit or not decoder.eof):
-            body = None  # past the limit, or cut short
-    return UpstreamAnswer(upstream.status, upstream.headers, body)
+            return None
+        if len(out) > limit or not decoder.eof:
+            return None  # past the limit, or cut short
+        data = decoder.unused_data
+        if not data or wbits != _DECODERS["gzip"]:
+            return bytes(out)
 
 
 def body_diff(local: bytes, upstream: bytes | None) -> str:

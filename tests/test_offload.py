@@ -525,6 +525,24 @@ def test_a_shadow_body_past_the_limit_or_in_a_coding_not_undone_is_not_compared(
     assert decoded(plain, 10) is plain
 
 
+def test_a_shadow_body_is_decoded_as_the_sdks_http_stack_decodes_it() -> None:
+    """Found by a reviewer: raw deflate (urllib3 accepts it) was not compared, and a gzip body of two members
+    (concatenated by an ingress) was read to its first member's end: a false `body` mismatch."""
+    from proxy.shadow import UpstreamAnswer, decoded
+
+    text = b'{"flags": []}' * 100
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    deflated = raw.compress(text) + raw.flush()
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "deflate"}, deflated), len(text)).body == text
+    wrapped = zlib.compress(text)  # the zlib format, as RFC 9110 means deflate
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "deflate"}, wrapped), len(text)).body == text
+    members = gzip.compress(text[:600]) + gzip.compress(text[600:])
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, members), len(text)).body == text
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, members), len(text) - 1).body is None
+    cut = members[:-20]  # the second member cut short
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, cut), len(text)).body is None
+
+
 async def test_client_never_waits_for_the_shadow_comparison(
     make_proxy: MakeProxy, teams: dict[str, tuple[int, str, str]], upstream: tuple[Upstream, TestServer]
 ) -> None:
