@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import sys
 import time
+from dataclasses import dataclass
 from typing import cast
 
 import redis
@@ -43,20 +44,34 @@ def _client(settings: Settings) -> redis.Redis | redis.RedisCluster:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
-def offload_status(settings: Settings) -> OffloadState:
+@dataclass(frozen=True)
+class Status:
+    """The control hash read over the configured defaults, and the fields of it no one can read."""
+
+    state: OffloadState
+    # Each running replica keeps its own value of these (the one in force when the field went bad), and a
+    # replica started since takes the file's: `state` cannot say which, so they are shown as unreadable.
+    unreadable: frozenset[str] = frozenset()
+
+
+def offload_status(settings: Settings) -> Status:
     """The state every replica follows now: the control hash over the configured defaults (what in the hash
-    cannot be read is said on stderr)."""
+    cannot be read is said on stderr, and shown unreadable)."""
     offload = settings.definitions.offload
     configured = OffloadState(offload.weight_percent, kill=False, shadow=offload.shadow)
     with _client(settings) as client:
         fields = cast(dict[bytes, bytes], client.hgetall(offload.control_key))
     state, problems = parse_state(fields, configured)
-    for problem in problems:
-        print(f"edge-proxy: the control hash's {problem}: replicas keep the state they had", file=sys.stderr)
-    return state
+    for problem in problems.values():
+        print(
+            f"edge-proxy: the control hash's {problem}: running replicas keep the value they had, a replica "
+            "started since takes the configuration file's",
+            file=sys.stderr,
+        )
+    return Status(state, frozenset(problems))
 
 
-def offload_update(settings: Settings, **fields: str) -> OffloadState:
+def offload_update(settings: Settings, **fields: str) -> Status:
     """Write fields of the control hash (every replica follows within its watch interval); the hash is the
     operator's again, no longer a copy a replica wrote back (which another could replace)."""
     args = [part for item in fields.items() for part in item]
@@ -68,7 +83,7 @@ def offload_update(settings: Settings, **fields: str) -> OffloadState:
 _UPDATE = "redis.call('HDEL', KEYS[1], 'restored_from') redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
 
 
-def offload_reset(settings: Settings) -> OffloadState:
+def offload_reset(settings: Settings) -> Status:
     """Every replica back to its configuration file: the control hash replaced by one that only says when it
     was reset (deleted, replicas would write back the state they follow, as after a Redis flush)."""
     key = settings.definitions.offload.control_key
@@ -81,13 +96,13 @@ def offload_reset(settings: Settings) -> OffloadState:
 _RESET = "redis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], 'reset', ARGV[1]) return 1"
 
 
-def describe(state: OffloadState) -> str:
+def describe(status: Status) -> str:
     """One line for the terminal."""
-    return (
-        f"definitions offload {state.weight_percent:g}% "
-        f"(kill switch {'ON: everything forwarded' if state.kill else 'off'}, "
-        f"shadow {'on' if state.shadow else 'off'})"
-    )
+    state, unreadable = status.state, status.unreadable
+    weight = "unreadable" if "weight_percent" in unreadable else f"{state.weight_percent:g}%"
+    kill = "unreadable" if "kill" in unreadable else "ON: everything forwarded" if state.kill else "off"
+    shadow = "unreadable" if "shadow" in unreadable else "on" if state.shadow else "off"
+    return f"definitions offload {weight} (kill switch {kill}, shadow {shadow})"
 
 
 def revoke(settings: Settings, team_id: int | None, credential: str | None) -> int:

@@ -59,15 +59,15 @@ _OFF = frozenset({"0", "false", "off", "no"})
 
 def parse_state(
     fields: Mapping[bytes, bytes], default: OffloadState, last: OffloadState | None = None
-) -> tuple[OffloadState, list[str]]:
-    """The state from the control hash, and what in it could not be read.
+) -> tuple[OffloadState, dict[str, str]]:
+    """The state from the control hash, and what in it could not be read (field -> what is wrong).
 
     A field that is absent takes the configured value; one that is unreadable keeps `last` (the state in
     force: a typo must not send everything back to the file's weight), else the configured value.
     """
     text = {k.decode(errors="replace"): v.decode(errors="replace").strip() for k, v in fields.items()}
     kept = last or default
-    problems = []
+    problems: dict[str, str] = {}
     weight = default.weight_percent
     if "weight_percent" in text:
         try:
@@ -75,7 +75,7 @@ def parse_state(
         except ValueError:
             weight = math.nan
         if not math.isfinite(weight):
-            problems.append(f"weight_percent {text['weight_percent']!r} is not a number")
+            problems["weight_percent"] = f"weight_percent {text['weight_percent']!r} is not a number"
             weight = kept.weight_percent
         weight = min(100.0, max(0.0, weight))
     switches = {"kill": default.kill, "shadow": default.shadow}
@@ -85,7 +85,7 @@ def parse_state(
             if value in _ON or value in _OFF:
                 switches[name] = value in _ON
             else:
-                problems.append(f"{name} {text[name]!r} is neither on nor off")
+                problems[name] = f"{name} {text[name]!r} is neither on nor off"
                 switches[name] = getattr(kept, name)
     return OffloadState(weight, switches["kill"], switches["shadow"]), problems
 
@@ -141,7 +141,7 @@ class Offload:
         # clock: compared across replicas), and what in it was unreadable.
         self._fields: dict[bytes, bytes] = {}
         self._read_at = 0.0
-        self._problems: list[str] = []
+        self._problems: dict[str, str] = {}
         self.restored = 0  # times the hash vanished (Redis restarted empty, flushed) and was written back
 
     def local(self, credential: str, token: str) -> bool:
@@ -207,7 +207,7 @@ class Offload:
                 read_at = max(read_at, self._read_at)
         state, problems = parse_state(fields, self.configured, self.state)
         if problems != self._problems:
-            for problem in problems:
+            for problem in problems.values():
                 log.warning("offload control: %s; that field keeps the value in force", problem)
         self._fields, self._read_at, self._problems = fields, read_at, problems
         self.apply(state)

@@ -251,29 +251,29 @@ async def test_a_replica_that_never_saw_the_hash_follows_its_file(
 @pytest.mark.parametrize(
     ("fields", "state", "problems"),
     [
-        ({"kill": "ON"}, OffloadState(50.0, kill=True, shadow=False), []),
-        ({"kill": "Yes", "shadow": "no"}, OffloadState(50.0, kill=True, shadow=False), []),
+        ({"kill": "ON"}, OffloadState(50.0, kill=True, shadow=False), {}),
+        ({"kill": "Yes", "shadow": "no"}, OffloadState(50.0, kill=True, shadow=False), {}),
         (
             {"kill": "maybe"},
             OffloadState(50.0, kill=True, shadow=False),
-            ["kill 'maybe' is neither on nor off"],
+            {"kill": "kill 'maybe' is neither on nor off"},
         ),
         (
             {"weight_percent": "1O"},
             OffloadState(10.0, kill=False, shadow=False),
-            ["weight_percent '1O' is not a number"],
+            {"weight_percent": "weight_percent '1O' is not a number"},
         ),
         (
             {"weight_percent": "nan"},
             OffloadState(10.0, kill=False, shadow=False),
-            ["weight_percent 'nan' is not a number"],
+            {"weight_percent": "weight_percent 'nan' is not a number"},
         ),
-        ({"weight_percent": "250"}, OffloadState(100.0, kill=False, shadow=False), []),
-        ({}, OffloadState(50.0, kill=False, shadow=False), []),
+        ({"weight_percent": "250"}, OffloadState(100.0, kill=False, shadow=False), {}),
+        ({}, OffloadState(50.0, kill=False, shadow=False), {}),
     ],
 )
 def test_control_values_typed_by_hand_are_read_leniently_and_a_typo_keeps_the_state_in_force(
-    fields: dict[str, str], state: OffloadState, problems: list[str]
+    fields: dict[str, str], state: OffloadState, problems: dict[str, str]
 ) -> None:
     """An operator under pressure types `HSET ... kill ON` or `weight_percent 1O`: the first is on, the second
     keeps the weight in force (10 %), not the file's (50 %)."""
@@ -318,6 +318,23 @@ async def test_kill_switch_and_weight_from_the_cli_are_reported(
     assert main(["offload", "set", "101"]) == 2
     assert main(["offload", "kill", "on"]) == 0
     assert "kill switch ON: everything forwarded" in capsys.readouterr().out
+
+
+async def test_status_shows_a_field_typed_wrong_by_hand_as_unreadable_not_the_files_value(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a reviewer: mid-incident `HSET ... kill of` (a typo of off) leaves every running replica's
+    kill switch on, and `offload status` printed "kill switch off" (the file's value)."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    assert main(["offload", "kill", "on"]) == 0
+    capsys.readouterr()
+    with redis.Redis.from_url(redis_url) as store:
+        store.hset(CONTROL_KEY, mapping={"kill": "of", "weight_percent": "1O"})
+    assert main(["offload", "status"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["definitions offload unreadable (kill switch unreadable, shadow off)"]
+    assert "kill 'of' is neither on nor off: running replicas keep the value they had" in err
+    assert "weight_percent '1O' is not a number" in err
 
 
 async def _forwarded(client: Client, token: str, upstream: tuple[Upstream, TestServer]) -> bool:
