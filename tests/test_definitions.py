@@ -333,8 +333,17 @@ async def test_billing_counts_equal_billed_requests(make_proxy: MakeProxy, backe
         assert counts == {bucket: str(count).encode()}, library
 
 
-async def test_survey_only_payloads_are_not_billed(make_proxy: MakeProxy, backend: BackendWriter) -> None:
-    backend.set_definitions(TEAM_ID, flags(2, "survey-targeting-") + flags(1, "product-tour-targeting-"))
+@pytest.mark.parametrize(
+    "definitions",
+    [
+        flags(2, "survey-targeting-") + flags(1, "product-tour-targeting-"),
+        [],  # no flag at all: "every flag key" is unbilled (PostHog bills only len(flag_keys) > 0)
+    ],
+)
+async def test_survey_only_payloads_are_not_billed(
+    make_proxy: MakeProxy, backend: BackendWriter, definitions: list[dict[str, Any]]
+) -> None:
+    backend.set_definitions(TEAM_ID, definitions)
     client = await proxy_for(make_proxy)
     for _ in range(3):
         assert (await client.get(URL, headers=AUTH)).status == 200

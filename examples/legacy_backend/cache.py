@@ -116,9 +116,10 @@ def library_of(user_agent: str | None) -> str:
 
 
 def bill(team: Team, payload_text: str, user_agent: str | None) -> None:
-    """Contract §3 step 8: HINCRBY both hashes, unless every flag is a survey/product-tour one."""
+    """Contract §3 step 8: HINCRBY both hashes, unless every flag is a survey/product-tour one (no flag at all
+    included: PostHog bills only `len(flag_keys) > 0`)."""
     keys = [flag.get("key", "") for flag in json.loads(payload_text).get("flags", [])]
-    if keys and all(str(k).startswith(UNBILLED_PREFIXES) for k in keys):
+    if all(str(k).startswith(UNBILLED_PREFIXES) for k in keys):
         return
     bucket = str(int(time.time() // BILLING_BUCKET_SECONDS))
     try:
