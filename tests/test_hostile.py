@@ -493,15 +493,22 @@ async def test_an_etag_in_redis_with_a_line_break_is_dropped_not_sent(
     assert "Set-Cookie" not in response.headers
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "application/json\r\nSet-Cookie: s=1"},  # a line break in a header it may carry
+        {"Content-Type": "application/json", "X-Other": "v"},  # a header it never writes
+    ],
+)
 async def test_a_verdict_in_redis_with_a_header_of_its_own_is_no_verdict(
-    make_proxy: MakeProxy, upstream: Rig, backend: BackendWriter, redis_url: str
+    make_proxy: MakeProxy, upstream: Rig, backend: BackendWriter, redis_url: str, headers: dict[str, str]
 ) -> None:
     """Only this proxy writes verdicts, with Content-Type and WWW-Authenticate at most: anything else is not
     one of its own, and a line break in it would cut the connection of every request it answered."""
     recorder, _ = upstream
     client = await make_proxy(definitions={"auth": {"hmac_key": "0123456789abcdef0123"}})
     key = client.app[keys.DEFINITIONS].verdicts.key(TEAM_ID, "phx_planted")
-    planted = {"s": 401, "b": '{"detail":"no"}', "h": {"Content-Type": "application/json\r\nSet-Cookie: s=1"}}
+    planted = {"s": 401, "b": '{"detail":"no"}', "h": headers}
     with _raw(redis_url) as raw:
         raw.set(key, json.dumps(planted))
 

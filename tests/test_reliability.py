@@ -217,6 +217,13 @@ async def test_hung_redis_costs_requests_at_most_the_timeout_and_recovers(
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)
     try:
+        # At once, before two failed PINGs stop request-path reads: this one waits on the hung Redis, bounded.
+        assert client.app[keys.HEALTH].redis_reads  # so the wait is what is timed, not a skip
+        started = time.monotonic()
+        response = await client.get("/flags/definitions?token=phc_first_after_the_hang", headers=AUTH)
+        first_unknown_took = time.monotonic() - started
+        assert response.status == 200
+        assert json.loads(await response.read())["upstream"] is True
         assert await ledger.get(client) == "local"
         await eventually(lambda: _is(readiness(client), 503), "readiness 503 while Redis hangs")
         await ledger.until(client, "forwarded", within=MAX_STALENESS + 5)
@@ -233,6 +240,7 @@ async def test_hung_redis_costs_requests_at_most_the_timeout_and_recovers(
 
     assert set(ledger.statuses) == {200}
     # Generous upper bounds: two attempts of REDIS_TIMEOUT each (connect and read are both bounded).
+    assert first_unknown_took < 10 * REDIS_TIMEOUT + 2
     assert unknown_token_took < 10 * REDIS_TIMEOUT + 2
     assert ledger.slowest < 10 * REDIS_TIMEOUT + 2
     await assert_billed_exactly(client, ledger, redis_server)
