@@ -263,6 +263,19 @@ class DefinitionsService:
                 return
             local = await self.decide(request, live=False)
         team = await self.teams.get(request.query.get("token", ""))
+        if (
+            team is not None
+            and isinstance(local, web.Response)
+            and local.headers.get("ETag") != upstream.headers.get("ETag")
+            and await self.cache.load(team.id, with_body=True) is not None
+        ):
+            # The backend may have read a flag change this proxy has not refreshed yet (it re-reads every
+            # refresh_interval_seconds): read the team's entry again and answer again, so a change is not
+            # counted a mismatch (a reviewer found every flag change logged as four), but `local_stale`.
+            again = await self.decide(request, live=False)
+            if isinstance(again, web.Response) and again.headers.get("ETag") != local.headers.get("ETag"):
+                self.shadow.outcomes["local_stale"] += 1
+                local = again
         await self.shadow.record(
             local if isinstance(local, web.Response) else None,
             upstream,

@@ -9,7 +9,7 @@ import math
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -420,6 +420,48 @@ async def test_shadow_detects_and_classifies_each_disagreement(
     assert dict(shadow.outcomes) == {kind: 3}
     # The backend answered every request: the local answers it was compared with are not counted as served.
     assert client.app[keys.TELEMETRY].etag == {"hit": 0, "miss": 0, "none": 0}
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+async def test_a_flag_change_the_proxy_has_not_refreshed_yet_is_local_stale_not_a_mismatch(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    conditional: bool,
+) -> None:
+    """Found by a reviewer: the backend reads a flag change at once, the proxy within a refresh interval, and
+    shadow mode counted (and logged) every change as a status, ETag, Content-Type and body mismatch."""
+    token = next(iter(teams))
+    team_id, _, old_etag = teams[token]
+    full = _backend(teams)
+
+    async def backend(request: web.Request, body: bytes) -> web.StreamResponse:
+        etag = f'W/"{teams[request.query["token"]][2]}"'
+        if request.headers.get("If-None-Match") == etag:
+            cache_control = "private, must-revalidate"
+            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": cache_control})
+        return cast(web.StreamResponse, await full(request, body))
+
+    upstream[0].routes["/flags/definitions"] = backend
+    client = await make_proxy(
+        definitions={"refresh_interval_seconds": 3600, "offload": {"weight_percent": 0, "shadow": True}}
+    )
+    assert client.app is not None
+    shadow = client.app[keys.DEFINITIONS].shadow
+    headers = auth(**({"If-None-Match": f'W/"{old_etag}"'} if conditional else {}))
+    await (await client.get(url(token), headers=headers)).read()
+    await _settle(shadow)
+    assert dict(shadow.outcomes) == {"match": 1}
+    with BackendWriter(redis_url) as writer:  # the flag change
+        text, etag = writer.set_definitions(team_id, [{"id": 2, "key": "changed", "active": True}])
+    teams[token] = (team_id, text, etag)
+    for _ in range(2):
+        async with client.get(url(token), headers=headers) as response:
+            assert response.status == 200
+            assert response.headers["ETag"] == f'W/"{etag}"'
+        await _settle(shadow)  # one comparison at a time: the second finds the change read already
+    assert dict(shadow.outcomes) == {"match": 3, "local_stale": 1}
 
 
 def _denying(status: int, body: bytes, **headers: str) -> Any:
