@@ -758,7 +758,16 @@ def _problems(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> l
     for error in exc.errors():
         key_path = tuple(str(part) for part in error["loc"])
         key = ".".join(key_path) or "<root>"
-        origin = next((f" (from ${name})" for p, name in sources.items() if key_path[: len(p)] == p), "")
+        # The variable set at or below the key at fault (an unknown section, EDGE_PROXY__OFFLOAD__..., is an
+        # error on `offload`, above the variable's own path).
+        origin = next(
+            (
+                f" (from ${name})"
+                for p, name in sources.items()
+                if key_path[: len(p)] == p or (key_path and p[: len(key_path)] == key_path)
+            ),
+            "",
+        )
         if not key_path and error["type"] == "value_error":
             # A check across sections (a model validator): its message names the keys itself.
             lines.append(f"  {error['ctx']['error']}")

@@ -344,9 +344,26 @@ def test_upstream_url_is_a_plain_base(url: str, says: str) -> None:
     assert "secret" not in message
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        # The section is wrong (it is definitions.offload): the error is on `offload`, above the variable.
+        (
+            {"EDGE_PROXY__OFFLOAD__WEIGHT_PERCENT": "50"},
+            "offload (from $EDGE_PROXY__OFFLOAD__WEIGHT_PERCENT)",
+        ),
+        ({"EDGE_PROXY__BIND__PORT": "1"}, "bind (from $EDGE_PROXY__BIND__PORT)"),
+    ],
+)
+def test_an_error_above_the_variables_own_key_still_names_the_variable(
+    env: dict[str, str], expected: str
+) -> None:
+    assert expected in problems(env=env)
+
+
 def test_layout_templates_must_keep_their_placeholders() -> None:
     message = problems(env={"EDGE_PROXY__LAYOUT__TEAM_KEY": "team:{id}"})
-    assert "layout: " in message
+    assert "layout (from $EDGE_PROXY__LAYOUT__TEAM_KEY): " in message
     assert "team_key must contain {token}" in message
 
 
