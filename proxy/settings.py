@@ -220,18 +220,25 @@ class RedisSettings(_Section):
 class RedisLayout(_Section):
     """Key templates and codecs of the backend's cache entries (contract §2); PostHog's by default."""
 
+    # Django's cache key for `team_key` and `payload_key`: `<key_prefix>:<key_version>:<key>`.
     key_prefix: str = "posthog"
     key_version: int = 1
+    # The team record by project token (JSON text, pickled by django-redis).
     team_key: str = "team_token:{token}"
+    # The flag definitions payload (JSON text) and, with etag_suffix appended, its ETag.
     payload_key: str = "cache/teams/{team_id}/feature_flags/flags_with_cohorts.json"
     etag_suffix: str = ":etag"
+    # The value the backend stores for "this team has no payload" (a miss, forwarded).
     missing_marker: str = "__missing__"
+    # The sorted set of quota-limited project tokens (score: until when); raw key, no prefix.
     quota_key: str = "@posthog/quota-limits/feature_flag_requests"
+    # The billing hashes (field: the bucket, value: requests), per team and per team and SDK; raw keys.
     billing_team_key: str = "posthog:local_evaluation_requests:{team_id}"
     billing_sdk_key: str = "posthog:local_evaluation_requests:sdk:{team_id}:{library}"
     # Ours, not the backend's: the last billing batch a process applied ({batch_id}: the process's own id), so
     # a retried flush never counts twice. On a Cluster one per process and slot group, `<this>:{<hash key>}`.
     billing_dedupe_key: str = "edge-proxy:billing-batch:{batch_id}"
+    # A billing hash field is the request's unix time divided by this, as an integer.
     billing_bucket_seconds: int = Field(default=120, ge=1)
     # A value that decompresses to more than this is refused (a decompression bomb in Redis).
     max_decoded_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -263,7 +270,10 @@ class AuthSettings(_Section):
     # The key of the HMAC that names verdicts in Redis. Unset: verdicts stay in each process's memory.
     # Set it from a Secret (env VERDICT_HMAC_KEY); it is never logged.
     hmac_key: SecretStr | None = None
+    # Verdicts are `<key_prefix>:<team_id>:<hex HMAC-SHA256(hmac_key, credential)>`.
     key_prefix: str = "edge-proxy:verdict:v1"
+    # How long an "allowed" verdict is used before the backend is asked again (a revoked key's longest use
+    # when the backend does not delete the verdict).
     allowed_ttl_seconds: Seconds = 300.0
     # Also the bound on how often one bad credential reaches the backend (once per TTL per replica).
     denied_ttl_seconds: Seconds = 30.0
@@ -297,12 +307,14 @@ class OffloadSettings(_Section):
     # Absent fields fall back to this file. `edge-proxy offload set|kill|status|reset` write and read it;
     # a hash that vanishes (Redis flushed) is written back by the replicas that read it.
     control_key: str = "edge-proxy:offload:definitions"
+    # How often replicas re-read it: how long a weight change or the kill switch takes to reach them.
     watch_interval_seconds: Seconds = 0.5
 
 
 class DefinitionsSettings(_Section):
     """The definitions endpoint: routes, memory cache and freshness."""
 
+    # The route answered locally, and other paths answered the same way (the SDKs' older URL).
     path: str = "/flags/definitions"
     aliases: tuple[str, ...] = ("/api/feature_flag/local_evaluation", "/api/feature_flag/local_evaluation/")
     # Bytes of cached payloads held in memory across all teams (LRU beyond that).
@@ -342,6 +354,7 @@ class DefinitionsSettings(_Section):
 class QuotaSettings(_Section):
     """The quota-limited projects snapshot."""
 
+    # How often the quota set is read (one ZRANGEBYSCORE): how long a newly limited project is still served.
     poll_interval_seconds: Seconds = 2.0
     # While Redis cannot be read the last snapshot is kept this long (from its last successful read), then
     # cleared: the check fails open (contract §3 step 5) rather than limiting anyone on stale data.
@@ -377,7 +390,9 @@ class BillingSettings(_Section):
 class RateLimitSettings(_Section):
     """Per-team rate limits (contract §3 step 4)."""
 
+    # Off: no team is ever limited (nothing counted).
     enabled: bool = True
+    # The full budget's rate (limits' notation: "600/minute", "10/second"); per team, team_overrides.
     default: RateString = "600/minute"
     # A second budget for requests that carry If-None-Match.
     etag: RateString = "6000/minute"
@@ -388,6 +403,7 @@ class RateLimitSettings(_Section):
     # "fast": admit from memory, reconcile with Redis every sync_interval_seconds (no Redis call per
     # request; each replica may over-admit by one lump, below). "exact": a round trip each.
     mode: Literal["fast", "exact"] = "fast"
+    # Fast mode: how often admissions are pushed to Redis and the shared counts read back.
     sync_interval_seconds: Seconds = 0.2
     # Fast mode: the most a replica holds admitted and not pushed, as a fraction of the limit (at least 1
     # request; the over-admission bound per other replica): half of it starts a push at once, and a request
@@ -439,6 +455,7 @@ class TelemetrySettings(_Section):
 
     # Prometheus text on metrics_path, answered in every service mode and never forwarded.
     metrics_enabled: bool = True
+    # (Not a route of the backend's: it is never forwarded.)
     metrics_path: str = "/metrics"
     # On bind's port (the clients'), metrics_path is rendered at most once per this interval and scrapes
     # within it get the same text: a client asking in a loop cannot hold the event loop. 0: every scrape.
@@ -452,6 +469,7 @@ class TelemetrySettings(_Section):
     # otlp_export_interval_seconds, sampled spans to /v1/traces. Unset: nothing is pushed. Needs the
     # `otlp` extra (opentelemetry-exporter-otlp-proto-http).
     otlp_endpoint: AnyHttpUrl | None = None
+    # Seconds between OTLP metric exports.
     otlp_export_interval_seconds: Seconds = 15.0
     # Share of new traces recorded (a sampled parent traceparent is always followed). 0: no spans at all;
     # the client's traceparent still reaches the upstream unchanged.
@@ -459,6 +477,7 @@ class TelemetrySettings(_Section):
     # Label sets per histogram; new ones past the cap share one otel_metric_overflow series. No label ever
     # holds a team id, token or path.
     max_series_per_metric: int = Field(default=1000, ge=10)
+    # OpenTelemetry's service.name (metrics' target_info, OTLP resource, spans).
     service_name: str = "edge-proxy"
 
     @field_validator("metrics_path")
@@ -482,6 +501,7 @@ class TelemetrySettings(_Section):
 class LoggingSettings(_Section):
     """Log level and format."""
 
+    # DEBUG, INFO, WARNING or ERROR (any case); json: one JSON object per line, text: for a terminal.
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
     # One structured line per request on the proxy.access logger (route, status, answered_by, duration,
@@ -498,8 +518,12 @@ class LoggingSettings(_Section):
 class Settings(_Section):
     """Everything edge-proxy reads, in one frozen object."""
 
+    # host:port ([v6]:port) the clients' port listens on (SO_REUSEPORT).
     bind: str = "0.0.0.0:8080"
+    # all and definitions: the definitions routes answered locally; flags: forwarded too (health and
+    # metrics answered in every mode).
     service_mode: ServiceMode = ServiceMode.ALL
+    # Processes on bind's port (a supervisor restarts any that dies); in Kubernetes prefer 1 and more pods.
     workers: int = Field(default=1, ge=1, le=64)
     # Drain budget; with the final billing flush (<= 5 s) it stays inside Kubernetes' 30 s grace period.
     shutdown_timeout_seconds: Seconds = 20.0
