@@ -266,7 +266,11 @@ class DefinitionsService:
         if (
             team is not None
             and isinstance(local, web.Response)
-            and local.headers.get("ETag") != upstream.headers.get("ETag")
+            and local.status in (200, 304)
+            and upstream.status in (200, 304)
+            and "ETag" in local.headers
+            and "ETag" in upstream.headers
+            and local.headers["ETag"] != upstream.headers["ETag"]
             and await self.cache.load(team.id, with_body=True) is not None
         ):
             # The backend may have read a flag change this proxy has not refreshed yet (it re-reads every

@@ -115,7 +115,8 @@ def _inflated(data: bytes, wbits: int, limit: int) -> bytes | None:
         try:
             out += decoder.decompress(data, limit + 1 - len(out))
         except zlib.error:
-            return None
+            # Bytes after a whole member that are no gzip (NUL padding, junk) end the body, as for urllib3.
+            return bytes(out) if out else None
         if len(out) > limit or not decoder.eof:
             return None  # past the limit, or cut short
         data = decoder.unused_data

@@ -600,6 +600,10 @@ def test_a_shadow_body_is_decoded_as_the_sdks_http_stack_decodes_it() -> None:
     assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, members), len(text) - 1).body is None
     cut = members[:-20]  # the second member cut short
     assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, cut), len(text)).body is None
+    for tail in (b"\0" * 16, b"not gzip"):  # after a whole member: the end of the body, as urllib3 reads it
+        padded = gzip.compress(text) + tail
+        assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, padded), len(text)).body == text
+    assert decoded(UpstreamAnswer(200, {"Content-Encoding": "gzip"}, b"not gzip"), 100).body is None
 
 
 async def test_client_never_waits_for_the_shadow_comparison(
