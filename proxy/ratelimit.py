@@ -27,12 +27,15 @@ over the slots (each mark in its counter's); the sync script then runs once per 
 pipelined (one round trip per node), and exact mode uses `limits`' Cluster storage.
 
 Redis unreachable: both modes fail open (the request is served, `fail_open` counts it), logged once per
-outage; exact mode then tries Redis again only every sync interval, so requests do not each wait on it.
+outage; exact mode then tries Redis again only every sync interval, so requests do not each wait on it. Fast
+mode still counts what it admits, in the window, and pushes it once Redis answers (a PING tells when nothing
+is to be pushed). Syncs are sent in calls of at most SYNC_CHUNK windows, so none holds Redis for long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -60,6 +63,8 @@ log = logging.getLogger(__name__)
 RATE_LIMITED = error_body("validation_error", "rate_limit_exceeded", "Rate limit exceeded")
 # check()'s answer when the replica holds all it may admitted and not pushed: decide with `await acheck()`.
 SYNC_FIRST = -1.0
+# Windows per sync script call (each a few commands in Redis): ~1,000 keys, a few ms of Redis per call.
+SYNC_CHUNK = 500
 
 Budget = Literal["full", "conditional"]
 
@@ -211,15 +216,18 @@ class RateLimiter:
             mark = hash_tagged(name, key) if self._clustered else f"{name}:{key}"
             window = windows[team_id] = _Window(key, mark, self.item(team_id, budget), self._push_fraction)
         now = self._clock()
-        # Marked even while failing open: the next sync then reads it, which is how recovery is noticed.
         window.seen = now
-        if self.failing:
-            self.fail_open += 1
-            return None
         if now >= window.reset_at:
             window.shared = window.pending = window.admitted = 0
             window.reset_at = now + window.expiry
             window.epoch = next(self._epochs)
+        if self.failing:
+            # Admitted unchecked, and counted: pushed once Redis answers, so the team's window still holds
+            # them (one slow reply used to lift every team's limit, uncounted, for an interval or more).
+            self.fail_open += 1
+            window.pending += 1
+            window.admitted += 1
+            return None
         if window.shared + window.pending >= window.limit:
             self.limited += 1
             return window.reset_at - now
@@ -232,7 +240,8 @@ class RateLimiter:
             and (window.shared + window.pending) * 2 < window.limit  # past half: synced every interval
             and (self._syncing is None or self._syncing.done())
         ):
-            self._start_sync()  # in the background: this request goes on from memory
+            with contextlib.suppress(RuntimeError):  # no running loop (a caller outside one): next interval
+                self._start_sync()  # in the background: this request goes on from memory
         return None
 
     async def acheck(self, team_id: int, conditional: bool) -> float | None:
@@ -282,7 +291,7 @@ class RateLimiter:
         await asyncio.shield(running)
 
     def _start_sync(self) -> asyncio.Future[None]:
-        running = self._syncing = asyncio.ensure_future(self._sync())
+        running = self._syncing = asyncio.get_running_loop().create_task(self._sync())
         running.add_done_callback(self._synced)
         return running
 
@@ -295,36 +304,50 @@ class RateLimiter:
     async def _sync(self) -> None:
         now = self._clock()
         slot = slot_of(self._redis)
-        # Per slot (one on one node): the windows synced, the script's keys and its arguments.
-        calls: dict[int, tuple[list[tuple[_Window, int, int]], list[str], list[int]]] = {}
+        # Per slot (one on one node), in calls of at most SYNC_CHUNK windows: the windows synced, the
+        # script's keys and its arguments. (One call for every window held blocked Redis for a second with
+        # 100,000, past the client's timeout: a sync after an outage could then never succeed.)
+        calls: list[tuple[list[tuple[_Window, int, int]], list[str], list[int]]] = []
+        open_calls: dict[int, tuple[list[tuple[_Window, int, int]], list[str], list[int]]] = {}
         for windows in (self._full, self._conditional):
             for team_id, window in list(windows.items()):
+                if now >= window.reset_at and now - window.seen > self._idle_seconds:
+                    # Its window ended and no request came since: what it held (pushed or not) counts for
+                    # nothing any more. (Kept until then: a stale shared count is still a floor of the real
+                    # one.) Windows holding less than half a lump unpushed were never dropped.
+                    del windows[team_id]
+                    continue
                 if not window.pending:
                     if now - window.seen > self._idle_seconds:
-                        # Kept while its window lasts: a stale shared count is still a floor of the real one.
-                        if now >= window.reset_at:
-                            del windows[team_id]
                         continue
+                    if window.shared * 2 < window.limit:
+                        continue  # far below its limit: nothing to re-read (a push brings it up to date)
                     if window.shared >= window.limit and now < window.reset_at and not self.failing:
                         continue  # limited until a known reset: a fixed window's count only grows
-                elif not self.failing and not self._worth_syncing(window):
+                elif not self._worth_syncing(window):
                     continue
-                batch, names, args = calls.setdefault(slot(window.key), ([], [], []))
+                group = slot(window.key)
+                call = open_calls.get(group)
+                if call is None or len(call[0]) >= SYNC_CHUNK:
+                    call = open_calls[group] = ([], [], [])
+                    calls.append(call)
+                batch, names, args = call
                 batch.append((window, window.pending, window.epoch))
                 names += (window.key, window.mark)
                 left_ms = max(1, math.ceil((window.reset_at - now) * 1000))
                 args += (left_ms, window.epoch, window.admitted, window.pending)
-        if not calls:
-            return
         try:
-            replies = await run_script(
-                self._redis, self._script, [(names, args) for _, names, args in calls.values()]
-            )
+            if not calls:
+                if self.failing:
+                    await self._redis.ping()  # nothing to push: this is how recovery is noticed
+                    self._recovered()
+                return
+            replies = await run_script(self._redis, self._script, [(names, args) for _, names, args in calls])
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return
         done = self._clock()
-        for (batch, _, _), reply in zip(calls.values(), replies, strict=True):
+        for (batch, _, _), reply in zip(calls, replies, strict=True):
             for i, (window, delta, epoch) in enumerate(batch):
                 if window.epoch != epoch:
                     continue  # the window ended while the reply was on its way; this one is the next window's
@@ -341,6 +364,14 @@ class RateLimiter:
         # never come near their limit, and Redis sees O(teams near limit).
         used = window.shared + window.pending
         return used * 2 >= window.limit or window.pending >= window.push_at
+
+    async def stop_syncing(self) -> None:
+        """Cancel a sync under way (shielded from its callers, it would outlive the Redis client)."""
+        running = self._syncing
+        if running is not None and not running.done():
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
 
     async def aclose(self) -> None:
         """Close what `limits` holds of its own (a Cluster client; on one node it shares the app's pool)."""
@@ -383,4 +414,5 @@ async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
         async with background(limiter.run, name="ratelimit-sync"):
             yield
     finally:
+        await limiter.stop_syncing()
         await limiter.aclose()
