@@ -72,7 +72,7 @@ async def mget_many(client: RedisClient, keys: Sequence[str]) -> list[bytes | No
 async def run_script(client: RedisClient, script: AsyncScript, calls: Sequence[ScriptCall]) -> list[Any]:
     """Run `script` once per call and return the replies in order; raises the first call's error, if any.
 
-    On one node the calls run one after the other (callers group everything into one). On a Cluster they
+    On one node the calls run one after the other (callers group all they can into each). On a Cluster they
     are pipelined, one round trip per node; a node that does not know the script (NOSCRIPT: restarted, or a
     replica promoted) gets it with SCRIPT LOAD and only the calls it refused are sent again, so no call runs
     twice.

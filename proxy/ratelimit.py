@@ -10,7 +10,7 @@ exact: `limits`' async Redis storage and fixed-window strategy, one round trip p
 
 fast (default): a request is admitted from memory when `shared + pending < limit`, where `shared` is the count
 read from Redis at this replica's last sync and `pending` what it admitted since. Every
-`sync_interval_seconds` one Lua call pushes the pending counts of all recently active teams into the shared
+`sync_interval_seconds` a Lua script pushes the pending counts of all recently active teams into the shared
 counters and reads them back with their time left. A replica never over-admits on its own, but it cannot see
 what other replicas have admitted and not pushed yet, so it holds at most a lump of push_fraction * limit (at
 least 1) admitted and not pushed: a request past that waits for a sync (at once, one for all the requests
@@ -56,7 +56,7 @@ from proxy.cluster import RedisClient, hash_tagged, run_script, slot_of
 from proxy.errors import error_body, json_response
 from proxy.redis_client import close_limits_storage, limits_storage
 from proxy.settings import RateLimitSettings
-from proxy.tasks import background
+from proxy.tasks import background, cancelled
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,8 @@ class RateLimiter:
         return max(reset - time.time(), 0.0)
 
     async def sync(self) -> None:
-        """Fast mode: push admitted counts and re-read the shared ones of active teams, in one round trip.
+        """Fast mode: push admitted counts and re-read the shared ones of active teams (one script call per
+        SYNC_CHUNK windows, all pipelined on a Cluster).
 
         One at a time: a call while one is under way shares it (the caller's window, if it was not in that run
         yet, goes in the next: acheck() loops). Cancelling a caller does not cancel the sync.
@@ -339,7 +340,12 @@ class RateLimiter:
         try:
             if not calls:
                 if self.failing:
-                    await self._redis.ping()  # nothing to push: this is how recovery is noticed
+                    # Nothing to push: this is how recovery is noticed. Every primary on a Cluster (one
+                    # node's answer said nothing of the node whose slots failed, found by a reviewer).
+                    if self._clustered:
+                        await self._redis.ping(target_nodes=RedisCluster.PRIMARIES)
+                    else:
+                        await self._redis.ping()
                     self._recovered()
                 return
             replies = await run_script(self._redis, self._script, [(names, args) for _, names, args in calls])
@@ -367,11 +373,8 @@ class RateLimiter:
 
     async def stop_syncing(self) -> None:
         """Cancel a sync under way (shielded from its callers, it would outlive the Redis client)."""
-        running = self._syncing
-        if running is not None and not running.done():
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
+        if self._syncing is not None:
+            await cancelled(self._syncing)
 
     async def aclose(self) -> None:
         """Close what `limits` holds of its own (a Cluster client; on one node it shares the app's pool)."""

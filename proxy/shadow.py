@@ -110,15 +110,21 @@ def _inflated(data: bytes, wbits: int, limit: int) -> bytes | None:
     """`data` decompressed, every gzip member of it (as urllib3 reads them all); None if it cannot be, is cut
     short, or passes `limit`. (Found by a reviewer: a second member, or raw deflate, was a false mismatch.)"""
     out = bytearray()
+    whole = -1  # the length of what the members decoded whole gave; -1 before the first
     while True:
         decoder = zlib.decompressobj(wbits)
         try:
             out += decoder.decompress(data, limit + 1 - len(out))
+            ended = decoder.eof
         except zlib.error:
-            # Bytes after a whole member that are no gzip (NUL padding, junk) end the body, as for urllib3.
-            return bytes(out) if out else None
-        if len(out) > limit or not decoder.eof:
-            return None  # past the limit, or cut short
+            ended = False
+        if len(out) > limit:
+            return None
+        if not ended:
+            # Undecodable or cut short: no body, unless whole members came first; then what follows them
+            # (NUL padding, junk, a member cut short) ends the body, as for urllib3.
+            return bytes(out[:whole]) if whole >= 0 else None
+        whole = len(out)
         data = decoder.unused_data
         if not data or wbits != _DECODERS["gzip"]:
             return bytes(out)

@@ -69,11 +69,15 @@ async def background(
     try:
         yield task
     finally:
-        # Cancel until it is really done: redis-py can swallow a cancellation that lands inside a command
-        # while Redis restarts, and a loop that lost its cancellation would hang the app's cleanup.
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await cancelled(task)
+
+
+async def cancelled(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` until it is really done: redis-py can swallow a cancellation that lands inside a command
+    while Redis restarts, and a task that lost its cancellation would hang the app's cleanup."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
 
 
 async def every(

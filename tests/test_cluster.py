@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import DataError, RedisError
 
@@ -26,10 +27,12 @@ from proxy.cli import main
 from proxy.cluster import RedisClient, hash_tagged
 from proxy.contract import RedisContract
 from proxy.quota import QuotaSnapshot
+from proxy.ratelimit import RateLimiter
 from proxy.redis_client import make_client
 from proxy.settings import (
     BillingSettings,
     ConfigError,
+    RateLimitSettings,
     RedisLayout,
     RedisSettings,
     cluster_nodes,
@@ -358,6 +361,43 @@ async def test_rate_limits_are_shared_through_the_cluster(
     # Every admission is in the shared counters (exact mode also counts the refused hit, as `limits` does).
     await eventually(lambda: shared() == [counted, counted], "the counters in the cluster")
     assert limiter.fail_open == 0
+
+
+async def test_rate_limits_stay_failing_while_a_node_is_hung_though_the_default_node_answers(
+    cluster: RedisClusterServers, cluster_client: RedisClient
+) -> None:
+    """Found by a reviewer: with nothing to push, recovery was probed with a PING that redis-py sends to one
+    node, so limits came back on while the node holding a team's counter still hung (then failed again on
+    its next push, a burst request waiting out the timeout each time)."""
+    assert isinstance(cluster_client, RedisCluster)
+    await cluster_client.initialize()
+    default = cluster_client.get_default_node()
+    now = [1000.0]
+    limiter = RateLimiter(RateLimitSettings(default="100/minute"), cluster_client, clock=lambda: now[0])
+
+    def port_of(team_id: int) -> int:
+        node = cluster_client.get_node_from_key(limiter.key(team_id, "full"))
+        assert node is not None
+        return int(node.port)
+
+    team = next(t for t in range(1, 10_000) if port_of(t) != default.port)
+    port = port_of(team)
+    hung = next(node for node in cluster.nodes if node.port == port)
+    assert hung.process is not None
+    hung.process.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(5):
+            assert limiter.check(team, False) is None  # half a lump: pushed to the hung node
+        await limiter.sync()
+        assert limiter.failing
+        now[0] += 70  # the window over and idle: forgotten, nothing left to push
+        await limiter.sync()
+        assert limiter._full == {}
+        assert limiter.failing  # the hung node did not answer the probe
+    finally:
+        hung.process.send_signal(signal.SIGCONT)
+    await limiter.sync()
+    assert not limiter.failing
 
 
 async def test_offload_control_hash_is_followed_and_the_cli_reports_it(
