@@ -1050,6 +1050,17 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_con
     writer.close()
 
 
+async def _small_window_client(client: Client) -> socket.socket:
+    """A raw client socket connected to the proxy with a 4 KiB receive buffer: the kernel holds little for it,
+    so what it does not read soon waits unsent in the proxy's transport."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    assert client.port is not None
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    return sock
+
+
 async def test_a_client_that_stops_reading_a_trickling_stream_is_cut_off_too(
     make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
 ) -> None:
@@ -1078,11 +1089,8 @@ async def test_a_client_that_stops_reading_a_trickling_stream_is_cut_off_too(
     upstream = await scripted(trickles)
     client = await proxy_to(make_proxy, upstream, read_timeout_seconds=1)
     assert client.port is not None
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
+    sock = await _small_window_client(client)
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (client.host, client.port))
     await loop.sock_sendall(sock, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
     try:
         server = client.server.runner.server if client.server.runner is not None else None
@@ -1127,11 +1135,8 @@ async def test_a_client_slower_than_the_stream_but_reading_is_never_cut_off(
     assert client.port is not None
     server = client.server.runner.server if client.server.runner is not None else None
     assert server is not None
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
+    sock = await _small_window_client(client)
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (client.host, client.port))
     await wait_until(lambda: len(server.connections) == 1, "the connection accepted")
     transport = server.connections[0].transport
     assert transport is not None
