@@ -32,13 +32,18 @@ def _client(settings: Settings) -> redis.Redis | redis.RedisCluster:
             socket_connect_timeout=5,
         )
     if url.startswith(SENTINEL_SCHEME):
-        # The master the sentinels name now (asked without a password; the password is the master's).
-        sentinels, service, db, password = sentinel_parts(url)
-        timeouts = {"socket_timeout": 5, "socket_connect_timeout": 5}
+        # The master the sentinels name now (the URL's credentials are the master's).
+        parts = sentinel_parts(url)
+        asked = {"socket_timeout": 5, "socket_connect_timeout": 5, "password": settings.redis.sentinel_secret}
         # redis-py before 8.2 leaves the synchronous Sentinel unannotated.
-        sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call, unused-ignore]
+        sentinel = Sentinel(parts.sentinels, sentinel_kwargs=asked)  # type: ignore[no-untyped-call, unused-ignore]
         master = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
-            service, password=password, db=db, socket_timeout=5, socket_connect_timeout=5
+            parts.service,
+            username=parts.username,
+            password=parts.password,
+            db=parts.db,
+            socket_timeout=5,
+            socket_connect_timeout=5,
         )
         return cast(redis.Redis, master)
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)

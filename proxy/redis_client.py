@@ -60,29 +60,32 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
 
 
 def _sentinel_client(settings: RedisSettings) -> ObservedRedis:
-    """The master of `redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`, found via Sentinel.
+    """The master of `redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`, found via
+    Sentinel.
 
     Every connection asks the sentinels for the current master first, so a failover is followed without a
-    restart; the password (if any) is the master's, the sentinels are asked without one.
+    restart. The URL's credentials are the master's; the sentinels are asked with `sentinel_password`, if set.
     """
-    nodes, service, db, password = sentinel_parts(settings.url)
+    parts = sentinel_parts(settings.url)
     timeout = settings.timeout_seconds
     sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # unannotated before redis-py 8.2
-        nodes,
+        parts.sentinels,
         # No retries: a sentinel that does not answer is skipped for the next one at once (redis-py's default
         # retry with backoff made one dead sentinel cost seconds per master lookup).
         sentinel_kwargs={
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
+            "password": settings.sentinel_secret,
         },
     )
     client = sentinel.master_for(
-        service,
+        parts.service,
         redis_class=ObservedRedis,
         connection_pool_class=_BlockingSentinelPool,
-        password=password,
-        db=db,
+        username=parts.username,
+        password=parts.password,
+        db=parts.db,
         timeout=timeout,
         **_options(settings),
     )

@@ -10,8 +10,8 @@ import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
-from urllib.parse import unquote, urlsplit
+from typing import Annotated, Any, Literal, NamedTuple, Self
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 from limits import parse as parse_rate
@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -52,7 +53,9 @@ def _rate(value: str) -> str:
 
 # redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]: the master that Sentinel names.
 SENTINEL_SCHEME = "redis+sentinel://"
-_SENTINEL_FORM = "must be redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
+_SENTINEL_FORM = (
+    "must be redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db] (no query)"
+)
 # redis+cluster://[user:password@]host:port[,host:port...]: a Redis Cluster, discovered from any listed node
 # (the scheme `limits` uses too; database 0 only, so no path).
 CLUSTER_SCHEME = "redis+cluster://"
@@ -82,15 +85,27 @@ def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | No
     return _host_ports(hosts, _CLUSTER_FORM), unquote(username) or None, unquote(password) or None
 
 
-def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
-    """Sentinels, service name, db and master password of a redis+sentinel:// URL; ValueError if malformed."""
+class SentinelParts(NamedTuple):
+    """What a redis+sentinel:// URL names: the sentinels, and the master's service, db and credentials."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def sentinel_parts(url: str) -> SentinelParts:
+    """The parts of a redis+sentinel:// URL; ValueError if it is malformed."""
     netloc, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
     userinfo, _, hosts = netloc.rpartition("@")
     service, _, db = path.strip("/").partition("/")
     nodes = _host_ports(hosts, _SENTINEL_FORM)
-    if not service or not ((db.isascii() and db.isdigit()) or not db):
+    # A query would be read as part of the service name or db (`/edge?db=5`: a master never found).
+    if not service or not ((db.isascii() and db.isdigit()) or not db) or any(c in path for c in "?#"):
         raise ValueError(_SENTINEL_FORM)
-    return nodes, service, int(db or 0), unquote(userinfo.partition(":")[2]) or None
+    username, _, password = userinfo.partition(":")
+    return SentinelParts(nodes, service, int(db or 0), unquote(username) or None, unquote(password) or None)
 
 
 # How long a process's billing batch mark lives in Redis (renewed by each write): what keeps a retried batch
@@ -116,6 +131,20 @@ def _safe_reason(exc: Exception) -> str:
 HEALTH_PATHS = ("/_liveness", "/_readiness", "/_startup")
 
 
+# Options of a redis://, rediss:// or unix:// URL's query that the proxy sets itself. redis-py lets the URL's
+# win over the client's arguments, so `?socket_timeout=3` (common in a shared REDIS_URL) would have unbounded
+# every call past redis.timeout_seconds, and `?decode_responses=false` (a string, so true) broken every read.
+_OWNED_QUERY_OPTIONS = {
+    "socket_timeout": "set by redis.timeout_seconds",
+    "socket_connect_timeout": "set by redis.timeout_seconds",
+    "timeout": "set by redis.timeout_seconds",
+    "max_connections": "set by redis.max_connections",
+    "health_check_interval": "set by the proxy (its health monitor: redis.health_check_interval_seconds)",
+    "decode_responses": "set by the proxy (values are bytes)",
+    "retry": "set by the proxy (one immediate retry)",
+}
+
+
 def _redis_url(value: str) -> str:
     schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
     if not value.startswith(schemes):
@@ -135,6 +164,9 @@ def _redis_url(value: str) -> str:
         path = urlsplit(value).path.strip("/")
         if not value.startswith("unix://") and path and not (path.isascii() and path.isdigit()):
             raise ValueError("the database (the URL's path) must be a number")
+        for option in parse_qs(urlsplit(value).query):
+            if option in _OWNED_QUERY_OPTIONS:
+                raise ValueError(f"the query option {option!r} is {_OWNED_QUERY_OPTIONS[option]}: remove it")
     return value
 
 
@@ -206,6 +238,7 @@ class RedisSettings(_Section):
 
     # redis://, rediss://, unix://, redis+sentinel://host:port[,...]/service_name[/db] (the master Sentinel
     # names) or redis+cluster://host:port[,...] (a Redis Cluster; any reachable node is enough to find it).
+    # Query options the proxy sets itself (socket_timeout, timeout, max_connections, ...) are refused.
     url: RedisUrl = "redis://127.0.0.1:6379/0"
     # Every Redis call is bounded by this; the seed's service used 500 ms.
     timeout_seconds: Seconds = 0.5
@@ -215,6 +248,22 @@ class RedisSettings(_Section):
     # How often the health monitor pings Redis: readiness follows it, and after two failed in a row (one
     # node) requests read nothing from Redis until one answers (what memory cannot answer is forwarded).
     health_check_interval_seconds: Seconds = 1.0
+    # With redis+sentinel:// only: the sentinels' own password (their `requirepass`; Bitnami's chart sets
+    # it to the master's), when they have one. The URL's credentials are the master's. Set it from a
+    # Secret (env REDIS_SENTINEL_PASSWORD); it is never logged.
+    sentinel_password: SecretStr | None = None
+
+    @field_validator("sentinel_password")
+    @classmethod
+    def _sentinel_only(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not info.data.get("url", SENTINEL_SCHEME).startswith(SENTINEL_SCHEME):
+            raise ValueError("is for a redis+sentinel:// url only (the URL holds the master's credentials)")
+        return value
+
+    @property
+    def sentinel_secret(self) -> str | None:
+        """The sentinels' own password, if they have one."""
+        return None if self.sentinel_password is None else self.sentinel_password.get_secret_value()
 
 
 class RedisLayout(_Section):
@@ -647,6 +696,7 @@ ENV_ALIASES: Mapping[str, tuple[str, ...]] = {
     "LOG_FORMAT": ("logging", "format"),
     "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds",),
     "VERDICT_HMAC_KEY": ("definitions", "auth", "hmac_key"),
+    "REDIS_SENTINEL_PASSWORD": ("redis", "sentinel_password"),
     # The OpenTelemetry SDKs' own variable, so a collector configured for the pod's other apps applies here.
     "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
 }

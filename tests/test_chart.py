@@ -37,7 +37,11 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 CRD_KINDS = {("gateway.networking.k8s.io/v1", "HTTPRoute"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
 # Keys the chart sets itself (bind from containerPort, the credentials from Secret references): the generated
 # config schema leaves them out, so a values file that sets them is refused.
-CHART_MANAGED_KEYS = {"Settings": "bind", "RedisSettings": "url", "AuthSettings": "hmac_key"}
+CHART_MANAGED_KEYS = {
+    "Settings": ("bind",),
+    "RedisSettings": ("url", "sentinel_password"),
+    "AuthSettings": ("hmac_key",),
+}
 UPDATE_SCHEMA_ENV = "EDGE_PROXY_UPDATE_CHART_SCHEMA"
 
 Manifest = dict[str, Any]
@@ -279,7 +283,7 @@ def assert_hardened(container: Manifest) -> None:
     assert len(names) == len(set(names)), names
     # Credentials only by reference.
     for env in container["env"]:
-        if env["name"] in {"REDIS_URL", "VERDICT_HMAC_KEY"}:
+        if env["name"] in {"REDIS_URL", "VERDICT_HMAC_KEY", "REDIS_SENTINEL_PASSWORD"}:
             assert set(env) == {"name", "valueFrom"}
             assert set(env["valueFrom"]) == {"secretKeyRef"}
 
@@ -396,6 +400,7 @@ def test_sidecar_example_is_valid(
         ("config.rate_limits.mode=slow", "rate_limits"),  # a value the app would refuse
         ("config.redis.url=redis://:pw@redis:6379/0", "url"),  # an inline credential
         ("config.definitions.auth.hmac_key=0123456789abcdef", "hmac_key"),
+        ("config.redis.sentinel_password=s3cret", "sentinel_password"),
         ("config.bind=0.0.0.0:9000", "bind"),  # the probes would not find the port
         ("httpRoute.proxyWeight=101", "proxyWeight"),
         ("mode=sidcar", "mode"),
@@ -413,11 +418,13 @@ def test_schema_refuses(helm: str, setting: str, complaint: str) -> None:
     [
         "REDIS_URL",
         "VERDICT_HMAC_KEY",
+        "REDIS_SENTINEL_PASSWORD",
         "BIND",
         "SHUTDOWN_TIMEOUT_SECONDS",
         "UPSTREAM_URL",
         "EDGE_PROXY__REDIS__URL",
         "EDGE_PROXY__DEFINITIONS__AUTH__HMAC_KEY",
+        "EDGE_PROXY__REDIS__SENTINEL_PASSWORD",
         "EDGE_PROXY__BIND",
         "EDGE_PROXY__SHUTDOWN_TIMEOUT_SECONDS",
     ],
@@ -426,6 +433,20 @@ def test_extra_env_cannot_override_settings_unchecked(helm: str, name: str) -> N
     result = template(helm, *MINIMAL, "--set", f"extraEnv[0].name={name}", "--set", "extraEnv[0].value=x")
     assert result.returncode != 0
     assert "extraEnv" in result.stderr
+
+
+def test_the_sentinels_password_comes_from_a_secret_reference(helm: str) -> None:
+    def sentinel_env(*extra: str) -> list[Manifest]:
+        result = template(helm, *MINIMAL, *extra)
+        assert result.returncode == 0, result.stderr
+        container = proxy_container(pod_spec(load_manifests(result.stdout)))
+        assert_hardened(container)
+        return [env for env in container["env"] if env["name"] == "REDIS_SENTINEL_PASSWORD"]
+
+    assert sentinel_env() == []
+    reference = {"secretKeyRef": {"name": "sentinels", "key": "sentinel-password"}}
+    wanted = [{"name": "REDIS_SENTINEL_PASSWORD", "valueFrom": reference}]
+    assert sentinel_env("--set", "redis.sentinelPassword.existingSecret.name=sentinels") == wanted
 
 
 def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
@@ -493,8 +514,9 @@ def config_definitions() -> dict[str, Any]:
     generated = Settings.model_json_schema(mode="validation", ref_template="#/definitions/config.{model}")
     definitions = {f"config.{name}": schema for name, schema in generated.pop("$defs").items()}
     definitions["config.Settings"] = generated
-    for model, key in CHART_MANAGED_KEYS.items():
-        del definitions[f"config.{model}"]["properties"][key]
+    for model, names in CHART_MANAGED_KEYS.items():
+        for key in names:
+            del definitions[f"config.{model}"]["properties"][key]
     without_titles: dict[str, Any] = _without_titles(definitions)
     return without_titles
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -720,6 +721,80 @@ def test_operator_cli_works_through_sentinel(
         assert master.hget("edge-proxy:offload:definitions", "weight_percent") == b"25"
 
 
+# An ACL user's password with every character a URL gives a meaning to.
+ACL_PASSWORD = "p@ss:w/rd%#?&"
+
+
+@pytest.fixture
+def guarded_sentinel(tmp_path: Path) -> Iterator[tuple[RedisServer, str, str]]:
+    """A master only an ACL user may use, watched by a sentinel with its own password (as Bitnami's chart
+    deploys them): (master, the proxy's redis+sentinel URL with the user's credentials, sentinel password)."""
+    master = RedisServer(free_port(), tmp_path)
+    master.start()
+    with master.client() as admin:
+        admin.acl_setuser(
+            "edge", enabled=True, passwords=[f"+{ACL_PASSWORD}"], keys="*", channels="*", commands=["+@all"]
+        )
+        admin.acl_setuser("default", enabled=False)
+    sentinel_password = "sentinel-s3cret"
+    sentinel, port = _start_sentinel(
+        tmp_path,
+        master.port,
+        f"requirepass {sentinel_password}\n"
+        f"sentinel auth-user edge edge\nsentinel auth-pass edge {ACL_PASSWORD}\n",
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(port=port, password=sentinel_password, socket_timeout=0.5) as watcher:
+                    if watcher.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "edge"):
+                        break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "sentinel did not start"
+            time.sleep(0.05)
+        quoted = quote(ACL_PASSWORD, safe="")
+        yield master, f"redis+sentinel://edge:{quoted}@127.0.0.1:{port}/edge/0", sentinel_password
+    finally:
+        sentinel.kill()
+        sentinel.wait(5)
+        master.stop()
+
+
+async def test_an_acl_user_is_the_masters_and_the_sentinels_have_their_own_password(
+    make_proxy: MakeProxy,
+    guarded_sentinel: tuple[RedisServer, str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The URL's user and password reach the master (they were dropped: only the password was sent, to a
+    master whose default user is off), and the sentinels are asked with theirs (they were asked with none)."""
+    master, url, sentinel_password = guarded_sentinel
+    quoted = quote(ACL_PASSWORD, safe="")
+    text = write_team(BackendWriter(f"redis://edge:{quoted}@127.0.0.1:{master.port}/0"))
+    ledger = Ledger(text.encode())
+    overrides = fast_settings(url)
+    overrides["redis"]["sentinel_password"] = sentinel_password
+    client = await make_proxy(**overrides)
+    await eventually(lambda: _is(readiness(client), 200), "ready through a guarded sentinel")
+    assert await ledger.get(client) == "local"
+    monkeypatch.setenv("REDIS_URL", url)
+    monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", sentinel_password)
+    assert main(["offload", "set", "25"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "definitions offload 25% (kill switch off, shadow off)"
+    with redis.Redis(port=master.port, username="edge", password=ACL_PASSWORD) as store:
+        assert store.hget("edge-proxy:offload:definitions", "weight_percent") == b"25"
+
+
+def test_a_sentinel_password_needs_a_sentinel_url() -> None:
+    says = (
+        r"redis\.sentinel_password \(from \$REDIS_SENTINEL_PASSWORD\): .*is for a redis\+sentinel:// url only"
+    )
+    with pytest.raises(ConfigError, match=says):
+        load_settings(environ={"REDIS_URL": "redis://127.0.0.1:6379/0", "REDIS_SENTINEL_PASSWORD": "s3cret"})
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -727,6 +802,8 @@ def test_operator_cli_works_through_sentinel(
         "redis+sentinel://127.0.0.1:26379/",
         "redis+sentinel://127.0.0.1:x/edge",
         "redis+sentinel://127.0.0.1:26379/edge/zero",
+        "redis+sentinel://127.0.0.1:26379/edge?db=5",  # was the service "edge?db=5", in db 0
+        "redis+sentinel://127.0.0.1:26379/edge/5#x",
         "redis+cluster://127.0.0.1:7000/0",  # a Cluster has database 0 only
     ],
 )

@@ -77,7 +77,8 @@ The image reference: a digest wins over a tag; the tag defaults to the chart's a
 The config file edge-proxy reads (proxy/settings.py), as YAML: the chart-managed keys, then `.Values.config`
 on top. bind follows containerPort; service_mode, upstream.url, the memory budget and the metrics path follow
 the mode.
-Secrets never appear here: REDIS_URL and VERDICT_HMAC_KEY come from Secret references (env valueFrom).
+Secrets never appear here: REDIS_URL, REDIS_SENTINEL_PASSWORD and VERDICT_HMAC_KEY come from Secret references
+(env valueFrom).
 */}}
 {{- define "edge-proxy.configYaml" -}}
 {{- $user := deepCopy (default (dict) .Values.config) }}
@@ -106,6 +107,9 @@ upstream, a drain that does not fit the grace period.
 {{- end }}
 {{- if hasKey (default (dict) $config.redis) "url" }}
 {{- fail "config.redis.url would put a credential in a ConfigMap: set redis.existingSecret.name/key instead" }}
+{{- end }}
+{{- if hasKey (default (dict) $config.redis) "sentinel_password" }}
+{{- fail "config.redis.sentinel_password would put a secret in a ConfigMap: set redis.sentinelPassword.existingSecret instead" }}
 {{- end }}
 {{- if hasKey (default (dict) (default (dict) $config.definitions).auth) "hmac_key" }}
 {{- fail "config.definitions.auth.hmac_key would put a secret in a ConfigMap: set verdictHmacKey.existingSecret instead" }}
@@ -170,6 +174,13 @@ The proxy container, shared by the fleet Deployment and the sidecar. Called with
         secretKeyRef:
           name: {{ $v.verdictHmacKey.existingSecret.name }}
           key: {{ $v.verdictHmacKey.existingSecret.key }}
+    {{- end }}
+    {{- if $v.redis.sentinelPassword.existingSecret.name }}
+    - name: REDIS_SENTINEL_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ $v.redis.sentinelPassword.existingSecret.name }}
+          key: {{ $v.redis.sentinelPassword.existingSecret.key }}
     {{- end }}
     {{- with $v.extraEnv }}
     {{- toYaml . | nindent 4 }}
