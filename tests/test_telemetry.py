@@ -194,6 +194,21 @@ async def test_the_readme_lists_every_metric_exported(make_proxy: MakeProxy, ups
     assert documented - exported == lazy
 
 
+async def test_a_scripts_first_call_is_not_a_redis_error(
+    make_proxy: MakeProxy, backend: BackendWriter, redis_url: str
+) -> None:
+    """redis-py answers NOSCRIPT by loading the script and calling again, as designed: counted as an error,
+    it made an alert on the counter fire at every deploy and every Redis restart."""
+    with redis.Redis.from_url(redis_url) as raw:
+        raw.script_flush()
+    client = await proxy(make_proxy)
+    assert (await client.get(definitions(TOKEN), headers=auth())).status == 200
+    await until(lambda: client.app[keys.BILLING].flushed_requests == 1, "the billing flush")
+    samples = await scrape(client)
+    assert value(samples, "edge_proxy_redis_command_duration_seconds_count", command="EVALSHA") >= 1
+    assert [key for key in samples if key[0] == "edge_proxy_redis_command_errors_total"] == []
+
+
 async def test_upstream_errors_by_kind(make_proxy: MakeProxy, upstream: Rig) -> None:
     async def failing(request: aiohttp.web.Request, body: bytes) -> aiohttp.web.StreamResponse:
         return aiohttp.web.Response(status=503)
