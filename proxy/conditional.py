@@ -1,6 +1,8 @@
-"""Request headers the definitions path parses: If-None-Match and Authorization."""
+"""Request headers the definitions path parses: If-None-Match, Authorization and Connection."""
 
 from __future__ import annotations
+
+from multidict import CIMultiDictProxy
 
 
 def none_match(header: str, etag: str) -> bool:
@@ -35,3 +37,10 @@ def bearer(header: str) -> str | None:
     if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
     return parts[1]
+
+
+def connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The field names a Connection header lists, lowercased: hop-by-hop, never forwarded."""
+    return frozenset(
+        name.strip().lower() for value in headers.getall("Connection", ()) for name in value.split(",")
+    )

@@ -11,7 +11,7 @@ from functools import partial
 from aiohttp import web
 
 from proxy import keys
-from proxy.conditional import bearer, none_match
+from proxy.conditional import bearer, connection_options, none_match
 from proxy.contract import RedisContract, library_from_user_agent
 from proxy.errors import error_body, json_response
 from proxy.learning import VerdictLearner
@@ -28,6 +28,8 @@ from proxy.verdicts import VerdictStore
 log = logging.getLogger(__name__)
 
 ALLOW = {"Allow": "GET, OPTIONS, HEAD"}
+# The reference's HEAD (contract §1): an empty JSON answer, its length said.
+HEAD_HEADERS = {"Content-Type": "application/json", "Content-Length": "0"}
 # The `token` parameters of recent query strings. yarl keeps the last 128 URLs it parsed (with their parsed
 # queries); with more teams than that polling, every request would parse its query string again (~2 µs).
 # Bounded: only short query strings (what SDKs send), and all forgotten at once when full.
@@ -113,7 +115,7 @@ class DefinitionsService:
         method = request.method
         if method != "GET":
             if method == "HEAD":
-                return web.Response(status=200, content_type="application/json")
+                return web.Response(status=200, headers=HEAD_HEADERS)
             if method == "OPTIONS":
                 return web.Response(status=204, headers=ALLOW)
             return json_response(405, _method_not_allowed(method), headers=ALLOW)
@@ -173,6 +175,10 @@ class DefinitionsService:
             verdict_key = self.verdicts.key(team.id, credential)
             verdict = self.verdicts.cached(verdict_key) or await self.learner.verdict(verdict_key)
             if verdict is None:
+                if "Connection" in request.headers and "authorization" in connection_options(request.headers):
+                    # The header goes no further than this hop: the backend answers without it (PostHog then
+                    # reads a personal_api_key from the query), and that answer would be learned for it.
+                    return FORWARD
                 return Forward(verdict_key)
             if not verdict.allowed:
                 if live and verdict.status in (401, 403):
@@ -183,6 +189,9 @@ class DefinitionsService:
         # one (the reference's two per-team limiters).
         if_none_match = request.headers.get("If-None-Match")
         conditional = if_none_match is not None
+        if conditional and len(lines := request.headers.getall("If-None-Match")) > 1:
+            # One list over several lines (RFC 9110 §5.3), as the backend's server joins them.
+            if_none_match = ", ".join(lines)
         limiter = self._rate_limits
         if live:
             # From memory in fast mode, unless this replica holds all it may unpushed (a burst).

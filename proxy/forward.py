@@ -11,13 +11,14 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_netw
 from urllib.parse import unquote
 
 import aiohttp
-from aiohttp import hdrs, http_writer, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import HttpVersion11, hdrs, http_writer, web
+from multidict import CIMultiDict
 from opentelemetry import trace
 from yarl import URL
 
 from proxy import keys, tracing
 from proxy.access_log import safe_path
+from proxy.conditional import connection_options
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
 from proxy.logs import Throttled
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
@@ -47,8 +48,19 @@ HOP_BY_HOP = frozenset(
 )
 # Rewritten by this hop from what it saw itself, so a client can never inject them verbatim.
 FORWARDED_BY_US = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-# Other client assertions about where a request came from: believed only from a trusted proxy.
-CLIENT_ORIGIN_CLAIMS = frozenset({"forwarded", "x-real-ip"})
+# Other client assertions about where a request came from: believed only from a trusted proxy. Gunicorn
+# reads the scheme from X-Forwarded-Ssl and X-Forwarded-Protocol too (secure_scheme_headers); Django the port
+# (USE_X_FORWARDED_PORT); Werkzeug's ProxyFix and Spring the prefix.
+CLIENT_ORIGIN_CLAIMS = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-ssl",
+        "x-forwarded-protocol",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+    }
+)
 # Host follows the configured policy; Expect was already answered by aiohttp's 100-continue handler, and a
 # second handshake with a backend that never sends 100 would stall the upload. Content-Length is written
 # from the body actually sent (as Transfer-Encoding, hop by hop): framing never comes from the client's
@@ -79,6 +91,9 @@ BODY_TOO_LARGE = error_body("invalid_request", "payload_too_large", "The request
 BODY_INCOMPLETE = error_body("invalid_request", "incomplete_body", "The request body ended early.")
 UNSUPPORTED_CODING = error_body(
     "invalid_request", "unsupported_transfer_coding", "The request's transfer coding is not supported."
+)
+TRANSFER_ENCODING_ON_HTTP10 = error_body(
+    "invalid_request", "invalid_framing", "HTTP/1.0 requests may not carry Transfer-Encoding."
 )
 DOT_SEGMENT = error_body("invalid_request", "invalid_path", "The request path may not hold dot segments.")
 # "." and "..", and their percent-encoded spellings (RFC 3986 §2.3: %2E is ".").
@@ -218,6 +233,10 @@ class Forwarder:
             return whole(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
         streamed = ExactHeadStreamResponse if upstream.non_utf8 else web.StreamResponse
         response = streamed(status=upstream.status, reason=upstream.reason, headers=headers)
+        if length is None and request.version < HttpVersion11:
+            # No length and no chunked coding in HTTP/1.0: only the close can end the body. aiohttp does not
+            # close a kept-alive 1.0 connection then, and the client waited out the keep-alive timeout.
+            response.force_close()
         try:
             await _relay(request, upstream, response, observe, capture_bytes, self.pool.limits.read_timeout)
         except UpstreamError as exc:
@@ -278,11 +297,14 @@ class Forwarder:
 
         drop = DROP_FROM_TRUSTED if trusted else DROP_FROM_UNTRUSTED
         if hdrs.CONNECTION in incoming:
-            drop = drop | _connection_options(incoming)
+            drop = drop | connection_options(incoming)
         # The Host header, never request.host: for an absolute-form target aiohttp reports the target's host.
         host = incoming.get(hdrs.HOST)
         headers = [("Host", host if host is not None and self._keep_client_host else self._upstream_host)]
-        headers += [(k, v) for k, v in incoming.items() if k.lower() not in drop]
+        # A name with "_" never goes on (nginx's default, underscores_in_headers off): a WSGI server reads
+        # "X_Forwarded_For" as X-Forwarded-For, and gunicorn takes SCRIPT_NAME from a proxy it trusts (the
+        # loopback, so this one): "SCRIPT_NAME: /prefix" took a request outside the upstream's base path.
+        headers += [(k, v) for k, v in incoming.items() if k.lower() not in drop and "_" not in k]
 
         if peer is not None:
             prior_for = incoming.getall(hdrs.X_FORWARDED_FOR, ()) if trusted else ()
@@ -296,10 +318,13 @@ class Forwarder:
         return headers
 
     async def _request_body(self, request: web.Request) -> bytes | AsyncIterator[bytes] | None:
-        if hdrs.TRANSFER_ENCODING in request.headers and not PASSED_CODINGS.issuperset(
-            _codings(request).split(", ")[:-1]
-        ):
-            raise ClientBodyError(501, UNSUPPORTED_CODING)  # RFC 9112 §6.1, and gunicorn's answer
+        if hdrs.TRANSFER_ENCODING in request.headers:
+            if request.version < HttpVersion11:
+                # RFC 9112 §6.1: faulty framing from an HTTP/1.0 client, which a server in front may frame
+                # otherwise (gunicorn answers 400): refused, and the connection closes.
+                raise ClientBodyError(400, TRANSFER_ENCODING_ON_HTTP10)
+            if not PASSED_CODINGS.issuperset(_codings(request).split(", ")[:-1]):
+                raise ClientBodyError(501, UNSUPPORTED_CODING)  # RFC 9112 §6.1, and gunicorn's answer
         if not request.body_exists:
             return None
         length = request.content_length
@@ -459,12 +484,6 @@ def _codings(request: web.Request) -> str:
         for coding in value.split(",")
     ]
     return ", ".join(codings) if codings else "chunked"
-
-
-def _connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    return frozenset(
-        name.strip().lower() for value in headers.getall(hdrs.CONNECTION, ()) for name in value.split(",")
-    )
 
 
 def _end_to_end(upstream: Response) -> CIMultiDict[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 from collections import deque
@@ -29,6 +30,8 @@ RESOLVE_TTL_SECONDS = 10.0
 # A reused connection that fails before any byte of its answer was probably closed by the upstream while
 # idle (a keep-alive race): requests that can be sent again are, once, on a new connection.
 RETRIED_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# What a reason phrase may not hold: controls other than HTAB (RFC 9112 §4).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class UpstreamError(Exception):
@@ -655,6 +658,14 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            # llhttp reads any three digits: "099" was taken for an informational answer, and the client
+            # waited for the read timeout (504) for the answer that never followed.
+            raise UpstreamError("malformed", f"status {status}")
+        if _CONTROL.search(self._reason):
+            # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only. aiohttp refuses to write any other in a status
+            # line: the answer was lost (an empty reply, or a 500 for a streamed one).
+            raise UpstreamError("malformed", "a control character in the reason phrase")
         if status < 200:
             if status == 101:  # this client never asks to switch protocols
                 raise UpstreamError("malformed", "unrequested protocol switch")

@@ -245,6 +245,31 @@ async def test_a_repeated_authorization_header_is_forwarded_and_teaches_nothing(
         assert response.status == 200
 
 
+async def test_a_credential_the_client_marks_hop_by_hop_teaches_nothing(
+    make_proxy: MakeProxy, standin: StandInBackend, upstream: tuple[Upstream, TestServer]
+) -> None:
+    """Found by a reviewer: `Connection: Authorization` keeps the header from the backend, which then accepts
+    what else the request carries (PostHog reads a personal_api_key in the query), and that 200 was learned
+    for the junk key in the header: it then got the team's definitions, answered here, for 300 s."""
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}&personal_api_key={GOOD_KEY}"
+    seen_auth = []
+
+    async def reads_the_query_key(request: web.Request, _: bytes) -> web.Response:
+        seen_auth.append(request.headers.get("Authorization"))
+        return web.Response(status=200, body=b'{"flags":[]}', content_type="application/json")
+
+    upstream[0].routes["/flags/definitions"] = reads_the_query_key
+    junk = {"Authorization": "Bearer phx_junk_never_issued"}
+    async with client.get(url, headers={**junk, "Connection": "Authorization"}) as response:
+        assert response.status == 200
+    assert seen_auth == [None]
+    assert _verdict_keys(client) == []
+    async with client.get(f"/flags/definitions?token={TOKEN}", headers=junk) as response:
+        await response.read()
+    assert seen_auth == [None, "Bearer phx_junk_never_issued"]  # asked again, not answered from a verdict
+
+
 async def test_a_refusal_of_the_project_token_teaches_nothing_about_the_credential(
     make_proxy: MakeProxy, standin: StandInBackend, redis_url: str
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 from proxy import keys
 from tests.backend_writer import BackendWriter
@@ -112,6 +113,22 @@ async def test_304_for_every_matching_form(
     assert response.headers["Cache-Control"] == CACHE_CONTROL
 
 
+@pytest.mark.parametrize("lines", [('"stale"', 'W/"{e}"'), ('W/"{e}"', '"stale"')])
+async def test_an_if_none_match_list_over_two_lines_is_one_list(
+    make_proxy: MakeProxy, backend: BackendWriter, lines: tuple[str, str]
+) -> None:
+    """RFC 9110 §5.3, as the backend's server joins them: the second line was ignored (200 and billed for
+    the first order, 304 for the other)."""
+    _, etag = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    headers = CIMultiDict(AUTH)
+    for line in lines:
+        headers.add("If-None-Match", line.format(e=etag))
+    response = await client.get(URL, headers=headers)
+    assert response.status == 304
+    assert response.headers["ETag"] == f'W/"{etag}"'
+
+
 async def test_304_does_not_read_the_payload(make_proxy: MakeProxy, backend: BackendWriter) -> None:
     _, etag = backend.set_definitions(TEAM_ID, flags(3))
     client = await proxy_for(make_proxy)
@@ -162,6 +179,7 @@ async def test_methods_and_missing_token(make_proxy: MakeProxy, backend: Backend
     head = await client.head(URL, headers=AUTH)
     assert head.status == 200
     assert head.headers["Content-Type"] == "application/json"
+    assert head.headers["Content-Length"] == "0"  # the reference's
     assert await head.read() == b""
     options = await client.options(URL)
     assert options.status == 204

@@ -392,7 +392,23 @@ SPOOFED = {
     "X-Forwarded-Host": "public.example",
     "Forwarded": "for=203.0.113.9",
     "X-Real-IP": "203.0.113.9",
+    # Gunicorn reads the scheme from these too, Django the port, Werkzeug and Spring the prefix.
+    "X-Forwarded-Ssl": "on",
+    "X-Forwarded-Protocol": "ssl",
+    "X-Forwarded-Port": "443",
+    "X-Forwarded-Prefix": "/public",
 }
+# Read by a WSGI server as the dashed name (X_Forwarded_For), or taken from a trusted proxy as the app's
+# mount point (gunicorn's SCRIPT_NAME: outside the upstream's base path): never forwarded, trusted or not.
+UNDERSCORED = {"SCRIPT_NAME": "/public-api", "X_Forwarded_For": "203.0.113.9", "X_Real_IP": "203.0.113.9"}
+CLAIMS = (
+    "Forwarded",
+    "X-Real-IP",
+    "X-Forwarded-Ssl",
+    "X-Forwarded-Protocol",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+)
 
 
 @pytest.mark.parametrize("trusted", [[], ["10.0.0.0/8", "::1/128"]], ids=["none", "other-networks"])
@@ -402,15 +418,14 @@ async def test_forwarded_headers_from_an_untrusted_peer_are_replaced(
     recorder, _ = upstream
     client = await make_proxy(upstream={"trusted_proxies": trusted})
 
-    resp = await client.get("/xff", headers=SPOOFED)
+    resp = await client.get("/xff", headers={**SPOOFED, **UNDERSCORED})
 
     assert resp.status == 200
     seen = recorder.seen[0].headers
     assert seen.getall("X-Forwarded-For") == ["127.0.0.1"]
     assert seen.getall("X-Forwarded-Proto") == ["http"]
     assert seen.getall("X-Forwarded-Host") == ["app.example"]
-    assert "Forwarded" not in seen
-    assert "X-Real-IP" not in seen
+    assert [name for name in (*CLAIMS, *UNDERSCORED) if name in seen] == []
 
 
 async def test_forwarded_headers_from_a_trusted_peer_are_kept_and_appended(
@@ -418,7 +433,7 @@ async def test_forwarded_headers_from_a_trusted_peer_are_kept_and_appended(
 ) -> None:
     recorder, _ = upstream
     client = await make_proxy(upstream={"trusted_proxies": ["127.0.0.0/8"]})
-    headers = CIMultiDict(SPOOFED)
+    headers = CIMultiDict({**SPOOFED, **UNDERSCORED})
     headers.add("X-Forwarded-For", "198.51.100.7")
 
     resp = await client.get("/xff", headers=headers)
@@ -428,8 +443,8 @@ async def test_forwarded_headers_from_a_trusted_peer_are_kept_and_appended(
     assert seen.getall("X-Forwarded-For") == ["203.0.113.9, 198.51.100.7, 127.0.0.1"]
     assert seen.getall("X-Forwarded-Proto") == ["https"]
     assert seen.getall("X-Forwarded-Host") == ["public.example"]
-    assert seen["Forwarded"] == "for=203.0.113.9"
-    assert seen["X-Real-IP"] == "203.0.113.9"
+    assert {name: seen[name] for name in CLAIMS} == {name: SPOOFED[name] for name in CLAIMS}
+    assert [name for name in UNDERSCORED if name in seen] == []
 
 
 async def test_trusted_peer_without_forwarded_headers_gets_ours(make_proxy: MakeProxy, upstream: Rig) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
-from proxy.forward import UNSUPPORTED_CODING
+from proxy.forward import TRANSFER_ENCODING_ON_HTTP10, UNSUPPORTED_CODING
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -135,6 +135,47 @@ async def test_a_transfer_coding_the_backend_would_not_know_is_501_and_never_for
     assert answer.endswith(UNSUPPORTED_CODING)
     assert b"\r\nConnection: close\r\n" in answer
     assert recorder.seen == []
+
+
+async def test_an_http10_request_with_transfer_encoding_is_400_and_never_forwarded(
+    make_proxy: MakeProxy, upstream: Rig
+) -> None:
+    """RFC 9112 §6.1: faulty framing, which a server in front may read otherwise (gunicorn answers 400). It
+    was forwarded as HTTP/1.1 chunked, and the connection kept alive for a pipelined request behind it."""
+    recorder, _ = upstream
+    client = await make_proxy()
+    post = b"POST /x HTTP/1.0\r\n" + H + b"Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer = await exchange(client, post + b"4\r\nabcd\r\n0\r\n\r\nGET /y HTTP/1.1\r\n" + H + b"\r\n")
+
+    assert status_of(answer) == 400
+    assert answer.endswith(TRANSFER_ENCODING_ON_HTTP10)  # and closed: the request behind it was not read
+    assert recorder.seen == []
+
+
+async def test_an_answer_without_length_to_a_kept_alive_http10_client_ends_with_the_close(
+    make_proxy: MakeProxy, upstream: Rig
+) -> None:
+    """HTTP/1.0 has no chunked coding: only the close can end such a body, and the client waited out the
+    keep-alive timeout (75 s) for it."""
+    recorder, _ = upstream
+
+    async def streamed(request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"streamed")
+        await response.write_eof()
+        return response
+
+    recorder.routes["/streamed"] = streamed
+    client = await make_proxy()
+    get = b"GET /streamed HTTP/1.0\r\n" + H + b"Connection: keep-alive\r\n\r\n"
+    answer = await exchange(client, get, within=5)
+
+    assert status_of(answer) == 200
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert body == b"streamed"
+    assert b"Content-Length" not in head
+    assert b"Transfer-Encoding" not in head
 
 
 @pytest.mark.parametrize(

@@ -235,7 +235,7 @@ async def test_an_upstream_cannot_grow_the_status_labels(make_proxy: MakeProxy, 
 
     upstream[0].routes["/status"] = any_status
     client = await make_proxy()
-    for status in (*range(200, 1000, 7), 404, 299):
+    for status in (*range(200, 600, 7), 404, 299):  # 600 and above are malformed (502): RFC 9110 §15
         assert (await client.get(f"/status?s={status}")).status == status
     samples = await scrape(client)
     codes = {
@@ -244,7 +244,7 @@ async def test_an_upstream_cannot_grow_the_status_labels(make_proxy: MakeProxy, 
         if name == "edge_proxy_request_duration_seconds_count" and dict(labels)["route"] == "forward"
     }
     # The codes of its own (200, 403, 404, 410, 417, 431, 501 among those sent) and the rest by class.
-    assert codes == {"200", "403", "404", "410", "417", "431", "501"} | {f"{c}xx" for c in range(2, 10)}
+    assert codes == {"200", "403", "404", "410", "417", "431", "501"} | {f"{c}xx" for c in range(2, 6)}
     forward = {"route": "forward", "method": "GET", "answered_by": "upstream"}
     assert value(samples, "edge_proxy_request_duration_seconds_count", status_code="2xx", **forward) == 15
 

@@ -482,6 +482,15 @@ MALFORMED = {
     "a coding before chunked": (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
     ),
+    # aiohttp refuses to write these reasons: an empty reply and a traceback (200 in the access log), or a
+    # 500 once streamed.
+    "a control character in the reason": b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok",
+    "a control character in a streamed answer's reason": (
+        b"HTTP/1.1 200 O\x7fK\r\nConnection: close\r\n\r\nok"
+    ),
+    # Taken for an informational answer: the client waited for the read timeout (504).
+    "status 099": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
+    "status 600": b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok",
 }
 
 
