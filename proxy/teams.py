@@ -82,7 +82,9 @@ class TeamStore:
         self._miss_ttl = miss_ttl_seconds
         self._max_entries = max_entries
         self._max_misses = max_misses
-        self._cached: dict[str, _Cached] = {}
+        # Oldest use first (a record moves up when the refresher confirms it, which it does only for records
+        # in use): at the cap the least recently used goes, in O(1).
+        self._cached: OrderedDict[str, _Cached] = OrderedDict()
         # Tokens Redis has no record for -> when to ask again. Apart, and smaller: anyone can send unknown
         # tokens, and a flood of them must neither push out the teams held nor grow memory with their length
         # (a token longer than any real one is never remembered).
@@ -101,12 +103,17 @@ class TeamStore:
 
         Past its TTL a record is still answered (stale-while-revalidate) and queued for the refresher,
         which re-reads every queued record in one MGET: teams loaded together expire together, and that
-        must not become a burst of reads on the request path.
+        must not become a burst of reads on the request path. Past twice its TTL (no request for a whole
+        TTL after it expired) it is not: `get` reads it again first, so a record the backend removed
+        (a token rotated away, the team deleted) never answers after a quiet spell, however long.
         """
         cached = self._cached.get(token)
         if cached is None:
             return None
-        if cached.expires_at < time.monotonic():
+        expires_at = cached.expires_at
+        if expires_at < time.monotonic():
+            if expires_at + self._ttl < time.monotonic():
+                return None
             self._due.add(token)
         return cached.team
 
@@ -190,9 +197,10 @@ class TeamStore:
             return
         self._missed.pop(token, None)
         if token not in self._cached and len(self._cached) >= self._max_entries:
-            # Oldest insertion first: memory stays bounded whatever the number of teams.
-            del self._cached[next(iter(self._cached))]
+            # Least recently confirmed first: memory stays bounded whatever the number of teams.
+            self._cached.popitem(last=False)
         self._cached[token] = _Cached(team, time.monotonic() + self._ttl)
+        self._cached.move_to_end(token)
 
     async def close(self) -> None:
         """Cancel reads still in flight."""

@@ -125,6 +125,42 @@ async def test_a_record_gone_from_redis_becomes_a_miss_at_the_refresh(
     assert await store.get(token_of(7)) is None
 
 
+async def test_a_record_not_asked_for_past_twice_its_ttl_is_read_again_before_it_answers(
+    store: TeamStore, writer: BackendWriter
+) -> None:
+    """Found by a reviewer: after a quiet spell longer than the TTL, the first requests were answered from
+    the old record, however old: a token rotated away, or a project secret removed, was accepted."""
+    assert await store.get(token_of(7)) is not None
+    assert await store.get(token_of(8)) == Team(8, (secret_of(8).encode(),))
+    writer.delete_team(token_of(7))
+    write_team(writer, 8, version=2)
+    await asyncio.sleep(TTL * 2.5)  # no request meanwhile, so no refresh either
+    assert store.fresh(token_of(7)) is None
+    assert await store.get(token_of(7)) is None
+    assert await store.get(token_of(8)) == Team(8, (secret_of(8, 2).encode(),))
+
+
+async def test_at_the_cap_the_least_recently_confirmed_record_goes(
+    redis_url: str, writer: BackendWriter
+) -> None:
+    """The oldest inserted went, even when it was the one in use (then read again from Redis)."""
+    client = aioredis.Redis.from_url(redis_url)
+    store = TeamStore(
+        client, RedisContract(RedisLayout()), ttl_seconds=TTL, miss_ttl_seconds=TTL, max_entries=3
+    )
+    try:
+        for team_id in (1, 2, 3):
+            assert await store.get(token_of(team_id)) is not None
+        await asyncio.sleep(TTL * 1.5)
+        assert store.fresh(token_of(1)) is not None  # team 1 in use: confirmed by the refresh
+        await store.refresh()
+        assert await store.get(token_of(4)) is not None
+        assert [token_of(team_id) for team_id in (3, 1, 4)] == list(store._cached)
+    finally:
+        await store.close()
+        await client.aclose()
+
+
 async def test_a_failed_refresh_keeps_the_records_and_retries_on_the_next_request(
     store: TeamStore, writer: BackendWriter, redis_url: str
 ) -> None:
@@ -137,13 +173,15 @@ async def test_a_failed_refresh_keeps_the_records_and_retries_on_the_next_reques
     try:
         with pytest.raises(redis.RedisError):
             await store.refresh()
+        # Kept: while Redis fails, a request is answered from it, however old it grows.
+        assert await store.get(token_of(3)) == Team(3, (secret_of(3).encode(),))
     finally:
         store._client = healthy
         await broken.aclose()
-    assert store.fresh(token_of(3)) == Team(3, (secret_of(3).encode(),))
     write_team(writer, 3, version=2)
-    await store.refresh()  # queued again by the request above
-    assert store.fresh(token_of(3)) == Team(3, (secret_of(3, 2).encode(),))
+    store.fresh(token_of(3))
+    await store.refresh()
+    assert await store.get(token_of(3)) == Team(3, (secret_of(3, 2).encode(),))
 
 
 async def test_rotated_secret_takes_effect_through_the_background_refresh(
