@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, metavar="N", help="processes sharing the port (default 1)")
     # Set by the supervisor of --workers N on each worker it starts (telemetry.worker_metrics_port).
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    # And the write end of the worker's heartbeat pipe (server.supervise).
+    serve.add_argument("--heartbeat-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     offload = commands.add_parser(
         "offload", help="the definitions offload weight, kill switch and shadow mode"
@@ -138,4 +140,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     connections.warn_if_short(settings)
     if settings.workers > 1:
         return server.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])
-    return server.run(settings, args.worker_index)
+    return server.run(settings, args.worker_index, args.heartbeat_fd)

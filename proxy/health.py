@@ -99,17 +99,22 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     cluster = isinstance(client, RedisCluster)
     ping = partial(client.ping, target_nodes=RedisCluster.PRIMARIES) if cluster else client.ping
 
+    told = False  # whether a state was logged yet: a Redis refused from the start (a wrong password, a port
+    # nothing listens on) was said by no line, readiness 503 the only sign
+
     async def check() -> None:
+        nonlocal told
         try:
             await ping()
         except (RedisError, OSError) as exc:
-            if health.redis_ok:
+            if health.redis_ok or not told:
                 log.warning("redis unreachable: %s", type(exc).__name__)
             health.record_ping(False, cluster=cluster)
         else:
             if not health.redis_ok:
                 log.info("redis reachable")
             health.record_ping(True, cluster=cluster)
+        told = True
 
     async def watch() -> None:
         while True:
@@ -124,6 +129,7 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
             await check()
     except TimeoutError:
         log.warning("redis unreachable: no answer to a PING within redis.timeout_seconds")
+        told = True
     if not health.redis_ok:
         # Nothing is in memory yet: until a PING answers, no request waits for Redis at all.
         health.record_ping(False, cluster=cluster, failures=READS_OFF_AFTER)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import select
 import signal
 import socket
@@ -70,10 +71,11 @@ def _server_header(value: str) -> None:
     web_response.SERVER_SOFTWARE = value  # type: ignore[attr-defined]  # imported there from aiohttp.http
 
 
-async def serve(settings: Settings, worker_index: int = 0) -> int:
+async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, readiness 503, finish in-flight, clean up.
 
-    `worker_index` (0 to workers-1) picks this worker's own metrics port (telemetry.worker_metrics_port).
+    `worker_index` (0 to workers-1) picks this worker's own metrics port (telemetry.worker_metrics_port);
+    `heartbeat_fd`, a worker's end of its supervisor's pipe, gets a byte a second while the loop runs.
     """
     _server_header(settings.server_header)
     app = create_app(settings)
@@ -109,6 +111,7 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     metrics_runner: web.AppRunner | None = None
     sweeper: asyncio.Task[None] | None = None
+    beats = None if heartbeat_fd is None else asyncio.create_task(_beat(heartbeat_fd, stop), name="heartbeat")
     try:
         await runner.setup()
         try:
@@ -167,10 +170,34 @@ async def serve(settings: Settings, worker_index: int = 0) -> int:
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
     finally:
+        if beats is not None:
+            beats.cancel()
         for sig in stops:
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
+
+
+# A worker writes a byte this often to its supervisor's pipe: the supervisor's proof that its loop runs.
+HEARTBEAT_SECONDS = 1.0
+
+
+async def _beat(fd: int, stop: asyncio.Event) -> None:
+    """Tell the supervisor this worker's loop runs, until cancelled; drain when the supervisor is gone."""
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            os.write(fd, b".")
+        except BlockingIOError:
+            pass  # its pipe is full: the supervisor is alive, only behind on reading it
+        except OSError:
+            # The pipe's other end closed: the supervisor died (SIGKILL, an OOM kill) without stopping its
+            # workers, which would otherwise serve the port on as orphans, restarted by no one.
+            if not stop.is_set():
+                log.error("the supervisor is gone: draining")  # noqa: TRY400 - no traceback to show
+                stop.set()
+            return
+        await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
 def _worker_metrics_runner(app: web.Application, settings: Settings) -> web.AppRunner:
@@ -183,10 +210,10 @@ def _worker_metrics_runner(app: web.Application, settings: Settings) -> web.AppR
     return web.AppRunner(metrics_app, handle_signals=False, access_log=None)
 
 
-def run(settings: Settings, worker_index: int = 0) -> int:
+def run(settings: Settings, worker_index: int = 0, heartbeat_fd: int | None = None) -> int:
     """Run one serving process on uvloop when available; the exit code."""
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        return runner.run(serve(settings, worker_index))
+        return runner.run(serve(settings, worker_index, heartbeat_fd))
 
 
 @dataclass
@@ -194,6 +221,8 @@ class _Slot:
     """One worker position: its process (None while a restart waits) and its crash history."""
 
     process: subprocess.Popen[bytes] | None = None
+    heartbeats: int | None = None  # the read end of the worker's heartbeat pipe
+    last_beat: float = 0.0
     started_at: float = 0.0
     restart_at: float = 0.0
     crashes: int = 0
@@ -211,8 +240,10 @@ _GIVE_UP_CRASHES = 5
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
-    """Start `settings.workers` one-worker copies of this command; relay signals; restart crashes."""
-    child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", "1", "--worker-index"]
+    """Start `settings.workers` one-worker copies of this command; relay signals; restart crashes, and
+    workers silent on their heartbeat pipe for `worker_timeout_seconds`."""
+    child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", "1"]
+    timeout = settings.worker_timeout_seconds
     # The handlers only wake the loop below (the wakeup fd carries the signal numbers), so every decision
     # about the children is made in one place and no signal can land between a check and a spawn.
     wake_r, wake_w = socket.socketpair()
@@ -227,18 +258,25 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     clean = True
     try:
         for index, slot in enumerate(slots):
-            _spawn(slot, [*child_argv, str(index)])
+            _spawn(slot, child_argv, index)
         log.info("started %d workers: %s", len(slots), [s.process.pid for s in slots if s.process])
         while True:
             now = time.monotonic()
             for index, slot in enumerate(slots):
                 if slot.process is None and not stopping and slot.restart_at <= now:
-                    _spawn(slot, [*child_argv, str(index)])
+                    _spawn(slot, child_argv, index)
             if all(slot.process is None for slot in slots) and stopping:
                 break
             waits = [s.restart_at - now for s in slots if s.process is None and not stopping]
-            # Blocks until a signal (SIGCHLD included) or the next scheduled restart: no polling.
-            select.select([wake_r], [], [], max(0.0, min(waits)) if waits else None)
+            waits += [s.last_beat + timeout - now for s in slots if s.heartbeats is not None]
+            pipes = [s.heartbeats for s in slots if s.heartbeats is not None]
+            # Blocks until a signal (SIGCHLD included), a heartbeat, the next scheduled restart or the next
+            # heartbeat deadline: no polling.
+            readable, _, _ = select.select(
+                [wake_r.fileno(), *pipes], [], [], max(0.0, min(waits)) if waits else None
+            )
+            _read_heartbeats(slots, readable)
+            _kill_silent(slots, timeout)
             for signum in _read_signals(wake_r):
                 if signum in stops:
                     if not stopping:
@@ -274,15 +312,58 @@ def _noop(_signum: int, _frame: object) -> None:
     """A Python-level handler, so the wakeup fd receives the signal."""
 
 
-def _spawn(slot: _Slot, argv: list[str]) -> None:
+def _spawn(slot: _Slot, argv: list[str], index: int) -> None:
     # The worker starts with the stop signals blocked (a child inherits the mask) and unblocks them once its
     # handlers are in place (serve): one relayed in its first second waits for them instead of killing it.
+    beats_r, beats_w = os.pipe()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        slot.process = subprocess.Popen(argv)  # noqa: S603 - our own interpreter and arguments
+        worker = [*argv, "--worker-index", str(index), "--heartbeat-fd", str(beats_w)]
+        # Its own pipe's write end only: no worker holds another's, so each pipe's EOF means its own exit.
+        slot.process = subprocess.Popen(worker, pass_fds=(beats_w,))  # noqa: S603 - our own interpreter
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    slot.started_at = time.monotonic()
+        os.close(beats_w)
+    os.set_blocking(beats_r, False)
+    _close_heartbeats(slot)
+    slot.heartbeats = beats_r
+    slot.started_at = slot.last_beat = time.monotonic()
+
+
+def _read_heartbeats(slots: list[_Slot], readable: list[int]) -> None:
+    now = time.monotonic()
+    for slot in slots:
+        if slot.heartbeats is None or slot.heartbeats not in readable:
+            continue
+        try:
+            data = os.read(slot.heartbeats, 4096)
+        except BlockingIOError:
+            continue
+        if data:
+            slot.last_beat = now
+        else:
+            _close_heartbeats(slot)  # the worker is exiting: SIGCHLD follows
+
+
+def _kill_silent(slots: list[_Slot], timeout: float) -> None:
+    """SIGKILL the workers whose loop has not run for `timeout` (a restart follows, as for a crash)."""
+    now = time.monotonic()
+    for index, slot in enumerate(slots):
+        if slot.process is not None and slot.heartbeats is not None and now - slot.last_beat > timeout:
+            log.error(
+                "worker %d (pid %d): no heartbeat for %.0fs (its event loop is stuck): killing it",
+                index,
+                slot.process.pid,
+                now - slot.last_beat,
+            )
+            slot.process.kill()
+            _close_heartbeats(slot)
+
+
+def _close_heartbeats(slot: _Slot) -> None:
+    if slot.heartbeats is not None:
+        os.close(slot.heartbeats)
+        slot.heartbeats = None
 
 
 def _read_signals(sock: socket.socket) -> list[int]:
@@ -306,6 +387,7 @@ def _reap(slots: list[_Slot], stopping: bool) -> bool:
         if process is None or (code := process.poll()) is None:
             continue
         slot.process = None
+        _close_heartbeats(slot)
         if stopping:
             if code != 0:
                 log.error("worker %d exited with %s while stopping", process.pid, code)

@@ -495,7 +495,9 @@ class ClientLimitsSettings(_Section):
     # limit (raised at start to its hard limit) less what the proxy keeps for its own connections
     # (upstream.max_connections + 2 x redis.max_connections + 64), so clients cannot take the descriptors
     # forwards and Redis need; under about twice that reserve, half the limit (a warning at start says the
-    # reserve is short). Set above what the limit allows: refused at start (and by check-config).
+    # reserve is short); and no more than the container's memory limit (cgroup) holds beside the payload
+    # cache, 16 KiB each (at least 1,024). Set above what the open-file limit allows: refused at start (and
+    # by check-config).
     max_connections: int | None = Field(default=None, ge=1)
 
 
@@ -574,6 +576,10 @@ class Settings(_Section):
     service_mode: ServiceMode = ServiceMode.ALL
     # Processes on bind's port (a supervisor restarts any that dies); in Kubernetes prefer 1 and more pods.
     workers: int = Field(default=1, ge=1, le=64)
+    # With workers > 1: a worker whose event loop has not run for this long (a heartbeat each second) is
+    # killed and restarted, as gunicorn's --timeout; one left serving the port would take its share of new
+    # connections and answer none. Workers whose supervisor is gone drain and exit within a second.
+    worker_timeout_seconds: Seconds = 30.0
     # Drain budget; with the final billing flush (<= 5 s) it stays inside Kubernetes' 30 s grace period.
     shutdown_timeout_seconds: Seconds = 20.0
     # The Server header of every answer that has none of its own: the proxy's answers (definitions, errors,

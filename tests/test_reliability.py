@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import time
@@ -324,6 +325,22 @@ async def test_a_redis_that_never_answers_at_start_is_not_waited_for_by_requests
     await asyncio.sleep(0.2)
     with redis_server.client() as store:
         assert "cmdstat_get" not in store.info("commandstats")
+
+
+async def test_a_redis_refused_from_the_start_is_logged(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a reviewer: only a change from reachable was logged, so a wrong password or a port nothing
+    listens on at startup was said by no line (readiness 503 the only sign)."""
+    caplog.set_level(logging.WARNING, logger="proxy.health")
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    client = await make_proxy(
+        redis={"url": url, "timeout_seconds": 0.2, "health_check_interval_seconds": 0.05}
+    )
+    assert await readiness(client) == 503
+    await asyncio.sleep(0.2)  # a few more failed PINGs: said once
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.health"]
+    assert lines == ["redis unreachable: ConnectionError"]
 
 
 async def test_partition_keeps_billing_and_flushes_it_exactly_once(

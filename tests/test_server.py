@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -603,6 +605,108 @@ async def test_a_sigterm_while_the_workers_start_stops_them_cleanly(
         log = log_path.read_text()
     assert code == 0, log
     assert "while stopping" not in log
+
+
+async def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """Found by a reviewer: a worker frozen (SIGSTOP here; a blocked event loop alike) kept taking its share
+    of new connections, answering none, for as long as it lived; the supervisor never noticed."""
+    _, server = upstream
+    port = free_port()
+    env = _env(port, server, redis_url, EDGE_PROXY__WORKER_TIMEOUT_SECONDS="2")
+    with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
+        await wait_ready(port, supervisor, log_path)
+        await wait_until(lambda: len(_listening_workers(supervisor.pid, port)) == 2, "two workers listening")
+        stuck, other = _children(supervisor.pid)
+        os.kill(stuck, signal.SIGSTOP)
+        await wait_until(
+            lambda: stuck not in (w := _listening_workers(supervisor.pid, port)) and len(w) == 2,
+            "the stuck worker replaced",
+            within=20,
+        )
+        assert other in _children(supervisor.pid)
+        supervisor.send_signal(signal.SIGTERM)
+        assert await wait_exit(supervisor, 30) == 0
+    log = log_path.read_text()
+    assert re.search(
+        rf"worker 0 \(pid {stuck}\): no heartbeat for [2-9]s \(its event loop is stuck\)", log
+    ), log
+
+
+async def test_workers_drain_and_exit_when_their_supervisor_dies(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """Found by a reviewer: a supervisor killed without passing the stop on (SIGKILL, an OOM kill) left its
+    workers serving the port, as orphans no one restarts or stops."""
+    _, server = upstream
+    port = free_port()
+    with proxy_process(tmp_path, _env(port, server, redis_url), "--workers", "2") as (supervisor, log_path):
+        await wait_ready(port, supervisor, log_path)
+        await wait_until(lambda: len(_listening_workers(supervisor.pid, port)) == 2, "two workers listening")
+        workers = _children(supervisor.pid)
+        supervisor.kill()
+        await wait_exit(supervisor, 5)
+        await wait_until(lambda: not any(_exists(pid) for pid in workers), "the workers gone", within=15)
+        assert await refused(port)
+    assert log_path.read_text().count("the supervisor is gone: draining") == 2
+
+
+async def test_a_sigterm_during_startup_imports_ends_the_process(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """The first thing the command does is catch SIGTERM: as PID 1 in a container the kernel drops a signal
+    whose action is the default, and one sent during the second of imports before `serve` installs its own
+    handlers was lost (`docker stop` then waited 10 s for its SIGKILL). Caught, it ends the process at once
+    (143); the drain's own handler would have exited 0."""
+    _, server = upstream
+    with proxy_process(tmp_path, _env(free_port(), server, redis_url)) as (process, log_path):
+        deadline = time.monotonic() + 10
+        while not _catches(process.pid, signal.SIGTERM):
+            assert time.monotonic() < deadline, "SIGTERM never caught"
+            await asyncio.sleep(0.001)
+        process.send_signal(signal.SIGTERM)
+        assert await wait_exit(process, 5) == 128 + signal.SIGTERM, log_path.read_text()
+        assert "listening on" not in log_path.read_text()
+
+
+def _docker_healthcheck() -> list[str]:
+    """The Dockerfile's HEALTHCHECK command (exec form)."""
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    check = dockerfile[dockerfile.index("HEALTHCHECK") :]
+    line = check[check.index("CMD") + 3 :].partition("\n")[0]
+    command: list[str] = json.loads(line)
+    return command
+
+
+async def test_the_images_healthcheck_follows_bind_and_ignores_http_proxy(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """Found by a reviewer: it asked port 8080 whatever BIND said, through any http_proxy set."""
+    _, server = upstream
+    port = free_port()
+    command = [sys.executable if part == "python3" else part for part in _docker_healthcheck()]
+    env = {"BIND": f"0.0.0.0:{port}", "http_proxy": f"http://127.0.0.1:{free_port()}"}
+
+    async def check() -> tuple[int | None, bytes]:
+        checking = await asyncio.create_subprocess_exec(*command, env=env, stderr=subprocess.PIPE)
+        _, stderr = await checking.communicate()
+        return checking.returncode, stderr
+
+    assert (await check())[0] == 1  # nothing listens there yet
+    with proxy_process(tmp_path, _env(port, server, redis_url)) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        assert await check() == (0, b"")
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (sig - 1)))
 
 
 async def test_a_proxy_started_ignoring_sighup_keeps_ignoring_it(
