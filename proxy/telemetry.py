@@ -256,8 +256,12 @@ def shared_metrics_handler(min_interval: float) -> Handler:
 
 async def expect_continue(request: web.Request) -> None:
     """aiohttp's expect handler without its 417 for an expectation other than 100-continue, which gunicorn
-    ignores (and answers the request): so does the proxy, on every route (Expect is never forwarded)."""
+    ignores (and answers the request): so does the proxy, on every route (Expect is never forwarded). A body
+    declared over client_limits.max_body_bytes is not invited: its 413 comes without the upload."""
     if request.version == HttpVersion11 and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        length = request.content_length
+        if length is not None and length > request.app[keys.SETTINGS].client_limits.max_body_bytes:
+            return
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the body has not begun
 

@@ -217,6 +217,30 @@ async def test_forwarded_body_over_the_limit_is_413_before_anything_goes_upstrea
     assert [seen.body for seen in recorder.seen] == [b"z" * 1000]
 
 
+async def test_a_body_declared_over_the_limit_is_not_invited_by_100_continue(
+    make_proxy: MakeProxy, upstream: Rig
+) -> None:
+    """Found by a reviewer: `100 Continue` came first, inviting an upload the 413 then threw away."""
+    recorder, _ = upstream
+    client = await make_proxy(client_limits={"max_body_bytes": 1000})
+    head = b"POST /upload HTTP/1.1\r\n" + H + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head % 1001)  # and no body: the client waits for 100 Continue before sending it
+        refused = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert refused.startswith(b"HTTP/1.1 413 ")
+    assert recorder.seen == []
+    invited = await exchange(
+        client, head % 4 + b"abcd" + b"GET /x HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
+    )
+    assert invited.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
+
+
 async def _chunks(chunk: bytes, count: int) -> Any:
     for _ in range(count):
         yield chunk
