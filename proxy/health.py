@@ -25,6 +25,7 @@ _OK = b'{"status":"ok"}'
 # Failed PINGs in a row after which the request path stops reading Redis: one can be a pool that every request
 # holds for a moment (a cold burst), not Redis.
 READS_OFF_AFTER = 2
+CLUSTER_NODE = "redis.url names a Redis Cluster node: use redis+cluster://"
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Health:
     # at once, rather than each request waiting out the timeout for an answer that does not come.
     redis_reads: bool = True
     failed_pings: int = 0
+    # redis:// (one node) names a node of a Redis Cluster: it answers PING, and MOVED to most keys.
+    cluster_node: bool = False
 
     def record_ping(self, answered: bool, *, cluster: bool, failures: int = 1) -> None:
         """Take one PING's outcome (`failures`: how many failed PINGs it counts for): readiness follows each;
@@ -51,7 +54,7 @@ class Health:
     @property
     def ready(self) -> bool:
         """Ready means: take traffic. Definitions without Redis would all be misses, so Redis is required."""
-        return self.started and self.redis_ok and not self.draining
+        return self.started and self.redis_ok and not self.draining and not self.cluster_node
 
     def problems(self) -> list[str]:
         """Why the pod is not ready, for the readiness body."""
@@ -61,6 +64,7 @@ class Health:
                 ("starting", not self.started),
                 ("redis unreachable", not self.redis_ok),
                 ("draining", self.draining),
+                (CLUSTER_NODE, self.cluster_node),
             )
             if bad
         ]
@@ -113,8 +117,22 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         else:
             if not health.redis_ok:
                 log.info("redis reachable")
+                if not cluster:
+                    await check_topology()
             health.record_ping(True, cluster=cluster)
         told = True
+
+    async def check_topology() -> None:
+        # Once per recovery. Such a node answers PING and redirects most keys (MOVED), which redis://'s client
+        # does not follow: every definitions request was forwarded while readiness said 200.
+        try:
+            info = await client.info("cluster")
+        except RedisError:
+            return  # INFO denied to this ACL user, say: nothing to tell
+        on_cluster = info.get("cluster_enabled") == 1
+        if on_cluster and not health.cluster_node:
+            log.error("%s (every key on another node is a miss, forwarded): not ready", CLUSTER_NODE)
+        health.cluster_node = on_cluster
 
     async def watch() -> None:
         while True:

@@ -26,6 +26,7 @@ from proxy.billing import BillingTally
 from proxy.cli import main
 from proxy.cluster import RedisClient, hash_tagged
 from proxy.contract import RedisContract
+from proxy.health import CLUSTER_NODE
 from proxy.quota import QuotaSnapshot
 from proxy.ratelimit import RateLimiter
 from proxy.redis_client import make_client
@@ -579,6 +580,21 @@ async def test_readiness_needs_every_node_to_answer(
 
 async def _readiness_is(client: Client, expected: int) -> bool:
     return await status(client, "/_readiness", {}) == expected
+
+
+async def test_a_redis_url_naming_one_cluster_node_is_not_ready_and_says_why(
+    make_proxy: MakeProxy, cluster: RedisClusterServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a reviewer: such a node answers PING, so readiness said 200 while redis:// (which does not
+    follow MOVED) missed every key on the other nodes, and every definitions request was forwarded."""
+    one_node = f"redis://127.0.0.1:{cluster.nodes[0].port}/0"
+    client = await make_proxy(redis={"url": one_node, "health_check_interval_seconds": 0.05})
+    async with client.get("/_readiness") as response:
+        assert response.status == 503
+        assert await response.json() == {"status": "unavailable", "reasons": [CLUSTER_NODE]}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"{CLUSTER_NODE} (every key on another node is a miss, forwarded): not ready"
+    ]
 
 
 async def test_an_unreachable_cluster_is_not_ready_and_definitions_are_forwarded(
