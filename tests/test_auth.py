@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.cli import main
+from proxy.verdicts import Verdict
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
@@ -598,3 +599,95 @@ async def test_an_allowed_key_decides_at_the_answers_head_not_after_the_first_cl
         assert asked == 1
     finally:
         writer.close()
+
+
+# Behaviour a mutation-testing reviewer changed with no test failing (each test here fails with its mutant).
+
+
+async def test_a_secret_the_team_record_does_not_hold_is_the_backends_to_decide(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    """Contract §2: the secrets in the team record are unverified. A record without them (the backend has
+    them) must not make the proxy refuse a project secret itself; a 401 clears an SDK's flags."""
+    client = await _proxy(make_proxy)
+    standin.teams[OPEN_TOKEN] = {
+        **standin.teams[OPEN_TOKEN],
+        "secret_api_token": "phs_only_the_backend_knows",
+    }
+    url = f"/flags/definitions?token={OPEN_TOKEN}"
+    for _ in range(3):
+        async with client.get(
+            url, headers={"Authorization": "Bearer phs_only_the_backend_knows"}
+        ) as response:
+            assert response.status == 200
+    assert standin.decided == 1  # then learned, as for a personal key
+
+
+async def test_personal_keys_not_local_are_always_forwarded(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    client = await _proxy(make_proxy, local_credentials=["secret_api_token"])
+    for _ in range(3):
+        async with client.get(
+            f"/flags/definitions?token={TOKEN}", headers=_headers(f"Bearer {GOOD_KEY}")
+        ) as r:
+            assert r.status == 200
+    assert standin.decided == 3
+    assert _verdict_keys(client) == []
+
+
+async def test_a_learned_refusal_keeps_the_backends_www_authenticate(
+    make_proxy: MakeProxy, standin: StandInBackend, upstream: tuple[Upstream, TestServer]
+) -> None:
+    refusal = b'{"type":"authentication_error","code":"authentication_failed","detail":"Invalid","attr":null}'
+
+    async def refuse(request: web.Request, body: bytes) -> web.Response:
+        standin.decided += 1
+        headers = {"WWW-Authenticate": 'Bearer realm="api"'}
+        return web.Response(status=401, body=refusal, content_type="application/json", headers=headers)
+
+    upstream[0].routes["/flags/definitions"] = refuse
+    client = await _proxy(make_proxy)
+    answers = []
+    for _ in range(2):
+        async with client.get(f"/flags/definitions?token={TOKEN}", headers=_headers("Bearer phx_bad")) as r:
+            answers.append((r.status, r.headers.get("WWW-Authenticate"), await r.read()))
+    assert answers == [(401, 'Bearer realm="api"', refusal)] * 2
+    assert standin.decided == 1  # the second, from the learned verdict
+
+
+async def test_revoking_one_teams_verdicts_keeps_the_other_teams(
+    make_proxy: MakeProxy, standin: StandInBackend, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await _proxy(make_proxy)
+    for token in (TOKEN, OPEN_TOKEN):
+        async with client.get(
+            f"/flags/definitions?token={token}", headers=_headers(f"Bearer {GOOD_KEY}")
+        ) as r:
+            assert r.status == 200
+    await _wait(lambda: len(_verdict_keys(client)) == 2)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("VERDICT_HMAC_KEY", HMAC_KEY)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["revoke", "--team", str(TEAM_ID)]) == 0
+    [left] = _verdict_keys(client)
+    assert f":{OPEN_TEAM_ID}:".encode() in left
+
+
+async def test_a_verdict_read_from_redis_is_held_no_longer_than_its_key_lives(
+    make_proxy: MakeProxy, standin: StandInBackend, redis_url: str
+) -> None:
+    """Learned by another replica with 0.7 s left: held here for allowed_ttl_seconds (300 s) instead, a
+    revocation by expiry would not have reached this replica."""
+    client = await _proxy(make_proxy, revalidate_interval_seconds=30)
+    key = client.app[keys.DEFINITIONS].verdicts.key(TEAM_ID, GOOD_KEY)
+    with redis.Redis.from_url(redis_url) as store:
+        store.set(key, Verdict(200).encode(), px=700)
+    url = f"/flags/definitions?token={TOKEN}"
+    async with client.get(url, headers=_headers(f"Bearer {GOOD_KEY}")) as r:
+        assert r.status == 200
+    assert standin.decided == 0  # answered from the shared verdict
+    await asyncio.sleep(1.0)  # the key is gone from Redis
+    async with client.get(url, headers=_headers(f"Bearer {GOOD_KEY}")) as r:
+        assert r.status == 200
+    assert standin.decided == 1

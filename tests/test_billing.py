@@ -17,7 +17,7 @@ from proxy import keys
 from proxy.billing import BillingTally, billing_ctx
 from proxy.contract import RedisContract
 from proxy.redis_client import make_client, redis_ctx
-from proxy.settings import BillingSettings, RedisLayout, RedisSettings
+from proxy.settings import BILLING_DEDUPE_TTL_SECONDS, BillingSettings, RedisLayout, RedisSettings
 from tests.chaos import ChaosProxy, Mode
 from tests.conftest import settings_for
 from tests.rig import RedisServer, free_port
@@ -202,6 +202,37 @@ async def test_redis_down_keeps_counts_and_writes_them_once_when_it_returns(
     assert await billing.flush(client)
     assert_counted_once(redis_server)
     assert (billing.flushed_requests, billing.pending_batches, billing.dropped_counts) == (12, 0, 0)
+
+
+async def test_the_final_flush_writes_batches_a_failed_flush_left_pending(
+    client: aioredis.Redis, dead_client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """No request since the failed periodic flush: nothing newly counted, only the pending batch to write
+    (found unguarded by mutation testing: a close() that looked at new counts alone passed every test)."""
+    billing = tally()
+    count_many(billing)
+    assert not await billing.flush(dead_client)  # a blip: the batch stays pending
+    await billing.close(client)  # shutdown, Redis back
+    assert_counted_once(redis_server)
+    assert billing.unflushed_requests == 0
+
+
+async def test_two_processes_each_bill_their_own_requests_and_each_mark_expires(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """Each process has a mark of its own (a shared one skipped the second replica's batches as already
+    applied), and each mark expires (one permanent key per process start otherwise)."""
+    first, second = tally(), tally()
+    for _ in range(3):
+        first.count(5, "posthog-python", now=T0)
+        assert await first.flush(client)
+    second.count(5, "posthog-python", now=T0)
+    assert await second.flush(client)
+    assert hashes(redis_server, 5, "posthog-python") == ({B0: 4}, {B0: 4})
+    with redis_server.client() as sync:
+        marks = list(sync.scan_iter(f"{MARK_PREFIX}*"))
+        assert len(marks) == 2
+        assert all(0 < sync.ttl(mark) <= BILLING_DEDUPE_TTL_SECONDS for mark in marks)
 
 
 async def test_a_flush_whose_reply_is_lost_is_not_counted_twice(

@@ -332,6 +332,26 @@ async def test_quota_limited_project_gets_402_until_the_limit_ends(
     await _wait_for_status(client, 200)
 
 
+async def test_a_team_over_its_rate_limit_and_its_quota_gets_the_429(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    """Contract §3: the rate limit (step 4) before the quota (step 5). An SDK keeps its flags on a 429 and
+    clears them on a 402 (found unguarded by mutation testing: the two steps swapped, no test failed)."""
+    backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy, rate_limits={"default": "2/minute"})
+    for _ in range(2):
+        assert (await client.get(URL, headers=AUTH)).status == 200
+    sync_redis(backend.redis_url).zadd(
+        "@posthog/quota-limits/feature_flag_requests", {TOKEN: time.time() + 3600}
+    )
+    quota = client.app[keys.QUOTA]
+    deadline = time.monotonic() + 5
+    while not quota.is_limited(TOKEN):
+        assert time.monotonic() < deadline, "the quota snapshot"
+        await asyncio.sleep(0.01)
+    assert (await client.get(URL, headers=AUTH)).status == 429
+
+
 async def test_billing_counts_equal_billed_requests(make_proxy: MakeProxy, backend: BackendWriter) -> None:
     _, etag = backend.set_definitions(TEAM_ID, flags(3))
     client = await proxy_for(make_proxy)

@@ -525,6 +525,47 @@ async def test_shadow_compares_personal_api_key_clients_by_learning_from_the_bac
     assert sum(seen.path_qs.startswith("/flags/definitions") for seen in upstream[0].seen) == 3
 
 
+async def test_with_learning_off_shadow_comparisons_learn_nothing_and_refuse_nothing_here(
+    make_proxy: MakeProxy,
+    teams: dict[str, tuple[int, str, str]],
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+) -> None:
+    """`learn_verdicts: false`: nothing is remembered, shadow comparisons included; and the backend's
+    refusals at 0 % are not counted as the proxy's own (`edge_proxy_definitions_auth_denied_total`). Both
+    found unguarded by mutation testing."""
+    refusal = b'{"type":"authentication_error","code":"authentication_failed","detail":"Invalid"}'
+    upstream[0].routes["/flags/definitions"] = _denying(401, refusal)
+    client = await make_proxy(
+        definitions={
+            "offload": {"weight_percent": 0, "shadow": True},
+            "auth": {"hmac_key": "offload-test-verdict-hmac-key-0123456789", "learn_verdicts": False},
+        }
+    )
+    assert client.app is not None
+    shadow = client.app[keys.DEFINITIONS].shadow
+    token = next(iter(teams))
+    for _ in range(3):
+        async with client.get(url(token), headers={"Authorization": "Bearer phx_shadowed_key"}) as response:
+            assert response.status == 401
+        await _settle(shadow)
+    assert len(client.app[keys.DEFINITIONS].verdicts) == 0
+    with redis.Redis.from_url(redis_url) as store:
+        assert store.keys("edge-proxy:verdict:*") == []
+    learning = await make_proxy(
+        definitions={
+            "offload": {"weight_percent": 0, "shadow": True},
+            "auth": {"hmac_key": "offload-test-verdict-hmac-key-0123456789"},
+        }
+    )
+    assert learning.app is not None
+    for _ in range(3):
+        async with learning.get(url(token), headers={"Authorization": "Bearer phx_shadowed_key"}) as response:
+            assert response.status == 401
+        await _settle(learning.app[keys.DEFINITIONS].shadow)
+    assert sum(learning.app[keys.TELEMETRY].auth_denied.values()) == 0  # all three were the backend's
+
+
 @pytest.mark.parametrize(("coding", "compress"), [("gzip", gzip.compress), ("deflate", zlib.compress)])
 async def test_shadow_compares_a_compressed_answer_as_the_client_reads_it(
     make_proxy: MakeProxy,

@@ -353,3 +353,22 @@ async def test_a_payload_without_etag_is_rebuilt_only_when_it_changes(redis_url:
         assert cache.body(changed) == text.encode()
     finally:
         await client.aclose()
+
+
+async def test_an_entry_the_backend_deletes_right_after_its_load_is_dropped_at_the_next_refresh(
+    redis_url: str,
+) -> None:
+    """Its ETag and payload both gone: a miss from then on (found unguarded by mutation testing: an absent
+    ETag compared equal to the never-recorded raw ETag of a fresh entry, and it was served for ever)."""
+    writer = BackendWriter(redis_url)
+    writer.set_definitions(1, flags(1))
+    client = aioredis.Redis.from_url(redis_url)
+    cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
+    try:
+        assert await cache.load(1, with_body=True) is not None
+        contract = RedisContract(RedisLayout())
+        await client.delete(contract.payload_key(1), contract.etag_key(1))
+        await cache.refresh()
+        assert cache.get(1) is None
+    finally:
+        await client.aclose()

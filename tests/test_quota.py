@@ -118,6 +118,14 @@ async def test_redis_down_keeps_the_snapshot_then_fails_open_then_recovers(
     assert snapshot.is_limited("phc_limited")
     assert not snapshot.failing
 
+    # A second outage fails open the same way (a recovery that left "cleared" set made it keep the snapshot
+    # for good; found unguarded by mutation testing).
+    redis_server.stop()
+    clock.now += 11
+    await snapshot.poll(client)
+    assert not snapshot.is_limited("phc_limited")
+    redis_server.start()
+
 
 async def _app_with_quota(redis_url: str, **quota: float) -> web.AppRunner:
     app = web.Application()

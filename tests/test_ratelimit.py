@@ -345,6 +345,14 @@ async def test_the_shared_window_ends_when_the_one_begun_here_does(client: aiore
     assert 14_000 < await client.pttl(rl.key(TEAM, "full")) <= 15_000  # what is left of the minute
     window = rl._full[TEAM]
     assert window.reset_at <= 1060.0  # the local end was not moved later
+    # Another replica's window for the team begins later: its push leaves the counter's expiry where the
+    # first push set it (found unguarded by mutation testing: an expiry set by every push let each replica
+    # stretch the shared window to its own end).
+    other = RateLimiter(RateLimitSettings(default="100/minute"), client, clock=lambda: 5000.0)
+    assert await burst(other, 10) == 10
+    await other.sync()
+    assert await shared_count(client, rl) == 20
+    assert await client.pttl(rl.key(TEAM, "full")) <= 15_000
 
 
 async def test_a_sync_of_many_windows_is_sent_in_bounded_calls(client: aioredis.Redis) -> None:

@@ -161,6 +161,21 @@ async def test_at_the_cap_the_least_recently_confirmed_record_goes(
         await client.aclose()
 
 
+async def test_a_team_created_after_a_remembered_miss_is_found(
+    store: TeamStore, writer: BackendWriter
+) -> None:
+    """The backend fills team records lazily: a miss is remembered for team_miss_ttl_seconds, then read
+    again (found unguarded by mutation testing: never read again, the team was forwarded for ever)."""
+    token = token_of(TEAMS + 1)
+    assert await store.get(token) is None
+    write_team(writer, TEAMS + 1)
+    assert await store.get(token) is None  # remembered: not read again yet
+    await asyncio.sleep(TTL * 1.5)
+    await store.get(token)  # past the miss TTL: read again (in the background)
+    await asyncio.sleep(0.05)
+    assert await store.get(token) == Team(TEAMS + 1, (secret_of(TEAMS + 1).encode(),))
+
+
 async def test_a_failed_refresh_keeps_the_records_and_retries_on_the_next_request(
     store: TeamStore, writer: BackendWriter, redis_url: str
 ) -> None:
