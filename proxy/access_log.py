@@ -77,12 +77,14 @@ def write(
     path = safe_path(request)
     duration_ms = round(seconds * 1000, 3)
     log.info(
-        "%s %s %d %s %.3fms",
+        "%s %s %d %s %.3fms route=%s trace_id=%s",  # all of it: the text format shows the message only
         method,
         path,
         status,
         answered_by,
         duration_ms,
+        route,
+        trace_id or "-",
         extra={
             "method": method,
             "path": path,

@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy import keys
 from proxy.conditional import bearer, connection_options, none_match
 from proxy.contract import RedisContract, library_from_user_agent
-from proxy.errors import error_body, json_response
+from proxy.errors import error_body, json_response, method_not_allowed_body
 from proxy.learning import VerdictLearner
 from proxy.offload import BUCKETS, Offload
 from proxy.payloads import DefinitionsCache
@@ -118,7 +118,7 @@ class DefinitionsService:
                 return web.Response(status=200, headers=HEAD_HEADERS)
             if method == "OPTIONS":
                 return web.Response(status=204, headers=ALLOW)
-            return json_response(405, _method_not_allowed(method), headers=ALLOW)
+            return json_response(405, method_not_allowed_body(method), headers=ALLOW)
         tokens = self._tokens(request)
         if len(tokens) > 1:
             # Which one would the backend pick (Django takes the last)? Ask it rather than guess.
@@ -295,11 +295,6 @@ class DefinitionsService:
             route=request.path,
             team_id=team.id if team else None,
         )
-
-
-def _method_not_allowed(method: str) -> bytes:
-    # DRF's wording for 405, with the method quoted as DRF does.
-    return error_body("invalid_request", "method_not_allowed", f'Method "{method}" not allowed.')
 
 
 async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:

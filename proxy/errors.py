@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -24,6 +25,21 @@ def error_body(type_: str, code: str, detail: str) -> bytes:
 def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
     """A JSON response with exactly the given bytes."""
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def method_not_allowed_body(method: str) -> bytes:
+    """DRF's wording for 405, with the method quoted as DRF does."""
+    return error_body("invalid_request", "method_not_allowed", f'Method "{method}" not allowed.')
+
+
+def only(allow: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler answering 405 with `Allow: <allow>`: for the proxy's own paths, which are never forwarded
+    whatever the method (POST /metrics or DELETE /_readiness went to the upstream)."""
+
+    async def method_not_allowed(request: web.Request) -> web.Response:
+        return json_response(405, method_not_allowed_body(request.method), headers={"Allow": allow})
+
+    return method_not_allowed
 
 
 BAD_GATEWAY = error_body("server_error", "bad_gateway", "The upstream server could not be reached.")

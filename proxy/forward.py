@@ -159,7 +159,6 @@ class Forwarder:
         `observe` sees the answer once it is relayed (with its body within `capture_bytes`); `on_status`
         sees its status as soon as the upstream's head is in.
         """
-        request[keys.FORWARDED] = True
         if self._base_path and _has_dot_segment(request.raw_path):
             # Under a base path, a backend that resolves dot segments would take "/prefix/../admin" outside
             # the prefix the proxy was given: refused rather than forwarded byte for byte.
@@ -189,6 +188,9 @@ class Forwarder:
         head = "".join(
             [f"{method} {self._target(request)} HTTP/1.1\r\n", *[f"{k}: {v}\r\n" for k, v in headers], "\r\n"]
         ).encode("utf-8", "surrogateescape")  # header bytes leave as they came in
+        # From here the answer is the upstream's, or says why it could not be had (telemetry's answered_by);
+        # the 400, 408, 413 and 501 above were this proxy's own.
+        request[keys.FORWARDED] = True
         try:
             upstream = await self.pool.send(
                 head, body, head_only=method == "HEAD", chunked=chunked, wanted=_client_still_there(request)

@@ -13,6 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy import keys
+from proxy.errors import only
 from proxy.settings import HEALTH_PATHS
 from proxy.tasks import background
 from proxy.telemetry import HEALTH, expect_continue, observed
@@ -160,4 +161,7 @@ def add_routes(app: web.Application) -> None:
     for path, handler in zip(HEALTH_PATHS, (liveness, readiness, startup), strict=True):
         app.router.add_get(
             path, observed(app, HEALTH, handler), allow_head=True, expect_handler=expect_continue
+        )
+        app.router.add_route(
+            "*", path, observed(app, HEALTH, only("GET, HEAD")), expect_handler=expect_continue
         )

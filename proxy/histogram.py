@@ -30,8 +30,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry
 
-# From 0.1 ms (a 304 from memory is ~0.05-0.3 ms of handler time) to 30 s (upstream.read_timeout_seconds's
-# default: a slow upstream's answers and the 504s would otherwise all fall in +Inf).
+# From 0.1 ms (a 304 from memory is ~0.05-0.3 ms of handler time) to 60 s: a slow upstream's answers up to
+# upstream.read_timeout_seconds's default (30 s), and the 504s just past it (30.001 s: above a 30 s bucket),
+# would otherwise all fall in +Inf.
 DURATION_BUCKETS_SECONDS = (
     0.0001,
     0.00025,
@@ -50,6 +51,7 @@ DURATION_BUCKETS_SECONDS = (
     5.0,
     10.0,
     30.0,
+    60.0,
 )
 
 # A series' label values, in the order of the histogram's label names.

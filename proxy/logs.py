@@ -129,6 +129,8 @@ def configure(settings: LoggingSettings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)
+    # Asked for, the access log is written whatever the level (at WARNING it was silently off).
+    logging.getLogger("proxy.access").setLevel(logging.INFO if settings.access_log else logging.NOTSET)
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ClientErrorFilter) for f in server.filters):
         server.addFilter(ClientErrorFilter())

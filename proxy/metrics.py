@@ -40,14 +40,14 @@ if TYPE_CHECKING:
 
 # Definitions answers by (method, status) when answered locally; anything forwarded is "forwarded".
 _OUTCOMES: dict[tuple[str | int, str | int], str] = {
-    ("GET", 200): "served",
-    ("GET", 304): "not_modified",
-    ("GET", 400): "bad_request",
-    ("GET", 401): "auth_denied",
-    ("GET", 403): "auth_denied",
-    ("GET", 402): "quota_limited",
-    ("GET", 429): "rate_limited",
-    ("GET", 500): "error",
+    ("GET", "200"): "served",
+    ("GET", "304"): "not_modified",
+    ("GET", "400"): "bad_request",
+    ("GET", "401"): "auth_denied",
+    ("GET", "403"): "auth_denied",
+    ("GET", "402"): "quota_limited",
+    ("GET", "429"): "rate_limited",
+    ("GET", "500"): "error",
 }
 
 

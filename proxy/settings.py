@@ -541,6 +541,10 @@ class TelemetrySettings(_Section):
     @field_validator("otlp_endpoint")
     @classmethod
     def _exporter_installed(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if value is not None and (value.query is not None or value.fragment is not None):
+            # /v1/metrics is appended to the URL: "?tenant=a" became "?tenant=a/v1/metrics" (a collector's
+            # 404, every export lost), and the exporter's warnings then logged the query (a key in it too).
+            raise ValueError("must not have a query or fragment: /v1/metrics and /v1/traces are appended")
         if value is not None and importlib.util.find_spec("opentelemetry.exporter.otlp") is None:
             raise ValueError(
                 "needs the otlp extra (pip install 'edge-proxy[otlp]'; "

@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy import access_log, keys, metrics, tracing
-from proxy.errors import internal_error
+from proxy.errors import internal_error, only
 from proxy.histogram import InMemoryHistogram
 from proxy.redis_observer import RedisObserver
 from proxy.settings import Settings
@@ -63,11 +63,16 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 # Status codes kept as labels: every one the proxy answers itself, and the usual ones a backend does. Any
 # other (an upstream may answer 200-999) is its class, "2xx" to "9xx": a label set an upstream cannot grow
 # past the series cap (past it every new series shares one, and scrapes grow by megabytes).
-_STATUSES = frozenset(
-    {200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308}
-    | {400, 401, 402, 403, 404, 405, 408, 409, 410, 413, 415, 417, 422, 429, 431, 499}
-    | {500, 501, 502, 503, 504}
-)
+# Strings, as the classes are: one attribute type per label in OTLP (an int 500 beside a string "5xx" do not
+# match in a backend that keeps types).
+_STATUSES = {
+    status: str(status)
+    for status in (
+        {200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308}
+        | {400, 401, 402, 403, 404, 405, 408, 409, 410, 413, 415, 417, 422, 429, 431, 499}
+        | {500, 501, 502, 503, 504}
+    )
+}
 # The handler was cancelled (the client left, or shutdown's deadline passed): nginx's code for it.
 CLIENT_CLOSED = 499
 
@@ -103,20 +108,21 @@ class Telemetry:
     ) -> None:
         """Count, time and log one answered request (the ETag and auth counters are the handler's)."""
         self.in_flight -= 1
-        if route == DEFINITIONS:
-            # Set by the forwarder: the definitions path forwards what it cannot answer from memory.
+        if route in (DEFINITIONS, FORWARD):
+            # Set by the forwarder once it sends the request: the definitions path forwards what it cannot
+            # answer from memory, and the forward route answers some requests itself (413, 501, a 400).
             # len() first: `in` raises and catches a KeyError when the key is absent (~0.2 µs, measured), and
             # a request's state is empty unless the forwarder marked it.
             answered_by = UPSTREAM if len(request) and keys.FORWARDED in request else LOCAL
         else:
-            answered_by = UPSTREAM if route == FORWARD else LOCAL
+            answered_by = LOCAL
         method = request.method
         if self.metrics_enabled:
             self.requests.observe(
                 (
                     route,
                     method if method in _METHODS else "_OTHER",
-                    status if status in _STATUSES else f"{status // 100}xx",
+                    _STATUSES.get(status) or f"{status // 100}xx",
                     answered_by,
                 ),
                 seconds,
@@ -272,6 +278,8 @@ def add_routes(app: web.Application) -> None:
     if config.metrics_enabled:
         route = observed(app, HEALTH, shared_metrics_handler(config.metrics_min_interval_seconds))
         app.router.add_get(config.metrics_path, route, allow_head=False, expect_handler=expect_continue)
+        refuse = observed(app, HEALTH, only("GET"))
+        app.router.add_route("*", config.metrics_path, refuse, expect_handler=expect_continue)
 
 
 async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ from proxy.forward import TRANSFER_ENCODING_ON_HTTP10, UNSUPPORTED_CODING
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
+from tests.test_telemetry import scrape, value
 
 TOKEN = "phc_hostile"
 SECRET = "phs_hostile_secret"
@@ -215,6 +216,13 @@ async def test_forwarded_body_over_the_limit_is_413_before_anything_goes_upstrea
     assert chunked.status == 413
     assert small.status == 200
     assert [seen.body for seen in recorder.seen] == [b"z" * 1000]
+    # The proxy's own answer, not the upstream's (found by a reviewer: every answer on the forward route was
+    # labelled upstream). The chunked one was on its way upstream when its body crossed the limit.
+    samples = await scrape(client)
+    labels = {"route": "forward", "method": "POST", "status_code": "413"}
+    count = "edge_proxy_request_duration_seconds_count"
+    assert value(samples, count, **labels, answered_by="local") == 1
+    assert value(samples, count, **labels, answered_by="upstream") == 1
 
 
 async def test_a_body_declared_over_the_limit_is_not_invited_by_100_continue(

@@ -670,6 +670,28 @@ async def test_a_sigterm_during_startup_imports_ends_the_process(
         assert "listening on" not in log_path.read_text()
 
 
+async def test_the_access_log_in_text_at_warning_level_has_every_field(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """Found by a reviewer: at LOG_LEVEL=WARNING the access log asked for was silently off, and the text
+    format (the message only) left out the route and the trace id."""
+    _, server = upstream
+    port = free_port()
+    env = _env(port, server, redis_url, LOG_LEVEL="WARNING", EDGE_PROXY__LOGGING__ACCESS_LOG="true")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with proxy_process(tmp_path, env) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        async with aiohttp.ClientSession() as session:
+            headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+            async with session.get(f"http://127.0.0.1:{port}/_liveness", headers=headers) as response:
+                assert response.status == 200
+        await wait_until(lambda: trace_id in log_path.read_text(), "the access line")
+    line = next(line for line in log_path.read_text().splitlines() if trace_id in line)
+    assert re.search(
+        rf"proxy\.access: GET /_liveness 200 local [0-9.]+ms route=health trace_id={trace_id}$", line
+    )
+
+
 def _docker_healthcheck() -> list[str]:
     """The Dockerfile's HEALTHCHECK command (exec form)."""
     dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()

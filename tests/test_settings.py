@@ -536,6 +536,15 @@ def test_an_otlp_endpoint_without_its_exporter_installed_is_refused(monkeypatch:
     assert str(endpoint) == "http://collector:4318/"
 
 
+@pytest.mark.parametrize("endpoint", ["http://collector:4318/otlp?tenant=acme", "http://collector:4318/#x"])
+def test_an_otlp_endpoint_with_a_query_or_fragment_is_refused(endpoint: str) -> None:
+    """Found by a reviewer: /v1/metrics went after the query ("?tenant=acme/v1/metrics": every export a
+    collector's 404) and the exporter's warnings logged the query, a key in it too."""
+    message = problems(env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    assert "telemetry.otlp_endpoint (from $OTEL_EXPORTER_OTLP_ENDPOINT): " in message
+    assert "must not have a query or fragment" in message
+
+
 def test_an_empty_otel_endpoint_is_unset_as_the_sdks_read_it() -> None:
     assert load_settings(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}).telemetry.otlp_endpoint is None
 

@@ -162,6 +162,7 @@ async def test_known_mix_gives_exact_counts_by_label(
     assert count("forward", "200", "upstream") == 1
     bucket = {"route": "definitions", "method": "GET", "status_code": "304", "answered_by": "local"}
     assert value(samples, "edge_proxy_request_duration_seconds_bucket", **bucket, le="+Inf") == 2
+    assert value(samples, "edge_proxy_request_duration_seconds_bucket", **bucket, le="60.0") == 2  # past 30 s
     assert value(samples, "edge_proxy_redis_command_duration_seconds_count", command="GET") >= 4
     # No label holds a token, a team id or a path.
     assert not [key for key in samples if any(TOKEN in v or "/flags" in v or v == "1" for _, v in key[1])]
@@ -271,6 +272,18 @@ async def test_metrics_path_is_answered_in_every_mode_and_never_forwarded(
     for mode in ("all", "definitions", "flags"):
         client = await make_proxy(service_mode=mode)
         assert (await client.get("/metrics")).status == 200
+    # Whatever the method, the health paths too (found by a reviewer: they went to the upstream).
+    for method, path, allow in (
+        ("POST", "/metrics", "GET"),
+        ("HEAD", "/metrics", "GET"),
+        ("DELETE", "/_readiness", "GET, HEAD"),
+        ("POST", "/_liveness", "GET, HEAD"),
+        ("PUT", "/_startup", "GET, HEAD"),
+    ):
+        async with client.request(method, path) as response:
+            assert (response.status, response.headers["Allow"]) == (405, allow), (method, path)
+            if method != "HEAD":
+                assert (await response.json())["code"] == "method_not_allowed"
     assert upstream[0].seen == []
     disabled = await make_proxy(telemetry={"metrics_enabled": False})
     assert (await disabled.get("/metrics")).status == 200  # not reserved: the upstream's answer
@@ -434,6 +447,17 @@ async def test_otlp_export_carries_the_request_histogram(
         return found
 
     await until(lambda: points().get("health") == 1, "an OTLP export with the request histogram")
+    statuses = {
+        attribute.value.WhichOneof("value") + ":" + attribute.value.string_value
+        for export in exports
+        for scope in export.resource_metrics[0].scope_metrics
+        for metric in scope.metrics
+        if metric.name == "edge_proxy.request.duration"
+        for point in metric.histogram.data_points
+        for attribute in point.attributes
+        if attribute.key == "status_code"
+    }
+    assert statuses == {"string_value:200"}  # a string, as a class ("5xx") is: one type per attribute
     resource = {a.key: a.value.string_value for a in exports[-1].resource_metrics[0].resource.attributes}
     assert resource["service.name"] == "edge-proxy"
     # Each process its own series (a worker of --workers N is a process): a UUID per process.
