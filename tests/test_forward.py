@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -742,3 +743,19 @@ async def test_observer_gets_small_bodies_and_only_the_head_of_streamed_ones(
     assert (small_resp.status, await small_resp.read()) == (403, denial)
     assert (big_resp.status, len(await big_resp.read())) == (200, 100_000)
     assert observed == [(403, "small", denial), (200, "big", None)]
+
+
+@pytest.mark.parametrize(
+    ("peer", "trusted"),
+    [
+        ("10.1.2.3", True),
+        ("::ffff:10.1.2.3", True),
+        ("::ffff:192.0.2.1", False),
+        ("192.0.2.1", False),
+        ("", False),
+    ],
+)
+def test_a_trusted_peer_on_a_dual_stack_socket_is_trusted(peer: str, trusted: bool) -> None:
+    """A dual-stack listener reports an IPv4 peer as ::ffff:a.b.c.d: unwrapped, or a trusted proxy in front
+    was not trusted and its X-Forwarded-* dropped (found unguarded by mutation testing)."""
+    assert forward._trust_checker([ipaddress.ip_network("10.0.0.0/8")])(peer) is trusted

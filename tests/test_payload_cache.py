@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from proxy import keys
 from proxy.contract import RedisContract
-from proxy.payloads import DefinitionsCache
+from proxy.payloads import DefinitionsCache, is_billable
 from proxy.settings import DefinitionsSettings, RedisLayout
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
@@ -370,5 +370,34 @@ async def test_an_entry_the_backend_deletes_right_after_its_load_is_dropped_at_t
         await client.delete(contract.payload_key(1), contract.etag_key(1))
         await cache.refresh()
         assert cache.get(1) is None
+    finally:
+        await client.aclose()
+
+
+def test_a_payload_that_does_not_parse_is_billed() -> None:
+    """Contract §3.8: billed unless every flag key has an unbilled prefix, which only a parsed payload can
+    show (found unguarded by mutation testing)."""
+    assert is_billable(b"{not json", ("survey-targeting-",)) is True
+    assert is_billable(b'{"flags":[{"key":"survey-targeting-a"}]}', ("survey-targeting-",)) is False
+
+
+async def test_a_payload_larger_than_the_whole_budget_is_served_and_never_held(
+    redis_url: str, payloads: tuple[BackendWriter, dict[int, tuple[bytes, str]]]
+) -> None:
+    """Held, it would push every other team out first (found unguarded by mutation testing)."""
+    _, stored = payloads
+    client = aioredis.Redis.from_url(redis_url)
+    budget = len(stored[1][0]) * 3 // 2
+    cache = DefinitionsCache(
+        client, RedisContract(RedisLayout()), DefinitionsSettings(cache_budget_bytes=budget)
+    )
+    big = BackendWriter(redis_url).set_definitions(9, flags(9) * 2)[0].encode()
+    try:
+        assert await cache.load(1, with_body=True) is not None
+        entry = await cache.load(9, with_body=True)
+        assert entry is not None
+        assert cache.body(entry) == big
+        assert cache.get(9) is None
+        assert cache.get(1) is not None  # still held
     finally:
         await client.aclose()

@@ -11,9 +11,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from proxy.contract import RedisContract
+from proxy.contract import DecodeError, RedisContract
 from proxy.settings import RedisLayout
-from proxy.teams import MAX_TOKEN_CHARS, Team, TeamStore
+from proxy.teams import MAX_TOKEN_CHARS, Team, TeamStore, parse_team
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 
@@ -174,6 +174,32 @@ async def test_a_team_created_after_a_remembered_miss_is_found(
     await store.get(token)  # past the miss TTL: read again (in the background)
     await asyncio.sleep(0.05)
     assert await store.get(token) == Team(TEAMS + 1, (secret_of(TEAMS + 1).encode(),))
+
+
+async def test_a_miss_is_remembered_for_the_miss_ttl_not_the_records(
+    redis_url: str, writer: BackendWriter
+) -> None:
+    """team_miss_ttl_seconds (1 s by default), not team_ttl_seconds (30 s): a team the backend creates
+    after a first miss is found that soon (found unguarded by mutation testing)."""
+    client = aioredis.Redis.from_url(redis_url)
+    store = TeamStore(client, RedisContract(RedisLayout()), ttl_seconds=60, miss_ttl_seconds=TTL)
+    token = token_of(TEAMS + 2)
+    try:
+        assert await store.get(token) is None
+        write_team(writer, TEAMS + 2)
+        await asyncio.sleep(TTL * 1.5)
+        await store.get(token)
+        await asyncio.sleep(0.05)
+        assert await store.get(token) == Team(TEAMS + 2, (secret_of(TEAMS + 2).encode(),))
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("team_id", ["true", "1.0", '"7"', "null"])
+def test_a_team_id_that_is_not_an_integer_is_no_record(team_id: str) -> None:
+    with pytest.raises(DecodeError):
+        parse_team(f'{{"id": {team_id}}}')
 
 
 async def test_a_failed_refresh_keeps_the_records_and_retries_on_the_next_request(

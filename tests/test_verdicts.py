@@ -156,3 +156,18 @@ async def test_with_redis_down_every_expired_verdict_is_still_dropped_each_cycle
     finally:
         redis_server.start()
     assert len(store) == 0
+
+
+@pytest.mark.parametrize(
+    ("stored", "verdict"),
+    [
+        (b'{"s":200}', Verdict(200)),
+        (b'{"s":401,"b":"no"}', Verdict(401, b"no")),
+        (b'{"s":500}', None),  # not a verdict this proxy learns: replayed, it would be a 500 from memory
+        (b'{"s":204}', None),  # nor one counted as allowed
+        (b'{"b":"x"}', None),
+        (b"not json", None),
+    ],
+)
+def test_only_the_verdicts_this_proxy_learns_are_read_back(stored: bytes, verdict: Verdict | None) -> None:
+    assert Verdict.decode(stored) == verdict
