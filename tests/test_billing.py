@@ -217,6 +217,29 @@ async def test_the_final_flush_writes_batches_a_failed_flush_left_pending(
     assert billing.unflushed_requests == 0
 
 
+async def test_the_final_flush_outlasts_a_blip(
+    client: aioredis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two failed calls at shutdown (a Redis failover's moment) still end written: the final flush tries
+    three times (found unguarded by mutation testing: one try passed every test)."""
+    billing = tally()
+    count_many(billing)
+    real_evalsha: Callable[..., Awaitable[Any]] = client.evalsha
+    failures = 2
+
+    async def blip(*args: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RedisConnectionError("a blip")
+        return await real_evalsha(*args)
+
+    monkeypatch.setattr(client, "evalsha", blip)
+    await billing.close(client)
+    assert_counted_once(redis_server)
+    assert billing.unflushed_requests == 0
+
+
 async def test_two_processes_each_bill_their_own_requests_and_each_mark_expires(
     client: aioredis.Redis, redis_server: RedisServer
 ) -> None:

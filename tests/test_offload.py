@@ -362,12 +362,13 @@ def _backend(
     status: int = 200,
     etag: str | None = None,
     body: bytes | None = None,
+    cache_control: str = "private, must-revalidate",
 ) -> Any:
     """An upstream answering definitions like the backend, optionally disagreeing in one respect."""
 
     async def answer(request: web.Request, _body: bytes) -> web.StreamResponse:
         _, text, real_etag = teams[request.query["token"]]
-        headers = {"ETag": f'W/"{etag or real_etag}"', "Cache-Control": "private, must-revalidate"}
+        headers = {"ETag": f'W/"{etag or real_etag}"', "Cache-Control": cache_control}
         return web.Response(
             status=status,
             body=text.encode() if body is None else body,
@@ -391,6 +392,7 @@ def _reordered(text: str) -> bytes:
         ({}, "match"),
         ({"status": 201}, "status"),
         ({"etag": "0000000000000000"}, "header_etag"),
+        ({"cache_control": "no-store"}, "header_cache_control"),
         ({"body": "one byte"}, "body"),
         ({"body": "key order"}, "match_json"),
     ],

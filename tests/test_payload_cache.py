@@ -401,3 +401,25 @@ async def test_a_payload_larger_than_the_whole_budget_is_served_and_never_held(
         assert cache.get(1) is not None  # still held
     finally:
         await client.aclose()
+
+
+async def test_a_team_not_asked_for_within_idle_evict_seconds_is_let_go(redis_url: str) -> None:
+    """Found unguarded by mutation testing: with idle eviction gone, every team ever served stayed held
+    (and re-read every cycle) until the budget pushed it out."""
+    writer = BackendWriter(redis_url)
+    for team in (1, 2):
+        writer.set_definitions(team, flags(team)[:5])
+    client = aioredis.Redis.from_url(redis_url)
+    cache = DefinitionsCache(
+        client, RedisContract(RedisLayout()), DefinitionsSettings(idle_evict_seconds=1.0)
+    )
+    try:
+        for team in (1, 2):
+            assert await cache.load(team, with_body=True) is not None
+        await asyncio.sleep(0.6)
+        await cache.load(2, with_body=True)  # team 2 is asked for again; team 1 is not
+        await asyncio.sleep(0.5)
+        await cache.refresh()
+        assert list(cache._entries) == [2]
+    finally:
+        await client.aclose()
