@@ -28,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (serve, check):
         sub.add_argument("--config", metavar="FILE", help=config_help)
     serve.add_argument("--workers", type=int, metavar="N", help="processes sharing the port (default 1)")
-    # Set by the supervisor of --workers N on each worker it starts (telemetry.worker_metrics_port).
-    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    # Set by the supervisor of --workers N on each worker it starts (telemetry.worker_metrics_port): the
+    # process serves as one of N (its share of the container's memory), not as their supervisor.
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     # And the write end of the worker's heartbeat pipe (server.supervise).
     serve.add_argument("--heartbeat-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -138,6 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     logs.configure(settings.logging)
     connections.warn_if_short(settings)
-    if settings.workers > 1:
+    if settings.workers > 1 and args.worker_index is None:
         return server.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])
-    return server.run(settings, args.worker_index, args.heartbeat_fd)
+    return server.run(settings, args.worker_index or 0, args.heartbeat_fd)

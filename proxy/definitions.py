@@ -189,9 +189,6 @@ class DefinitionsService:
         # one (the reference's two per-team limiters).
         if_none_match = request.headers.get("If-None-Match")
         conditional = if_none_match is not None
-        if conditional and len(lines := request.headers.getall("If-None-Match")) > 1:
-            # One list over several lines (RFC 9110 §5.3), as the backend's server joins them.
-            if_none_match = ", ".join(lines)
         limiter = self._rate_limits
         if live:
             # From memory in fast mode, unless this replica holds all it may unpushed (a burst).
@@ -209,10 +206,14 @@ class DefinitionsService:
         entry = self.cache.get(team.id) or await self.cache.load(team.id, with_body=if_none_match is None)
         if entry is None:
             return FORWARD
-        # First what SDKs send, the header as received; anything else is parsed (lists, `*`, no W/, spaces).
+        # First what SDKs send, the header as received; anything else is parsed (lists, `*`, no W/, spaces),
+        # a list over several lines as one (RFC 9110 §5.3, as the backend's server joins them).
         if if_none_match is not None and (
             if_none_match == entry.etag_header
-            or (entry.etag is not None and none_match(if_none_match, entry.etag))
+            or (
+                entry.etag is not None
+                and none_match(", ".join(request.headers.getall("If-None-Match")), entry.etag)
+            )
         ):
             if live:
                 self._etag_counts["hit"] += 1

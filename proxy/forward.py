@@ -189,7 +189,7 @@ class Forwarder:
             [f"{method} {self._target(request)} HTTP/1.1\r\n", *[f"{k}: {v}\r\n" for k, v in headers], "\r\n"]
         ).encode("utf-8", "surrogateescape")  # header bytes leave as they came in
         # From here the answer is the upstream's, or says why it could not be had (telemetry's answered_by);
-        # the 400, 408, 413 and 501 above were this proxy's own.
+        # the 400, 408, 413 and 501 above, and a streamed body's below, are this proxy's own.
         request[keys.FORWARDED] = True
         try:
             upstream = await self.pool.send(
@@ -197,6 +197,8 @@ class Forwarder:
             )
         except ClientBodyError as exc:
             tracing.end_upstream_span(span, None, exc)
+            # A streamed body refused on its way: the proxy's answer, not the upstream's.
+            request.pop(keys.FORWARDED, None)
             return exc.response()
         except UpstreamError as exc:
             tracing.end_upstream_span(span, None, exc)

@@ -53,6 +53,8 @@ class Definitions:
     raw_etag: bytes | None = None  # the ETag as Redis last returned it: unchanged bytes need no decoding
     # Without an ETag, the payload itself is re-read each cycle: its hash as read tells an unchanged one.
     raw_hash: int | None = None
+    # Monotonic time the read that produced this entry began: of two reads, the later-begun saw Redis later.
+    read_at: float = 0.0
     # Read-only multidicts: aiohttp copies them into each response faster than plain dicts (~0.1 µs).
     headers_200: CIMultiDictProxy[str] = field(init=False)
     headers_304: CIMultiDictProxy[str] = field(init=False)
@@ -268,11 +270,12 @@ class DefinitionsCache:
         return self._store(entry, read_at)
 
     def _store(self, entry: Definitions, read_at: float) -> Definitions:
+        entry.read_at = read_at
         held = self._entries.get(entry.team_id)
-        if held is not None and held.checked_at > read_at and held.etag != entry.etag:
-            # Confirmed, with another ETag, since this read began (by the refresher, or another load): newer
-            # than what this read returned. Served to whoever waits for this read, never held in its place:
-            # this replica then answered older flags after newer ones.
+        if held is not None and held.read_at > read_at and held.etag != entry.etag:
+            # Held from a read that began after this one (the refresher's, or another load's), with another
+            # ETag: newer than what this read returned. Served to whoever waits for this read, never held in
+            # its place: this replica then answered older flags after newer ones.
             return entry
         self._drop(entry.team_id)
         if self._compressor is not None and entry.body is not None:
@@ -363,7 +366,11 @@ class DefinitionsCache:
         read_at = time.monotonic()
         raws = await mget_many(self._client, keys)
         for index, team_id in enumerate(stale):
-            self._build(team_id, raws[2 * index], raws[2 * index + 1], read_at)
+            held = self._entries.get(team_id)
+            # Gone meanwhile (a load found the payload deleted; the budget) or replaced by a later read: what
+            # this read returned is older, and would bring a deleted payload back from the dead.
+            if held is not None and held.read_at <= read_at:
+                self._build(team_id, raws[2 * index], raws[2 * index + 1], read_at)
             if index % _BUILDS_PER_YIELD == _BUILDS_PER_YIELD - 1:
                 # Each build decodes and parses a payload (~2 ms at 64 KB): a backend-wide rewrite of 1,000
                 # teams held every request, liveness included, for 1.8 s.

@@ -204,6 +204,7 @@ def _worker_metrics_runner(app: web.Application, settings: Settings) -> web.AppR
     """This worker's own metrics, alone on a port of its own (telemetry.worker_metrics_port)."""
     metrics_app = web.Application()
     metrics_app[keys.TELEMETRY] = app[keys.TELEMETRY]
+    metrics_app[keys.SETTINGS] = settings  # telemetry.expect_continue reads the body limit there
     metrics_app.router.add_get(
         settings.telemetry.metrics_path, metrics_handler, allow_head=False, expect_handler=expect_continue
     )
@@ -242,7 +243,9 @@ _GIVE_UP_CRASHES = 5
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Start `settings.workers` one-worker copies of this command; relay signals; restart crashes, and
     workers silent on their heartbeat pipe for `worker_timeout_seconds`."""
-    child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", "1"]
+    # Each worker is told the count (its share of the container's memory: connections.client_cap) and its
+    # index (which makes it serve rather than supervise).
+    child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", str(settings.workers)]
     timeout = settings.worker_timeout_seconds
     # The handlers only wake the loop below (the wakeup fd carries the signal numbers), so every decision
     # about the children is made in one place and no signal can land between a check and a spawn.

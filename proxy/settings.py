@@ -104,8 +104,11 @@ def sentinel_parts(url: str) -> SentinelParts:
     # A query would be read as part of the service name or db (`/edge?db=5`: a master never found).
     if not service or not ((db.isascii() and db.isdigit()) or not db) or any(c in path for c in "?#"):
         raise ValueError(_SENTINEL_FORM)
-    username, _, password = userinfo.partition(":")
-    return SentinelParts(nodes, service, int(db or 0), unquote(username) or None, unquote(password) or None)
+    user, _, secret = userinfo.partition(":")
+    # A user without a password authenticates nothing (it was sent as AUTH user "": an open master refused).
+    password = unquote(secret) or None
+    username = (unquote(user) or None) if password else None
+    return SentinelParts(nodes, service, int(db or 0), username, password)
 
 
 # How long a process's billing batch mark lives in Redis (renewed by each write): what keeps a retried batch
@@ -583,7 +586,9 @@ class Settings(_Section):
     # With workers > 1: a worker whose event loop has not run for this long (a heartbeat each second) is
     # killed and restarted, as gunicorn's --timeout; one left serving the port would take its share of new
     # connections and answer none. Workers whose supervisor is gone drain and exit within a second.
-    worker_timeout_seconds: Seconds = 30.0
+    # At least 5: a worker writes its first heartbeat once it has imported everything (~1 s, more on a
+    # throttled CPU), and one a second after.
+    worker_timeout_seconds: float = Field(default=30.0, ge=5, allow_inf_nan=False)
     # Drain budget; with the final billing flush (<= 5 s) it stays inside Kubernetes' 30 s grace period.
     shutdown_timeout_seconds: Seconds = 20.0
     # The Server header of every answer that has none of its own: the proxy's answers (definitions, errors,

@@ -423,3 +423,102 @@ async def test_a_team_not_asked_for_within_idle_evict_seconds_is_let_go(redis_ur
         assert list(cache._entries) == [2]
     finally:
         await client.aclose()
+
+
+class _Paced:
+    """The test's Redis client: GET answered by Redis at once but returned when `got` opens; MGET sent only
+    when `send_mget` opens (a loop busy elsewhere, a wait for a pool connection)."""
+
+    def __init__(self, real: aioredis.Redis) -> None:
+        self.real = real
+        self.got = asyncio.Event()
+        self.send_mget = asyncio.Event()
+
+    async def get(self, key: str) -> Any:
+        value = await self.real.get(key)
+        await self.got.wait()
+        return value
+
+    async def mget(self, keys: Any) -> Any:
+        await self.send_mget.wait()
+        return await self.real.mget(keys)
+
+
+async def test_of_two_reads_the_later_begun_is_held_whichever_finishes_last(redis_url: str) -> None:
+    """Found by the review of this change's first version, which ordered reads by when they finished: a
+    304's read (the ETag, version 1) finishing after a 200's read of version 2 had begun refused version 2,
+    and the replica answered version 1 after it had answered version 2."""
+    writer = BackendWriter(redis_url)
+    writer.set_definitions(7, flags(7, version=1))
+    real = aioredis.Redis.from_url(redis_url)
+    client = _Paced(real)
+    cache = DefinitionsCache(
+        cast(aioredis.Redis, client), RedisContract(RedisLayout()), DefinitionsSettings()
+    )
+    try:
+        etag_only = asyncio.create_task(cache.load(7, with_body=False))  # reads version 1's ETag
+        await asyncio.sleep(0.05)
+        whole = asyncio.create_task(cache.load(7, with_body=True))  # begins later
+        await asyncio.sleep(0.05)
+        client.got.set()
+        assert await etag_only is not None  # held: version 1, from the earlier-begun read
+        text, v2 = writer.set_definitions(7, flags(7, version=2))
+        client.send_mget.set()
+        assert (await whole) is not None
+        held = cache.get(7)
+        assert held is not None
+        assert held.etag == v2
+        assert cache.body(held) == text.encode()
+    finally:
+        await real.aclose()
+
+
+async def test_the_refresher_never_brings_back_an_entry_a_load_found_deleted(redis_url: str) -> None:
+    """Found by the review of this change's first version: while the refresher let requests run between
+    its rebuilds, a load found team 9's entry deleted (a miss, forwarded, dropped); the refresher then held
+    it again from its own earlier read, and served the deleted payload from memory."""
+    teams = range(1, 10)  # team 9 is built after the refresher's first pause
+    contract = RedisContract(RedisLayout())
+    writer = BackendWriter(redis_url)
+    for team in teams:
+        writer.set_definitions(team, flags(team)[:3])
+    real = aioredis.Redis.from_url(redis_url)
+    loading: list[asyncio.Task[Any]] = []
+    released = asyncio.Event()
+
+    class Client:
+        async def get(self, key: str) -> Any:
+            return await real.get(key)
+
+        async def mget(self, keys: Any) -> Any:
+            values = await real.mget(keys)
+            if len(keys) == 2 * len(teams):  # the refresher's read of every changed payload
+                await real.delete(contract.payload_key(9), contract.etag_key(9))  # the backend deletes it
+                loading.append(asyncio.create_task(cache.load(9, with_body=True)))  # and a request loads it
+                await asyncio.sleep(0.05)
+            elif list(keys) == [contract.payload_key(9), contract.etag_key(9)] and loading:
+                await released.wait()  # that load finishes during the refresher's pause
+            return values
+
+    cache = DefinitionsCache(cast(aioredis.Redis, Client()), contract, DefinitionsSettings())
+    try:
+        for team in teams:
+            assert await cache.load(team, with_body=True) is not None
+        for team in teams:
+            writer.set_definitions(team, flags(team, version=2)[:3])
+        builds = 0
+        build = cache._build
+
+        def counted(*args: Any) -> Any:
+            nonlocal builds
+            builds += 1
+            if builds == 8:
+                released.set()
+            return build(*args)
+
+        cache._build = counted  # type: ignore[method-assign, assignment]
+        await cache.refresh()
+        assert await loading[0] is None  # the request's load: a miss
+        assert cache.get(9) is None
+    finally:
+        await real.aclose()

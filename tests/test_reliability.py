@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.cli import main
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import ConfigError, load_settings, sentinel_parts
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy, Mode
 from tests.conftest import MakeProxy
@@ -802,6 +802,15 @@ async def test_an_acl_user_is_the_masters_and_the_sentinels_have_their_own_passw
     assert capsys.readouterr().out.splitlines()[-1] == "definitions offload 25% (kill switch off, shadow off)"
     with redis.Redis(port=master.port, username="edge", password=ACL_PASSWORD) as store:
         assert store.hget("edge-proxy:offload:definitions", "weight_percent") == b"25"
+
+
+def test_a_sentinel_url_user_without_a_password_is_no_credential() -> None:
+    """It was sent as AUTH user "" (refused by an open master); before the user was read at all, it was
+    ignored, as it is again."""
+    parts = sentinel_parts("redis+sentinel://edge@127.0.0.1:26379/edge/2")
+    assert (parts.username, parts.password, parts.db) == (None, None, 2)
+    with_password = sentinel_parts("redis+sentinel://edge:p%40ss@127.0.0.1:26379/edge")
+    assert (with_password.username, with_password.password) == ("edge", "p@ss")
 
 
 def test_a_sentinel_password_needs_a_sentinel_url() -> None:

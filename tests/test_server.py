@@ -111,6 +111,11 @@ def _open_files(pid: int) -> tuple[int, int]:
     return int(soft), int(hard)
 
 
+def _command_line(pid: int) -> list[bytes]:
+    """Process `pid`'s arguments, from /proc."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
 def _exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
@@ -407,6 +412,9 @@ async def test_each_worker_serves_its_own_metrics_on_a_port_of_its_own(
             counts = [await _forwarded_counts(session, metrics_port + i) for i in (0, 1)]
             async with session.get(f"http://127.0.0.1:{metrics_port}/x") as response:
                 only_metrics = response.status
+            # Found by a review: its expect handler read settings this app did not have (a 500).
+            expecting = b"GET /metrics HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+            expected = await _raw_exchange(metrics_port, expecting + b"Connection: close\r\n\r\nok")
 
     # Each worker counts only what it answered; together, every request once.
     assert counts[0][0] + counts[1][0] == 60
@@ -414,6 +422,7 @@ async def test_each_worker_serves_its_own_metrics_on_a_port_of_its_own(
     assert counts[1][1]
     assert counts[0][1] != counts[1][1]  # two processes, two instance ids
     assert only_metrics == 404
+    assert expected.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), expected[:200]
 
 
 LIVENESS = b"GET /_liveness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -614,11 +623,15 @@ async def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(
     of new connections, answering none, for as long as it lived; the supervisor never noticed."""
     _, server = upstream
     port = free_port()
-    env = _env(port, server, redis_url, EDGE_PROXY__WORKER_TIMEOUT_SECONDS="2")
+    env = _env(port, server, redis_url, EDGE_PROXY__WORKER_TIMEOUT_SECONDS="5")
     with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
         await wait_ready(port, supervisor, log_path)
         await wait_until(lambda: len(_listening_workers(supervisor.pid, port)) == 2, "two workers listening")
         stuck, other = _children(supervisor.pid)
+        # Told the count (its share of the container's memory) and its index (which makes it serve).
+        command = _command_line(stuck)
+        assert command[command.index(b"--workers") + 1] == b"2"
+        assert command[command.index(b"--worker-index") + 1] == b"0"
         os.kill(stuck, signal.SIGSTOP)
         await wait_until(
             lambda: stuck not in (w := _listening_workers(supervisor.pid, port)) and len(w) == 2,
@@ -630,7 +643,7 @@ async def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(
         assert await wait_exit(supervisor, 30) == 0
     log = log_path.read_text()
     assert re.search(
-        rf"worker 0 \(pid {stuck}\): no heartbeat for [2-9]s \(its event loop is stuck\)", log
+        rf"worker 0 \(pid {stuck}\): no heartbeat for [5-9]s \(its event loop is stuck\)", log
     ), log
 
 
@@ -708,7 +721,12 @@ async def test_the_images_healthcheck_follows_bind_and_ignores_http_proxy(
     _, server = upstream
     port = free_port()
     command = [sys.executable if part == "python3" else part for part in _docker_healthcheck()]
-    env = {"BIND": f"0.0.0.0:{port}", "http_proxy": f"http://127.0.0.1:{free_port()}"}
+    # EDGE_PROXY__BIND wins over BIND, in the app as in the check.
+    env = {
+        "EDGE_PROXY__BIND": f"0.0.0.0:{port}",
+        "BIND": "0.0.0.0:1",
+        "http_proxy": f"http://127.0.0.1:{free_port()}",
+    }
 
     async def check() -> tuple[int | None, bytes]:
         checking = await asyncio.create_subprocess_exec(*command, env=env, stderr=subprocess.PIPE)

@@ -545,6 +545,14 @@ def test_an_otlp_endpoint_with_a_query_or_fragment_is_refused(endpoint: str) -> 
     assert "must not have a query or fragment" in message
 
 
+def test_a_worker_timeout_shorter_than_a_workers_start_is_refused() -> None:
+    """A worker's first heartbeat comes once it has imported everything (~1 s): 0.9 killed every worker
+    in a loop until the supervisor gave up (found by a review)."""
+    message = problems(env={"EDGE_PROXY__WORKER_TIMEOUT_SECONDS": "4.9"})
+    assert "worker_timeout_seconds (from $EDGE_PROXY__WORKER_TIMEOUT_SECONDS): " in message
+    assert load_settings(None, {"EDGE_PROXY__WORKER_TIMEOUT_SECONDS": "5"}).worker_timeout_seconds == 5
+
+
 def test_an_empty_otel_endpoint_is_unset_as_the_sdks_read_it() -> None:
     assert load_settings(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}).telemetry.otlp_endpoint is None
 
