@@ -76,6 +76,12 @@ class Definitions:
         )
 
 
+def _confirm(entry: Definitions, read_at: float) -> None:
+    """Redis said `entry` stands, in a read begun at `read_at`: fresh, and as recent as that read."""
+    entry.checked_at = time.monotonic()
+    entry.read_at = max(entry.read_at, read_at)
+
+
 def _etag_safe(etag: str) -> bool:
     """RFC 9110 §8.8.3's etagc (visible ASCII but the quote), and not empty."""
     return bool(etag) and all("!" <= c <= "~" and c != '"' for c in etag)
@@ -204,7 +210,7 @@ class DefinitionsCache:
                     if held is not None and held.etag == etag and (held.body or held.packed) is not None:
                         # Confirmed as it stands (after an outage, say): the payload held stays held, and the
                         # next 200 needs no read; an ETag-only entry in its place would throw it away.
-                        held.checked_at = time.monotonic()
+                        _confirm(held, read_at)
                         return held
                     return self._store(Definitions(team_id, etag, None, True, time.monotonic()), read_at)
             keys = (self._contract.payload_key(team_id), self._contract.etag_key(team_id))
@@ -236,7 +242,7 @@ class DefinitionsCache:
             if held is not None and held.etag is None and held.raw_hash == hash(raw_body):
                 # No ETag to tell a change: the payload itself is compared, and an unchanged one is not
                 # decoded and parsed again at every cycle (1,000 such teams took half a core).
-                held.checked_at = time.monotonic()
+                _confirm(held, read_at)
                 return held
         try:
             text = self._contract.decode_text(raw_body)
@@ -272,11 +278,13 @@ class DefinitionsCache:
     def _store(self, entry: Definitions, read_at: float) -> Definitions:
         entry.read_at = read_at
         held = self._entries.get(entry.team_id)
-        if held is not None and held.read_at > read_at and held.etag != entry.etag:
-            # Held from a read that began after this one (the refresher's, or another load's), with another
-            # ETag: newer than what this read returned. Served to whoever waits for this read, never held in
-            # its place: this replica then answered older flags after newer ones.
-            return entry
+        if held is not None and held.read_at > read_at:
+            if held.etag != entry.etag or held.raw_hash != entry.raw_hash:
+                # Held from (or confirmed by) a read that began after this one, with other contents: newer
+                # than what this read returned. Served to whoever waits for this read, never held in its
+                # place: this replica then answered older flags after newer ones (a rollback undone).
+                return entry
+            entry.read_at = held.read_at  # the same contents: as recent as the later read says
         self._drop(entry.team_id)
         if self._compressor is not None and entry.body is not None:
             # Copied: python-zstandard returns its output in a buffer sized for the input (compressBound),
@@ -349,11 +357,11 @@ class DefinitionsCache:
                 continue
             if raw is not None and raw == entry.raw_etag:
                 # The same bytes as last cycle (the common case): not decoded again (~2.5 µs each).
-                entry.checked_at = now
+                _confirm(entry, now)
                 continue
             etag = self._decode_etag(team_id, raw)
             if etag is not None and etag == entry.etag:
-                entry.checked_at = now
+                _confirm(entry, now)
                 entry.raw_etag = raw
             elif etag is not None and entry.body is None and entry.packed is None:
                 self._store(Definitions(team_id, etag, None, True, now), now)

@@ -104,11 +104,8 @@ def sentinel_parts(url: str) -> SentinelParts:
     # A query would be read as part of the service name or db (`/edge?db=5`: a master never found).
     if not service or not ((db.isascii() and db.isdigit()) or not db) or any(c in path for c in "?#"):
         raise ValueError(_SENTINEL_FORM)
-    user, _, secret = userinfo.partition(":")
-    # A user without a password authenticates nothing (it was sent as AUTH user "": an open master refused).
-    password = unquote(secret) or None
-    username = (unquote(user) or None) if password else None
-    return SentinelParts(nodes, service, int(db or 0), username, password)
+    username, _, password = userinfo.partition(":")
+    return SentinelParts(nodes, service, int(db or 0), unquote(username) or None, unquote(password) or None)
 
 
 # How long a process's billing batch mark lives in Redis (renewed by each write): what keeps a retried batch
