@@ -5,6 +5,8 @@ from __future__ import annotations
 import hmac
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
 
@@ -17,7 +19,35 @@ from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, Settings, cluster_no
 from proxy.verdicts import revoke_pattern
 
 
-def _client(settings: Settings) -> redis.Redis | redis.RedisCluster:
+@contextmanager
+def _client(settings: Settings) -> Iterator[redis.Redis | redis.RedisCluster]:
+    """A synchronous client for the configured Redis, closed (through Sentinel: with the sentinels') after."""
+    url = settings.redis.url
+    if url.startswith(SENTINEL_SCHEME):
+        parts = sentinel_parts(url)
+        asked = {"socket_timeout": 5, "socket_connect_timeout": 5, "password": settings.redis.sentinel_secret}
+        # redis-py before 8.2 leaves the synchronous Sentinel unannotated.
+        sentinel = Sentinel(parts.sentinels, sentinel_kwargs=asked)  # type: ignore[no-untyped-call, unused-ignore]
+        master = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
+            parts.service,
+            username=parts.username,
+            password=parts.password,
+            db=parts.db,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+        )
+        try:
+            with cast(redis.Redis, master) as client:
+                yield client
+        finally:
+            for asked_sentinel in sentinel.sentinels:
+                asked_sentinel.close()
+        return
+    with _plain_client(settings) as client:
+        yield client
+
+
+def _plain_client(settings: Settings) -> redis.Redis | redis.RedisCluster:
     url = settings.redis.url
     if url.startswith(CLUSTER_SCHEME):
         # Connects at once (finding the slot map); SCAN then walks every primary.
@@ -31,21 +61,6 @@ def _client(settings: Settings) -> redis.Redis | redis.RedisCluster:
             socket_timeout=5,
             socket_connect_timeout=5,
         )
-    if url.startswith(SENTINEL_SCHEME):
-        # The master the sentinels name now (the URL's credentials are the master's).
-        parts = sentinel_parts(url)
-        asked = {"socket_timeout": 5, "socket_connect_timeout": 5, "password": settings.redis.sentinel_secret}
-        # redis-py before 8.2 leaves the synchronous Sentinel unannotated.
-        sentinel = Sentinel(parts.sentinels, sentinel_kwargs=asked)  # type: ignore[no-untyped-call, unused-ignore]
-        master = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
-            parts.service,
-            username=parts.username,
-            password=parts.password,
-            db=parts.db,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-        )
-        return cast(redis.Redis, master)
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
@@ -122,10 +137,10 @@ def revoke(settings: Settings, team_id: int | None, credential: str | None) -> i
     with _client(settings) as client:
         if credential is not None and team_id is not None:
             digest = hmac.digest(auth.hmac_key.get_secret_value().encode(), credential.encode(), "sha256")
-            return int(cast(int, client.delete(f"{auth.key_prefix}:{team_id}:{digest.hex()}")))
+            return int(client.delete(f"{auth.key_prefix}:{team_id}:{digest.hex()}"))
         deleted = 0
         for key in client.scan_iter(revoke_pattern(auth.key_prefix, team_id), count=1000):
-            deleted += int(cast(int, client.delete(key)))
+            deleted += int(client.delete(key))
         return deleted
 
 

@@ -524,26 +524,6 @@ async def test_the_refresher_never_brings_back_an_entry_a_load_found_deleted(red
         await real.aclose()
 
 
-class _HeldAnswer:
-    """The test's Redis client: its next payload read (MGET) once armed is answered by Redis at once and
-    returned only when `release` opens."""
-
-    def __init__(self, real: aioredis.Redis) -> None:
-        self.real = real
-        self.release = asyncio.Event()
-        self.armed = False
-
-    async def get(self, key: str) -> Any:
-        return await self.real.get(key)
-
-    async def mget(self, keys: Any) -> Any:
-        values = await self.real.mget(keys)
-        if self.armed and len(keys) == 2:
-            self.armed = False
-            await self.release.wait()
-        return values
-
-
 async def test_a_rollback_the_refresher_confirmed_is_not_undone_by_an_earlier_begun_read(
     redis_url: str,
 ) -> None:
@@ -552,26 +532,24 @@ async def test_a_rollback_the_refresher_confirmed_is_not_undone_by_an_earlier_be
     a read."""
     writer = BackendWriter(redis_url)
     _, a = writer.set_definitions(7, flags(7, version=1))
-    real = aioredis.Redis.from_url(redis_url)
-    client = _HeldAnswer(real)
-    cache = DefinitionsCache(
-        cast(aioredis.Redis, client), RedisContract(RedisLayout()), DefinitionsSettings()
-    )
+    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
+    cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
     try:
         assert await cache.load(7, with_body=False) is not None  # a 304's read: A's ETag held
         writer.set_definitions(7, flags(7, version=2))  # B
-        client.armed = True
+        read, release = asyncio.Event(), asyncio.Event()
+        client.gate = (read, release)
         reading_b = asyncio.create_task(cache.load(7, with_body=True))
-        await asyncio.sleep(0.05)
+        await read.wait()
         writer.set_definitions(7, flags(7, version=1))  # A again
         await cache.refresh()  # confirms A
-        client.release.set()
+        release.set()
         await reading_b
         held = cache.get(7)
         assert held is not None
         assert held.etag == a
     finally:
-        await real.aclose()
+        await client.aclose()
 
 
 async def test_without_etags_an_earlier_begun_read_does_not_replace_a_later_ones_payload(
@@ -580,21 +558,19 @@ async def test_without_etags_an_earlier_begun_read_does_not_replace_a_later_ones
     """Found by the same review: with no ETag on either side the contents were taken for the same."""
     writer = BackendWriter(redis_url)
     writer.set_payload_without_etag(8, flags(8, version=1))
-    real = aioredis.Redis.from_url(redis_url)
-    client = _HeldAnswer(real)
-    cache = DefinitionsCache(
-        cast(aioredis.Redis, client), RedisContract(RedisLayout()), DefinitionsSettings()
-    )
+    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
+    cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
     try:
-        client.armed = True
+        read, release = asyncio.Event(), asyncio.Event()
+        client.gate = (read, release)
         reading_v1 = asyncio.create_task(cache.load(8, with_body=False))  # without an ETag: the payload
-        await asyncio.sleep(0.05)
+        await read.wait()
         text = writer.set_payload_without_etag(8, flags(8, version=2))
         assert await cache.load(8, with_body=True) is not None  # begun later: version 2
-        client.release.set()
+        release.set()
         await reading_v1
         held = cache.get(8)
         assert held is not None
         assert cache.body(held) == text.encode()
     finally:
-        await real.aclose()
+        await client.aclose()

@@ -582,21 +582,26 @@ def _start_sentinel(
     return process, port
 
 
+def _wait_for_sentinel(port: int, password: str | None = None) -> None:
+    """Until the sentinel on `port` names the master of service `edge` (bounded)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with redis.Redis(port=port, password=password, socket_timeout=0.5) as sentinel:
+                if sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "edge"):
+                    return
+        except redis.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "sentinel did not start"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def sentinel_url(redis_server: RedisServer, redis_url: str, tmp_path: Path) -> Iterator[str]:
     """A real redis-server in Sentinel mode monitoring the suite's Redis as service `edge`."""
     process, port = _start_sentinel(tmp_path, redis_server.port)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis(port=port, socket_timeout=0.5) as sentinel:
-                    if sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "edge"):
-                        break
-            except redis.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "sentinel did not start"
-            time.sleep(0.05)
+        _wait_for_sentinel(port)
         yield f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{port}/edge/0"
     finally:
         process.kill()
@@ -761,16 +766,7 @@ def guarded_sentinel(tmp_path: Path) -> Iterator[tuple[RedisServer, str, str]]:
         f"sentinel auth-user edge edge\nsentinel auth-pass edge {ACL_PASSWORD}\n",
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis(port=port, password=sentinel_password, socket_timeout=0.5) as watcher:
-                    if watcher.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "edge"):
-                        break
-            except redis.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "sentinel did not start"
-            time.sleep(0.05)
+        _wait_for_sentinel(port, sentinel_password)
         quoted = quote(ACL_PASSWORD, safe="")
         yield master, f"redis+sentinel://edge:{quoted}@127.0.0.1:{port}/edge/0", sentinel_password
     finally:
