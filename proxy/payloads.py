@@ -37,6 +37,14 @@ _TRIM_INTERVAL_SECONDS = 5.0
 _TOUCH_PRECISION_SECONDS = 1.0
 # The refresher lets requests run between every this many payloads it decodes and parses.
 _BUILDS_PER_YIELD = 8
+# What a read found when the payload was gone (a contents key: an entry's is its (ETag, raw hash)).
+_DELETED = ("deleted",)
+# After two overlapping reads saw different contents: equal to no contents, so only a read begun after both
+# ended is taken.
+_UNKNOWN = ("unknown",)
+# A team's last read is remembered this long after it ended while nothing is held (a read lasts at most a
+# few Redis timeouts).
+_LAST_READ_KEPT_SECONDS = 60.0
 
 
 @dataclass(slots=True)
@@ -53,8 +61,6 @@ class Definitions:
     raw_etag: bytes | None = None  # the ETag as Redis last returned it: unchanged bytes need no decoding
     # Without an ETag, the payload itself is re-read each cycle: its hash as read tells an unchanged one.
     raw_hash: int | None = None
-    # Monotonic time the read that produced this entry began: of two reads, the later-begun saw Redis later.
-    read_at: float = 0.0
     # Read-only multidicts: aiohttp copies them into each response faster than plain dicts (~0.1 µs).
     headers_200: CIMultiDictProxy[str] = field(init=False)
     headers_304: CIMultiDictProxy[str] = field(init=False)
@@ -76,10 +82,9 @@ class Definitions:
         )
 
 
-def _confirm(entry: Definitions, read_at: float) -> None:
-    """Redis said `entry` stands, in a read begun at `read_at`: fresh, and as recent as that read."""
-    entry.checked_at = time.monotonic()
-    entry.read_at = max(entry.read_at, read_at)
+def _contents(entry: Definitions) -> tuple[object, ...]:
+    """What tells two reads' findings apart: the ETag, or without one the payload's hash."""
+    return (entry.etag, entry.raw_hash)
 
 
 def _etag_safe(etag: str) -> bool:
@@ -125,6 +130,11 @@ class DefinitionsCache:
         self._used_at: dict[int, float] = {}
         self._flight: SingleFlight[tuple[int, bool], Definitions | None] = SingleFlight()
         self._billable: dict[str, bool] = {}
+        # Per team, the last read this replica took the word of: (began, ended, contents). Reads overlap
+        # (a 304's and a 200's, a request's and the refresher's) and a later-begun one can reach Redis first
+        # (a wait for a pool connection), so neither when a read began nor when it ended orders two of them:
+        # only one that began after the other ended is newer. See _taken.
+        self._last: dict[int, tuple[float, float, tuple[object, ...]]] = {}
         self.bytes_held = 0
         # With a decoded budget, every payload is also held compressed, and only the most recently served are
         # held decoded too: these team ids, least recently served first, holding decoded_bytes.
@@ -210,7 +220,8 @@ class DefinitionsCache:
                     if held is not None and held.etag == etag and (held.body or held.packed) is not None:
                         # Confirmed as it stands (after an outage, say): the payload held stays held, and the
                         # next 200 needs no read; an ETag-only entry in its place would throw it away.
-                        _confirm(held, read_at)
+                        if self._taken(team_id, read_at, _contents(held)):
+                            held.checked_at = time.monotonic()
                         return held
                     return self._store(Definitions(team_id, etag, None, True, time.monotonic()), read_at)
             keys = (self._contract.payload_key(team_id), self._contract.etag_key(team_id))
@@ -242,7 +253,8 @@ class DefinitionsCache:
             if held is not None and held.etag is None and held.raw_hash == hash(raw_body):
                 # No ETag to tell a change: the payload itself is compared, and an unchanged one is not
                 # decoded and parsed again at every cycle (1,000 such teams took half a core).
-                _confirm(held, read_at)
+                if self._taken(team_id, read_at, _contents(held)):
+                    held.checked_at = time.monotonic()
                 return held
         try:
             text = self._contract.decode_text(raw_body)
@@ -250,7 +262,8 @@ class DefinitionsCache:
             self._warn.warning("undecodable definitions for team %s: %s", team_id, exc)
             text = None
         if text is None:
-            self._drop(team_id)
+            self._taken(team_id, read_at, _DELETED)
+            self._drop(team_id)  # gone, or (overlapping a read that found it) not to be trusted
             return None
         body = text.encode()
         self._churn += len(body)
@@ -275,16 +288,29 @@ class DefinitionsCache:
             entry.raw_hash = hash(raw_body)
         return self._store(entry, read_at)
 
+    def _taken(self, team_id: int, read_at: float, contents: tuple[object, ...]) -> bool:
+        """Whether what a read begun at `read_at` (ended now) found is the latest word on the team: the
+        same contents as the last read taken, or a read begun after that one ended.
+
+        Otherwise the two overlapped (a read ending now cannot have ended before one already taken began)
+        and found different contents: neither is trusted, the entry held is dropped, and only a read begun
+        after both ended is taken. What this read found goes to whoever waits for it, never held: this
+        replica answered older flags after newer ones (found by three reviews, of orders by one end of the
+        reads). The cost: a change seen by two overlapping reads is read once more.
+        """
+        ended = time.monotonic()
+        last = self._last.get(team_id)
+        if last is None or last[2] == contents or read_at >= last[1]:
+            began = read_at if last is None or last[2] != contents else max(read_at, last[0])
+            self._last[team_id] = (began, ended, contents)
+            return True
+        self._last[team_id] = (max(read_at, last[0]), ended, _UNKNOWN)
+        self._drop(team_id)
+        return False
+
     def _store(self, entry: Definitions, read_at: float) -> Definitions:
-        entry.read_at = read_at
-        held = self._entries.get(entry.team_id)
-        if held is not None and held.read_at > read_at:
-            if held.etag != entry.etag or held.raw_hash != entry.raw_hash:
-                # Held from (or confirmed by) a read that began after this one, with other contents: newer
-                # than what this read returned. Served to whoever waits for this read, never held in its
-                # place: this replica then answered older flags after newer ones (a rollback undone).
-                return entry
-            entry.read_at = held.read_at  # the same contents: as recent as the later read says
+        if not self._taken(entry.team_id, read_at, _contents(entry)):
+            return entry
         self._drop(entry.team_id)
         if self._compressor is not None and entry.body is not None:
             # Copied: python-zstandard returns its output in a buffer sized for the input (compressBound),
@@ -345,6 +371,13 @@ class DefinitionsCache:
             # Teams dropped otherwise (the budget, a payload gone) keep their time of use, so a team loaded
             # again is not taken for a new one; past twice what is held, only those held keep it.
             self._used_at = {t: self._used_at[t] for t in self._entries if t in self._used_at}
+        if len(self._last) > len(self._entries):
+            # Teams no longer held keep their last read only while a read begun before it ended may still
+            # be under way.
+            ended_before = now - _LAST_READ_KEPT_SECONDS
+            self._last = {
+                t: last for t, last in self._last.items() if t in self._entries or last[1] > ended_before
+            }
         self.release_memory(now)
         team_ids = list(self._entries)
         if not team_ids:
@@ -357,12 +390,14 @@ class DefinitionsCache:
                 continue
             if raw is not None and raw == entry.raw_etag:
                 # The same bytes as last cycle (the common case): not decoded again (~2.5 µs each).
-                _confirm(entry, now)
+                if self._taken(team_id, now, _contents(entry)):
+                    entry.checked_at = now
                 continue
             etag = self._decode_etag(team_id, raw)
             if etag is not None and etag == entry.etag:
-                _confirm(entry, now)
-                entry.raw_etag = raw
+                if self._taken(team_id, now, _contents(entry)):
+                    entry.checked_at = now
+                    entry.raw_etag = raw
             elif etag is not None and entry.body is None and entry.packed is None:
                 self._store(Definitions(team_id, etag, None, True, now), now)
             else:
@@ -374,10 +409,9 @@ class DefinitionsCache:
         read_at = time.monotonic()
         raws = await mget_many(self._client, keys)
         for index, team_id in enumerate(stale):
-            held = self._entries.get(team_id)
-            # Gone meanwhile (a load found the payload deleted; the budget) or replaced by a later read: what
-            # this read returned is older, and would bring a deleted payload back from the dead.
-            if held is not None and held.read_at <= read_at:
+            # Gone meanwhile (the budget, idle, a load that found it deleted): not brought back. A change a
+            # load took meanwhile is ordered against this read by _taken.
+            if team_id in self._entries:
                 self._build(team_id, raws[2 * index], raws[2 * index + 1], read_at)
             if index % _BUILDS_PER_YIELD == _BUILDS_PER_YIELD - 1:
                 # Each build decodes and parses a payload (~2 ms at 64 KB): a backend-wide rewrite of 1,000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import time
 import tracemalloc
@@ -262,6 +263,21 @@ async def test_times_of_use_are_kept_for_the_teams_held_not_every_team_ever_load
         await client.aclose()
 
 
+async def assert_held_is_never_older(cache: DefinitionsCache, team_id: int, latest: bytes) -> None:
+    """What is held for `team_id` is the latest payload (`latest`) or nothing (two overlapping reads found
+    different contents: neither trusted), and the next load reads the latest."""
+    held = cache.get(team_id)
+    assert held is None or cache.body(held) in (latest, None)
+    if held is not None and held.body is None and held.packed is None:  # an ETag-only entry
+        assert held.etag == hashlib.sha256(latest).hexdigest()[:16]
+    loaded = await cache.load(team_id, with_body=True)
+    assert loaded is not None
+    assert cache.body(loaded) == latest
+    again = cache.get(team_id)
+    assert again is not None
+    assert cache.body(again) == latest
+
+
 class GatedRedis(aioredis.Redis):
     """A Redis client whose next MGET, once armed, reads at once and answers only when released."""
 
@@ -290,18 +306,13 @@ async def test_a_load_that_read_before_a_newer_entry_was_held_does_not_replace_i
         client.gate = (read, release)
         loading = asyncio.create_task(cache.load(1, with_body=True))  # a 200's read: reads version 1
         await read.wait()
-        text, v2 = writer.set_definitions(1, flags(1, version=2))
+        text, _ = writer.set_definitions(1, flags(1, version=2))
         await cache.refresh()  # holds version 2's ETag
         release.set()
         old = await loading
         assert old is not None
         assert old.etag == v1  # what that read returned, to whoever waited for it
-        held = cache.get(1)
-        assert held is not None
-        assert held.etag == v2
-        newer = await cache.load(1, with_body=True)
-        assert newer is not None
-        assert cache.body(newer) == text.encode()
+        await assert_held_is_never_older(cache, 1, text.encode())
     finally:
         await client.aclose()
 
@@ -462,13 +473,10 @@ async def test_of_two_reads_the_later_begun_is_held_whichever_finishes_last(redi
         await asyncio.sleep(0.05)
         client.got.set()
         assert await etag_only is not None  # held: version 1, from the earlier-begun read
-        text, v2 = writer.set_definitions(7, flags(7, version=2))
+        text, _ = writer.set_definitions(7, flags(7, version=2))
         client.send_mget.set()
         assert (await whole) is not None
-        held = cache.get(7)
-        assert held is not None
-        assert held.etag == v2
-        assert cache.body(held) == text.encode()
+        await assert_held_is_never_older(cache, 7, text.encode())
     finally:
         await real.aclose()
 
@@ -531,7 +539,7 @@ async def test_a_rollback_the_refresher_confirmed_is_not_undone_by_an_earlier_be
     begun before the refresher confirmed A, finished after it and held B: a confirmation did not count as
     a read."""
     writer = BackendWriter(redis_url)
-    _, a = writer.set_definitions(7, flags(7, version=1))
+    writer.set_definitions(7, flags(7, version=1))
     client = cast(GatedRedis, GatedRedis.from_url(redis_url))
     cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
     try:
@@ -541,13 +549,11 @@ async def test_a_rollback_the_refresher_confirmed_is_not_undone_by_an_earlier_be
         client.gate = (read, release)
         reading_b = asyncio.create_task(cache.load(7, with_body=True))
         await read.wait()
-        writer.set_definitions(7, flags(7, version=1))  # A again
+        text, _ = writer.set_definitions(7, flags(7, version=1))  # A again
         await cache.refresh()  # confirms A
         release.set()
         await reading_b
-        held = cache.get(7)
-        assert held is not None
-        assert held.etag == a
+        await assert_held_is_never_older(cache, 7, text.encode())
     finally:
         await client.aclose()
 
@@ -569,8 +575,91 @@ async def test_without_etags_an_earlier_begun_read_does_not_replace_a_later_ones
         assert await cache.load(8, with_body=True) is not None  # begun later: version 2
         release.set()
         await reading_v1
-        held = cache.get(8)
-        assert held is not None
-        assert cache.body(held) == text.encode()
+        await assert_held_is_never_older(cache, 8, text.encode())
     finally:
         await client.aclose()
+
+
+async def test_an_earlier_begun_read_does_not_bring_back_what_a_later_one_found_deleted(
+    redis_url: str,
+) -> None:
+    """Found by a review of the read-order rule: with nothing held (a later-begun load had found the payload
+    deleted), no order was checked, and the earlier read's payload was held again."""
+    writer = BackendWriter(redis_url)
+    writer.set_definitions(9, flags(9)[:3])
+    contract = RedisContract(RedisLayout())
+    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
+    cache = DefinitionsCache(client, contract, DefinitionsSettings())
+    try:
+        read, release = asyncio.Event(), asyncio.Event()
+        client.gate = (read, release)
+        earlier = asyncio.create_task(cache.load(9, with_body=True))  # reads the payload; answer held back
+        await read.wait()
+        await client.delete(contract.payload_key(9), contract.etag_key(9))
+        assert await cache.load(9, with_body=False) is None  # begun later: deleted, a miss
+        release.set()
+        await earlier
+        assert cache.get(9) is None
+    finally:
+        await client.aclose()
+
+
+async def test_an_earlier_begun_read_does_not_replace_a_newer_entry_the_budget_pushed_out(
+    redis_url: str,
+) -> None:
+    """Found by the same review: the newer entry, pushed out by the budget, left no trace of having been
+    held, and the earlier read's older version was held after it."""
+    writer = BackendWriter(redis_url)
+    writer.set_definitions(7, flags(7, version=1)[:50])
+    size = len(writer.set_definitions(8, flags(8)[:200])[0])
+    writer.set_definitions(9, flags(9)[:200])
+    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
+    settings = DefinitionsSettings(cache_budget_bytes=size + size // 2)
+    cache = DefinitionsCache(client, RedisContract(RedisLayout()), settings)
+    try:
+        assert await cache.load(7, with_body=False) is not None  # a 304: version 1's ETag held
+        read, release = asyncio.Event(), asyncio.Event()
+        client.gate = (read, release)
+        earlier = asyncio.create_task(cache.load(7, with_body=True))  # reads version 1; held back
+        await read.wait()
+        text, v2 = writer.set_definitions(7, flags(7, version=2)[:50])
+        await cache.refresh()  # holds version 2's ETag: a 304 for it is answered from memory
+        held = cache.get(7)
+        assert held is not None
+        assert held.etag == v2
+        for team in (8, 9):  # the budget pushes team 7 out
+            await cache.load(team, with_body=True)
+        assert cache.get(7) is None
+        release.set()
+        await earlier
+        await assert_held_is_never_older(cache, 7, text.encode())
+    finally:
+        await client.aclose()
+
+
+async def test_a_later_begun_read_that_reached_redis_first_is_not_replaced_by_the_earlier_one(
+    redis_url: str,
+) -> None:
+    """Found by a review of the order by when reads began: a 200's read waiting for a connection reached
+    Redis after a 304's read begun later (version 1), saw version 2 and held it; the 304's answer, handed
+    back last, then held version 1. Two overlapping reads that disagree are neither trusted."""
+    writer = BackendWriter(redis_url)
+    writer.set_definitions(7, flags(7, version=1))
+    real = aioredis.Redis.from_url(redis_url)
+    client = _Paced(real)
+    cache = DefinitionsCache(
+        cast(aioredis.Redis, client), RedisContract(RedisLayout()), DefinitionsSettings()
+    )
+    try:
+        whole = asyncio.create_task(cache.load(7, with_body=True))  # its MGET not sent yet
+        await asyncio.sleep(0.05)
+        etag_only = asyncio.create_task(cache.load(7, with_body=False))  # reads version 1; handed back late
+        await asyncio.sleep(0.05)
+        text, _ = writer.set_definitions(7, flags(7, version=2))
+        client.send_mget.set()
+        assert await whole is not None  # version 2, held
+        client.got.set()
+        await etag_only
+        await assert_held_is_never_older(cache, 7, text.encode())
+    finally:
+        await real.aclose()
