@@ -7,7 +7,8 @@ import hashlib
 import inspect
 import time
 import tracemalloc
-from typing import Any, cast
+from collections.abc import Coroutine
+from typing import Any, TypeVar, cast
 
 import pytest
 import redis
@@ -29,6 +30,7 @@ AUTH = {"Authorization": f"Bearer {SECRET}"}
 TEAMS = (1, 2, 3)
 
 Client = TestClient[Any, Any]
+T = TypeVar("T")
 
 
 def url(team_id: int) -> str:
@@ -292,6 +294,15 @@ class GatedRedis(aioredis.Redis):
             await release.wait()
         return values
 
+    async def held_back(self, load: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], asyncio.Event]:
+        """Start `load` with its MGET armed; once Redis has answered it: the load and the event that hands
+        the answer back."""
+        read, release = asyncio.Event(), asyncio.Event()
+        self.gate = (read, release)
+        task = asyncio.create_task(load)
+        await read.wait()
+        return task, release
+
 
 async def test_a_load_that_read_before_a_newer_entry_was_held_does_not_replace_it(redis_url: str) -> None:
     """Found by a reviewer: a 200's payload read, answered after the refresher had held the next version's
@@ -302,10 +313,9 @@ async def test_a_load_that_read_before_a_newer_entry_was_held_does_not_replace_i
     cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
     try:
         assert await cache.load(1, with_body=False) is not None  # a 304's read: the ETag alone
-        read, release = asyncio.Event(), asyncio.Event()
-        client.gate = (read, release)
-        loading = asyncio.create_task(cache.load(1, with_body=True))  # a 200's read: reads version 1
-        await read.wait()
+        loading, release = await client.held_back(
+            cache.load(1, with_body=True)
+        )  # a 200's read: reads version 1
         text, _ = writer.set_definitions(1, flags(1, version=2))
         await cache.refresh()  # holds version 2's ETag
         release.set()
@@ -545,10 +555,7 @@ async def test_a_rollback_the_refresher_confirmed_is_not_undone_by_an_earlier_be
     try:
         assert await cache.load(7, with_body=False) is not None  # a 304's read: A's ETag held
         writer.set_definitions(7, flags(7, version=2))  # B
-        read, release = asyncio.Event(), asyncio.Event()
-        client.gate = (read, release)
-        reading_b = asyncio.create_task(cache.load(7, with_body=True))
-        await read.wait()
+        reading_b, release = await client.held_back(cache.load(7, with_body=True))
         text, _ = writer.set_definitions(7, flags(7, version=1))  # A again
         await cache.refresh()  # confirms A
         release.set()
@@ -567,10 +574,9 @@ async def test_without_etags_an_earlier_begun_read_does_not_replace_a_later_ones
     client = cast(GatedRedis, GatedRedis.from_url(redis_url))
     cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
     try:
-        read, release = asyncio.Event(), asyncio.Event()
-        client.gate = (read, release)
-        reading_v1 = asyncio.create_task(cache.load(8, with_body=False))  # without an ETag: the payload
-        await read.wait()
+        reading_v1, release = await client.held_back(
+            cache.load(8, with_body=False)
+        )  # without an ETag: the payload
         text = writer.set_payload_without_etag(8, flags(8, version=2))
         assert await cache.load(8, with_body=True) is not None  # begun later: version 2
         release.set()
@@ -591,10 +597,9 @@ async def test_an_earlier_begun_read_does_not_bring_back_what_a_later_one_found_
     client = cast(GatedRedis, GatedRedis.from_url(redis_url))
     cache = DefinitionsCache(client, contract, DefinitionsSettings())
     try:
-        read, release = asyncio.Event(), asyncio.Event()
-        client.gate = (read, release)
-        earlier = asyncio.create_task(cache.load(9, with_body=True))  # reads the payload; answer held back
-        await read.wait()
+        earlier, release = await client.held_back(
+            cache.load(9, with_body=True)
+        )  # reads the payload; answer held back
         await client.delete(contract.payload_key(9), contract.etag_key(9))
         assert await cache.load(9, with_body=False) is None  # begun later: deleted, a miss
         release.set()
@@ -618,10 +623,7 @@ async def test_an_earlier_begun_read_does_not_replace_a_newer_entry_the_budget_p
     cache = DefinitionsCache(client, RedisContract(RedisLayout()), settings)
     try:
         assert await cache.load(7, with_body=False) is not None  # a 304: version 1's ETag held
-        read, release = asyncio.Event(), asyncio.Event()
-        client.gate = (read, release)
-        earlier = asyncio.create_task(cache.load(7, with_body=True))  # reads version 1; held back
-        await read.wait()
+        earlier, release = await client.held_back(cache.load(7, with_body=True))  # reads version 1; held back
         text, v2 = writer.set_definitions(7, flags(7, version=2)[:50])
         await cache.refresh()  # holds version 2's ETag: a 304 for it is answered from memory
         held = cache.get(7)
