@@ -16,7 +16,7 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from pytest_aiohttp import AiohttpClient
 
-from proxy import keys, ratelimit
+from proxy import cluster, keys, ratelimit
 from proxy.ratelimit import SYNC_FIRST, SYNC_SCRIPT, RateLimiter, ratelimit_ctx, too_many_requests
 from proxy.redis_client import make_client, redis_ctx
 from proxy.settings import RateLimitSettings, RedisSettings
@@ -586,3 +586,32 @@ async def test_any_key_prefix_works_on_one_node(client: aioredis.Redis, prefix: 
     assert await burst(rl, 4) == 3
     await rl.sync()
     assert int(await client.get(rl.key(TEAM, "full")) or 0) == 3
+
+
+async def test_a_sync_reply_for_a_window_that_ended_meanwhile_leaves_the_next_window_alone(
+    client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply carries the ended window's count: applied to the next one, a team began its new window
+    with the old one's count (limited at once) and a negative count of admissions not yet pushed (found
+    unguarded by mutation testing)."""
+    now = [1000.0]
+    rl = RateLimiter(RateLimitSettings(default="100/minute"), client, clock=lambda: now[0])
+    assert await burst(rl, 60) == 60  # past half the limit: synced at every interval
+    replied, release = asyncio.Event(), asyncio.Event()
+    real_run_script = cluster.run_script
+
+    async def held_back(*args: Any) -> Any:
+        replies = await real_run_script(*args)
+        replied.set()
+        await release.wait()
+        return replies
+
+    monkeypatch.setattr(ratelimit, "run_script", held_back)
+    syncing = asyncio.create_task(rl.sync())
+    await replied.wait()
+    now[0] += 61  # the window ends while the reply is on its way
+    assert await request(rl) is None  # the first request of the next window
+    release.set()
+    await syncing
+    window = rl._full[TEAM]
+    assert (window.shared, window.pending) == (0, 1)
