@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 from bench import ceiling, dataset  # noqa: E402
 from examples.stack import free_port  # noqa: E402
 from proxy.app import create_app  # noqa: E402
-from proxy.settings import load_settings  # noqa: E402
+from proxy.config_loader import load_settings  # noqa: E402
 from tests.rig import RedisServer  # noqa: E402
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

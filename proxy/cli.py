@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from redis.exceptions import RedisClusterException, RedisError
 
 from proxy import __version__, connections, control, logs, server
-from proxy.settings import ConfigError, Settings, load_settings
+from proxy.config_loader import load_settings
+from proxy.settings import ConfigError, Settings
 
 # The config file when --config is not given: the image sets it to the file it serves with, so a command
 # run in the container (`edge-proxy offload status`) reads the same defaults as the proxy it controls.

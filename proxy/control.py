@@ -15,7 +15,8 @@ from redis.cluster import ClusterNode
 from redis.sentinel import Sentinel
 
 from proxy.offload import OffloadState, parse_state
-from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, Settings, cluster_nodes, sentinel_parts
+from proxy.redis_urls import CLUSTER_SCHEME, SENTINEL_SCHEME, cluster_nodes, sentinel_parts
+from proxy.settings import Settings
 from proxy.verdicts import revoke_pattern
 
 

@@ -17,7 +17,8 @@ from redis.backoff import NoBackoff
 from proxy import keys
 from proxy.cluster import RedisClient
 from proxy.redis_observer import ClusterAdmission, ObservedRedis, ObservedRedisCluster
-from proxy.settings import CLUSTER_SCHEME, SENTINEL_SCHEME, RedisSettings, cluster_nodes, sentinel_parts
+from proxy.redis_urls import CLUSTER_SCHEME, SENTINEL_SCHEME, cluster_nodes, sentinel_parts
+from proxy.settings import RedisSettings
 
 
 def _options(settings: RedisSettings) -> dict[str, Any]:

@@ -1,19 +1,13 @@
-"""Typed, frozen settings: YAML file, then environment overrides, validated once before the port opens."""
+"""Typed, frozen settings: every key, its default and its checks (proxy/config_loader.py reads them in)."""
 
 from __future__ import annotations
 
 import importlib.util
 import ipaddress
 import math
-import os
-import re
-from collections.abc import Mapping
 from enum import StrEnum
-from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Self
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Annotated, Any, Literal, Self
 
-import yaml
 from limits import parse as parse_rate
 from pydantic import (
     AfterValidator,
@@ -22,13 +16,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from redis.asyncio import BlockingConnectionPool
-from redis.exceptions import RedisError
+
+from proxy.redis_urls import CLUSTER_SCHEME, SENTINEL_SCHEME, check_redis_url
 
 
 class ConfigError(Exception):
@@ -51,127 +44,17 @@ def _rate(value: str) -> str:
     return value
 
 
-# redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]: the master that Sentinel names.
-SENTINEL_SCHEME = "redis+sentinel://"
-_SENTINEL_FORM = (
-    "must be redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db] (no query)"
-)
-# redis+cluster://[user:password@]host:port[,host:port...]: a Redis Cluster, discovered from any listed node
-# (the scheme `limits` uses too; database 0 only, so no path).
-CLUSTER_SCHEME = "redis+cluster://"
-_CLUSTER_FORM = "must be redis+cluster://[user:password@]host:port[,host:port...] (ports 1-65535, no path)"
-
-
-def _host_ports(hosts: str, form: str) -> list[tuple[str, int]]:
-    """`host:port[,host:port...]` (IPv6 hosts in brackets) as pairs; ValueError(form) if any is malformed."""
-    nodes = []
-    for item in hosts.split(","):
-        host, colon, port = item.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
-            raise ValueError(form)
-        nodes.append((host, int(port)))
-    return nodes
-
-
-def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """Startup nodes, username and password of a redis+cluster:// URL; ValueError if it is malformed."""
-    userinfo, _, rest = url[len(CLUSTER_SCHEME) :].rpartition("@")
-    hosts, _, path = rest.partition("/")
-    if path or not url.startswith(CLUSTER_SCHEME) or any(c in rest for c in "?#"):
-        raise ValueError(_CLUSTER_FORM)
-    username, _, password = userinfo.partition(":")
-    return _host_ports(hosts, _CLUSTER_FORM), unquote(username) or None, unquote(password) or None
-
-
-class SentinelParts(NamedTuple):
-    """What a redis+sentinel:// URL names: the sentinels, and the master's service, db and credentials."""
-
-    sentinels: list[tuple[str, int]]
-    service: str
-    db: int
-    username: str | None
-    password: str | None
-
-
-def sentinel_parts(url: str) -> SentinelParts:
-    """The parts of a redis+sentinel:// URL; ValueError if it is malformed."""
-    netloc, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
-    userinfo, _, hosts = netloc.rpartition("@")
-    service, _, db = path.strip("/").partition("/")
-    nodes = _host_ports(hosts, _SENTINEL_FORM)
-    # A query would be read as part of the service name or db (`/edge?db=5`: a master never found).
-    if not service or not ((db.isascii() and db.isdigit()) or not db) or any(c in path for c in "?#"):
-        raise ValueError(_SENTINEL_FORM)
-    username, _, password = userinfo.partition(":")
-    return SentinelParts(nodes, service, int(db or 0), unquote(username) or None, unquote(password) or None)
-
-
 # How long a process's billing batch mark lives in Redis (renewed by each write): what keeps a retried batch
 # from counting twice, so no batch may stay pending this long.
 BILLING_DEDUPE_TTL_SECONDS = 86400
-
-
-def _safe_reason(exc: Exception) -> str:
-    """redis-py's (or urllib's) complaint about a URL, when it cannot quote the password: an option's name
-    or value. Others (a port or netloc message quotes what it read, which can be part of a password holding
-    an unescaped '/' or '@') become a general one."""
-    reason = str(exc)
-    if isinstance(exc, TypeError) and "unexpected keyword argument" in reason:
-        return "an unknown query option" + reason[reason.index("argument") + len("argument") :]
-    if reason.startswith(("Invalid value for '", "Redis URL must specify")):
-        return reason
-    if isinstance(exc, RedisError):
-        return f"a query option redis-py refuses ({type(exc).__name__})"
-    return "no host and port it can read (a '/', '@', ':' or non-ASCII character in a password is %-encoded)"
 
 
 # Liveness, readiness, startup (proxy/health.py): answered in every mode, so no other route may take them.
 HEALTH_PATHS = ("/_liveness", "/_readiness", "/_startup")
 
 
-# Options of a redis://, rediss:// or unix:// URL's query that the proxy sets itself. redis-py lets the URL's
-# win over the client's arguments, so `?socket_timeout=3` (common in a shared REDIS_URL) would have unbounded
-# every call past redis.timeout_seconds, and `?decode_responses=false` (a string, so true) broken every read.
-_OWNED_QUERY_OPTIONS = {
-    "socket_timeout": "set by redis.timeout_seconds",
-    "socket_connect_timeout": "set by redis.timeout_seconds",
-    "timeout": "set by redis.timeout_seconds",
-    "max_connections": "set by redis.max_connections",
-    "health_check_interval": "set by the proxy (its health monitor: redis.health_check_interval_seconds)",
-    "decode_responses": "set by the proxy (values are bytes)",
-    "retry": "set by the proxy (one immediate retry)",
-}
-
-
-def _redis_url(value: str) -> str:
-    schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
-    if not value.startswith(schemes):
-        raise ValueError(f"must start with one of {', '.join(schemes)}")
-    if value.startswith(CLUSTER_SCHEME):
-        cluster_nodes(value)
-    elif value.startswith(SENTINEL_SCHEME):
-        sentinel_parts(value)
-    else:
-        # redis-py's own reading of the URL, as the app's pool will read it (port, query options), so a URL
-        # it cannot use fails here, naming the key, not at the first connection. Its port message quotes what
-        # it read as the port, which is part of the password when that holds an unescaped "/": not repeated.
-        try:
-            BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
-        except (ValueError, TypeError, RedisError) as exc:
-            raise ValueError(f"redis-py cannot use this URL: {_safe_reason(exc)}") from None
-        path = urlsplit(value).path.strip("/")
-        if not value.startswith("unix://") and path and not (path.isascii() and path.isdigit()):
-            raise ValueError("the database (the URL's path) must be a number")
-        for option in parse_qs(urlsplit(value).query):
-            if option in _OWNED_QUERY_OPTIONS:
-                raise ValueError(f"the query option {option!r} is {_OWNED_QUERY_OPTIONS[option]}: remove it")
-    return value
-
-
 RateString = Annotated[str, AfterValidator(_rate)]
-RedisUrl = Annotated[str, AfterValidator(_redis_url)]
+RedisUrl = Annotated[str, AfterValidator(check_redis_url)]
 # Finite: an infinite timeout or interval would unbound what the README promises is bounded.
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -694,170 +577,3 @@ class Settings(_Section):
     def bind_port(self) -> int:
         """Port part of `bind`."""
         return int(self.bind.rpartition(":")[2])
-
-
-# Plain environment variables, as a Kubernetes sidecar is configured. Any other key can be set with
-# EDGE_PROXY__<SECTION>__<KEY> (double underscores between levels).
-ENV_ALIASES: Mapping[str, tuple[str, ...]] = {
-    "UPSTREAM_URL": ("upstream", "url"),
-    "REDIS_URL": ("redis", "url"),
-    "SERVICE_MODE": ("service_mode",),
-    "BIND": ("bind",),
-    "WORKERS": ("workers",),
-    "LOG_LEVEL": ("logging", "level"),
-    "LOG_FORMAT": ("logging", "format"),
-    "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds",),
-    "VERDICT_HMAC_KEY": ("definitions", "auth", "hmac_key"),
-    "REDIS_SENTINEL_PASSWORD": ("redis", "sentinel_password"),
-    # The OpenTelemetry SDKs' own variable, so a collector configured for the pod's other apps applies here.
-    "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
-}
-ENV_PREFIX = "EDGE_PROXY__"
-
-
-def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
-    found: dict[tuple[str, ...], tuple[str, str]] = {}
-    for name, path in ENV_ALIASES.items():
-        if name == "OTEL_EXPORTER_OTLP_ENDPOINT" and not environ.get(name):
-            continue  # empty is unset, as the OpenTelemetry SDKs read it
-        if name in environ:
-            found[path] = (name, environ[name])
-    for name, value in environ.items():
-        if name.startswith(ENV_PREFIX):
-            path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
-            found[path] = (name, value)
-    return found
-
-
-def _empty_sections_as_mappings(tree: dict[str, Any], model: type[BaseModel]) -> None:
-    """A section left empty in the file (`redis:`, every key under it commented out) is YAML's null: the
-    section's defaults, as if it were absent. Only for keys that are sections: an empty value is still one."""
-    for name, field in model.model_fields.items():
-        section = field.annotation
-        if not (isinstance(section, type) and issubclass(section, BaseModel)) or name not in tree:
-            continue
-        if tree[name] is None:
-            tree[name] = {}
-        if isinstance(tree[name], dict):
-            _empty_sections_as_mappings(tree[name], section)
-
-
-def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
-    """Set `value` at `path`; False, leaving the tree as it is, when a part of the path already holds a
-    value that is no section (a file's `redis: "redis://..."`, say): validation then names that key, rather
-    than the override silently replacing the file's mistake."""
-    for part in path[:-1]:
-        child = tree.get(part)
-        if (
-            child is None
-        ):  # absent, or a section left empty in the file (`redis:` with its keys commented out)
-            child = tree[part] = {}
-        elif not isinstance(child, dict):
-            return False
-        tree = child
-    tree[path[-1]] = value
-    return True
-
-
-def _env_value(raw: str) -> Any:
-    # Flow collections are parsed, so `EDGE_PROXY__RATE_LIMITS__ALLOWLIST='[1, 2]'` works; BaseLoader keeps
-    # every scalar a string (no YAML 1.1 "on" -> True, "0x10" -> 16) and pydantic converts it to the field's
-    # type, as it does for a plain value.
-    if not raw.lstrip().startswith(("[", "{")):
-        return raw
-    try:
-        return yaml.load(raw, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds only str/list/dict
-    except yaml.YAMLError:
-        return raw
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """What PyYAML found wrong and where, without the snippet of the file its message quotes (the file can
-    hold a Redis URL with its password, or an HMAC key)."""
-    if not isinstance(exc, yaml.MarkedYAMLError):
-        return type(exc).__name__
-    parts = [
-        f"{_QUOTED.sub(_unquoted, text)}"
-        f"{f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''}"
-        for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
-        if text
-    ]
-    return ": ".join(parts) or type(exc).__name__
-
-
-# PyYAML's messages quote what they stumbled on: an undefined alias's or unknown tag's name, which is a
-# password or key that begins with `*`, `&` or `!` written unquoted (found by a reviewer). Kept: a single
-# character (escaped too) and the names of its own tokens (`'<block end>'`).
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-def _unquoted(match: re.Match[str]) -> str:
-    quoted = match.group(0)
-    character = len(quoted) <= 3 or (len(quoted) <= 6 and quoted[1] == "\\")  # 'x', '\t', '\x00'
-    return quoted if character or quoted[1] == "<" else f"{quoted[0]}…{quoted[0]}"
-
-
-def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the YAML file (if any), apply environment overrides, validate; ConfigError on any problem."""
-    environ = os.environ if environ is None else environ
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML: {_yaml_problem(exc)}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
-        tree = loaded
-        _empty_sections_as_mappings(tree, Settings)
-    sources: dict[tuple[str, ...], str] = {}
-    unplaced: list[str] = []
-    for key_path, (name, raw) in _env_overrides(environ).items():
-        # The plain string for URLs and the like; YAML parsing only for values that need a type.
-        if _set_path(tree, key_path, raw if key_path[-1] in {"url", "bind"} else _env_value(raw)):
-            sources[key_path] = name
-        else:
-            unplaced.append(
-                f"  {'.'.join(key_path)} (from ${name}): inside a key that holds a value, not a section"
-            )
-    try:
-        settings = Settings.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_describe([*_problems(exc, sources), *unplaced])) from exc
-    if unplaced:
-        raise ConfigError(_describe(unplaced))
-    return settings
-
-
-def _describe(lines: list[str]) -> str:
-    return f"invalid configuration ({len(lines)} problem{'s' * (len(lines) != 1)}):\n" + "\n".join(lines)
-
-
-def _problems(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> list[str]:
-    lines = []
-    for error in exc.errors():
-        key_path = tuple(str(part) for part in error["loc"])
-        key = ".".join(key_path) or "<root>"
-        # The variable set at or below the key at fault (an unknown section, EDGE_PROXY__OFFLOAD__..., is an
-        # error on `offload`, above the variable's own path).
-        origin = next(
-            (
-                f" (from ${name})"
-                for p, name in sources.items()
-                if key_path[: len(p)] == p or (key_path and p[: len(key_path)] == key_path)
-            ),
-            "",
-        )
-        if not key_path and error["type"] == "value_error":
-            # A check across sections (a model validator): its message names the keys itself.
-            lines.append(f"  {error['ctx']['error']}")
-            continue
-        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        lines.append(f"  {key}{origin}: {message}")
-    return lines

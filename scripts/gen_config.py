@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 
 from proxy import settings as settings_module
-from proxy.settings import ENV_ALIASES, Settings
+from proxy.config_loader import ENV_ALIASES
+from proxy.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "config" / "edge-proxy.yaml"

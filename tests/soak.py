@@ -96,7 +96,7 @@ def _read_sample() -> dict[str, Any]:
 
 def _serve(stats_path: str) -> int:
     from proxy import server
-    from proxy.settings import load_settings
+    from proxy.config_loader import load_settings
 
     factory = server.create_app  # type: ignore[attr-defined]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from proxy.settings import ENV_ALIASES
+from proxy.config_loader import ENV_ALIASES
 from tests.rig import free_port
 
 BAD_FILE = """

@@ -25,19 +25,19 @@ from proxy import keys
 from proxy.billing import BillingTally
 from proxy.cli import main
 from proxy.cluster import RedisClient, hash_tagged
+from proxy.config_loader import load_settings
 from proxy.contract import RedisContract
 from proxy.health import CLUSTER_NODE
 from proxy.quota import QuotaSnapshot
 from proxy.ratelimit import RateLimiter
 from proxy.redis_client import make_client
+from proxy.redis_urls import cluster_nodes
 from proxy.settings import (
     BillingSettings,
     ConfigError,
     RateLimitSettings,
     RedisLayout,
     RedisSettings,
-    cluster_nodes,
-    load_settings,
 )
 from tests.backend_writer import (
     ETAG_SUFFIX,

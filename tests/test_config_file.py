@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from proxy.settings import Settings, load_settings
+from proxy.config_loader import load_settings
+from proxy.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "edge-proxy.yaml"

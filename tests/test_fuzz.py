@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.conditional import bearer, none_match
+from proxy.config_loader import ENV_ALIASES, ENV_PREFIX, load_settings
 from proxy.contract import DecodeError, RedisContract
-from proxy.settings import ENV_ALIASES, ENV_PREFIX, ConfigError, RedisLayout, load_settings
+from proxy.settings import ConfigError, RedisLayout
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 

@@ -27,7 +27,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.cli import main
-from proxy.settings import ConfigError, load_settings, sentinel_parts
+from proxy.config_loader import load_settings
+from proxy.redis_urls import sentinel_parts
+from proxy.settings import ConfigError
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy, Mode
 from tests.conftest import MakeProxy

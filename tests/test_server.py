@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import server
-from proxy.settings import ENV_ALIASES
+from proxy.config_loader import ENV_ALIASES
 from tests.backend_writer import BackendWriter
 from tests.rig import Upstream, free_port
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from proxy.config_loader import load_settings
 from proxy.settings import (
     BillingSettings,
     ConfigError,
@@ -20,7 +21,6 @@ from proxy.settings import (
     ServiceMode,
     Settings,
     UpstreamSettings,
-    load_settings,
 )
 
 

@@ -1,0 +1,180 @@
+"""Loading the settings: the YAML file, then environment overrides, validated once; every problem named."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from proxy.settings import ConfigError, Settings
+
+# Plain environment variables, as a Kubernetes sidecar is configured. Any other key can be set with
+# EDGE_PROXY__<SECTION>__<KEY> (double underscores between levels).
+ENV_ALIASES: Mapping[str, tuple[str, ...]] = {
+    "UPSTREAM_URL": ("upstream", "url"),
+    "REDIS_URL": ("redis", "url"),
+    "SERVICE_MODE": ("service_mode",),
+    "BIND": ("bind",),
+    "WORKERS": ("workers",),
+    "LOG_LEVEL": ("logging", "level"),
+    "LOG_FORMAT": ("logging", "format"),
+    "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds",),
+    "VERDICT_HMAC_KEY": ("definitions", "auth", "hmac_key"),
+    "REDIS_SENTINEL_PASSWORD": ("redis", "sentinel_password"),
+    # The OpenTelemetry SDKs' own variable, so a collector configured for the pod's other apps applies here.
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
+}
+ENV_PREFIX = "EDGE_PROXY__"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
+    found: dict[tuple[str, ...], tuple[str, str]] = {}
+    for name, path in ENV_ALIASES.items():
+        if name == "OTEL_EXPORTER_OTLP_ENDPOINT" and not environ.get(name):
+            continue  # empty is unset, as the OpenTelemetry SDKs read it
+        if name in environ:
+            found[path] = (name, environ[name])
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+            found[path] = (name, value)
+    return found
+
+
+def _empty_sections_as_mappings(tree: dict[str, Any], model: type[BaseModel]) -> None:
+    """A section left empty in the file (`redis:`, every key under it commented out) is YAML's null: the
+    section's defaults, as if it were absent. Only for keys that are sections: an empty value is still one."""
+    for name, field in model.model_fields.items():
+        section = field.annotation
+        if not (isinstance(section, type) and issubclass(section, BaseModel)) or name not in tree:
+            continue
+        if tree[name] is None:
+            tree[name] = {}
+        if isinstance(tree[name], dict):
+            _empty_sections_as_mappings(tree[name], section)
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
+    """Set `value` at `path`; False, leaving the tree as it is, when a part of the path already holds a
+    value that is no section (a file's `redis: "redis://..."`, say): validation then names that key, rather
+    than the override silently replacing the file's mistake."""
+    for part in path[:-1]:
+        child = tree.get(part)
+        if (
+            child is None
+        ):  # absent, or a section left empty in the file (`redis:` with its keys commented out)
+            child = tree[part] = {}
+        elif not isinstance(child, dict):
+            return False
+        tree = child
+    tree[path[-1]] = value
+    return True
+
+
+def _env_value(raw: str) -> Any:
+    # Flow collections are parsed, so `EDGE_PROXY__RATE_LIMITS__ALLOWLIST='[1, 2]'` works; BaseLoader keeps
+    # every scalar a string (no YAML 1.1 "on" -> True, "0x10" -> 16) and pydantic converts it to the field's
+    # type, as it does for a plain value.
+    if not raw.lstrip().startswith(("[", "{")):
+        return raw
+    try:
+        return yaml.load(raw, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds only str/list/dict
+    except yaml.YAMLError:
+        return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, without the snippet of the file its message quotes (the file can
+    hold a Redis URL with its password, or an HMAC key)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    parts = [
+        f"{_QUOTED.sub(_unquoted, text)}"
+        f"{f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''}"
+        for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
+        if text
+    ]
+    return ": ".join(parts) or type(exc).__name__
+
+
+# PyYAML's messages quote what they stumbled on: an undefined alias's or unknown tag's name, which is a
+# password or key that begins with `*`, `&` or `!` written unquoted (found by a reviewer). Kept: a single
+# character (escaped too) and the names of its own tokens (`'<block end>'`).
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _unquoted(match: re.Match[str]) -> str:
+    quoted = match.group(0)
+    character = len(quoted) <= 3 or (len(quoted) <= 6 and quoted[1] == "\\")  # 'x', '\t', '\x00'
+    return quoted if character or quoted[1] == "<" else f"{quoted[0]}…{quoted[0]}"
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (if any), apply environment overrides, validate; ConfigError on any problem."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {_yaml_problem(exc)}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+        tree = loaded
+        _empty_sections_as_mappings(tree, Settings)
+    sources: dict[tuple[str, ...], str] = {}
+    unplaced: list[str] = []
+    for key_path, (name, raw) in _env_overrides(environ).items():
+        # The plain string for URLs and the like; YAML parsing only for values that need a type.
+        if _set_path(tree, key_path, raw if key_path[-1] in {"url", "bind"} else _env_value(raw)):
+            sources[key_path] = name
+        else:
+            unplaced.append(
+                f"  {'.'.join(key_path)} (from ${name}): inside a key that holds a value, not a section"
+            )
+    try:
+        settings = Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe([*_problems(exc, sources), *unplaced])) from exc
+    if unplaced:
+        raise ConfigError(_describe(unplaced))
+    return settings
+
+
+def _describe(lines: list[str]) -> str:
+    return f"invalid configuration ({len(lines)} problem{'s' * (len(lines) != 1)}):\n" + "\n".join(lines)
+
+
+def _problems(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        key_path = tuple(str(part) for part in error["loc"])
+        key = ".".join(key_path) or "<root>"
+        # The variable set at or below the key at fault (an unknown section, EDGE_PROXY__OFFLOAD__..., is an
+        # error on `offload`, above the variable's own path).
+        origin = next(
+            (
+                f" (from ${name})"
+                for p, name in sources.items()
+                if key_path[: len(p)] == p or (key_path and p[: len(key_path)] == key_path)
+            ),
+            "",
+        )
+        if not key_path and error["type"] == "value_error":
+            # A check across sections (a model validator): its message names the keys itself.
+            lines.append(f"  {error['ctx']['error']}")
+            continue
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"  {key}{origin}: {message}")
+    return lines

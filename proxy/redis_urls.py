@@ -1,0 +1,119 @@
+"""Redis URLs: the schemes edge-proxy reads (redis, rediss, unix, Sentinel, Cluster) and their checks."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool
+from redis.exceptions import RedisError
+
+# redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]: the master that Sentinel names.
+SENTINEL_SCHEME = "redis+sentinel://"
+_SENTINEL_FORM = (
+    "must be redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db] (no query)"
+)
+# redis+cluster://[user:password@]host:port[,host:port...]: a Redis Cluster, discovered from any listed node
+# (the scheme `limits` uses too; database 0 only, so no path).
+CLUSTER_SCHEME = "redis+cluster://"
+_CLUSTER_FORM = "must be redis+cluster://[user:password@]host:port[,host:port...] (ports 1-65535, no path)"
+
+
+def _host_ports(hosts: str, form: str) -> list[tuple[str, int]]:
+    """`host:port[,host:port...]` (IPv6 hosts in brackets) as pairs; ValueError(form) if any is malformed."""
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+            raise ValueError(form)
+        nodes.append((host, int(port)))
+    return nodes
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """Startup nodes, username and password of a redis+cluster:// URL; ValueError if it is malformed."""
+    userinfo, _, rest = url[len(CLUSTER_SCHEME) :].rpartition("@")
+    hosts, _, path = rest.partition("/")
+    if path or not url.startswith(CLUSTER_SCHEME) or any(c in rest for c in "?#"):
+        raise ValueError(_CLUSTER_FORM)
+    username, _, password = userinfo.partition(":")
+    return _host_ports(hosts, _CLUSTER_FORM), unquote(username) or None, unquote(password) or None
+
+
+class SentinelParts(NamedTuple):
+    """What a redis+sentinel:// URL names: the sentinels, and the master's service, db and credentials."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def sentinel_parts(url: str) -> SentinelParts:
+    """The parts of a redis+sentinel:// URL; ValueError if it is malformed."""
+    netloc, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    service, _, db = path.strip("/").partition("/")
+    nodes = _host_ports(hosts, _SENTINEL_FORM)
+    # A query would be read as part of the service name or db (`/edge?db=5`: a master never found).
+    if not service or not ((db.isascii() and db.isdigit()) or not db) or any(c in path for c in "?#"):
+        raise ValueError(_SENTINEL_FORM)
+    username, _, password = userinfo.partition(":")
+    return SentinelParts(nodes, service, int(db or 0), unquote(username) or None, unquote(password) or None)
+
+
+def _safe_reason(exc: Exception) -> str:
+    """redis-py's (or urllib's) complaint about a URL, when it cannot quote the password: an option's name
+    or value. Others (a port or netloc message quotes what it read, which can be part of a password holding
+    an unescaped '/' or '@') become a general one."""
+    reason = str(exc)
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in reason:
+        return "an unknown query option" + reason[reason.index("argument") + len("argument") :]
+    if reason.startswith(("Invalid value for '", "Redis URL must specify")):
+        return reason
+    if isinstance(exc, RedisError):
+        return f"a query option redis-py refuses ({type(exc).__name__})"
+    return "no host and port it can read (a '/', '@', ':' or non-ASCII character in a password is %-encoded)"
+
+
+# Options of a redis://, rediss:// or unix:// URL's query that the proxy sets itself. redis-py lets the URL's
+# win over the client's arguments, so `?socket_timeout=3` (common in a shared REDIS_URL) would have unbounded
+# every call past redis.timeout_seconds, and `?decode_responses=false` (a string, so true) broken every read.
+_OWNED_QUERY_OPTIONS = {
+    "socket_timeout": "set by redis.timeout_seconds",
+    "socket_connect_timeout": "set by redis.timeout_seconds",
+    "timeout": "set by redis.timeout_seconds",
+    "max_connections": "set by redis.max_connections",
+    "health_check_interval": "set by the proxy (its health monitor: redis.health_check_interval_seconds)",
+    "decode_responses": "set by the proxy (values are bytes)",
+    "retry": "set by the proxy (one immediate retry)",
+}
+
+
+def check_redis_url(value: str) -> str:
+    """`value` if edge-proxy can use it as redis.url; ValueError saying why not (never quoting a password)."""
+    schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
+    if not value.startswith(schemes):
+        raise ValueError(f"must start with one of {', '.join(schemes)}")
+    if value.startswith(CLUSTER_SCHEME):
+        cluster_nodes(value)
+    elif value.startswith(SENTINEL_SCHEME):
+        sentinel_parts(value)
+    else:
+        # redis-py's own reading of the URL, as the app's pool will read it (port, query options), so a URL
+        # it cannot use fails here, naming the key, not at the first connection. Its port message quotes what
+        # it read as the port, which is part of the password when that holds an unescaped "/": not repeated.
+        try:
+            BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError, RedisError) as exc:
+            raise ValueError(f"redis-py cannot use this URL: {_safe_reason(exc)}") from None
+        path = urlsplit(value).path.strip("/")
+        if not value.startswith("unix://") and path and not (path.isascii() and path.isdigit()):
+            raise ValueError("the database (the URL's path) must be a number")
+        for option in parse_qs(urlsplit(value).query):
+            if option in _OWNED_QUERY_OPTIONS:
+                raise ValueError(f"the query option {option!r} is {_OWNED_QUERY_OPTIONS[option]}: remove it")
+    return value
