@@ -31,7 +31,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT
-from proxy.upstream import READ_HIGH_WATER, Connection, Limits, Pool, UpstreamError
+from proxy.upstream import Connection, Limits, Pool, UpstreamError
+from proxy.upstream_conn import READ_HIGH_WATER
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
