@@ -13,7 +13,7 @@ def run() -> int:
     # Until `serve` installs its own handlers (after ~1 s of imports): as PID 1 in a container the kernel
     # drops a signal whose action is the default, so a SIGTERM in that second was lost and `docker stop`
     # waited for its SIGKILL. A worker of a supervisor starts with the stop signals blocked instead
-    # (server._spawn), so this never runs there.
+    # (supervisor._spawn), so this never runs there.
     signal.signal(signal.SIGTERM, _stop_before_serving)
     from proxy.cli import main  # after the handler, which must not wait for these imports
 

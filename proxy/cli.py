@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from redis.exceptions import RedisClusterException, RedisError
 
-from proxy import __version__, connections, control, logs, server
+from proxy import __version__, connections, control, logs, server, supervisor
 from proxy.config_loader import load_settings
 from proxy.settings import ConfigError, Settings
 
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the supervisor of --workers N on each worker it starts (telemetry.worker_metrics_port): the
     # process serves as one of N (its share of the container's memory), not as their supervisor.
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    # And the write end of the worker's heartbeat pipe (server.supervise).
+    # And the write end of the worker's heartbeat pipe (supervisor.supervise).
     serve.add_argument("--heartbeat-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     offload = commands.add_parser(
@@ -141,5 +141,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.logging)
     connections.warn_if_short(settings)
     if settings.workers > 1 and args.worker_index is None:
-        return server.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])
+        return supervisor.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])
     return server.run(settings, args.worker_index or 0, args.heartbeat_fd)

@@ -23,7 +23,7 @@ from aiohttp import http_writer, web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import server
+from proxy import server, supervisor
 from proxy.config_loader import ENV_ALIASES
 from tests.backend_writer import BackendWriter
 from tests.rig import Upstream, free_port
@@ -780,12 +780,12 @@ def test_only_quick_failures_in_a_row_count_towards_giving_up() -> None:
         def poll(self) -> int:
             return 1
 
-    slot = server._Slot(process=Exited(), started_at=time.monotonic() - 3600)  # type: ignore[arg-type]
-    server._reap([slot], stopping=False)
+    slot = supervisor._Slot(process=Exited(), started_at=time.monotonic() - 3600)  # type: ignore[arg-type]
+    supervisor._reap([slot], stopping=False)
     assert (slot.crashes, slot.quick_failures) == (1, 0)
-    for expected in range(1, server._GIVE_UP_CRASHES + 1):
+    for expected in range(1, supervisor._GIVE_UP_CRASHES + 1):
         slot.process, slot.started_at = Exited(), time.monotonic()  # type: ignore[assignment]
-        server._reap([slot], stopping=False)
+        supervisor._reap([slot], stopping=False)
         assert slot.quick_failures == expected
 
 
