@@ -51,9 +51,10 @@ from limits.errors import StorageError
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from proxy import keys
+from proxy import keys, tasks
 from proxy.cluster import RedisClient, hash_tagged, run_script, slot_of
 from proxy.errors import error_body, json_response
+from proxy.logs import where
 from proxy.redis_client import close_limits_storage, limits_storage
 from proxy.settings import RateLimitSettings
 from proxy.tasks import background, cancelled
@@ -65,6 +66,8 @@ RATE_LIMITED = error_body("validation_error", "rate_limit_exceeded", "Rate limit
 SYNC_FIRST = -1.0
 # Windows per sync script call (each a few commands in Redis): ~1,000 keys, a few ms of Redis per call.
 SYNC_CHUNK = 500
+# The background task's name, and the label of its errors (edge_proxy_background_errors_total).
+SYNC_TASK = "ratelimit-sync"
 
 Budget = Literal["full", "conditional"]
 
@@ -162,6 +165,7 @@ class RateLimiter:
         self.sync_interval_seconds = settings.sync_interval_seconds
         self.failing = False
         self.fail_open = 0
+        self._sync_bug = False  # the last sync raised: logged once per streak
         self.limited = 0
         self._clock = clock
         self._idle_seconds = settings.idle_seconds
@@ -248,9 +252,12 @@ class RateLimiter:
         """Either mode: None if admitted (and counted), else seconds until the window frees."""
         if self.fast:
             while (retry_after := self.check(team_id, conditional)) == SYNC_FIRST:
-                try:
-                    await self.sync()  # pushes this window (it holds a lump) and reads the count back
-                except Exception:  # a bug, not Redis (sync() keeps those): the background loop logs it
+                # Pushes this window (it holds a lump) and reads the count back. A sync that raised had a
+                # bug (it keeps Redis's errors to itself), logged and counted in _synced: admitted, as when
+                # Redis fails, rather than waiting on sync after failing sync.
+                running = self._joined()
+                await asyncio.wait({running})  # cancelling the caller does not cancel the sync
+                if running.cancelled() or running.exception() is not None:
                     self.fail_open += 1
                     return None
             return retry_after
@@ -283,13 +290,17 @@ class RateLimiter:
         One at a time: a call while one is under way shares it (the caller's window, if it was not in that run
         yet, goes in the next: acheck() loops). Cancelling a caller does not cancel the sync.
         """
+        await asyncio.shield(self._joined())
+
+    def _joined(self) -> asyncio.Future[None]:
+        """The sync under way, or a new one."""
         running = self._syncing
         # A finished one too: its done callback runs a loop pass later, and awaiting a finished future does
         # not yield, so a caller looping in acheck() between the two spun for ever, the loop held (found by
         # a reviewer). A new run is a new task: awaiting it yields.
         if running is None or running.done():
             running = self._start_sync()
-        await asyncio.shield(running)
+        return running
 
     def _start_sync(self) -> asyncio.Future[None]:
         running = self._syncing = asyncio.get_running_loop().create_task(self._sync())
@@ -297,10 +308,25 @@ class RateLimiter:
         return running
 
     def _synced(self, task: asyncio.Future[None]) -> None:
+        # Where every sync ends, whoever started it (the loop, a request in a burst, check()'s background
+        # push, which nobody awaits): the one place a failure is seen. _sync keeps Redis's errors to itself,
+        # so what it raises is a bug: counted every time, logged once per streak with where it was raised.
         if self._syncing is task:
             self._syncing = None
-        if not task.cancelled():
-            task.exception()  # retrieved: every caller left (shutdown) is not an error of its own
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self._sync_bug = False
+            return
+        tasks.errors[SYNC_TASK] += 1
+        if not self._sync_bug:
+            self._sync_bug = True
+            log.error(
+                "rate limits: sync failed: %s at %s; admitting what waits on it",
+                type(exc).__name__,
+                where(exc),
+            )
 
     async def _sync(self) -> None:
         now = self._clock()
@@ -384,7 +410,7 @@ class RateLimiter:
         """Sync every sync_interval_seconds until cancelled."""
         while True:
             await asyncio.sleep(self.sync_interval_seconds)
-            await self.sync()
+            await asyncio.wait({self._joined()})  # a failure is counted and logged in _synced, once
 
     def _failed(self, exc: BaseException) -> None:
         if not self.failing:
@@ -414,7 +440,7 @@ async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
         if not (limiter.enabled and limiter.fast):
             yield
             return
-        async with background(limiter.run, name="ratelimit-sync"):
+        async with background(limiter.run, name=SYNC_TASK):
             yield
     finally:
         await limiter.stop_syncing()

@@ -16,7 +16,7 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from pytest_aiohttp import AiohttpClient
 
-from proxy import cluster, keys, ratelimit
+from proxy import cluster, keys, ratelimit, tasks
 from proxy.ratelimit import SYNC_FIRST, SYNC_SCRIPT, RateLimiter, ratelimit_ctx, too_many_requests
 from proxy.redis_client import make_client, redis_ctx
 from proxy.settings import RateLimitSettings, RedisSettings
@@ -615,3 +615,38 @@ async def test_a_sync_reply_for_a_window_that_ended_meanwhile_leaves_the_next_wi
     await syncing
     window = rl._full[TEAM]
     assert (window.shared, window.pending) == (0, 1)
+
+
+async def test_a_sync_that_raises_a_bug_admits_its_waiters_and_is_logged_once_a_streak_and_counted(
+    client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a reviewer: a sync that raised anything but a Redis error (a bug) admitted the request
+    waiting on it with no log line and no count anywhere."""
+    rl = limiter(client, default="5/minute")  # a lump of 1: every request after the first must sync first
+    assert await request(rl) is None
+    script = ratelimit.run_script  # type: ignore[attr-defined]
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("not a Redis error")
+
+    def logged() -> list[str]:
+        records = caplog.records
+        return [r.getMessage() for r in records if r.name == "proxy.ratelimit" and r.levelname == "ERROR"]
+
+    before = tasks.errors[ratelimit.SYNC_TASK]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ratelimit, "run_script", broken)
+        assert await request(rl) is None
+        assert await request(rl) is None
+    assert rl.fail_open == 2
+    assert tasks.errors[ratelimit.SYNC_TASK] == before + 2
+    assert len(logged()) == 1
+    assert logged()[0].startswith("rate limits: sync failed: KeyError at ")
+    assert await request(rl) is None  # synced: the streak ends
+    assert rl.fail_open == 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ratelimit, "run_script", broken)
+        assert await request(rl) is None
+    assert len(logged()) == 2
+    assert tasks.errors[ratelimit.SYNC_TASK] == before + 3
+    assert ratelimit.run_script is script  # type: ignore[attr-defined]
