@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle  # its HIGHEST_PROTOCOL only: nothing here unpickles (pickletools reads opcodes)
 import pickletools
 import re
 import struct
@@ -78,7 +79,9 @@ class RedisContract:
             # Plain JSON text, as a writer that bypasses django-redis would store it.
             text = _utf8(raw)
         elif _INT_TEXT.fullmatch(raw):
-            text = raw.decode("ascii")
+            # django-redis stores an int unpickled and reads it back as an int: the backend's readers take
+            # a payload, ETag or team record that is no string for none at all (found by a reviewer).
+            raise DecodeError("an integer stored unpickled, not text")
         else:
             text = _unpickle_text(raw)
         return None if text == self.layout.missing_marker else text
@@ -141,8 +144,9 @@ def _unpickle_text(data: bytes) -> str:
                 elif name == "STOP" and found is not None and pos == len(data) - 1:
                     return _utf8(found) if isinstance(found, bytes) else _checked(found)
                 elif (
-                    (name == "PROTO" and pos == 0)
-                    or name == "FRAME"
+                    # pickle.loads refuses a protocol it does not know, and a frame longer than what follows.
+                    (name == "PROTO" and pos == 0 and cast(int, arg) <= pickle.HIGHEST_PROTOCOL)
+                    or (name == "FRAME" and cast(int, pos) + 9 + cast(int, arg) <= len(data))
                     or (name in _MEMO_OPS and found is not None)
                 ):
                     continue
