@@ -64,8 +64,9 @@ class RedisContract:
             self.layout.billing_sdk_key.format(team_id=team_id, library=library),
         )
 
-    def decode_text(self, raw: bytes | None) -> str | None:
-        """The text django-redis stored; None if absent or the "missing" marker; DecodeError if hostile."""
+    def decode_text(self, raw: bytes | None, *, marked: bool = True) -> str | None:
+        """The text django-redis stored; None if absent or (unless not `marked`) the "missing" marker;
+        DecodeError if it is no text the backend could read."""
         if raw is None:
             return None
         cap = self.layout.max_decoded_bytes
@@ -84,7 +85,7 @@ class RedisContract:
             raise DecodeError("an integer stored unpickled, not text")
         else:
             text = _unpickle_text(raw)
-        return None if text == self.layout.missing_marker else text
+        return None if marked and text == self.layout.missing_marker else text
 
 
 def _is_zlib(raw: bytes) -> bool:

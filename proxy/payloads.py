@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import json
 import logging
@@ -45,6 +46,8 @@ _UNKNOWN = ("unknown",)
 # A team's last read is remembered this long after it ended while nothing is held (a read lasts at most a
 # few Redis timeouts).
 _LAST_READ_KEPT_SECONDS = 60.0
+# (team, ETag) pairs whose billability is remembered; past this the memo starts over.
+_BILLABLE_MEMO_SIZE = 16384
 
 
 @dataclass(slots=True)
@@ -93,12 +96,18 @@ def _etag_safe(etag: str) -> bool:
 
 
 def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
-    """Contract §3.8: billed unless every flag key has an unbilled prefix; unparsable payloads are billed."""
+    """Contract §3.8: billed unless every flag key has an unbilled prefix. DecodeError if the payload is no
+    JSON object whose flags are a list of objects: the backend parses it to bill and fails where this would
+    (found by a reviewer: served and billed here, a 500 there), so such a payload is forwarded."""
+    if body.startswith(codecs.BOM_UTF8):  # json.loads takes it from bytes, the backend's (from text) does not
+        raise DecodeError("not a flags payload (a byte-order mark)")
     try:
         flags = json.loads(body).get("flags", [])
-        keys = [flag.get("key", "") for flag in flags]
-    except (ValueError, AttributeError, TypeError, RecursionError):  # RecursionError: nested too deep
-        return True
+        keys = [flag.get("key", "") for flag in flags] if isinstance(flags, list) else None
+    except (ValueError, AttributeError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise DecodeError(f"not a flags payload ({type(exc).__name__})") from None
+    if keys is None:
+        raise DecodeError("not a flags payload (flags is no list)")
     return not all(isinstance(key, str) and key.startswith(unbilled_prefixes) for key in keys)
 
 
@@ -129,7 +138,7 @@ class DefinitionsCache:
         self._entries: OrderedDict[int, Definitions] = OrderedDict()
         self._used_at: dict[int, float] = {}
         self._flight: SingleFlight[tuple[int, bool], Definitions | None] = SingleFlight()
-        self._billable: dict[str, bool] = {}
+        self._billable: dict[tuple[int, str], bool] = {}
         # Per team, the last read this replica took the word of: (began, ended, contents). Reads overlap
         # (a 304's and a 200's, a request's and the refresher's) and a later-begun one can reach Redis first
         # (a wait for a pool connection), so neither when a read began nor when it ended orders two of them:
@@ -214,7 +223,11 @@ class DefinitionsCache:
         try:
             if not with_body:
                 raw_etag = cast(bytes | None, await self._client.get(self._contract.etag_key(team_id)))
-                etag = self._decode_etag(team_id, raw_etag)
+                try:
+                    etag = self._decode_etag(raw_etag)
+                except DecodeError as exc:
+                    self._unreadable(team_id, read_at, "ETag", exc)
+                    return None
                 if etag is not None:
                     held = self._entries.get(team_id)
                     if held is not None and held.etag == etag and (held.body or held.packed) is not None:
@@ -231,18 +244,21 @@ class DefinitionsCache:
             return None
         return self._build(team_id, raw_body, raw_etag, read_at)
 
-    def _decode_etag(self, team_id: int, raw: bytes | None) -> str | None:
-        try:
-            etag = self._contract.decode_text(raw)
-        except DecodeError as exc:
-            self._warn.warning("undecodable ETag for team %s: %s", team_id, exc)
-            return None
+    def _decode_etag(self, raw: bytes | None) -> str | None:
+        """The stored ETag, None if there is none; DecodeError if there is one this proxy does not send."""
+        etag = self._contract.decode_text(raw, marked=False)  # the marker stands for a payload, not an ETag
         if etag is not None and not _etag_safe(etag):
-            # The contract's is 16 hex digits; a quote, a space or a control character (CR/LF) would break
-            # the header, and aiohttp would cut the connection of every answer carrying it.
-            self._warn.warning("undecodable ETag for team %s: characters an ETag cannot hold", team_id)
-            return None
+            # The contract's is 16 hex digits. A control character (CR/LF) would break the header, and aiohttp
+            # would cut the connection of every answer carrying it; the backend sends a space, a quote or a
+            # non-ASCII letter as it is (found by a reviewer): the team's requests go to the backend.
+            raise DecodeError("characters an ETag here may not hold")
         return etag
+
+    def _unreadable(self, team_id: int, read_at: float, what: str, exc: DecodeError) -> None:
+        """A read that found what the backend would not serve as this proxy would: a miss, nothing held."""
+        self._warn.warning("undecodable %s for team %s: %s", what, team_id, exc)
+        self._taken(team_id, read_at, _DELETED)
+        self._drop(team_id)  # not to be served from an older read either
 
     def _build(
         self, team_id: int, raw_body: bytes | None, raw_etag: bytes | None, read_at: float
@@ -258,16 +274,16 @@ class DefinitionsCache:
                 return held
         try:
             text = self._contract.decode_text(raw_body)
+            etag = self._decode_etag(raw_etag)
         except DecodeError as exc:
-            self._warn.warning("undecodable definitions for team %s: %s", team_id, exc)
-            text = None
+            self._unreadable(team_id, read_at, "definitions", exc)
+            return None
         if text is None:
             self._taken(team_id, read_at, _DELETED)
             self._drop(team_id)  # gone, or (overlapping a read that found it) not to be trusted
             return None
         body = text.encode()
         self._churn += len(body)
-        etag = self._decode_etag(team_id, raw_etag)
         if self._check_pairs and etag is not None and hashlib.sha256(body).hexdigest()[:16] != etag:
             # Read between the two halves of a write (or the backend hashes otherwise): a miss, read again
             # next time, never served or kept.
@@ -275,14 +291,21 @@ class DefinitionsCache:
             self._drop(team_id)
             return None
         # The ETag is a hash of the payload: parse each payload once, not at every re-read (a cache
-        # smaller than the working set re-reads the same payloads over and over).
-        billable = self._billable.get(etag) if etag is not None else None
+        # smaller than the working set re-reads the same payloads over and over). Per team: an ETag that
+        # does not match its payload (nothing compares them on one node) must not bill another team's
+        # payload by this one's flags (found by a reviewer).
+        memo = None if etag is None else (team_id, etag)
+        billable = None if memo is None else self._billable.get(memo)
         if billable is None:
-            billable = is_billable(body, self._settings.unbilled_flag_prefixes)
-            if etag is not None:
-                if len(self._billable) >= 16384:
+            try:
+                billable = is_billable(body, self._settings.unbilled_flag_prefixes)
+            except DecodeError as exc:
+                self._unreadable(team_id, read_at, "definitions", exc)
+                return None
+            if memo is not None:
+                if len(self._billable) >= _BILLABLE_MEMO_SIZE:
                     self._billable.clear()
-                self._billable[etag] = billable
+                self._billable[memo] = billable
         entry = Definitions(team_id, etag, body, billable, time.monotonic())
         if etag is None:
             entry.raw_hash = hash(raw_body)
@@ -393,7 +416,11 @@ class DefinitionsCache:
                 if self._taken(team_id, now, _contents(entry)):
                     entry.checked_at = now
                 continue
-            etag = self._decode_etag(team_id, raw)
+            try:
+                etag = self._decode_etag(raw)
+            except DecodeError:
+                stale.append(team_id)  # read again with its payload, and dropped (and logged) there
+                continue
             if etag is not None and etag == entry.etag:
                 if self._taken(team_id, now, _contents(entry)):
                     entry.checked_at = now

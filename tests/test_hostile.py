@@ -519,7 +519,7 @@ async def test_upstream_answer_with_hostile_headers_is_a_502_not_a_500(
 NESTED = "[" * 100_000 + "]" * 100_000  # valid JSON that json.loads cannot build (RecursionError)
 
 
-async def test_json_nested_too_deep_in_redis_is_a_miss_or_served_never_a_500(
+async def test_json_nested_too_deep_in_redis_is_a_miss_never_a_500(
     make_proxy: MakeProxy, upstream: Rig, backend: BackendWriter
 ) -> None:
     recorder, _ = upstream
@@ -539,31 +539,56 @@ async def test_json_nested_too_deep_in_redis_is_a_miss_or_served_never_a_500(
     nested_team = await client.get(f"/flags/definitions?token={other}", headers=auth)
     assert nested_team.status == 200
     assert [seen.path_qs for seen in recorder.seen] == [f"/flags/definitions?token={other}"]
-    # A payload is served as stored, byte for byte (and billed, as any payload whose flags cannot be read).
-    served = await client.get(DEFS, headers=auth)
-    assert served.status == 200
-    assert await served.read() == payload.encode()
-    assert served.headers["ETag"] == 'W/"0123456789abcdef"'
-    assert len(recorder.seen) == 1
+    # Nor is a payload whose flags cannot be read: the backend, which parses it to bill, decides (it was
+    # served and billed here; found by a reviewer).
+    forwarded = await client.get(DEFS, headers=auth)
+    assert forwarded.status == 200
+    assert (await forwarded.json())["upstream"] is True
+    assert [seen.path_qs for seen in recorder.seen][1:] == [DEFS]
 
 
-async def test_an_etag_in_redis_with_a_line_break_is_dropped_not_sent(
-    make_proxy: MakeProxy, backend: BackendWriter
+@pytest.mark.parametrize("etag", ["abc\r\nSet-Cookie: x=1", "ab cd", 'ab"cd', "abcé"])
+async def test_an_etag_in_redis_it_would_not_send_as_the_backend_does_goes_to_the_backend(
+    make_proxy: MakeProxy, upstream: Rig, backend: BackendWriter, etag: str
 ) -> None:
-    """Written into the header, it would split it (aiohttp refuses and cuts the connection, every time)."""
+    """Written into the header, a line break would split it (aiohttp refuses and cuts the connection, every
+    time). A space, a quote or a non-ASCII letter the backend sends as it is, and answers a 304 to: the
+    payload was served here without an ETag, a billed 200 for every poll (found by a reviewer)."""
+    recorder, _ = upstream
     text = '{"cohorts": {}, "flags": [], "group_type_mapping": {}}'
     backend.cache.set_many(
         {
             f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json": text,
-            f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json:etag": "abc\r\nSet-Cookie: x=1",
+            f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json:etag": etag,
         }
     )
     client = await make_proxy()
-    response = await client.get(DEFS, headers={"Authorization": f"Bearer {SECRET}"})
-    assert response.status == 200
-    assert await response.read() == text.encode()
-    assert "ETag" not in response.headers
-    assert "Set-Cookie" not in response.headers
+    for headers in ({}, {"If-None-Match": 'W/"0123456789abcdef"'}):
+        response = await client.get(DEFS, headers={"Authorization": f"Bearer {SECRET}", **headers})
+        assert response.status == 200
+        assert (await response.json())["upstream"] is True
+        assert "Set-Cookie" not in response.headers
+    assert [seen.path_qs for seen in recorder.seen] == [DEFS, DEFS]
+
+
+async def test_an_etag_spelling_the_missing_marker_is_an_etag(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    """The marker stands for "no payload" in the payload's key; the backend sends it as any other ETag."""
+    text = '{"cohorts": {}, "flags": [], "group_type_mapping": {}}'
+    backend.cache.set_many(
+        {
+            f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json": text,
+            f"cache/teams/{TEAM_ID}/feature_flags/flags_with_cohorts.json:etag": "__missing__",
+        }
+    )
+    client = await make_proxy()
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    response = await client.get(DEFS, headers=auth)
+    assert (response.status, await response.read()) == (200, text.encode())
+    assert response.headers["ETag"] == 'W/"__missing__"'
+    again = await client.get(DEFS, headers={**auth, "If-None-Match": 'W/"__missing__"'})
+    assert again.status == 304
 
 
 @pytest.mark.parametrize(

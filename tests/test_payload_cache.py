@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import json
 import time
 import tracemalloc
 from collections.abc import Coroutine
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy import keys
-from proxy.contract import RedisContract
+from proxy.contract import DecodeError, RedisContract
 from proxy.payloads import DefinitionsCache, is_billable
 from proxy.settings import DefinitionsSettings, RedisLayout
 from tests.backend_writer import BackendWriter
@@ -395,11 +396,60 @@ async def test_an_entry_the_backend_deletes_right_after_its_load_is_dropped_at_t
         await client.aclose()
 
 
-def test_a_payload_that_does_not_parse_is_billed() -> None:
-    """Contract §3.8: billed unless every flag key has an unbilled prefix, which only a parsed payload can
-    show (found unguarded by mutation testing)."""
-    assert is_billable(b"{not json", ("survey-targeting-",)) is True
-    assert is_billable(b'{"flags":[{"key":"survey-targeting-a"}]}', ("survey-targeting-",)) is False
+def test_billed_unless_every_flag_key_has_an_unbilled_prefix() -> None:
+    """Contract §3.8 (found unguarded by mutation testing)."""
+    prefixes = ("survey-targeting-", "product-tour-targeting-")
+    assert is_billable(b'{"flags":[{"key":"survey-targeting-a"}]}', prefixes) is False
+    assert (
+        is_billable(b'{"flags":[{"key":"survey-targeting-a"},{"key":"product-tour-targeting-b"}]}', prefixes)
+        is False
+    )
+    assert is_billable(b'{"flags":[{"key":"survey-targeting-a"},{"key":"beta"}]}', prefixes) is True
+    assert is_billable(b'{"flags":[{"key":1}]}', prefixes) is True
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"",
+        b'"hello"',
+        b"[1, 2]",
+        b'{"flags": null}',
+        b'{"flags": {"a": 1}}',
+        b'{"flags": [1]}',
+        b"\xef\xbb\xbf{}",
+        b'{"n": ' + b"9" * 5000 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
+)
+def test_a_payload_that_is_no_flags_object_is_refused(body: bytes) -> None:
+    """The backend parses the payload to bill it and fails on these (a 500; found by a reviewer): refused
+    here, so the request goes to the backend rather than being served and billed."""
+    with pytest.raises(DecodeError, match="not a flags payload"):
+        is_billable(body, ("survey-targeting-",))
+
+
+async def test_billability_is_remembered_per_team_not_per_etag(make_proxy: MakeProxy, redis_url: str) -> None:
+    """Found by a reviewer: remembered by ETag alone, a team whose stored ETag equals another team's (nothing
+    compares an ETag with its payload on one node) was billed by the other team's flags."""
+    writer = BackendWriter(redis_url)
+    payload = "cache/teams/{}/feature_flags/flags_with_cohorts.json"
+    for team_id, key in ((1, "survey-targeting-a"), (2, "beta")):
+        token = f"phc_cache_{team_id}"
+        writer.set_team(token, {"id": team_id, "api_token": token, "secret_api_token": SECRET})
+        text = json.dumps({"flags": [{"key": key}]})
+        writer.cache.set_many(
+            {payload.format(team_id): text, payload.format(team_id) + ":etag": "0123456789abcdef"}
+        )
+    client = await make_proxy()
+    cache = client.app[keys.DEFINITIONS].cache
+    for team_id in (1, 2):
+        assert (await served(client, team_id))[0] == 200
+    survey_only, flagged = cache.get(1), cache.get(2)
+    assert survey_only is not None
+    assert flagged is not None
+    assert (survey_only.billable, flagged.billable) == (False, True)
 
 
 async def test_a_payload_larger_than_the_whole_budget_is_served_and_never_held(
