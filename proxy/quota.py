@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,7 +53,13 @@ class QuotaSnapshot:
         # withscores on a bytes client: (member, score) pairs; redis-py types every reply shape at once.
         pairs = cast("list[tuple[bytes, float]]", rows)
         # One assignment: a request never sees half of an old and half of a new snapshot.
-        self._until = {member.decode("utf-8", "replace"): float(score) for member, score in pairs}
+        until = {}
+        for member, score in pairs:
+            # The backend compares bytes: a member that is no UTF-8 matches no token a request can name (it
+            # matched a token holding U+FFFD when decoded with replacement; found by a reviewer).
+            with contextlib.suppress(UnicodeDecodeError):
+                until[member.decode()] = float(score)
+        self._until = until
         self.read_at = self._clock()
 
     async def poll(self, redis: RedisClient) -> None:

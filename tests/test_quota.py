@@ -57,6 +57,20 @@ async def test_token_with_a_future_score_is_limited(
     assert not snapshot.is_limited("phc_other")
 
 
+async def test_a_member_that_is_no_utf8_limits_no_token(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """The backend compares bytes; decoded with replacement, b"phc_\\xff" limited the token "phc_\\ufffd"."""
+    sync = redis_server.client()
+    sync.zadd(QUOTA_KEY, {b"phc_\xff": time.time() + 3600})
+    sync.close()
+    limit(redis_server, "phc_limited", time.time() + 3600)
+    snapshot = QuotaSnapshot(QUOTA_KEY, max_staleness_seconds=6)
+    await snapshot.refresh(client)
+    assert not snapshot.is_limited("phc_\ufffd")
+    assert snapshot.is_limited("phc_limited")  # the others are read as before
+
+
 async def test_expired_score_is_not_limited(client: aioredis.Redis, redis_server: RedisServer) -> None:
     limit(redis_server, "phc_expired", time.time() - 1)
     snapshot = QuotaSnapshot(QUOTA_KEY, max_staleness_seconds=6)
