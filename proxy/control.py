@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import sys
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from redis.sentinel import Sentinel
 from proxy.offload import OffloadState, parse_state
 from proxy.redis_urls import CLUSTER_SCHEME, SENTINEL_SCHEME, cluster_nodes, sentinel_parts
 from proxy.settings import Settings
-from proxy.verdicts import revoke_pattern
+from proxy.verdicts import revoke_pattern, verdict_key
 
 
 @contextmanager
@@ -137,8 +136,8 @@ def revoke(settings: Settings, team_id: int | None, credential: str | None) -> i
         )
     with _client(settings) as client:
         if credential is not None and team_id is not None:
-            digest = hmac.digest(auth.hmac_key.get_secret_value().encode(), credential.encode(), "sha256")
-            return int(client.delete(f"{auth.key_prefix}:{team_id}:{digest.hex()}"))
+            key = verdict_key(auth.hmac_key.get_secret_value().encode(), auth.key_prefix, team_id, credential)
+            return int(client.delete(key))
         deleted = 0
         for key in client.scan_iter(revoke_pattern(auth.key_prefix, team_id), count=1000):
             deleted += int(client.delete(key))

@@ -167,8 +167,7 @@ class VerdictStore:
 
     def key(self, team_id: int, credential: str) -> str:
         """The Redis key of a (team, credential) verdict: keyed hash only, never the credential."""
-        digest = hmac.digest(self._hmac_key, credential.encode(), "sha256").hex()
-        return f"{self._prefix}:{team_id}:{digest}"
+        return verdict_key(self._hmac_key, self._prefix, team_id, credential)
 
     def __len__(self) -> int:
         return len(self._held)
@@ -222,10 +221,6 @@ class VerdictStore:
             self._warn.warning("verdict not shared: %s", type(exc).__name__)
         finally:
             self._unshared.discard(key)
-
-    def forget(self, key: str) -> None:
-        """Drop a verdict from memory (the backend's answer changed)."""
-        self._held.pop(key, None)
 
     def _hold(self, key: str, verdict: Verdict, ttl: float, raw: bytes) -> None:
         if key not in self._held and len(self._held) >= self._max_entries:
@@ -284,6 +279,12 @@ class VerdictStore:
         """Finish verdict writes, cancel reads still in flight."""
         await asyncio.gather(*self._writes, return_exceptions=True)
         await self._flight.close()
+
+
+def verdict_key(hmac_key: bytes, key_prefix: str, team_id: int, credential: str) -> str:
+    """The Redis key of a (team, credential) verdict: keyed hash only, never the credential."""
+    digest = hmac.digest(hmac_key, credential.encode(), "sha256").hex()
+    return f"{key_prefix}:{team_id}:{digest}"
 
 
 def revoke_pattern(key_prefix: str, team_id: int | None) -> str:
