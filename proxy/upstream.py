@@ -45,10 +45,10 @@ class Limits:
 class Pool:
     """Connections to one upstream (host, port, TLS or not), at most `limits.max_connections` at a time.
 
-    `send` takes a connection (an idle one, or a new one while under the limit, else waits for one
-    without a deadline: the client's own bounds it), writes the request and returns once the answer's
-    head has arrived. The caller reads the body from the `Response` and must `release()` it; only a
-    connection whose answer was read to its end and that may be kept alive goes back to the pool.
+    `send` takes a connection (an idle one, or a new one while under the limit, else waits for one at
+    most `limits.read_timeout`, then raises UpstreamError "pool_timeout"), writes the request and returns
+    once the answer's head has arrived. The caller reads the body from the `Response` and must `release()`
+    it; only a connection whose answer was read to its end and that may be kept alive goes back to the pool.
     """
 
     def __init__(self, host: str, port: int, *, tls: bool, limits: Limits) -> None:

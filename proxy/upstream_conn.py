@@ -24,9 +24,10 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class UpstreamError(Exception):
-    """The upstream failed this exchange. `kind` is the metrics label: refused, timeout, disconnected or
-    malformed; or abandoned, which is no failure of the upstream's (the client left while the request
-    waited for a connection, and it was not sent). The message never carries request data."""
+    """The upstream failed this exchange. `kind` is the metrics label: refused, timeout, pool_timeout (no
+    connection came free in time), disconnected or malformed; or abandoned, which is no failure of the
+    upstream's (the client left while the request waited for a connection, and it was not sent). The message
+    never carries request data."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(f"{kind}: {reason}")
