@@ -28,8 +28,12 @@ def create_app(settings: Settings) -> web.Application:
         # Forwarded bodies are streamed and never read through this limit; it only bounds local reads.
         client_max_size=1024**2,
         handler_args={
-            "max_field_size": 16384,
-            "max_line_size": 16384,
+            # Stated rather than left to aiohttp, whose defaults moved between releases (8190 bytes a field;
+            # 32,768 headers before 3.13.4): the forwarder holds answers to the same limits, so a header that
+            # came in can also come back.
+            "max_field_size": forward.MAX_HEADER_BYTES,
+            "max_line_size": forward.MAX_HEADER_BYTES,
+            "max_headers": forward.MAX_HEADERS,
             # aiohttp's default (3630 s) would let a silent or slowloris connection hold a socket for an hour.
             "keepalive_timeout": settings.client_limits.keepalive_timeout_seconds,
         },

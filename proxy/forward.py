@@ -79,8 +79,8 @@ FAILURE_KINDS = ("refused", "timeout", "pool_timeout", "disconnected", "malforme
 # Responses that declare a length up to this are read whole before the headers go out: most API answers
 # then fail as a clean 502/504 instead of a cut connection. Everything else is streamed chunk by chunk.
 BUFFERED_RESPONSE_BYTES = 64 * 1024
-# The same header limits the app accepts from clients (app.py handler_args), so a header that came in
-# can also come back.
+# Header limits, the same for clients' requests (app.py's handler_args) and the upstream's answers, so a
+# header that came in can also come back.
 MAX_HEADER_BYTES = 16384
 MAX_HEADERS = 128
 # Requests that carry no body by nature; others without one say Content-Length: 0.

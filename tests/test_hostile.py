@@ -79,6 +79,7 @@ MALFORMED = {
     "bad_version": b"GET /x HTTP/9.9\r\n" + H + b"\r\n",
     "bad_method": b"G(T /x HTTP/1.1\r\n" + H + b"\r\n",
     "no_host": b"GET /x HTTP/1.1\r\n\r\n",
+    "two_hosts": b"GET /x HTTP/1.1\r\n" + H + b"Host: other\r\n\r\n",  # aiohttp >= 3.13.4 (pyproject)
     "space_in_name": b"GET /x HTTP/1.1\r\n" + H + b"X A: b\r\n\r\n",
     "ctl_in_value": b"GET /x HTTP/1.1\r\n" + H + b"X-A: a\x01b\r\n\r\n",
     "nul_in_value": b"GET /x HTTP/1.1\r\n" + H + b"X-A: a\x00b\r\n\r\n",
