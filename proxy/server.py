@@ -13,6 +13,7 @@ from aiohttp import http_writer, web, web_response
 from proxy import keys
 from proxy.app import create_app
 from proxy.settings import Settings
+from proxy.tasks import cancelled
 from proxy.telemetry import expect_continue, metrics_handler
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             log.info("draining: up to %.1fs for in-flight requests", settings.shutdown_timeout_seconds)
         finally:
             if sweeper is not None:
-                sweeper.cancel()
+                await cancelled(sweeper)
             # aiohttp 3.14 BaseRunner.cleanup: close the listening sockets; RequestHandler.close() on every
             # connection (idle keep-alive ones close at once, busy ones after their current response); wait
             # for running handlers (see shutdown_timeout above), then cancel the rest; then the cleanup
@@ -164,7 +165,7 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
                 await metrics_runner.cleanup()
     finally:
         if beats is not None:
-            beats.cancel()
+            await cancelled(beats)
         for sig in stops:
             loop.remove_signal_handler(sig)
     log.info("stopped")

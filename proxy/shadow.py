@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy.forward import Forwarder
 from proxy.logs import where
 from proxy.settings import OffloadSettings
+from proxy.tasks import cancelled
 from proxy.verdicts import DENIAL_HEADERS
 
 log = logging.getLogger(__name__)
@@ -268,5 +269,4 @@ class Shadow:
     async def close(self) -> None:
         """Cancel comparisons still running."""
         for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancelled(task)  # its local answer reads Redis: redis-py can swallow a first cancellation

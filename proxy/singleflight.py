@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
 
+from proxy.tasks import cancelled
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -34,7 +36,5 @@ class SingleFlight(Generic[K, V]):
 
     async def close(self) -> None:
         """Cancel and await every load still in flight."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in list(self._tasks.values()):
+            await cancelled(task)  # a Redis read: redis-py can swallow a first cancellation
