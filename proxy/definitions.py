@@ -16,7 +16,7 @@ from proxy.contract import RedisContract, library_from_user_agent
 from proxy.errors import error_body, json_response, method_not_allowed_body
 from proxy.learning import VerdictLearner
 from proxy.offload import BUCKETS, Offload
-from proxy.payloads import DefinitionsCache
+from proxy.payloads import Definitions, DefinitionsCache
 from proxy.ratelimit import SYNC_FIRST, too_many_requests
 from proxy.settings import ServiceMode
 from proxy.shadow import Shadow, UpstreamAnswer
@@ -54,6 +54,13 @@ SECRET_INVALID = error_body("authentication_error", "authentication_failed", "Se
 QUOTA_LIMITED = error_body(
     "quota_limited", "payment_required", "You have exceeded your feature flag request quota"
 )
+
+
+def _not_modified(request: web.Request, entry: Definitions) -> bool:
+    """Whether the request's If-None-Match, parsed (lists, `*`, no W/, spaces; a list over several lines as
+    one, RFC 9110 §5.3, as the backend's server joins them), names the entry's ETag."""
+    etag = entry.etag
+    return etag is not None and none_match(", ".join(request.headers.getall("If-None-Match")), etag)
 
 
 class DefinitionsService:
@@ -203,21 +210,25 @@ class DefinitionsService:
             return json_response(402, QUOTA_LIMITED)
 
         # 6. ETag: a 304 never reads the payload.
-        entry = self.cache.get(team.id) or await self.cache.load(team.id, with_body=if_none_match is None)
+        held = self.cache.get(team.id)
+        entry = held or await self.cache.load(team.id, with_body=if_none_match is None)
         if entry is None:
             return FORWARD
-        # First what SDKs send, the header as received; anything else is parsed (lists, `*`, no W/, spaces),
-        # a list over several lines as one (RFC 9110 §5.3, as the backend's server joins them).
-        if if_none_match is not None and (
-            if_none_match == entry.etag_header
-            or (
-                entry.etag is not None
-                and none_match(", ".join(request.headers.getall("If-None-Match")), entry.etag)
-            )
-        ):
-            if live:
-                self._etag_counts["hit"] += 1
-            return web.Response(status=304, headers=entry.headers_304)
+        if if_none_match is not None:
+            # First what SDKs send, the header as received (no call on the hot path); then anything else.
+            if if_none_match == entry.etag_header or _not_modified(request, entry):
+                return self._not_modified(entry, live)
+            if held is not None and held.etag is not None:
+                # Not the ETag held here: the client may have a newer one, from another replica (or the
+                # backend) that read a change this one has not refreshed yet, and answered 200 it would
+                # take these older flags after newer (found by a reviewer, with two replicas behind one
+                # Service). Redis decides: one read of the ETag, shared by the requests that need it; while
+                # Redis cannot be read, the backend decides.
+                entry = await self.cache.load(team.id, with_body=False)
+                if entry is None:
+                    return FORWARD
+                if if_none_match == entry.etag_header or _not_modified(request, entry):
+                    return self._not_modified(entry, live)
 
         # A stale ETag gets a full answer, so the reference charges it to the full budget too.
         if conditional and live:
@@ -244,6 +255,11 @@ class DefinitionsService:
 
         # 9. The stored JSON, byte for byte.
         return web.Response(status=200, body=body, headers=entry.headers_200)
+
+    def _not_modified(self, entry: Definitions, live: bool) -> web.Response:
+        if live:
+            self._etag_counts["hit"] += 1
+        return web.Response(status=304, headers=entry.headers_304)
 
     def _tokens(self, request: web.Request) -> tuple[str, ...]:
         """The query's `token` parameters, parsed once per distinct (short) query string."""

@@ -15,7 +15,8 @@ from multidict import CIMultiDict
 from proxy import keys
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
-from tests.rig import Upstream
+from tests.rig import RedisServer, Upstream
+from tests.test_reliability import eventually
 
 TOKEN = "phc_test_project_token"
 SECRET = "phs_test_secret_value"
@@ -513,3 +514,65 @@ async def test_two_replicas_enforce_one_limit(
                     admitted += response.status == 200
             await asyncio.sleep(0.2)
     assert admitted == 10
+
+
+async def test_a_replica_behind_a_change_never_answers_a_newer_etag_with_older_flags(
+    make_proxy: MakeProxy, backend: BackendWriter, upstream: tuple[Upstream, TestServer]
+) -> None:
+    """Found by a reviewer with both SDKs and two replicas behind one Service: a client that got a change
+    from the replica that read it first, then polled the other before its refresher had, was answered 200
+    with the older flags, and installed them (billed too). An If-None-Match this replica does not hold sends
+    it to Redis (the ETag alone) before it answers."""
+    recorder, _ = upstream
+    _, old_etag = backend.set_definitions(TEAM_ID, flags(1))
+    # Two replicas on one Redis; neither refreshes on its own during the test.
+    behind = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
+    ahead = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
+    for replica in (behind, ahead):
+        assert (await replica.get(URL, headers=AUTH)).headers["ETag"] == f'W/"{old_etag}"'
+    new_text, new_etag = backend.set_definitions(TEAM_ID, flags(2))
+    await ahead.app[keys.DEFINITIONS].cache.refresh()  # one refresher cycle: this replica reads the change
+    first = await ahead.get(URL, headers={**AUTH, "If-None-Match": f'W/"{old_etag}"'})
+    assert first.status == 200
+    assert first.headers["ETag"] == f'W/"{new_etag}"'
+
+    # The client now holds the new ETag and polls the replica that has not refreshed.
+    again = await behind.get(URL, headers={**AUTH, "If-None-Match": f'W/"{new_etag}"'})
+    assert again.status == 304
+    assert again.headers["ETag"] == f'W/"{new_etag}"'
+    # Read, that replica answers a client still on the old ETag with the new flags.
+    late = await behind.get(URL, headers={**AUTH, "If-None-Match": f'W/"{old_etag}"'})
+    assert (late.status, await late.read()) == (200, new_text.encode())
+    assert recorder.seen == []
+
+
+async def test_an_unknown_etag_while_redis_cannot_be_read_goes_to_the_backend(
+    make_proxy: MakeProxy,
+    backend: BackendWriter,
+    upstream: tuple[Upstream, TestServer],
+    redis_server: RedisServer,
+) -> None:
+    """While Redis is down memory still answers the ETag it holds, and a client on an older one it served;
+    an ETag it does not hold may be newer (a replica cut off from Redis kept serving what it had): the
+    backend decides."""
+    recorder, _ = upstream
+    _, etag = backend.set_definitions(TEAM_ID, flags(1))
+    client = await proxy_for(
+        make_proxy,
+        definitions={"refresh_interval_seconds": 3600},
+        redis={"health_check_interval_seconds": 0.05},
+    )
+    assert (await client.get(URL, headers=AUTH)).status == 200
+    redis_server.stop()
+    try:
+        health = client.app[keys.HEALTH]
+        await eventually(lambda: not health.redis_reads, "the health monitor to stop reads")
+        held = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{etag}"'})
+        assert held.status == 304
+        assert recorder.seen == []
+        newer = await client.get(URL, headers={**AUTH, "If-None-Match": 'W/"0123456789abcdef"'})
+        assert newer.status == 200
+        assert (await newer.json())["upstream"] is True
+        assert [seen.path_qs for seen in recorder.seen] == [URL]
+    finally:
+        redis_server.start()
