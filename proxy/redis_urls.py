@@ -74,7 +74,7 @@ def _safe_reason(exc: Exception) -> str:
         return "an unknown query option" + reason[reason.index("argument") + len("argument") :]
     if reason.startswith(("Invalid value for '", "Redis URL must specify")):
         return reason
-    if isinstance(exc, RedisError):
+    if isinstance(exc, RedisError | AttributeError):
         return f"a query option redis-py refuses ({type(exc).__name__})"
     return "no host and port it can read (a '/', '@', ':' or non-ASCII character in a password is %-encoded)"
 
@@ -106,14 +106,20 @@ def check_redis_url(value: str) -> str:
         # redis-py's own reading of the URL, as the app's pool will read it (port, query options), so a URL
         # it cannot use fails here, naming the key, not at the first connection. Its port message quotes what
         # it read as the port, which is part of the password when that holds an unescaped "/": not repeated.
+        # The proxy's own options first: redis-py crashes on some (`?retry=1`, an AttributeError).
         try:
-            BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
-        except (ValueError, TypeError, RedisError) as exc:
-            raise ValueError(f"redis-py cannot use this URL: {_safe_reason(exc)}") from None
-        path = urlsplit(value).path.strip("/")
-        if not value.startswith("unix://") and path and not (path.isascii() and path.isdigit()):
-            raise ValueError("the database (the URL's path) must be a number")
-        for option in parse_qs(urlsplit(value).query):
+            parts = urlsplit(value)
+        except ValueError:
+            raise ValueError("redis-py cannot use this URL: " + _safe_reason(ValueError())) from None
+        for option in parse_qs(parts.query):
             if option in _OWNED_QUERY_OPTIONS:
                 raise ValueError(f"the query option {option!r} is {_OWNED_QUERY_OPTIONS[option]}: remove it")
+        try:
+            BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
+        # AttributeError: an option redis-py takes for an object (`?maint_notifications_config=x`).
+        except (ValueError, TypeError, AttributeError, RedisError) as exc:
+            raise ValueError(f"redis-py cannot use this URL: {_safe_reason(exc)}") from None
+        path = parts.path.strip("/")
+        if not value.startswith("unix://") and path and not (path.isascii() and path.isdigit()):
+            raise ValueError("the database (the URL's path) must be a number")
     return value
