@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -76,6 +76,19 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
     return True
 
 
+def _is_collection(path: tuple[str, ...]) -> bool:
+    """Whether the settings key at `path` holds a list or a mapping (False for a path that names no key)."""
+    model: type[BaseModel] = Settings
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        section = None if field is None else field.annotation
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return False
+        model = section
+    field = model.model_fields.get(path[-1])
+    return field is not None and get_origin(field.annotation) in (tuple, list, dict)
+
+
 def _env_value(raw: str) -> Any:
     # Flow collections are parsed, so `EDGE_PROXY__RATE_LIMITS__ALLOWLIST='[1, 2]'` works; BaseLoader keeps
     # every scalar a string (no YAML 1.1 "on" -> True, "0x10" -> 16) and pydantic converts it to the field's
@@ -136,8 +149,10 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     sources: dict[tuple[str, ...], str] = {}
     unplaced: list[str] = []
     for key_path, (name, raw) in _env_overrides(environ).items():
-        # The plain string for URLs and the like; YAML parsing only for values that need a type.
-        if _set_path(tree, key_path, raw if key_path[-1] in {"url", "bind"} else _env_value(raw)):
+        # YAML flow syntax only for a key that holds a list or a mapping: a secret or a template that begins
+        # with "{" or "[" is a string (read as YAML, `{Xk9-secret}` was refused as no string; found by a
+        # reviewer). Scalars go as the strings they are, converted by the field's own type.
+        if _set_path(tree, key_path, _env_value(raw) if _is_collection(key_path) else raw):
             sources[key_path] = name
         else:
             unplaced.append(

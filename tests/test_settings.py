@@ -268,6 +268,26 @@ def test_generic_nested_environment_values_are_typed_by_the_field() -> None:
     assert settings.upstream.trusted_proxies == ("10.0.0.0/8", "::1")
 
 
+def test_a_string_from_the_environment_that_begins_with_a_bracket_stays_a_string() -> None:
+    """Read as YAML, each was refused as "no valid string", and the environment is the only way a secret gets
+    in (the chart keeps them out of the config file). Found by a reviewer."""
+    settings = load_settings(
+        None,
+        {
+            "VERDICT_HMAC_KEY": "{Xk9-secret-pass}",
+            "REDIS_URL": "redis+sentinel://127.0.0.1:26379/edge",
+            "REDIS_SENTINEL_PASSWORD": "[s3cret]",
+            "EDGE_PROXY__LAYOUT__BILLING_DEDUPE_KEY": "{batch_id}",
+            "EDGE_PROXY__SERVER_HEADER": "[edge]",
+        },
+    )
+    assert settings.definitions.auth.hmac_key is not None
+    assert settings.definitions.auth.hmac_key.get_secret_value() == "{Xk9-secret-pass}"
+    assert settings.redis.sentinel_secret == "[s3cret]"
+    assert settings.layout.billing_dedupe_key == "{batch_id}"
+    assert settings.server_header == "[edge]"
+
+
 def test_top_level_generic_key() -> None:
     assert load_settings(None, {"EDGE_PROXY__SERVICE_MODE": "FLAGS"}).service_mode is ServiceMode.FLAGS
 
