@@ -187,8 +187,8 @@ def _problems(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> l
             "",
         )
         if not key_path and error["type"] == "value_error":
-            # A check across sections (a model validator): its message names the keys itself.
-            lines.append(f"  {error['ctx']['error']}")
+            # The checks across sections (the model's validator): each line names its keys itself.
+            lines += [f"  {line}" for line in str(error["ctx"]["error"]).splitlines()]
             continue
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         lines.append(f"  {key}{origin}: {message}")

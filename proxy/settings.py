@@ -494,56 +494,64 @@ class Settings(_Section):
         return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _cluster_marks(self) -> Self:
+    def _across_sections(self) -> Self:
+        # Every problem at once, one per line (config_loader lists each as its own).
+        problems = [*self._cluster_marks(), *self._distinct_routes(), *self._worker_metrics_ports()]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _cluster_marks(self) -> list[str]:
+        if not self.redis.url.startswith(CLUSTER_SCHEME):
+            return []
+        problems = []
         # On a Cluster each billing batch marker carries a hash tag naming the hash it guards (billing.py), so
         # that both live in one slot; a brace of the template's own would become the tag instead.
         template = self.layout.billing_dedupe_key.replace("{batch_id}", "")
-        if self.redis.url.startswith(CLUSTER_SCHEME) and ("{" in template or "}" in template):
-            raise ValueError(
+        if "{" in template or "}" in template:
+            problems.append(
                 "layout.billing_dedupe_key may hold no brace besides {batch_id} "
                 "with a redis+cluster:// redis.url"
             )
         # The same for the rate-limit sync's marks, which take their counter's slot by a hash tag of its key.
         prefix = self.rate_limits.key_prefix
-        if self.redis.url.startswith(CLUSTER_SCHEME) and ("{" in prefix or "}" in prefix):
-            raise ValueError("rate_limits.key_prefix may hold no brace with a redis+cluster:// redis.url")
-        return self
+        if "{" in prefix or "}" in prefix:
+            problems.append("rate_limits.key_prefix may hold no brace with a redis+cluster:// redis.url")
+        return problems
 
-    @model_validator(mode="after")
-    def _distinct_routes(self) -> Self:
+    def _distinct_routes(self) -> list[str]:
         # aiohttp would serve the first route added for a path and never the other.
         routes = [("the health probes", path) for path in HEALTH_PATHS]
         routes.append(("definitions.path", self.definitions.path))
         routes += [("definitions.aliases", alias) for alias in self.definitions.aliases]
         if self.telemetry.metrics_enabled:
             routes.append(("telemetry.metrics_path", self.telemetry.metrics_path))
+        problems = []
         seen: dict[str, str] = {}
         for key, path in routes:
             if path in seen:
-                raise ValueError(f"{key}: {path!r} is already the route of {seen[path]}")
-            seen[path] = key
-        return self
+                problems.append(f"{key}: {path!r} is already the route of {seen[path]}")
+            else:
+                seen[path] = key
+        return problems
 
-    @model_validator(mode="after")
-    def _worker_metrics_ports(self) -> Self:
+    def _worker_metrics_ports(self) -> list[str]:
         first = self.telemetry.worker_metrics_port
         if first is None:
-            return self
+            return []
+        if not self.telemetry.metrics_enabled:
+            return ["telemetry.worker_metrics_port: needs telemetry.metrics_enabled"]
         last = first + self.workers - 1
         ports = (
             f"port {first} for 1 worker"
             if last == first
             else f"ports {first}-{last} for {self.workers} workers"
         )
-        if not self.telemetry.metrics_enabled:
-            raise ValueError("telemetry.worker_metrics_port: needs telemetry.metrics_enabled")
         if last > 65535:
-            raise ValueError(f"telemetry.worker_metrics_port: {ports} go past 65535")
+            return [f"telemetry.worker_metrics_port: {ports} go past 65535"]
         if first <= self.bind_port <= last:
-            raise ValueError(
-                f"telemetry.worker_metrics_port: {ports} would take bind's port {self.bind_port}"
-            )
-        return self
+            return [f"telemetry.worker_metrics_port: {ports} would take bind's port {self.bind_port}"]
+        return []
 
     @field_validator("server_header")
     @classmethod

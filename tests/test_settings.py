@@ -533,6 +533,30 @@ def test_two_features_on_one_route_are_refused(env: dict[str, str], problem: str
     assert problem in problems(env=env)
 
 
+def test_every_problem_across_sections_is_named_at_once() -> None:
+    """Each check across sections stopped at its first problem, and the first check to fail hid the others
+    (found by a reviewer)."""
+    message = problems(
+        env={
+            "REDIS_URL": "redis+cluster://127.0.0.1:7000",
+            "EDGE_PROXY__LAYOUT__BILLING_DEDUPE_KEY": "{x}:{batch_id}",
+            "EDGE_PROXY__RATE_LIMITS__KEY_PREFIX": "{rl}",
+            "EDGE_PROXY__DEFINITIONS__PATH": "/_liveness",
+            "EDGE_PROXY__DEFINITIONS__ALIASES": "[/_startup]",
+            "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "8080",
+        }
+    )
+    assert message.startswith("invalid configuration (5 problems):\n")
+    for problem in (
+        "layout.billing_dedupe_key may hold no brace besides {batch_id}",
+        "rate_limits.key_prefix may hold no brace",
+        "definitions.path: '/_liveness' is already the route of the health probes",
+        "definitions.aliases: '/_startup' is already the route of the health probes",
+        "telemetry.worker_metrics_port: port 8080 for 1 worker would take bind's port 8080",
+    ):
+        assert f"\n  {problem}" in message
+
+
 def test_metrics_off_frees_its_route() -> None:
     env = {
         "EDGE_PROXY__TELEMETRY__METRICS_ENABLED": "false",
