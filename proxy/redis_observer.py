@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from time import perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from opentelemetry import trace
@@ -27,6 +27,7 @@ from proxy.histogram import InMemoryHistogram
 from proxy.tracing import child_span
 
 Send = Callable[..., Awaitable[Any]]
+T = TypeVar("T")
 
 
 class RedisObserver:
@@ -43,7 +44,7 @@ class RedisObserver:
         self.errors: Counter[tuple[str, str]] = Counter()
         self.tracer: trace.Tracer | None = None
 
-    async def call(self, command: str, send: Any) -> Any:
+    async def call(self, command: str, send: Callable[[], Awaitable[T]]) -> T:
         """Await `send()` (one command or pipeline), timing it and counting a RedisError by type."""
         span = child_span(
             self.tracer, f"redis {command}", {"db.system.name": "redis", "db.operation.name": command}
