@@ -11,12 +11,12 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_netw
 from urllib.parse import unquote
 
 import aiohttp
-from aiohttp import HttpVersion11, hdrs, http_writer, web
+from aiohttp import HttpVersion11, hdrs, web
 from multidict import CIMultiDict
 from opentelemetry import trace
 from yarl import URL
 
-from proxy import keys, tracing
+from proxy import aiohttp_internals, keys, tracing
 from proxy.access_log import safe_path
 from proxy.conditional import connection_options
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
@@ -233,9 +233,9 @@ class Forwarder:
                 return self._failed(request, None, exc)
             if observe is not None:
                 observe(upstream.status, headers, body)
-            whole = ExactHeadResponse if upstream.non_utf8 else web.Response
+            whole = aiohttp_internals.ExactHeadResponse if upstream.non_utf8 else web.Response
             return whole(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-        streamed = ExactHeadStreamResponse if upstream.non_utf8 else web.StreamResponse
+        streamed = aiohttp_internals.ExactHeadStreamResponse if upstream.non_utf8 else web.StreamResponse
         response = streamed(status=upstream.status, reason=upstream.reason, headers=headers)
         if length is None and request.version < HttpVersion11:
             # No length and no chunked coding in HTTP/1.0: only the close can end the body. aiohttp does not
@@ -420,42 +420,6 @@ async def _relay(
         relaying.discard(request.protocol)
     if observe is not None:
         observe(upstream.status, response.headers, b"".join(captured) if captured is not None else None)
-
-
-class ExactHeadStreamResponse(web.StreamResponse):
-    """A forwarded answer whose head holds bytes that are not UTF-8, sent back as they came.
-
-    WSGI header values are latin-1: Django under gunicorn writes `filename="résumé.csv"` with a single 0xE9
-    byte. The upstream client keeps such bytes as surrogates (decoded with `surrogateescape`), and aiohttp's
-    head serializer, which encodes UTF-8, silently drops them. Here aiohttp serializes the head's bytes one
-    character each (latin-1), which keeps its checks (control characters refused) and its bookkeeping, and
-    the head it buffered is replaced by those bytes themselves. Only answers that need it take this path
-    (`Response.non_utf8`); tests/test_upstream.py checks the bytes on the wire, so an aiohttp that moved
-    these internals fails there, not silently.
-    """
-
-    async def _write_headers(self) -> None:
-        request, writer = self._req, self._payload_writer
-        assert request is not None
-        assert isinstance(writer, http_writer.StreamWriter)
-        version = request.version
-        status_line = _one_char_per_byte(f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}")
-        fields = CIMultiDict((k, _one_char_per_byte(v)) for k, v in self.headers.items())
-        await writer.write_headers(status_line, fields)
-        writer._headers_buf = "".join(
-            [f"{status_line}\r\n", *[f"{k}: {v}\r\n" for k, v in fields.items()], "\r\n"]
-        ).encode("latin-1")
-        if self._send_headers_immediately:
-            writer.send_headers()
-
-
-class ExactHeadResponse(ExactHeadStreamResponse, web.Response):
-    """The same for an answer read whole (head and body leave in one write)."""
-
-
-def _one_char_per_byte(text: str) -> str:
-    """`text`'s bytes on the wire (surrogates back to the bytes they stand for), one character per byte."""
-    return text.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 def _client_still_there(request: web.Request) -> Callable[[], bool]:

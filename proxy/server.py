@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 
-from aiohttp import http_writer, web, web_response
+from aiohttp import web
 
-from proxy import keys
+from proxy import aiohttp_internals, keys
 from proxy.app import create_app
 from proxy.settings import Settings
 from proxy.tasks import cancelled
@@ -34,35 +34,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         import uvloop
     except ImportError:
         return asyncio.new_event_loop()
-    _write_without_joining()
+    aiohttp_internals.write_without_joining()
     return uvloop.new_event_loop()
-
-
-def _write_without_joining() -> None:
-    """Let aiohttp hand a response's head and body to the transport as two buffers (one writev).
-
-    On Python < 3.12.9 aiohttp joins them into a new bytes first, a malloc and a copy of every body, because
-    asyncio's own selector transport lacked flow control in writelines() on 3.12.0-3.12.8 and 3.13.0-3.13.1
-    (CVE-2024-12254). uvloop's transport is not that code: its writelines() takes the same buffered,
-    flow-controlled path as write(). Measured on 50 KB 200s: 276k -> 222k instructions per request
-    (`bench/callgrind.py --baseline`), +4 % req/s over 9 interleaved wrk runs (`bench/run.py --baseline`).
-    Only for uvloop, whose loop every serving process runs on; tests/test_server.py checks the flag is still
-    read where this expects it.
-    """
-    http_writer.SKIP_WRITELINES = False
-
-
-def _server_header(value: str) -> None:
-    """The Server header aiohttp gives every answer that has none (settings.server_header).
-
-    aiohttp adds `Python/3.x aiohttp/3.y` with `setdefault` when a response is prepared, reading the module's
-    SERVER_SOFTWARE at that moment, and has no setting for it. An answer's own header (a forwarded upstream's)
-    is left alone. Set once per serving process, like SKIP_WRITELINES above, so it also reaches the 400s
-    aiohttp writes for malformed requests, which no handler or signal sees, and costs no request anything
-    (an on_response_prepare signal would cost every answer ~1 µs). tests/test_server.py checks the answers of
-    a real process, so an aiohttp that moved the name fails there.
-    """
-    web_response.SERVER_SOFTWARE = value  # type: ignore[attr-defined]  # imported there from aiohttp.http
 
 
 async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | None = None) -> int:
@@ -71,7 +44,7 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
     `worker_index` (0 to workers-1) picks this worker's own metrics port (telemetry.worker_metrics_port);
     `heartbeat_fd`, a worker's end of its supervisor's pipe, gets a byte a second while the loop runs.
     """
-    _server_header(settings.server_header)
+    aiohttp_internals.set_server_header(settings.server_header)
     app = create_app(settings)
     runner = web.AppRunner(
         app,

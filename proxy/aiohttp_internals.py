@@ -1,0 +1,69 @@
+"""Where edge-proxy reaches into aiohttp's internals; each names the test that fails if aiohttp moves them."""
+
+from __future__ import annotations
+
+from aiohttp import http_writer, web, web_response
+from multidict import CIMultiDict
+
+
+class ExactHeadStreamResponse(web.StreamResponse):
+    """A forwarded answer whose head holds bytes that are not UTF-8, sent back as they came.
+
+    WSGI header values are latin-1: Django under gunicorn writes `filename="résumé.csv"` with a single 0xE9
+    byte. The upstream client keeps such bytes as surrogates (decoded with `surrogateescape`), and aiohttp's
+    head serializer, which encodes UTF-8, silently drops them. Here aiohttp serializes the head's bytes one
+    character each (latin-1), which keeps its checks (control characters refused) and its bookkeeping, and
+    the head it buffered is replaced by those bytes themselves. Only answers that need it take this path
+    (`Response.non_utf8`); tests/test_upstream.py checks the bytes on the wire, so an aiohttp that moved
+    these internals fails there, not silently.
+    """
+
+    async def _write_headers(self) -> None:
+        request, writer = self._req, self._payload_writer
+        assert request is not None
+        assert isinstance(writer, http_writer.StreamWriter)
+        version = request.version
+        status_line = _one_char_per_byte(f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}")
+        fields = CIMultiDict((k, _one_char_per_byte(v)) for k, v in self.headers.items())
+        await writer.write_headers(status_line, fields)
+        writer._headers_buf = "".join(
+            [f"{status_line}\r\n", *[f"{k}: {v}\r\n" for k, v in fields.items()], "\r\n"]
+        ).encode("latin-1")
+        if self._send_headers_immediately:
+            writer.send_headers()
+
+
+class ExactHeadResponse(ExactHeadStreamResponse, web.Response):
+    """The same for an answer read whole (head and body leave in one write)."""
+
+
+def _one_char_per_byte(text: str) -> str:
+    """`text`'s bytes on the wire (surrogates back to the bytes they stand for), one character per byte."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def write_without_joining() -> None:
+    """Let aiohttp hand a response's head and body to the transport as two buffers (one writev).
+
+    On Python < 3.12.9 aiohttp joins them into a new bytes first, a malloc and a copy of every body, because
+    asyncio's own selector transport lacked flow control in writelines() on 3.12.0-3.12.8 and 3.13.0-3.13.1
+    (CVE-2024-12254). uvloop's transport is not that code: its writelines() takes the same buffered,
+    flow-controlled path as write(). Measured on 50 KB 200s: 276k -> 222k instructions per request
+    (`bench/callgrind.py --baseline`), +4 % req/s over 9 interleaved wrk runs (`bench/run.py --baseline`).
+    Only for uvloop, whose loop every serving process runs on; tests/test_server.py checks the flag is still
+    read where this expects it.
+    """
+    http_writer.SKIP_WRITELINES = False
+
+
+def set_server_header(value: str) -> None:
+    """The Server header aiohttp gives every answer that has none (settings.server_header).
+
+    aiohttp adds `Python/3.x aiohttp/3.y` with `setdefault` when a response is prepared, reading the module's
+    SERVER_SOFTWARE at that moment, and has no setting for it. An answer's own header (a forwarded upstream's)
+    is left alone. Set once per serving process, like SKIP_WRITELINES above, so it also reaches the 400s
+    aiohttp writes for malformed requests, which no handler or signal sees, and costs no request anything
+    (an on_response_prepare signal would cost every answer ~1 µs). tests/test_server.py checks the answers of
+    a real process, so an aiohttp that moved the name fails there.
+    """
+    web_response.SERVER_SOFTWARE = value  # type: ignore[attr-defined]  # imported there from aiohttp.http
