@@ -5,21 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from functools import lru_cache
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import HttpVersion11, hdrs, web
-from multidict import CIMultiDict
 from opentelemetry import trace
 from yarl import URL
 
 from proxy import aiohttp_internals, keys, tracing
 from proxy.access_log import safe_path
-from proxy.conditional import connection_options
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
+from proxy.forward_headers import HeaderPolicy, end_to_end
 from proxy.logs import Throttled
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
 from proxy.telemetry import CLIENT_CLOSED, FORWARD, expect_continue, observed
@@ -31,45 +28,6 @@ log = logging.getLogger(__name__)
 Observer = Callable[[int, Mapping[str, str], bytes | None], None]
 # Told the upstream's status as soon as its head is in, before any of a streamed body is relayed.
 StatusObserver = Callable[[int], None]
-
-# RFC 9110 §7.6.1: connection-specific fields never cross a proxy; fields named in Connection join them.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# Rewritten by this hop from what it saw itself, so a client can never inject them verbatim.
-FORWARDED_BY_US = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-# Other client assertions about where a request came from: believed only from a trusted proxy. Gunicorn
-# reads the scheme from X-Forwarded-Ssl and X-Forwarded-Protocol too (secure_scheme_headers); Django the port
-# (USE_X_FORWARDED_PORT); Werkzeug's ProxyFix and Spring the prefix.
-CLIENT_ORIGIN_CLAIMS = frozenset(
-    {
-        "forwarded",
-        "x-real-ip",
-        "x-forwarded-ssl",
-        "x-forwarded-protocol",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-    }
-)
-# Host follows the configured policy; Expect was already answered by aiohttp's 100-continue handler, and a
-# second handshake with a backend that never sends 100 would stall the upload. Content-Length is written
-# from the body actually sent (as Transfer-Encoding, hop by hop): framing never comes from the client's
-# header list, which its Connection header can shorten ("Connection: content-length" would otherwise send a
-# body with no framing, read upstream as the next request on a pooled connection: request smuggling).
-REQUEST_SET_BY_US = frozenset({"host", "expect", "content-length"})
-
-DROP_FROM_TRUSTED = HOP_BY_HOP | FORWARDED_BY_US | REQUEST_SET_BY_US
-DROP_FROM_UNTRUSTED = DROP_FROM_TRUSTED | CLIENT_ORIGIN_CLAIMS
 
 # What edge_proxy_upstream_errors_total{kind} counts: no connection (refused), silence past the read or
 # connect timeout (timeout), every pooled connection busy past the read timeout (pool_timeout), a connection
@@ -139,12 +97,9 @@ class Forwarder:
         base = URL(settings.base, encoded=True)
         # A base path ("http://backend/prefix") is a prefix; request paths are appended byte for byte.
         self._base_path = base.raw_path.rstrip("/")
-        # What the "upstream" Host policy sends: the URL's host, and its port unless the scheme's default.
-        self._upstream_host = _host_header(base)
         self._server_address = base.raw_host or ""
-        self._keep_client_host = settings.host_header == "client"
         self._buffer_request_bytes = settings.buffer_request_body_bytes
-        self._is_trusted = _trust_checker(ip_network(n, strict=False) for n in settings.trusted_proxies)
+        self._headers = HeaderPolicy(settings)
         self._tracer = tracer
 
     async def forward(
@@ -168,7 +123,7 @@ class Forwarder:
             body = await self._request_body(request)
         except ClientBodyError as exc:
             return exc.response()
-        headers = self._request_headers(request)
+        headers = self._headers.request(request)
         # Framing from the body sent: a body read whole says its length; a streamed one the length the
         # client declared (aiohttp's parser holds the client to it), else it is chunked again upstream.
         chunked = False
@@ -222,7 +177,7 @@ class Forwarder:
         if upstream.status >= 500:
             self.failures["5xx"] += 1
         length = upstream.content_length
-        headers = _end_to_end(upstream)
+        headers = end_to_end(upstream)
         if length is not None and length <= BUFFERED_RESPONSE_BYTES and request.method != "HEAD":
             # Small answers: read whole, then headers and body leave in one write (measured: the
             # prepare-then-write_eof pair cost a second syscall, ~20 % of forwarding CPU).
@@ -289,37 +244,6 @@ class Forwarder:
             target = request.rel_url
             raw = target.raw_path + (f"?{target.raw_query_string}" if target.raw_query_string else "")
         return self._base_path + raw
-
-    def _request_headers(self, request: web.Request) -> list[tuple[str, str]]:
-        incoming = request.headers
-        # The connection's, read once per connection by aiohttp (get_extra_info is a syscall per call on
-        # uvloop: 1.7 % of forwarding CPU when read per request).
-        peername = request.protocol.peername
-        # A TCP peer is (host, port[, flow, scope]); a Unix socket has no address to vouch for.
-        peer = peername[0] if isinstance(peername, tuple) and peername else None
-        trusted = peer is not None and self._is_trusted(peer)
-
-        drop = DROP_FROM_TRUSTED if trusted else DROP_FROM_UNTRUSTED
-        if hdrs.CONNECTION in incoming:
-            drop = drop | connection_options(incoming)
-        # The Host header, never request.host: for an absolute-form target aiohttp reports the target's host.
-        host = incoming.get(hdrs.HOST)
-        headers = [("Host", host if host is not None and self._keep_client_host else self._upstream_host)]
-        # A name with "_" never goes on (nginx's default, underscores_in_headers off): a WSGI server reads
-        # "X_Forwarded_For" as X-Forwarded-For, and gunicorn takes SCRIPT_NAME from a proxy it trusts (the
-        # loopback, so this one): "SCRIPT_NAME: /prefix" took a request outside the upstream's base path.
-        headers += [(k, v) for k, v in incoming.items() if k.lower() not in drop and "_" not in k]
-
-        if peer is not None:
-            prior_for = incoming.getall(hdrs.X_FORWARDED_FOR, ()) if trusted else ()
-            headers.append((hdrs.X_FORWARDED_FOR, ", ".join([*prior_for, peer])))
-        # Proto and Host describe the client-facing hop: a trusted proxy's value is the original one, kept.
-        proto = incoming.get(hdrs.X_FORWARDED_PROTO) if trusted else None
-        headers.append((hdrs.X_FORWARDED_PROTO, proto or request.scheme))
-        forwarded_host = (incoming.get(hdrs.X_FORWARDED_HOST) if trusted else None) or host
-        if forwarded_host:
-            headers.append((hdrs.X_FORWARDED_HOST, forwarded_host))
-        return headers
 
     async def _request_body(self, request: web.Request) -> bytes | AsyncIterator[bytes] | None:
         if hdrs.TRANSFER_ENCODING in request.headers:
@@ -452,38 +376,6 @@ def _codings(request: web.Request) -> str:
         for coding in value.split(",")
     ]
     return ", ".join(codings) if codings else "chunked"
-
-
-def _end_to_end(upstream: Response) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | upstream.connection_tokens if upstream.connection_tokens else HOP_BY_HOP
-    return CIMultiDict([(k, v) for k, v in upstream.headers if k.lower() not in drop])
-
-
-def _host_header(base: URL) -> str:
-    """The Host an HTTP client derives from `base`: host (IPv6 in brackets), and a port unless default."""
-    host = base.raw_host or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return host if base.is_default_port() else f"{host}:{base.port}"
-
-
-def _trust_checker(networks: Iterable[IPv4Network | IPv6Network]) -> Callable[[str], bool]:
-    trusted_networks = tuple(networks)
-    if not trusted_networks:
-        return lambda _peer: False
-
-    # Peers repeat (one per keep-alive connection, a handful of proxies): parse each address once.
-    @lru_cache(maxsize=4096)
-    def is_trusted(peer: str) -> bool:
-        try:
-            address = ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in trusted_networks)
-
-    return is_trusted
 
 
 def add_routes(app: web.Application) -> None:

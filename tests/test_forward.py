@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from proxy import forward, keys
+from proxy import forward, forward_headers, keys
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT
 from proxy.health import Health
 from tests.conftest import MakeProxy, settings_for
@@ -758,4 +758,4 @@ async def test_observer_gets_small_bodies_and_only_the_head_of_streamed_ones(
 def test_a_trusted_peer_on_a_dual_stack_socket_is_trusted(peer: str, trusted: bool) -> None:
     """A dual-stack listener reports an IPv4 peer as ::ffff:a.b.c.d: unwrapped, or a trusted proxy in front
     was not trusted and its X-Forwarded-* dropped (found unguarded by mutation testing)."""
-    assert forward._trust_checker([ipaddress.ip_network("10.0.0.0/8")])(peer) is trusted
+    assert forward_headers.trust_checker([ipaddress.ip_network("10.0.0.0/8")])(peer) is trusted
