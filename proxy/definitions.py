@@ -217,7 +217,9 @@ class DefinitionsService:
         if if_none_match is not None:
             # First what SDKs send, the header as received (no call on the hot path); then anything else.
             if if_none_match == entry.etag_header or _not_modified(request, entry):
-                return self._not_modified(entry, live)
+                if live:
+                    self._etag_counts["hit"] += 1
+                return web.Response(status=304, headers=entry.headers_304)
             if held is not None and held.etag is not None:
                 # Not the ETag held here: the client may have a newer one, from another replica (or the
                 # backend) that read a change this one has not refreshed yet, and answered 200 it would
@@ -228,7 +230,9 @@ class DefinitionsService:
                 if entry is None:
                     return FORWARD
                 if if_none_match == entry.etag_header or _not_modified(request, entry):
-                    return self._not_modified(entry, live)
+                    if live:
+                        self._etag_counts["hit"] += 1
+                    return web.Response(status=304, headers=entry.headers_304)
 
         # A stale ETag gets a full answer, so the reference charges it to the full budget too.
         if conditional and live:
@@ -255,11 +259,6 @@ class DefinitionsService:
 
         # 9. The stored JSON, byte for byte.
         return web.Response(status=200, body=body, headers=entry.headers_200)
-
-    def _not_modified(self, entry: Definitions, live: bool) -> web.Response:
-        if live:
-            self._etag_counts["hit"] += 1
-        return web.Response(status=304, headers=entry.headers_304)
 
     def _tokens(self, request: web.Request) -> tuple[str, ...]:
         """The query's `token` parameters, parsed once per distinct (short) query string."""
