@@ -15,6 +15,8 @@ from proxy.cli import main
 from proxy.config_loader import ENV_ALIASES
 from tests.rig import free_port
 
+ROOT = Path(__file__).resolve().parent.parent
+
 BAD_FILE = """
 service_mode: everything
 upstream: {url: "not a url"}
@@ -44,7 +46,8 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed command (or `python -m proxy`) with only `env` as configuration.
 
-    `open_files`: the (soft, hard) RLIMIT_NOFILE it starts with.
+    `open_files`: the (soft, hard) RLIMIT_NOFILE it starts with. PYTHONPATH: either one imports `proxy` from
+    this checkout, not wherever the venv's editable install points.
     """
     argv = [command] if command else [sys.executable, "-m", "proxy"]
 
@@ -54,7 +57,7 @@ def run(
 
     return subprocess.run(
         [*argv, *args],
-        env={**clean_environ(), **(env or {})},
+        env={**clean_environ(), "PYTHONPATH": str(ROOT), **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,

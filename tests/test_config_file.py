@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,11 @@ def test_config_file_holds_exactly_the_defaults() -> None:
 
 
 def test_config_file_is_regenerated_from_the_settings_module() -> None:
+    # PYTHONPATH: the script imports `proxy` from this checkout, not where the venv's editable install points.
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gen_config.py"), "--check"], cwd=ROOT, check=False
+        [sys.executable, str(ROOT / "scripts" / "gen_config.py"), "--check"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
     )
     assert result.returncode == 0, "config/edge-proxy.yaml is stale: run scripts/gen_config.py"
