@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
+from proxy import teams
 from proxy.contract import DecodeError, RedisContract
 from proxy.settings import RedisLayout
 from proxy.teams import MAX_TOKEN_CHARS, Team, TeamStore, parse_team
 from tests.backend_writer import BackendWriter
+from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
+from tests.rig import RedisServer
+from tests.test_reliability import eventually
 
 TEAMS = 50
 TTL = 0.2
@@ -55,6 +60,24 @@ async def store(redis_url: str) -> AsyncIterator[TeamStore]:
     await client.aclose()
 
 
+class Clock:
+    """A monotonic clock the test moves by hand: the TeamStore's, so expiry is decided without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """proxy.teams reads this clock (only that module: the event loop keeps its own)."""
+    clock = Clock()
+    monkeypatch.setattr(teams, "time", SimpleNamespace(monotonic=clock))
+    return clock
+
+
 def command_calls(redis_url: str) -> dict[str, int]:
     """Calls per command since the last CONFIG RESETSTAT (INFO commandstats)."""
     with redis.Redis.from_url(redis_url) as sync:
@@ -68,13 +91,14 @@ def reset_stats(redis_url: str) -> None:
 
 
 async def test_expired_records_answer_from_memory_and_are_reread_together_in_one_mget(
-    store: TeamStore, writer: BackendWriter, redis_url: str
+    store: TeamStore, writer: BackendWriter, redis_url: str, clock: Clock
 ) -> None:
+    """Past the TTL (the clock driven by hand: under load a 0.2 s TTL slept past twice-the-TTL and failed)."""
     for team_id in range(1, TEAMS + 1):
         assert await store.get(token_of(team_id)) == Team(team_id, (secret_of(team_id).encode(),))
     for team_id in range(1, TEAMS + 1):
         write_team(writer, team_id, version=2)
-    await asyncio.sleep(TTL * 1.5)
+    clock.now += TTL * 1.5
 
     reset_stats(redis_url)
     # Past their TTL: every request is still answered from memory, with no Redis read of its own.
@@ -302,3 +326,121 @@ async def test_a_flood_of_unknown_tokens_keeps_the_teams_held_and_stays_small(
     finally:
         await store.close()
         await client.aclose()
+
+
+# Behaviour a mutation-testing reviewer changed with no test failing (each test here fails with its mutant).
+
+
+async def test_concurrent_misses_of_one_token_share_one_redis_read(
+    store: TeamStore, writer: BackendWriter, redis_url: str
+) -> None:
+    """A cold token asked for by 50 requests at once is read from Redis once (found by mutation testing:
+    with the read not registered as in flight, each request read it)."""
+    reset_stats(redis_url)
+    found = await asyncio.gather(*(store.get(token_of(3)) for _ in range(50)))
+    assert found == [Team(3, (secret_of(3).encode(),))] * 50
+    assert command_calls(redis_url).get("get") == 1
+
+
+async def test_a_client_leaving_does_not_cancel_the_read_the_others_wait_for(
+    writer: BackendWriter, redis_server: RedisServer
+) -> None:
+    """Two requests wait for one slow read of a team record; the first one's client goes away (its handler
+    cancelled): the second still gets the team (found by mutation testing: the shared read was cancelled
+    with it, and the second request failed)."""
+    chaos = ChaosProxy(redis_server.port)
+    await chaos.start()
+    client = aioredis.Redis.from_url(chaos.url)
+    store = TeamStore(client, RedisContract(RedisLayout()), ttl_seconds=60, miss_ttl_seconds=60)
+    try:
+        chaos.reply_delay = 0.3  # a slow Redis: the read is still out when the first client leaves
+        leaving = asyncio.create_task(store.get(token_of(4)))
+        staying = asyncio.create_task(store.get(token_of(4)))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        assert await asyncio.wait_for(staying, 5) == Team(4, (secret_of(4).encode(),))
+        assert leaving.cancelled()
+    finally:
+        await store.close()
+        await client.aclose()
+        await chaos.close()
+
+
+async def test_a_team_found_after_a_remembered_miss_is_not_taken_for_a_miss_again(
+    store: TeamStore, writer: BackendWriter, clock: Clock
+) -> None:
+    """Once a remembered miss is read again and found, the miss is forgotten: after a quiet spell (past twice
+    the TTL, so the record is read again first) the team is still found (found by mutation testing: the old
+    miss came back, and every request of the team was forwarded as unknown)."""
+    token = token_of(TEAMS + 3)
+    assert await store.get(token) is None
+    write_team(writer, TEAMS + 3)
+    clock.now += TTL * 1.5  # past the miss TTL
+    assert await store.get(token) is None  # read again, in the background
+    await eventually(lambda: store.fresh(token) is not None, "the team read again")
+    clock.now += TTL * 2.5  # past twice the record's TTL: read again before it answers
+    assert await store.get(token) == Team(TEAMS + 3, (secret_of(TEAMS + 3).encode(),))
+
+
+async def test_a_refresh_reply_that_left_before_a_record_was_removed_does_not_bring_it_back(
+    store: TeamStore, writer: BackendWriter, clock: Clock
+) -> None:
+    """The refresher's MGET is out; meanwhile a request reads the record again and finds it removed (the
+    token rotated away). The MGET's older reply must not put the record back (found by mutation testing:
+    the removed token was accepted again for a whole TTL)."""
+    token = token_of(9)
+    assert await store.get(token) is not None
+    clock.now += TTL * 1.5
+    assert store.fresh(token) is not None  # answered past its TTL: due for the refresher
+    replied, release = asyncio.Event(), asyncio.Event()
+    real_mget = store._client.mget
+
+    async def held_mget(*args: Any, **kwargs: Any) -> Any:
+        raws = await real_mget(*args, **kwargs)  # the record as it was
+        replied.set()
+        await release.wait()  # ... and its reply is read only after the record is removed
+        return raws
+
+    store._client.mget = held_mget  # type: ignore[method-assign]
+    refreshing = asyncio.create_task(store.refresh())
+    try:
+        await asyncio.wait_for(replied.wait(), 5)
+        writer.delete_team(token)
+        clock.now += TTL  # past twice its TTL: the next request reads it again, and finds it gone
+        assert await store.get(token) is None
+    finally:
+        release.set()
+    await asyncio.wait_for(refreshing, 5)
+    assert store.fresh(token) is None
+    assert await store.get(token) is None
+
+
+async def test_a_flood_of_wrong_secrets_reaches_the_backend_once_per_team_while_the_recheck_is_queued(
+    make_proxy: MakeProxy, upstream: Any, writer: BackendWriter, clock: Clock
+) -> None:
+    """A wrong project secret refused by a record not re-read lately goes to the backend (it may be one
+    rotated in), once: the others wait for the queued re-read and are refused here. The refresher is frozen
+    (its interval an hour), so the re-read stays queued (found by mutation testing: every request of the
+    flood was queued again, and forwarded)."""
+    recorder, _ = upstream
+    writer.set_definitions(5, [{"id": 1, "key": "f", "active": True, "filters": {}}])
+    client = await make_proxy(
+        definitions={
+            "refresh_interval_seconds": 3600,
+            "team_ttl_seconds": 36_000,
+            "max_staleness_seconds": 36_000,
+        }
+    )
+    url = URL.format(token=token_of(5))
+
+    async def status(secret: str) -> int:
+        async with client.get(url, headers={"Authorization": f"Bearer {secret}"}) as response:
+            await response.read()
+            return response.status
+
+    assert await status(secret_of(5)) == 200
+    assert recorder.seen == []
+    clock.now += 7300  # past the recheck delay (twice the refresh interval); within the TTL and staleness
+    statuses = [await status(f"phs_wrong_{n}") for n in range(20)]
+    assert statuses == [200] + [401] * 19  # the first is the backend's answer (the rig's upstream)
+    assert [seen.path_qs for seen in recorder.seen] == [url]

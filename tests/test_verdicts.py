@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -11,8 +13,10 @@ from redis.exceptions import RedisError
 
 from proxy.redis_client import make_client
 from proxy.settings import RedisSettings
-from proxy.verdicts import Verdict, VerdictStore
+from proxy.verdicts import MAX_DENIAL_BODY_BYTES, Verdict, VerdictStore, verdict_of
 from tests.rig import RedisServer
+from tests.standin_backend import drf_error
+from tests.test_teams import command_calls, reset_stats
 
 
 @pytest.fixture
@@ -70,6 +74,17 @@ async def test_a_deleted_verdict_is_dropped_at_the_next_revalidation(client: aio
 
 
 DENIED = Verdict(401, b'{"detail":"Invalid API key"}', {"Content-Type": "application/json"})
+# Writes in flight at once while a test fills a store: 2,500 SETs together outwaited the pool's timeout
+# (16 connections, 0.5 s) under CPU load, and the verdicts whose SET failed read as revoked.
+LEARN_BATCH = 100
+
+
+async def learn_all(store: VerdictStore, keys: list[str], verdict: Verdict) -> None:
+    """Learn `verdict` for every key, a batch of writes at a time, each batch landed before the next."""
+    for start in range(0, len(keys), LEARN_BATCH):
+        for key in keys[start : start + LEARN_BATCH]:
+            store.learn(key, verdict)
+        await store.close()  # this batch's writes have landed
 
 
 async def test_revalidation_decodes_only_what_changed_and_leaves_the_loop_free_between_chunks(
@@ -79,9 +94,8 @@ async def test_revalidation_decodes_only_what_changed_and_leaves_the_loop_free_b
     200,000, decoding them all in one pass every cycle held the event loop for 1.4 s of each 2.7 s."""
     store = store_for(client)
     keys = [store.key(7, f"phx_random_{i}") for i in range(2500)]
-    for key in keys:
-        store.learn(key, DENIED)
-    await store.close()  # every write has landed
+    await learn_all(store, keys, DENIED)
+    assert await client.dbsize() == len(keys)  # every write has landed
     changed, revoked = keys[1200], keys[2400]
     await client.set(changed, Verdict(403, b"{}", {"Content-Type": "application/json"}).encode(), px=60_000)
     await client.delete(revoked)
@@ -171,3 +185,89 @@ async def test_with_redis_down_every_expired_verdict_is_still_dropped_each_cycle
 )
 def test_only_the_verdicts_this_proxy_learns_are_read_back(stored: bytes, verdict: Verdict | None) -> None:
     assert Verdict.decode(stored) == verdict
+
+
+# Behaviour a mutation-testing reviewer changed with no test failing (each test here fails with its mutant).
+
+
+async def test_a_verdict_read_from_redis_is_held_and_not_read_again(
+    client: aioredis.Redis, redis_url: str
+) -> None:
+    """A verdict another replica learned is read from Redis once, then answered from memory (found by
+    mutation testing: not held, every request of the credential read Redis)."""
+    learner, reader = store_for(client), store_for(client)
+    key = learner.key(7, "phx_learned_elsewhere")
+    learner.learn(key, DENIED)
+    await learner.close()  # the write has landed
+    assert await reader.lookup(key) == DENIED
+    reset_stats(redis_url)
+    assert await reader.lookup(key) == DENIED
+    calls = command_calls(redis_url)
+    assert (calls.get("get", 0), calls.get("pttl", 0)) == (0, 0)
+    assert reader.cached(key) == DENIED
+    await reader.close()
+
+
+async def test_a_verdict_learned_again_while_the_revalidation_reads_survives_it(
+    client: aioredis.Redis,
+) -> None:
+    """The revalidation's MGET finds a verdict's key gone (revoked); meanwhile the backend decided the
+    credential again and it was learned anew: that new verdict is kept (found by mutation testing: the
+    revalidation deleted it with the one it read)."""
+    store = store_for(client)
+    key = store.key(7, "phx_decided_again")
+    store.learn(key, DENIED)
+    await store.close()
+    await client.delete(key)  # revoked
+    replied, release = asyncio.Event(), asyncio.Event()
+    real_mget = client.mget
+
+    async def held_mget(*args: Any, **kwargs: Any) -> Any:
+        raws = await real_mget(*args, **kwargs)  # the key gone
+        replied.set()
+        await release.wait()  # ... and the reply is read only after the verdict is learned again
+        return raws
+
+    client.mget = held_mget  # type: ignore[method-assign]
+    revalidating = asyncio.create_task(store.revalidate())
+    try:
+        await asyncio.wait_for(replied.wait(), 5)
+        store.learn(key, Verdict(200))
+    finally:
+        release.set()
+    await asyncio.wait_for(revalidating, 5)
+    assert store.cached(key) == Verdict(200)
+    await store.close()
+
+
+def refusal(size: int) -> bytes:
+    """The backend's refusal of a personal API key, its detail padded to `size` bytes in all."""
+    body = drf_error("authentication_error", "authentication_failed", "")
+    return drf_error("authentication_error", "authentication_failed", "x" * (size - len(body)))
+
+
+def test_a_refusal_is_learned_up_to_exactly_the_body_cap() -> None:
+    """MAX_DENIAL_BODY_BYTES is the largest refusal learned (found by mutation testing: the boundary moved
+    unnoticed)."""
+    headers = {"Content-Type": "application/json"}
+    at_cap, over = refusal(MAX_DENIAL_BODY_BYTES), refusal(MAX_DENIAL_BODY_BYTES + 1)
+    assert len(at_cap) == MAX_DENIAL_BODY_BYTES
+    assert verdict_of(401, headers, at_cap) == Verdict(401, at_cap, headers)
+    assert verdict_of(401, headers, over) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [('Bearer realm="a~"', True), ("a\tb c", True), ("a\x7fb", False), ("a\x1fb", False), ("a\xa0b", False)],
+)
+def test_a_refusal_header_is_kept_only_when_every_character_is_printable_ascii(
+    value: str, kept: bool
+) -> None:
+    """Space to "~" and tab: what aiohttp writes back unchanged (found by mutation testing: "~" and DEL, the
+    range's ends, were never tried)."""
+    body = refusal(100)
+    headers = {"Content-Type": "application/json", "WWW-Authenticate": value}
+    learned = verdict_of(401, headers, body)
+    assert (learned is not None) is kept
+    stored = json.dumps({"s": 401, "b": body.decode(), "h": headers}).encode()
+    assert (Verdict.decode(stored) is not None) is kept
