@@ -15,12 +15,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
 from proxy.cli import main
-from proxy.verdicts import Verdict
+from proxy.verdicts import Verdict, verdict_key
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
 from tests.rig import RedisServer, Upstream
 from tests.standin_backend import NOT_AUTHENTICATED, TOKEN_INVALID, StandInBackend
+from tests.test_reliability import eventually
+from tests.test_teams import command_calls, reset_stats
 from tests.test_telemetry import scrape, value
 
 TOKEN = "phc_auth_project"
@@ -691,3 +693,147 @@ async def test_a_verdict_read_from_redis_is_held_no_longer_than_its_key_lives(
     async with client.get(url, headers=_headers(f"Bearer {GOOD_KEY}")) as r:
         assert r.status == 200
     assert standin.decided == 1
+
+
+async def test_a_request_waiting_for_a_key_being_learned_is_answered_at_the_backends_head(
+    make_proxy: MakeProxy, standin: StandInBackend, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """A second request of a new key, arriving while the first is at the backend, waits for what the first
+    learns: it is answered once the backend's head says allowed, not after the first client's whole
+    download (found by mutation testing: the wait ended only with the relay)."""
+    head, rest = asyncio.Event(), asyncio.Event()
+    text = standin.payloads[TEAM_ID][0].encode()
+
+    async def streamed(request: web.Request, _: bytes) -> web.StreamResponse:
+        standin.decided += 1
+        await head.wait()  # the backend takes its time deciding ...
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(text[:10])
+        await rest.wait()  # ... and the first client's download is slow
+        await response.write(text[10:])
+        await response.write_eof()
+        return response
+
+    upstream[0].routes["/flags/definitions"] = streamed
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+
+    async def one() -> tuple[int, bytes]:
+        async with client.get(url, headers=_headers(f"Bearer {GOOD_KEY}")) as response:
+            return response.status, await response.read()
+
+    first = asyncio.create_task(one())
+    try:
+        await eventually(lambda: standin.decided == 1, "the first request at the backend")
+        reset_stats(redis_url)
+        second = asyncio.create_task(one())
+        await eventually(lambda: command_calls(redis_url).get("pttl", 0) == 1, "the second's verdict read")
+        await asyncio.sleep(0.05)  # found nothing in Redis: it waits for what the first learns
+        head.set()
+        assert await asyncio.wait_for(second, 5) == (200, text)  # from memory, the payload in Redis
+        assert not first.done()  # the first client is still downloading
+    finally:
+        rest.set()
+    assert await asyncio.wait_for(first, 5) == (200, text)
+    assert standin.decided == 1
+
+
+async def test_revoke_all_with_a_credential_from_stdin_is_refused_and_deletes_nothing(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`revoke --all --credential-stdin` names a credential but no team: refused, exit 2, every verdict kept
+    (found by mutation testing: it went on to revoke every verdict of every team)."""
+    with redis.Redis.from_url(redis_url) as store:
+        for team_id in (TEAM_ID, OPEN_TEAM_ID):
+            store.set(f"edge-proxy:verdict:v1:{team_id}:{'ab' * 32}", Verdict(200).encode(), px=60_000)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("VERDICT_HMAC_KEY", HMAC_KEY)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{GOOD_KEY}\n"))
+    assert main(["revoke", "--all", "--credential-stdin"]) == 2
+    assert capsys.readouterr().err == "edge-proxy: --credential-stdin needs --team\n"
+    with redis.Redis.from_url(redis_url) as store:
+        assert len(list(store.scan_iter("edge-proxy:verdict:v1:*"))) == 2
+
+
+async def test_a_request_that_ends_first_leaves_the_newest_wait_in_place(
+    make_proxy: MakeProxy, standin: StandInBackend, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """After an answer that is no verdict (a 502), the requests that waited for it go to the backend
+    together, each replacing the last one's wait. One of them ending (another 502) must not remove the wait
+    of the one still at the backend: a request arriving then waits for that one's refusal instead of asking
+    again (found by mutation testing: each ending removed whichever wait was there)."""
+    first_answer, slow_answer = asyncio.Event(), asyncio.Event()
+    asked: list[str | None] = []
+
+    async def flaky(request: web.Request, body: bytes) -> web.StreamResponse:
+        role = request.headers.get("X-Test-Role")
+        asked.append(role)
+        if role in ("first", "quick"):
+            if role == "first":
+                await first_answer.wait()
+            return web.Response(status=502, body=b"bad gateway")
+        if role == "slow":
+            await slow_answer.wait()
+        return await standin.definitions(request, body)  # the key is unknown: a refusal, learned
+
+    upstream[0].routes["/flags/definitions"] = flaky
+    client = await _proxy(make_proxy)
+    url = f"/flags/definitions?token={TOKEN}"
+
+    async def one(role: str | None) -> int:
+        headers = {"Authorization": "Bearer phx_flaky_key", **({"X-Test-Role": role} if role else {})}
+        async with client.get(url, headers=headers) as response:
+            await response.read()
+            return response.status
+
+    async def waiting(reads: int) -> None:
+        # Its verdict read from Redis found nothing: it waits for the request at the backend.
+        await eventually(lambda: command_calls(redis_url).get("pttl", 0) == reads, "a verdict read")
+        await asyncio.sleep(0.05)
+
+    first = asyncio.create_task(one("first"))
+    tasks = [first]
+    try:
+        await eventually(lambda: asked == ["first"], "the first request at the backend")
+        reset_stats(redis_url)
+        quick = asyncio.create_task(one("quick"))
+        tasks.append(quick)
+        await waiting(1)
+        slow = asyncio.create_task(one("slow"))  # waits after `quick`: its wait replaces quick's
+        tasks.append(slow)
+        await waiting(2)
+        first_answer.set()
+        assert await asyncio.wait_for(first, 5) == 502
+        assert await asyncio.wait_for(quick, 5) == 502  # ended while `slow` is still at the backend
+        await eventually(lambda: "slow" in asked, "`slow` at the backend")
+        reset_stats(redis_url)
+        late = asyncio.create_task(one(None))
+        tasks.append(late)
+        await waiting(1)
+        slow_answer.set()
+        assert await asyncio.wait_for(slow, 5) == 401
+        assert await asyncio.wait_for(late, 5) == 401  # the refusal `slow` learned
+        assert len(asked) == 3
+    finally:
+        first_answer.set()
+        slow_answer.set()
+        await asyncio.wait(tasks, timeout=5)
+
+
+async def test_revoke_reads_a_credential_piped_with_a_windows_line_ending(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A credential pasted from a Windows file ends in CR LF: both are trimmed, and its verdict is the one
+    revoked (found by mutation testing: with the CR kept, another credential's verdict was looked for, and
+    "revoked 0 verdicts" reported)."""
+    key = verdict_key(HMAC_KEY.encode(), "edge-proxy:verdict:v1", TEAM_ID, GOOD_KEY)
+    with redis.Redis.from_url(redis_url) as store:
+        store.set(key, Verdict(200).encode(), px=60_000)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("VERDICT_HMAC_KEY", HMAC_KEY)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{GOOD_KEY}\r\n"))
+    assert main(["revoke", "--team", str(TEAM_ID), "--credential-stdin"]) == 0
+    assert capsys.readouterr().out == "revoked 1 verdict\n"
+    with redis.Redis.from_url(redis_url) as store:
+        assert store.exists(key) == 0

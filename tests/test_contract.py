@@ -367,6 +367,25 @@ def test_value_at_the_cap_is_accepted_and_over_it_refused() -> None:
             small.decode_text(_stored_forms(over)[form])
 
 
+@pytest.mark.parametrize("form", ["raw", "zstd", "zlib"])
+def test_a_value_of_exactly_the_cap_is_read_and_one_byte_more_is_refused(form: str) -> None:
+    """The cap is exact in every stored form (found by mutation testing: a zstd frame declaring one byte
+    over the cap, and a zlib stream inflating to one byte over it, were read)."""
+    cap = 4096
+    small = RedisContract(RedisLayout(max_decoded_bytes=cap))
+
+    def pickled(size: int) -> tuple[str, bytes]:
+        # The text whose pickle is exactly `size` bytes, and that pickle.
+        text = next("a" * n for n in range(size, 0, -1) if len(pickle.dumps("a" * n, 5)) == size)
+        return text, pickle.dumps(text, 5)
+
+    text, at_cap = pickled(cap)
+    assert small.decode_text(_stored_forms(at_cap)[form]) == text
+    _, over = pickled(cap + 1)
+    with pytest.raises(DecodeError):
+        small.decode_text(_stored_forms(over)[form])
+
+
 # --- garbage ------------------------------------------------------------------------------------------
 
 _GOOD = pickle.dumps("hello world " * 100, 5)

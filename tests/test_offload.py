@@ -827,3 +827,55 @@ async def test_offload_status_reads_the_config_file_given_before_or_after_the_ac
     monkeypatch.delenv("EDGE_PROXY_CONFIG")
     assert main(["offload", "status"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("definitions offload 100% ")
+
+
+async def test_an_upstream_failure_gives_back_its_comparison_slot(
+    make_proxy: MakeProxy, teams: dict[str, tuple[int, str, str]], upstream: tuple[Upstream, TestServer]
+) -> None:
+    """A forwarded request whose upstream fails before answering has nothing to compare: its slot is given
+    back, and comparisons go on once the backend answers again (found by mutation testing: each failure
+    kept its slot, and after shadow_max_concurrency of them nothing was ever compared again)."""
+    answer = _backend(teams)
+    failing = True
+
+    async def flaky(request: web.Request, body: bytes) -> web.StreamResponse:
+        if not failing:
+            response: web.StreamResponse = await answer(request, body)
+            return response
+        cut = web.StreamResponse()
+        cut.content_length = 1000
+        await cut.prepare(request)
+        await cut.write(b"x" * 10)
+        assert request.transport is not None
+        request.transport.close()  # dies before its answer is complete: a 502, nothing observed
+        return cut
+
+    upstream[0].routes["/flags/definitions"] = flaky
+    client = await make_proxy(
+        definitions={"offload": {"weight_percent": 0, "shadow": True, "shadow_max_concurrency": 2}}
+    )
+    shadow = client.app[keys.DEFINITIONS].shadow
+    token = next(iter(teams))
+    for _ in range(3):
+        assert (await client.get(url(token), headers=auth())).status == 502
+    assert shadow.running == 0
+    failing = False
+    response = await client.get(url(token), headers=auth())
+    assert response.status == 200
+    await response.read()
+    await _settle(shadow)
+    assert dict(shadow.outcomes) == {"match": 1}
+
+
+def test_a_rate_limit_both_sides_agree_on_is_compared_as_any_answer() -> None:
+    """Only the backend's 429 alone is "upstream_rate_limited"; a 429 from both sides is compared as usual
+    (found by mutation testing: both were counted as the backend's rate limit, never as a match)."""
+    from proxy.shadow import UpstreamAnswer, compare
+
+    body = b'{"type":"throttled_error","code":"throttled","detail":"Request was throttled."}'
+    headers = {"Content-Type": "application/json"}
+    local = web.Response(status=429, body=body, headers=headers)
+    assert compare(local, UpstreamAnswer(429, headers, body)) == ["match"]
+    assert compare(
+        web.Response(status=200, body=body, headers=headers), UpstreamAnswer(429, headers, body)
+    ) == ["upstream_rate_limited"]
