@@ -77,7 +77,8 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
 
 
 def _is_collection(path: tuple[str, ...]) -> bool:
-    """Whether the settings key at `path` holds a list or a mapping (False for a path that names no key)."""
+    """Whether the settings key at `path` holds a list, a mapping or a whole section (False for a path that
+    names no key)."""
     model: type[BaseModel] = Settings
     for part in path[:-1]:
         field = model.model_fields.get(part)
@@ -86,7 +87,10 @@ def _is_collection(path: tuple[str, ...]) -> bool:
             return False
         model = section
     field = model.model_fields.get(path[-1])
-    return field is not None and get_origin(field.annotation) in (tuple, list, dict)
+    if field is None:
+        return False
+    kind = field.annotation
+    return get_origin(kind) in (tuple, list, dict) or (isinstance(kind, type) and issubclass(kind, BaseModel))
 
 
 def _env_value(raw: str) -> Any:
@@ -149,9 +153,9 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     sources: dict[tuple[str, ...], str] = {}
     unplaced: list[str] = []
     for key_path, (name, raw) in _env_overrides(environ).items():
-        # YAML flow syntax only for a key that holds a list or a mapping: a secret or a template that begins
-        # with "{" or "[" is a string (read as YAML, `{Xk9-secret}` was refused as no string; found by a
-        # reviewer). Scalars go as the strings they are, converted by the field's own type.
+        # YAML flow syntax only for a key that holds a list, a mapping or a whole section: a secret or a
+        # template that begins with "{" or "[" is a string (read as YAML, `{Xk9-secret}` was refused as no
+        # string; found by a reviewer). Scalars go as the strings they are, converted by their field's type.
         if _set_path(tree, key_path, _env_value(raw) if _is_collection(key_path) else raw):
             sources[key_path] = name
         else:

@@ -288,6 +288,20 @@ def test_a_string_from_the_environment_that_begins_with_a_bracket_stays_a_string
     assert settings.server_header == "[edge]"
 
 
+def test_a_whole_section_can_be_set_from_one_variable() -> None:
+    """As before collections alone were read as YAML (found by a reviewer of rolling upgrades: such a pod
+    would have crash-looped on the new version)."""
+    settings = load_settings(
+        None,
+        {
+            "EDGE_PROXY__RATE_LIMITS": "{mode: exact, default: 100/minute}",
+            "EDGE_PROXY__DEFINITIONS__OFFLOAD": "{weight_percent: 10}",
+        },
+    )
+    assert (settings.rate_limits.mode, settings.rate_limits.default) == ("exact", "100/minute")
+    assert settings.definitions.offload.weight_percent == 10
+
+
 def test_top_level_generic_key() -> None:
     assert load_settings(None, {"EDGE_PROXY__SERVICE_MODE": "FLAGS"}).service_mode is ServiceMode.FLAGS
 
