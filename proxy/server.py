@@ -10,7 +10,7 @@ import signal
 
 from aiohttp import web
 
-from proxy import aiohttp_internals, keys
+from proxy import __version__, aiohttp_internals, keys
 from proxy.app import create_app
 from proxy.settings import Settings
 from proxy.tasks import cancelled
@@ -115,7 +115,8 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             gc.collect()
             gc.freeze()
             log.info(
-                "listening on %s (mode %s, loop %s, up to %d client connections)",
+                "edge-proxy %s listening on %s (mode %s, loop %s, up to %d client connections)",
+                __version__,
                 settings.bind,
                 settings.service_mode.value,
                 type(loop).__module__.partition(".")[0],

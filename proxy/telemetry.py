@@ -26,7 +26,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy import access_log, keys, metrics, tracing
+from proxy import __version__, access_log, keys, metrics, tracing
 from proxy.errors import internal_error, only
 from proxy.histogram import InMemoryHistogram
 from proxy.redis_observer import RedisObserver
@@ -143,8 +143,13 @@ class Telemetry:
         config = self.settings
         # One instance id per process: with --workers N each worker exports its own cumulative series, which
         # a collector would otherwise take for one process's and mix up.
+        # The version too, so a fleet halfway through a rollout shows which replica runs which release.
         resource = Resource.create(
-            {"service.name": config.service_name, "service.instance.id": str(uuid.uuid4())}
+            {
+                "service.name": config.service_name,
+                "service.version": __version__,
+                "service.instance.id": str(uuid.uuid4()),
+            }
         )
         if self.metrics_enabled:
             self._meter_provider, self.registry = metrics.meter_provider(app, self, config, resource)

@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from proxy import keys, tasks
+from proxy import __version__, keys, tasks
 from proxy.app import create_app
 from proxy.logs import JsonFormatter
 from proxy.payloads import DefinitionsCache
@@ -521,3 +521,13 @@ async def test_an_unexpected_error_in_a_background_loop_is_counted_by_task(
     await until(lambda: tasks.errors["definitions-refresher"] == before + 2, "both failures counted")
     samples = await scrape(client)
     assert value(samples, "edge_proxy_background_errors_total", task="definitions-refresher") == before + 2
+
+
+async def test_each_process_says_which_release_it_runs(make_proxy: MakeProxy) -> None:
+    """target_info carries the version: a fleet halfway through a rollout shows which replica runs which
+    release (found by a reviewer of rolling upgrades: nothing told them apart)."""
+    samples = await scrape(await make_proxy())
+    infos = [dict(labels) for name, labels in samples if name == "target_info"]
+    assert len(infos) == 1
+    assert infos[0]["service_version"] == __version__
+    assert infos[0]["service_name"] == "edge-proxy"
