@@ -14,6 +14,7 @@ closed at once, counted and logged (throttled), as Envoy's `global_downstream_ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import sys
@@ -167,11 +168,20 @@ class ClientConnections:
         # Connections seen holding unsent bytes: how many, and since when that count has not moved.
         self._stalled: dict[RequestHandler, tuple[int, float]] = {}
         self._warn = Throttled(log)
+        self._all_closed: asyncio.Event | None = None  # set once the last connection closes (a drain waits)
 
     @property
     def open(self) -> int:
         """Client connections open now."""
         return len(self._open)
+
+    async def wait_closed(self, within: float) -> None:
+        """Until every client connection has closed, or `within` seconds have passed."""
+        if not self._open:
+            return
+        self._all_closed = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_closed.wait(), within)
 
     def admit_on(self, server: web.Server) -> None:
         """Count `server`'s connections and keep them within the limit (call after the runner's setup).
@@ -203,6 +213,8 @@ class ClientConnections:
             self._open.pop(handler, None)
             self._stalled.pop(handler, None)
             lost(handler, exc)
+            if not self._open and self._all_closed is not None:
+                self._all_closed.set()
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]

@@ -54,7 +54,7 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
         # cancelling. A response stream keeps going through both halves, so it still gets the whole budget,
         # and the process is gone by shutdown_timeout_seconds instead of twice that (Kubernetes SIGKILLs at
         # 30 s). A handler still reading a request body sees it fail at the half.
-        shutdown_timeout=settings.shutdown_timeout_seconds / 2,
+        shutdown_timeout=(settings.shutdown_timeout_seconds - _idle_grace(settings)) / 2,
         # aiohttp's own access log prints the query string, project tokens included: telemetry writes a
         # structured line per request instead (logging.access_log, proxy/access_log.py).
         access_log=None,
@@ -126,6 +126,12 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             # Before the listener closes, so every response from here on says 503 / Connection: close.
             app[keys.HEALTH].draining = True
             log.info("draining: up to %.1fs for in-flight requests", settings.shutdown_timeout_seconds)
+            # No new connections (another replica, or the process sharing the port, takes them); then a
+            # moment in which a kept-alive client's next request, perhaps already on its way, is answered
+            # (Connection: close) rather than met by the close: aiohttp closes idle connections at once, and
+            # a busy keep-alive client lost a request or two at every drain (found by a reviewer).
+            await site.stop()
+            await app[keys.CONNECTIONS].wait_closed(_idle_grace(settings))
         finally:
             if sweeper is not None:
                 await cancelled(sweeper)
@@ -144,6 +150,15 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
+
+
+# How long, at most, a drain waits for kept-alive clients to send their next request before their idle
+# connections are closed: taken from shutdown_timeout_seconds, so the drain ends when it did.
+IDLE_GRACE_SECONDS = 1.0
+
+
+def _idle_grace(settings: Settings) -> float:
+    return min(IDLE_GRACE_SECONDS, settings.shutdown_timeout_seconds / 4)
 
 
 # A worker writes a byte this often to its supervisor's pipe: the supervisor's proof that its loop runs.
