@@ -220,12 +220,13 @@ class DefinitionsService:
                 if live:
                     self._etag_counts["hit"] += 1
                 return web.Response(status=304, headers=entry.headers_304)
-            if held is not None and held.etag is not None:
-                # Not the ETag held here: the client may have a newer one, from another replica (or the
-                # backend) that read a change this one has not refreshed yet, and answered 200 it would
-                # take these older flags after newer (found by a reviewer, with two replicas behind one
-                # Service). Redis decides: one read of the ETag, shared by the requests that need it; while
-                # Redis cannot be read, the backend decides.
+            if held is not None and if_none_match not in self.cache.replaced(team.id):
+                # Neither the ETag held here nor one it replaced: the client may have a newer one, from
+                # another replica (or the backend) that read a change this one has not refreshed yet, and
+                # answered 200 it would take these older flags after newer (found by a reviewer, with two
+                # replicas behind one Service). Redis decides: one read of the ETag, shared by the requests
+                # that need it; while Redis cannot be read, the backend decides. A client on an ETag this
+                # replica replaced holds older flags: answered from memory, with no read.
                 entry = await self.cache.load(team.id, with_body=False)
                 if entry is None:
                     return FORWARD

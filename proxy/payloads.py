@@ -46,6 +46,9 @@ _UNKNOWN = ("unknown",)
 # A team's last read is remembered this long after it ended while nothing is held (a read lasts at most a
 # few Redis timeouts).
 _LAST_READ_KEPT_SECONDS = 60.0
+# ETags per team this replica held and then replaced with a newer read: known older, and answered from
+# memory. The newest few; an older one than these is checked against Redis like an unknown one.
+_REPLACED_KEPT = 4
 # (team, ETag) pairs whose billability is remembered; past this the memo starts over.
 _BILLABLE_MEMO_SIZE = 16384
 
@@ -144,6 +147,8 @@ class DefinitionsCache:
         # (a wait for a pool connection), so neither when a read began nor when it ended orders two of them:
         # only one that began after the other ended is newer. See _taken.
         self._last: dict[int, tuple[float, float, tuple[object, ...]]] = {}
+        # Per team, the ETag headers held here and replaced by a newer read (at most _REPLACED_KEPT).
+        self._replaced: dict[int, tuple[str, ...]] = {}
         self.bytes_held = 0
         # With a decoded budget, every payload is also held compressed, and only the most recently served are
         # held decoded too: these team ids, least recently served first, holding decoded_bytes.
@@ -331,9 +336,19 @@ class DefinitionsCache:
         self._drop(team_id)
         return False
 
+    def replaced(self, team_id: int) -> tuple[str, ...]:
+        """ETag headers of the team this replica held and replaced with a newer read: a client sending one
+        holds older flags than these (unless a change went back to it, which the next refresh shows)."""
+        return self._replaced.get(team_id, ())
+
     def _store(self, entry: Definitions, read_at: float) -> Definitions:
         if not self._taken(entry.team_id, read_at, _contents(entry)):
             return entry
+        held = self._entries.get(entry.team_id)
+        if held is not None and held.etag_header is not None and held.etag != entry.etag:
+            # (One that is current again, a change gone back to it, is matched before this list is asked.)
+            kept = [e for e in self._replaced.get(entry.team_id, ()) if e != held.etag_header]
+            self._replaced[entry.team_id] = (*kept, held.etag_header)[-_REPLACED_KEPT:]
         self._drop(entry.team_id)
         if self._compressor is not None and entry.body is not None:
             # Copied: python-zstandard returns its output in a buffer sized for the input (compressBound),
@@ -401,6 +416,8 @@ class DefinitionsCache:
             self._last = {
                 t: last for t, last in self._last.items() if t in self._entries or last[1] > ended_before
             }
+        if len(self._replaced) > len(self._entries):
+            self._replaced = {t: e for t, e in self._replaced.items() if t in self._entries}
         self.release_memory(now)
         team_ids = list(self._entries)
         if not team_ids:

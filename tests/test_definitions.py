@@ -544,29 +544,91 @@ async def test_a_replica_behind_a_change_never_answers_a_newer_etag_with_older_f
     assert recorder.seen == []
 
 
+async def test_a_client_on_an_etag_this_replica_replaced_is_answered_from_memory_without_a_read(
+    make_proxy: MakeProxy, backend: BackendWriter, redis_url: str
+) -> None:
+    """After a change the replica has read, every client still on the old ETag polls once more: known older,
+    so answered from memory (found by a reviewer: checked against Redis, a change cost one read per client,
+    and while Redis was down such clients went to the backend)."""
+    _, old_etag = backend.set_definitions(TEAM_ID, flags(1))
+    client = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
+    assert (await client.get(URL, headers=AUTH)).status == 200
+    new_text, new_etag = backend.set_definitions(TEAM_ID, flags(2))
+    await client.app[keys.DEFINITIONS].cache.refresh()
+    with sync_redis(redis_url) as raw:
+        raw.config_resetstat()
+    for _ in range(20):
+        stale = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{old_etag}"'})
+        assert (stale.status, await stale.read()) == (200, new_text.encode())
+        assert stale.headers["ETag"] == f'W/"{new_etag}"'
+    with sync_redis(redis_url) as raw:
+        stats = raw.info("commandstats")
+    assert "cmdstat_get" not in stats
+    assert "cmdstat_mget" not in stats
+
+
+async def test_a_change_back_to_an_etag_replaced_before_is_no_older_one(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    """A flag turned off and on again: the ETag held first, replaced, is the newest once more (a 304); the one
+    in between is then the older one (the newest flags, from memory)."""
+    first_text, first = backend.set_definitions(TEAM_ID, flags(1))
+    client = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
+    cache = client.app[keys.DEFINITIONS].cache
+    assert (await client.get(URL, headers=AUTH)).status == 200
+    _, between = backend.set_definitions(TEAM_ID, flags(2))
+    await cache.refresh()
+    assert cache.replaced(TEAM_ID) == (f'W/"{first}"',)
+    backend.set_definitions(TEAM_ID, flags(1))
+    await cache.refresh()
+    assert f'W/"{between}"' in cache.replaced(TEAM_ID)
+    back = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{first}"'})
+    assert back.status == 304
+    older = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{between}"'})
+    assert (older.status, await older.read()) == (200, first_text.encode())
+
+
+async def test_a_client_with_an_etag_where_the_replica_holds_none_is_checked_against_redis(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    """The replica holds a payload stored without an ETag; the backend has since written one with an ETag,
+    which a client got from another replica: a 304, not the older flags (found by a reviewer)."""
+    old_text = backend.set_payload_without_etag(TEAM_ID, flags(1))
+    client = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
+    held = await client.get(URL, headers=AUTH)
+    assert (held.status, await held.read(), "ETag" in held.headers) == (200, old_text.encode(), False)
+    _, etag = backend.set_definitions(TEAM_ID, flags(2))
+    newer = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{etag}"'})
+    assert newer.status == 304
+
+
 async def test_an_unknown_etag_while_redis_cannot_be_read_goes_to_the_backend(
     make_proxy: MakeProxy,
     backend: BackendWriter,
     upstream: tuple[Upstream, TestServer],
     redis_server: RedisServer,
 ) -> None:
-    """While Redis is down memory still answers the ETag it holds, and a client on an older one it served;
-    an ETag it does not hold may be newer (a replica cut off from Redis kept serving what it had): the
+    """While Redis is down memory still answers the ETag it holds, and a client on an older one it replaced;
+    an ETag it does not know may be newer (a replica cut off from Redis kept serving what it had): the
     backend decides."""
     recorder, _ = upstream
-    _, etag = backend.set_definitions(TEAM_ID, flags(1))
+    _, older = backend.set_definitions(TEAM_ID, flags(2))
     client = await proxy_for(
         make_proxy,
         definitions={"refresh_interval_seconds": 3600},
         redis={"health_check_interval_seconds": 0.05},
     )
     assert (await client.get(URL, headers=AUTH)).status == 200
+    text, etag = backend.set_definitions(TEAM_ID, flags(1))
+    await client.app[keys.DEFINITIONS].cache.refresh()
     redis_server.stop()
     try:
         health = client.app[keys.HEALTH]
         await eventually(lambda: not health.redis_reads, "the health monitor to stop reads")
         held = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{etag}"'})
         assert held.status == 304
+        replaced = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{older}"'})
+        assert (replaced.status, await replaced.read()) == (200, text.encode())
         assert recorder.seen == []
         newer = await client.get(URL, headers={**AUTH, "If-None-Match": 'W/"0123456789abcdef"'})
         assert newer.status == 200
