@@ -49,6 +49,10 @@ _LAST_READ_KEPT_SECONDS = 60.0
 # ETags per team this replica held and then replaced with a newer read: known older, and answered from
 # memory. The newest few; an older one than these is checked against Redis like an unknown one.
 _REPLACED_KEPT = 4
+# Teams whose refused entry is remembered; past this the memory starts over.
+_REFUSED_KEPT = 4096
+# ... and for this long at most (monotonic seconds) before it is read again.
+_REFUSED_SECONDS = 5.0
 # (team, ETag) pairs whose billability is remembered; past this the memo starts over.
 _BILLABLE_MEMO_SIZE = 16384
 
@@ -147,6 +151,8 @@ class DefinitionsCache:
         # (a wait for a pool connection), so neither when a read began nor when it ended orders two of them:
         # only one that began after the other ended is newer. See _taken.
         self._last: dict[int, tuple[float, float, tuple[object, ...]]] = {}
+        # Per team, the ETag (as Redis returned it) of a payload or ETag refused, and until when that holds.
+        self._refused: dict[int, tuple[bytes, float]] = {}
         # Per team, the ETag headers held here and replaced by a newer read (at most _REPLACED_KEPT).
         self._replaced: dict[int, tuple[str, ...]] = {}
         self.bytes_held = 0
@@ -226,12 +232,21 @@ class DefinitionsCache:
     async def _read(self, team_id: int, with_body: bool) -> Definitions | None:
         read_at = time.monotonic()
         try:
-            if not with_body:
+            refused = self._refused.get(team_id)
+            if refused is not None and read_at >= refused[1]:
+                del self._refused[team_id]
+                refused = None
+            if not with_body or refused is not None:
                 raw_etag = cast(bytes | None, await self._client.get(self._contract.etag_key(team_id)))
+                if refused is not None:
+                    if raw_etag == refused[0]:
+                        return None  # unchanged since it was refused: not read, decoded nor parsed again
+                    del self._refused[team_id]
+            if not with_body:
                 try:
                     etag = self._decode_etag(raw_etag)
                 except DecodeError as exc:
-                    self._unreadable(team_id, read_at, "ETag", exc)
+                    self._unreadable(team_id, read_at, "ETag", exc, raw_etag)
                     return None
                 if etag is not None:
                     held = self._entries.get(team_id)
@@ -259,11 +274,23 @@ class DefinitionsCache:
             raise DecodeError("characters an ETag here may not hold")
         return etag
 
-    def _unreadable(self, team_id: int, read_at: float, what: str, exc: DecodeError) -> None:
-        """A read that found what the backend would not serve as this proxy would: a miss, nothing held."""
+    def _unreadable(
+        self, team_id: int, read_at: float, what: str, exc: DecodeError, raw_etag: bytes | None
+    ) -> None:
+        """A read that found what the backend would not serve as this proxy would: a miss, nothing held.
+
+        Remembered by its ETag, as Redis holds it: until that changes, the team's requests go to the backend
+        at the cost of one GET (a 6 MB payload refused was read and parsed again for each, ~0.4 s of the
+        loop every time; found by a reviewer). For _REFUSED_SECONDS at most, as a read between the two
+        halves of the backend's write can pair a refused payload with the ETag of the next one.
+        """
         self._warn.warning("undecodable %s for team %s: %s", what, team_id, exc)
         self._taken(team_id, read_at, _DELETED)
         self._drop(team_id)  # not to be served from an older read either
+        if raw_etag is not None:
+            if len(self._refused) >= _REFUSED_KEPT:
+                self._refused.clear()
+            self._refused[team_id] = (raw_etag, read_at + _REFUSED_SECONDS)
 
     def _build(
         self, team_id: int, raw_body: bytes | None, raw_etag: bytes | None, read_at: float
@@ -281,7 +308,7 @@ class DefinitionsCache:
             text = self._contract.decode_text(raw_body)
             etag = self._decode_etag(raw_etag)
         except DecodeError as exc:
-            self._unreadable(team_id, read_at, "definitions", exc)
+            self._unreadable(team_id, read_at, "definitions", exc, raw_etag)
             return None
         if text is None:
             self._taken(team_id, read_at, _DELETED)
@@ -305,7 +332,7 @@ class DefinitionsCache:
             try:
                 billable = is_billable(body, self._settings.unbilled_flag_prefixes)
             except DecodeError as exc:
-                self._unreadable(team_id, read_at, "definitions", exc)
+                self._unreadable(team_id, read_at, "definitions", exc, raw_etag)
                 return None
             if memo is not None:
                 if len(self._billable) >= _BILLABLE_MEMO_SIZE:
