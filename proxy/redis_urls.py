@@ -93,6 +93,22 @@ _OWNED_QUERY_OPTIONS = {
 }
 
 
+# What a redis://, rediss:// or unix:// URL's query may set: the options redis-py parses from a URL, and those
+# it takes as strings. Others it passes on as strings where it wants objects (`?credential_provider=x`,
+# `?redis_connect_func=x`): check-config said OK and serve crashed at its first connection (found by a
+# reviewer).
+_URL_OPTIONS = frozenset(
+    {
+        *("db", "protocol", "legacy_responses", "socket_keepalive", "socket_read_size"),
+        *("retry_on_error", "retry_on_timeout", "client_name", "username", "password"),
+        *("encoding", "encoding_errors", "lib_name", "lib_version"),
+        *("ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path"),
+        *("ssl_ciphers", "ssl_password", "ssl_check_hostname", "ssl_min_version"),
+        *("ssl_include_verify_flags", "ssl_exclude_verify_flags"),
+    }
+)
+
+
 def check_redis_url(value: str) -> str:
     """`value` if edge-proxy can use it as redis.url; ValueError saying why not (never quoting a password)."""
     schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
@@ -114,6 +130,8 @@ def check_redis_url(value: str) -> str:
         for option in parse_qs(parts.query):
             if option in _OWNED_QUERY_OPTIONS:
                 raise ValueError(f"the query option {option!r} is {_OWNED_QUERY_OPTIONS[option]}: remove it")
+            if option not in _URL_OPTIONS:
+                raise ValueError(f"the query option {option!r} is not one a URL can set here")
         try:
             BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
         # AttributeError: an option redis-py takes for an object (`?maint_notifications_config=x`).
