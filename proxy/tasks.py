@@ -78,6 +78,8 @@ async def cancelled(task: asyncio.Future[Any]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()  # retrieved (it ended otherwise meanwhile): no "never retrieved" line at exit
 
 
 async def every(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 
@@ -131,3 +132,30 @@ async def test_every_logs_an_unexpected_error_that_begins_during_a_redis_outage(
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "test.every.both"]
     assert [level for level, _ in lines] == ["WARNING", "ERROR", "INFO"]
     assert lines[1][1].startswith("test.every.both failing: ValueError at test_tasks.py:")
+
+
+async def test_a_task_that_raises_as_it_is_cancelled_leaves_no_unretrieved_error() -> None:
+    """cancelled() replaced a gather(return_exceptions=True) that retrieved such an error; without it the
+    loop logs "Task exception was never retrieved" when the task is collected (found by a reviewer)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+
+        async def cleanup_fails() -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise RuntimeError("cleanup failed") from None
+
+        task = asyncio.create_task(cleanup_fails())
+        await asyncio.sleep(0)
+        await tasks.cancelled(task)
+        assert task.done()
+        assert not task.cancelled()  # it ended with its own error
+        del task
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert reported == []
