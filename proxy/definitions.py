@@ -220,14 +220,14 @@ class DefinitionsService:
                 if live:
                     self._etag_counts["hit"] += 1
                 return web.Response(status=304, headers=entry.headers_304)
-            if held is not None and if_none_match not in self.cache.replaced(team.id):
+            if if_none_match not in self.cache.replaced(team.id):
                 # Neither the ETag held here nor one it replaced: the client may have a newer one, from
                 # another replica (or the backend) that read a change this one has not refreshed yet, and
                 # answered 200 it would take these older flags after newer (found by a reviewer, with two
-                # replicas behind one Service). Redis decides: one read of the ETag, shared by the requests
-                # that need it; while Redis cannot be read, the backend decides. A client on an ETag this
-                # replica replaced holds older flags: answered from memory, with no read.
-                entry = await self.cache.load(team.id, with_body=False)
+                # replicas behind one Service). Redis decides, in a read of the ETag begun now (one already
+                # under way may predate the change); while Redis cannot be read, the backend decides. A
+                # client on an ETag this replica replaced holds older flags: answered from memory, no read.
+                entry = await self.cache.recheck(team.id)
                 if entry is None:
                     return FORWARD
                 if if_none_match == entry.etag_header or _not_modified(request, entry):

@@ -152,7 +152,7 @@ class DefinitionsCache:
         # only one that began after the other ended is newer. See _taken.
         self._last: dict[int, tuple[float, float, tuple[object, ...]]] = {}
         # Per team, the ETag (as Redis returned it) of a payload or ETag refused, and until when that holds.
-        self._refused: dict[int, tuple[bytes, float]] = {}
+        self._refused: dict[int, tuple[bytes | None, float]] = {}
         # Per team, the ETag headers held here and replaced by a newer read (at most _REPLACED_KEPT).
         self._replaced: dict[int, tuple[str, ...]] = {}
         self.bytes_held = 0
@@ -234,14 +234,15 @@ class DefinitionsCache:
         try:
             refused = self._refused.get(team_id)
             if refused is not None and read_at >= refused[1]:
-                del self._refused[team_id]
+                self._refused.pop(team_id, None)
                 refused = None
             if not with_body or refused is not None:
                 raw_etag = cast(bytes | None, await self._client.get(self._contract.etag_key(team_id)))
                 if refused is not None:
                     if raw_etag == refused[0]:
                         return None  # unchanged since it was refused: not read, decoded nor parsed again
-                    del self._refused[team_id]
+                    # (Another read may have seen the change first: a second `del` raised, a 500.)
+                    self._refused.pop(team_id, None)
             if not with_body:
                 try:
                     etag = self._decode_etag(raw_etag)
@@ -287,10 +288,11 @@ class DefinitionsCache:
         self._warn.warning("undecodable %s for team %s: %s", what, team_id, exc)
         self._taken(team_id, read_at, _DELETED)
         self._drop(team_id)  # not to be served from an older read either
-        if raw_etag is not None:
-            if len(self._refused) >= _REFUSED_KEPT:
-                self._refused.clear()
-            self._refused[team_id] = (raw_etag, read_at + _REFUSED_SECONDS)
+        # Without an ETag (the backend's ETags off) only the time tells: a payload fixed meanwhile waits
+        # _REFUSED_SECONDS at most.
+        if len(self._refused) >= _REFUSED_KEPT:
+            self._refused.clear()
+        self._refused[team_id] = (raw_etag, read_at + _REFUSED_SECONDS)
 
     def _build(
         self, team_id: int, raw_body: bytes | None, raw_etag: bytes | None, read_at: float
@@ -362,6 +364,19 @@ class DefinitionsCache:
         self._last[team_id] = (max(read_at, last[0]), ended, _UNKNOWN)
         self._drop(team_id)
         return False
+
+    async def recheck(self, team_id: int) -> Definitions | None:
+        """The team's ETag as Redis holds it now, in a read begun now (None: unknown, or Redis cannot tell).
+
+        Never a share of a read already under way, which may have been answered before a change the
+        caller's client already knows (found by a reviewer: a client on the newer ETag took older flags).
+        """
+        if not self._redis_up():
+            return None
+        entry = await self._read(team_id, with_body=False)
+        if entry is not None:
+            self._used_at[team_id] = time.monotonic()
+        return entry
 
     def replaced(self, team_id: int) -> tuple[str, ...]:
         """ETag headers of the team this replica held and replaced with a newer read: a client sending one

@@ -23,7 +23,9 @@ from proxy.contract import DecodeError, RedisContract
 from proxy.payloads import DefinitionsCache, is_billable
 from proxy.settings import DefinitionsSettings, RedisLayout
 from tests.backend_writer import BackendWriter
+from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
+from tests.rig import RedisServer
 from tests.test_telemetry import scrape, value
 
 SECRET = "phs_cache_secret"
@@ -742,3 +744,53 @@ async def test_a_refused_payload_is_not_read_nor_parsed_again_until_its_etag_cha
     text, _ = writer.set_definitions(1, flags(1))
     served_now = await client.get(url(1), headers=AUTH)
     assert (served_now.status, await served_now.read()) == (200, text.encode())
+
+
+async def test_reads_racing_past_a_refusal_whose_etag_changed_both_answer(
+    make_proxy: MakeProxy, redis_url: str, redis_server: RedisServer
+) -> None:
+    """Found by a reviewer: two reads of a refused team (a 200's and a 304's, not shared) that both saw its
+    new ETag both forgot the refusal, and the second raised KeyError: a 500. Redis's replies are held back
+    here so that both reads are out at once."""
+    writer = BackendWriter(redis_url)
+    token = "phc_cache_1"
+    writer.set_team(token, {"id": 1, "api_token": token, "secret_api_token": SECRET})
+    key = "cache/teams/1/feature_flags/flags_with_cohorts.json"
+    writer.cache.set_many({key: json.dumps({"flags": {}}), key + ":etag": "00000000000000aa"})
+    chaos = ChaosProxy(redis_server.port)
+    await chaos.start()
+    try:
+        client = await make_proxy(redis={"url": chaos.url, "timeout_seconds": 2.0})
+        assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
+        text, _ = writer.set_definitions(1, flags(1))
+        chaos.reply_delay = 0.2
+        plain, conditional = await asyncio.gather(
+            client.get(url(1), headers=AUTH),
+            client.get(url(1), headers={**AUTH, "If-None-Match": 'W/"0123"'}),
+        )
+        assert (plain.status, await plain.read()) == (200, text.encode())
+        assert (conditional.status, await conditional.read()) == (200, text.encode())
+    finally:
+        chaos.reply_delay = 0
+        await chaos.close()
+
+
+async def test_a_refused_payload_without_an_etag_is_not_parsed_again_for_a_while(
+    make_proxy: MakeProxy, redis_url: str
+) -> None:
+    """With the backend's ETags off only time can tell a change: the refusal holds a few seconds, each
+    request meanwhile one GET (found by a reviewer: a full read and parse each)."""
+    writer = BackendWriter(redis_url)
+    token = "phc_cache_1"
+    writer.set_team(token, {"id": 1, "api_token": token, "secret_api_token": SECRET})
+    writer.cache.set("cache/teams/1/feature_flags/flags_with_cohorts.json", json.dumps({"flags": {}}))
+    client = await make_proxy()
+    assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
+    with redis.Redis.from_url(redis_url) as sync:
+        sync.config_resetstat()
+    for _ in range(5):
+        assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
+    with redis.Redis.from_url(redis_url) as sync:
+        stats = sync.info("commandstats")
+    assert "cmdstat_mget" not in stats
+    assert stats["cmdstat_get"]["calls"] == 5
