@@ -97,11 +97,12 @@ _OWNED_QUERY_OPTIONS = {
 # it takes as strings. Others it passes on as strings where it wants objects (`?credential_provider=x`,
 # `?redis_connect_func=x`): check-config said OK and serve crashed at its first connection (found by a
 # reviewer).
+# Not among them: encoding (values are bytes here; `?encoding=bogus` crashed serve), socket_read_size (0
+# left Redis unreachable for good), the client library's name and version.
 _URL_OPTIONS = frozenset(
     {
-        *("db", "protocol", "legacy_responses", "socket_keepalive", "socket_read_size"),
+        *("db", "protocol", "legacy_responses", "socket_keepalive"),
         *("retry_on_error", "retry_on_timeout", "client_name", "username", "password"),
-        *("encoding", "encoding_errors", "lib_name", "lib_version"),
         *("ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path"),
         *("ssl_ciphers", "ssl_password", "ssl_check_hostname", "ssl_min_version"),
         *("ssl_include_verify_flags", "ssl_exclude_verify_flags"),
@@ -127,11 +128,14 @@ def check_redis_url(value: str) -> str:
             parts = urlsplit(value)
         except ValueError:
             raise ValueError("redis-py cannot use this URL: " + _safe_reason(ValueError())) from None
-        for option in parse_qs(parts.query):
+        for option, values in parse_qs(parts.query).items():
             if option in _OWNED_QUERY_OPTIONS:
                 raise ValueError(f"the query option {option!r} is {_OWNED_QUERY_OPTIONS[option]}: remove it")
             if option not in _URL_OPTIONS:
                 raise ValueError(f"the query option {option!r} is not one a URL can set here")
+            if option == "client_name" and not all(v and all("!" <= c <= "~" for c in v) for v in values):
+                # Redis refuses a name with a space (CLIENT SETNAME): every connection failed.
+                raise ValueError("the query option 'client_name' must be visible ASCII without spaces")
         try:
             BlockingConnectionPool.from_url(value).make_connection()  # type: ignore[no-untyped-call]
         # AttributeError: an option redis-py takes for an object (`?maint_notifications_config=x`).

@@ -492,6 +492,10 @@ def test_settings_are_frozen() -> None:
             "'credential_provider' is not one a URL can set",
         ),
         ("redis://:s3cret@host:6379/0?redis_connect_func=x", "'redis_connect_func' is not one a URL can set"),
+        # ... or that passed and left serve crashing or never connecting (found by a reviewer).
+        ("redis://:s3cret@host:6379/0?encoding=bogus", "'encoding' is not one a URL can set"),
+        ("redis://:s3cret@host:6379/0?socket_read_size=0", "'socket_read_size' is not one a URL can set"),
+        ("redis://:s3cret@host:6379/0?client_name=has%20space", "'client_name' must be visible ASCII"),
     ],
 )
 def test_a_redis_url_redis_py_cannot_use_is_refused_naming_the_key(url: str, says: str) -> None:
