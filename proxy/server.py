@@ -54,7 +54,7 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
         # cancelling. A response stream keeps going through both halves, so it still gets the whole budget,
         # and the process is gone by shutdown_timeout_seconds instead of twice that (Kubernetes SIGKILLs at
         # 30 s). A handler still reading a request body sees it fail at the half.
-        shutdown_timeout=(settings.shutdown_timeout_seconds - _idle_grace(settings)) / 2,
+        shutdown_timeout=handler_wait(settings),
         # aiohttp's own access log prints the query string, project tokens included: telemetry writes a
         # structured line per request instead (logging.access_log, proxy/access_log.py).
         access_log=None,
@@ -159,6 +159,17 @@ IDLE_GRACE_SECONDS = 1.0
 
 def _idle_grace(settings: Settings) -> float:
     return min(IDLE_GRACE_SECONDS, settings.shutdown_timeout_seconds / 4)
+
+
+def handler_wait(settings: Settings) -> float:
+    """aiohttp's shutdown_timeout for the drain budget left after the idle grace.
+
+    Halved because aiohttp 3.14's RequestHandler.shutdown waits twice. And aiohttp rounds a wait over 5 s up
+    to the loop's next whole second (helpers.ceil_timeout): a second less then, so a stuck request ends the
+    drain within shutdown_timeout_seconds (it ran 0.6-1.3 s over at the default 20 s; found by a reviewer).
+    """
+    wait = (settings.shutdown_timeout_seconds - _idle_grace(settings)) / 2
+    return wait - 1 if wait > 5 else wait
 
 
 # A worker writes a byte this often to its supervisor's pipe: the supervisor's proof that its loop runs.
