@@ -240,6 +240,18 @@ async def test_the_final_flush_outlasts_a_blip(
     assert billing.unflushed_requests == 0
 
 
+async def test_the_final_flush_stops_after_its_attempts_while_redis_is_down(
+    dead_client: aioredis.Redis,
+) -> None:
+    """Three tries, then the log says what stayed unwritten: the shutdown does not spend the whole flush
+    budget (a pod's grace period) retrying a Redis that is gone (found by mutation testing)."""
+    billing = tally(final_flush_timeout_seconds=30)
+    count_many(billing)
+    await billing.close(dead_client)
+    assert billing.failed_flushes == 3
+    assert billing.unflushed_requests == 12
+
+
 async def test_two_processes_each_bill_their_own_requests_and_each_mark_expires(
     client: aioredis.Redis, redis_server: RedisServer
 ) -> None:

@@ -879,3 +879,27 @@ def test_a_rate_limit_both_sides_agree_on_is_compared_as_any_answer() -> None:
     assert compare(
         web.Response(status=200, body=body, headers=headers), UpstreamAnswer(429, headers, body)
     ) == ["upstream_rate_limited"]
+
+
+async def test_a_typo_in_the_control_hash_is_logged_once_not_at_every_poll(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas poll every 0.5 s: the same problem is logged when it appears, not twice a second for as
+    long as it stands (found by mutation testing); a new one is logged again."""
+    store = aioredis.Redis.from_url(redis_url)
+    offload = Offload(store, OffloadSettings())
+    key = OffloadSettings().control_key
+    try:
+        await store.hset(key, mapping={"weight_percent": "1O"})
+        for _ in range(3):
+            await offload.poll()
+        await store.hset(key, mapping={"weight_percent": "2O"})
+        await offload.poll()
+    finally:
+        await store.delete(key)
+        await store.aclose()
+    logged = [r.getMessage() for r in caplog.records if r.name == "proxy.offload"]
+    assert logged == [
+        "offload control: weight_percent '1O' is not a number; that field keeps the value in force",
+        "offload control: weight_percent '2O' is not a number; that field keeps the value in force",
+    ]
