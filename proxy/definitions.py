@@ -224,9 +224,10 @@ class DefinitionsService:
                 # Neither the ETag held here nor one it replaced: the client may have a newer one, from
                 # another replica (or the backend) that read a change this one has not refreshed yet, and
                 # answered 200 it would take these older flags after newer (found by a reviewer, with two
-                # replicas behind one Service). Redis decides, in a read of the ETag begun now (one already
-                # under way may predate the change); while Redis cannot be read, the backend decides. A
-                # client on an ETag this replica replaced holds older flags: answered from memory, no read.
+                # replicas behind one Service). Redis decides, in a read of the ETag begun after this
+                # request (one already under way may predate the change; those asking meanwhile share the
+                # next); while Redis cannot be read, the backend decides. A client on an ETag this replica
+                # replaced holds older flags: answered from memory, no read.
                 entry = await self.cache.recheck(team.id)
                 if entry is None:
                     return FORWARD
@@ -246,7 +247,12 @@ class DefinitionsService:
         # 7. Payload; missing is a miss (the backend can rebuild it), never a 503.
         body = self.cache.body(entry)
         if body is None:
-            loaded = await self.cache.load(team.id, with_body=True)
+            # For a client that holds an ETag, a read begun after its request, as in step 6: a shared one may
+            # have been answered before a change the client already knows (found by a reviewer).
+            cache = self.cache
+            loaded = await (
+                cache.recheck(team.id, with_body=True) if conditional else cache.load(team.id, with_body=True)
+            )
             body = None if loaded is None else self.cache.body(loaded)
             if loaded is None or body is None:
                 return FORWARD

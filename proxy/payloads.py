@@ -23,7 +23,7 @@ from proxy.contract import DecodeError, RedisContract
 from proxy.logs import Throttled
 from proxy.memory import release_free_memory
 from proxy.settings import DefinitionsSettings
-from proxy.singleflight import SingleFlight
+from proxy.singleflight import FreshFlight, SingleFlight
 from proxy.tasks import every
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class DefinitionsCache:
         self._entries: OrderedDict[int, Definitions] = OrderedDict()
         self._used_at: dict[int, float] = {}
         self._flight: SingleFlight[tuple[int, bool], Definitions | None] = SingleFlight()
+        self._fresh: FreshFlight[tuple[int, bool], Definitions | None] = FreshFlight()
         self._billable: dict[tuple[int, str], bool] = {}
         # Per team, the last read this replica took the word of: (began, ended, contents). Reads overlap
         # (a 304's and a 200's, a request's and the refresher's) and a later-begun one can reach Redis first
@@ -365,15 +366,16 @@ class DefinitionsCache:
         self._drop(team_id)
         return False
 
-    async def recheck(self, team_id: int) -> Definitions | None:
-        """The team's ETag as Redis holds it now, in a read begun now (None: unknown, or Redis cannot tell).
+    async def recheck(self, team_id: int, *, with_body: bool = False) -> Definitions | None:
+        """The team's entry as Redis holds it now, in a read begun after this call (None: unknown, or Redis
+        cannot tell); concurrent callers share one such read.
 
         Never a share of a read already under way, which may have been answered before a change the
-        caller's client already knows (found by a reviewer: a client on the newer ETag took older flags).
+        caller's client already knows (found by two reviewers: a client on the newer ETag took older flags).
         """
         if not self._redis_up():
             return None
-        entry = await self._read(team_id, with_body=False)
+        entry = await self._fresh.do((team_id, with_body), lambda: self._read(team_id, with_body))
         if entry is not None:
             self._used_at[team_id] = time.monotonic()
         return entry
@@ -527,3 +529,4 @@ class DefinitionsCache:
     async def close(self) -> None:
         """Cancel loads still in flight."""
         await self._flight.close()
+        await self._fresh.close()

@@ -674,3 +674,60 @@ async def test_a_newer_etag_is_checked_in_a_read_of_its_own_not_one_begun_before
     finally:
         chaos.reply_delay = 0
         await chaos.close()
+
+
+async def test_the_body_for_a_client_on_a_newer_etag_is_not_a_read_begun_before_it_asked(
+    make_proxy: MakeProxy, backend: BackendWriter
+) -> None:
+    """Found by a reviewer: after the ETag check, the payload was loaded through the shared read, which could
+    be one Redis had answered before two changes landed: a client on the middle one got the first's flags."""
+    first_text, _ = backend.set_definitions(TEAM_ID, flags(1))
+    behind = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
+    redis = behind.app[keys.DEFINITIONS].cache._client
+    real_mget = redis.mget
+    answered, release = asyncio.Event(), asyncio.Event()
+    held_back = True
+
+    async def late_mget(*args: Any, **kwargs: Any) -> Any:
+        nonlocal held_back
+        values = await real_mget(*args, **kwargs)  # Redis answers now...
+        if held_back:
+            held_back = False
+            answered.set()
+            await release.wait()  # ... and the reply is read late
+        return values
+
+    redis.mget = late_mget
+    unconditional = asyncio.create_task(behind.get(URL, headers=AUTH))  # a 200's read of the first version
+    await answered.wait()
+    _, middle = backend.set_definitions(TEAM_ID, flags(2))
+    last_text, last = backend.set_definitions(TEAM_ID, flags(3))
+    # Answered with reads of its own: it does not wait for the read held back (nor take its answer).
+    newer = await asyncio.wait_for(behind.get(URL, headers={**AUTH, "If-None-Match": f'W/"{middle}"'}), 5)
+    release.set()
+    assert (newer.status, await newer.read()) == (200, last_text.encode())
+    assert newer.headers["ETag"] == f'W/"{last}"'
+    first = await unconditional
+    assert (first.status, await first.read()) == (200, first_text.encode())  # it had no flags before
+
+
+async def test_a_burst_of_unknown_etags_shares_two_reads_of_its_own(
+    make_proxy: MakeProxy, backend: BackendWriter, redis_url: str
+) -> None:
+    """Each check is a read begun after its request, but not one each (found by a reviewer: 40 requests at
+    once made 40 reads, and a burst with Redis slow took the pool from other teams): those asking while one
+    is out share the next."""
+    _, etag = backend.set_definitions(TEAM_ID, flags(1))
+    client = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
+    assert (await client.get(URL, headers=AUTH)).status == 200
+    with sync_redis(redis_url) as raw:
+        raw.config_resetstat()
+    answers = await asyncio.gather(
+        *(client.get(URL, headers={**AUTH, "If-None-Match": 'W/"00000000deadbeef"'}) for _ in range(40))
+    )
+    assert [answer.status for answer in answers] == [200] * 40
+    assert {answer.headers["ETag"] for answer in answers} == {f'W/"{etag}"'}
+    with sync_redis(redis_url) as raw:
+        stats = raw.info("commandstats")
+    assert stats["cmdstat_get"]["calls"] <= 2
+    assert "cmdstat_mget" not in stats
