@@ -169,7 +169,7 @@ def handler_wait(settings: Settings) -> float:
     drain within shutdown_timeout_seconds (it ran 0.6-1.3 s over at the default 20 s; found by a reviewer).
     """
     wait = (settings.shutdown_timeout_seconds - _idle_grace(settings)) / 2
-    return wait - 1 if wait > 5 else wait
+    return wait - 1 if wait > 6 else min(wait, 5.0)  # (5 s itself is not rounded)
 
 
 # A worker writes a byte this often to its supervisor's pipe: the supervisor's proof that its loop runs.
