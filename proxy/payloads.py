@@ -118,6 +118,13 @@ def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
     return not all(isinstance(key, str) and key.startswith(unbilled_prefixes) for key in keys)
 
 
+# Reads of a team's entry, by (team, with the payload): shared by whoever asks meanwhile, or only by those who
+# asked before the read began.
+_Flight = (
+    SingleFlight[tuple[int, bool], "Definitions | None"] | FreshFlight[tuple[int, bool], "Definitions | None"]
+)
+
+
 class DefinitionsCache:
     """team id -> Definitions: `get` reads memory, `load` reads Redis on a miss, `refresh` keeps it fresh."""
 
@@ -144,8 +151,8 @@ class DefinitionsCache:
         self._settings = settings
         self._entries: OrderedDict[int, Definitions] = OrderedDict()
         self._used_at: dict[int, float] = {}
-        self._flight: SingleFlight[tuple[int, bool], Definitions | None] = SingleFlight()
-        self._fresh: FreshFlight[tuple[int, bool], Definitions | None] = FreshFlight()
+        self._flight: _Flight = SingleFlight()
+        self._fresh: _Flight = FreshFlight()
         self._billable: dict[tuple[int, str], bool] = {}
         # Per team, the last read this replica took the word of: (began, ended, contents). Reads overlap
         # (a 304's and a 200's, a request's and the refresher's) and a later-begun one can reach Redis first
@@ -223,12 +230,7 @@ class DefinitionsCache:
 
     async def load(self, team_id: int, *, with_body: bool) -> Definitions | None:
         """Read the team's entry from Redis (concurrent loads share one read); None is a miss."""
-        if not self._redis_up():
-            return None
-        entry = await self._flight.do((team_id, with_body), lambda: self._read(team_id, with_body))
-        if entry is not None:
-            self._used_at[team_id] = time.monotonic()
-        return entry
+        return await self._read_through(self._flight, team_id, with_body)
 
     async def _read(self, team_id: int, with_body: bool) -> Definitions | None:
         read_at = time.monotonic()
@@ -373,9 +375,12 @@ class DefinitionsCache:
         Never a share of a read already under way, which may have been answered before a change the
         caller's client already knows (found by two reviewers: a client on the newer ETag took older flags).
         """
+        return await self._read_through(self._fresh, team_id, with_body)
+
+    async def _read_through(self, flight: _Flight, team_id: int, with_body: bool) -> Definitions | None:
         if not self._redis_up():
             return None
-        entry = await self._fresh.do((team_id, with_body), lambda: self._read(team_id, with_body))
+        entry = await flight.do((team_id, with_body), lambda: self._read(team_id, with_body))
         if entry is not None:
             self._used_at[team_id] = time.monotonic()
         return entry
