@@ -719,28 +719,40 @@ async def test_a_later_begun_read_that_reached_redis_first_is_not_replaced_by_th
         await real.aclose()
 
 
+def refused_team(redis_url: str, etag: str | None) -> BackendWriter:
+    """Team 1 with a payload whose flags are no list (the backend fails on it), with this ETag or none."""
+    writer = BackendWriter(redis_url)
+    token = "phc_cache_1"
+    writer.set_team(token, {"id": 1, "api_token": token, "secret_api_token": SECRET})
+    key = "cache/teams/1/feature_flags/flags_with_cohorts.json"
+    writer.cache.set(key, json.dumps({"flags": {"not": "a list"}}))
+    if etag is not None:
+        writer.cache.set(key + ":etag", etag)
+    return writer
+
+
+async def forwarded_without_reading_the_payload(client: Client, redis_url: str, requests: int = 5) -> None:
+    """`requests` more requests of team 1 are forwarded at one GET each, no payload read."""
+    with redis.Redis.from_url(redis_url) as sync:
+        sync.config_resetstat()
+    for _ in range(requests):
+        assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
+    with redis.Redis.from_url(redis_url) as sync:
+        stats = sync.info("commandstats")
+    assert "cmdstat_mget" not in stats
+    assert stats["cmdstat_get"]["calls"] == requests
+
+
 async def test_a_refused_payload_is_not_read_nor_parsed_again_until_its_etag_changes(
     make_proxy: MakeProxy, redis_url: str
 ) -> None:
     """Found by a reviewer: a payload that is no flags object was read and parsed again by every request
     (0.4 s of the event loop each for 6 MB) before it was forwarded. Remembered by its ETag, the next
     requests cost one GET, until the backend writes a new one."""
-    writer = BackendWriter(redis_url)
-    token = "phc_cache_1"
-    writer.set_team(token, {"id": 1, "api_token": token, "secret_api_token": SECRET})
-    key = "cache/teams/1/feature_flags/flags_with_cohorts.json"
-    writer.cache.set_many({key: json.dumps({"flags": {"not": "a list"}}), key + ":etag": "0123456789abcdef"})
+    writer = refused_team(redis_url, "0123456789abcdef")
     client = await make_proxy()
-    assert (await client.get(url(1), headers=AUTH)).status == 200  # forwarded (the rig's upstream)
-    with redis.Redis.from_url(redis_url) as sync:
-        sync.config_resetstat()
-    for _ in range(5):
-        forwarded = await client.get(url(1), headers=AUTH)
-        assert (await forwarded.json())["upstream"] is True
-    with redis.Redis.from_url(redis_url) as sync:
-        stats = sync.info("commandstats")
-    assert "cmdstat_mget" not in stats
-    assert stats["cmdstat_get"]["calls"] == 5
+    assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
+    await forwarded_without_reading_the_payload(client, redis_url)
     text, _ = writer.set_definitions(1, flags(1))
     served_now = await client.get(url(1), headers=AUTH)
     assert (served_now.status, await served_now.read()) == (200, text.encode())
@@ -752,11 +764,7 @@ async def test_reads_racing_past_a_refusal_whose_etag_changed_both_answer(
     """Found by a reviewer: two reads of a refused team (a 200's and a 304's, not shared) that both saw its
     new ETag both forgot the refusal, and the second raised KeyError: a 500. Redis's replies are held back
     here so that both reads are out at once."""
-    writer = BackendWriter(redis_url)
-    token = "phc_cache_1"
-    writer.set_team(token, {"id": 1, "api_token": token, "secret_api_token": SECRET})
-    key = "cache/teams/1/feature_flags/flags_with_cohorts.json"
-    writer.cache.set_many({key: json.dumps({"flags": {}}), key + ":etag": "00000000000000aa"})
+    writer = refused_team(redis_url, "00000000000000aa")
     chaos = ChaosProxy(redis_server.port)
     await chaos.start()
     try:
@@ -780,17 +788,7 @@ async def test_a_refused_payload_without_an_etag_is_not_parsed_again_for_a_while
 ) -> None:
     """With the backend's ETags off only time can tell a change: the refusal holds a few seconds, each
     request meanwhile one GET (found by a reviewer: a full read and parse each)."""
-    writer = BackendWriter(redis_url)
-    token = "phc_cache_1"
-    writer.set_team(token, {"id": 1, "api_token": token, "secret_api_token": SECRET})
-    writer.cache.set("cache/teams/1/feature_flags/flags_with_cohorts.json", json.dumps({"flags": {}}))
+    refused_team(redis_url, None)
     client = await make_proxy()
     assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
-    with redis.Redis.from_url(redis_url) as sync:
-        sync.config_resetstat()
-    for _ in range(5):
-        assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
-    with redis.Redis.from_url(redis_url) as sync:
-        stats = sync.info("commandstats")
-    assert "cmdstat_mget" not in stats
-    assert stats["cmdstat_get"]["calls"] == 5
+    await forwarded_without_reading_the_payload(client, redis_url)
