@@ -210,8 +210,7 @@ class DefinitionsService:
             return json_response(402, QUOTA_LIMITED)
 
         # 6. ETag: a 304 never reads the payload.
-        held = self.cache.get(team.id)
-        entry = held or await self.cache.load(team.id, with_body=if_none_match is None)
+        entry = self.cache.get(team.id) or await self.cache.load(team.id, with_body=if_none_match is None)
         if entry is None:
             return FORWARD
         if if_none_match is not None:
