@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy import keys
+from proxy import billing as billing_module
+from proxy import keys, tasks
 from proxy.billing import BillingTally, billing_ctx
 from proxy.contract import RedisContract
 from proxy.redis_client import make_client, redis_ctx
@@ -21,6 +23,7 @@ from proxy.settings import BILLING_DEDUPE_TTL_SECONDS, BillingSettings, RedisLay
 from tests.chaos import ChaosProxy, Mode
 from tests.conftest import settings_for
 from tests.rig import RedisServer, free_port
+from tests.test_reliability import eventually
 
 CONTRACT = RedisContract(RedisLayout())
 BUCKET = 120
@@ -531,3 +534,24 @@ async def test_background_flusher_writes_without_a_request_touching_redis(
     finally:
         await runner.cleanup()
     assert_counted_once(redis_server)
+
+
+async def test_the_periodic_flush_holds_back_the_bucket_begun_during_its_interval(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """The background flusher writes the bucket that ended and keeps the one begun for its next flush (one
+    HINCRBY pair per bucket and flush; found unguarded by mutation testing: a flusher writing both passed)."""
+    billing = tally()
+    now = time.time()
+    current = int(now // BUCKET)
+    billing.count(4, "posthog-python", now=now - BUCKET)  # the bucket that ended
+    billing.count(4, "posthog-python", now=now)  # the bucket begun
+    flusher = asyncio.create_task(billing_module._flush_forever(billing, client, 0.01))
+    try:
+        await eventually(lambda: billing.flushed_requests == 1, "a periodic flush")
+    finally:
+        await tasks.cancelled(flusher)
+    if int(time.time() // BUCKET) != current:
+        pytest.skip("a bucket boundary passed during the test")
+    assert hashes(redis_server, 4, "posthog-python") == ({current - 1: 1}, {current - 1: 1})
+    assert billing.unflushed_requests == 1

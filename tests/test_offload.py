@@ -21,6 +21,7 @@ from proxy import keys
 from proxy.cli import main
 from proxy.offload import BUCKETS, Offload, OffloadState, bucket, parse_state
 from proxy.settings import OffloadSettings
+from proxy.shadow import Shadow, UpstreamAnswer
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
@@ -903,3 +904,28 @@ async def test_a_typo_in_the_control_hash_is_logged_once_not_at_every_poll(
         "offload control: weight_percent '1O' is not a number; that field keeps the value in force",
         "offload control: weight_percent '2O' is not a number; that field keeps the value in force",
     ]
+
+
+async def test_shadow_logs_a_sample_of_each_mismatch_an_hour_and_never_a_match(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`shadow_log_samples` lines per kind of mismatch, counted all the same; a new hour logs again; a match
+    is never logged (each found unguarded by mutation testing)."""
+    shadow = Shadow(OffloadSettings(shadow_log_samples=2))
+    local = web.Response(status=200, body=b'{"flags": []}', headers={"ETag": 'W/"a"'})
+    differs = UpstreamAnswer(401, {"ETag": 'W/"a"'}, b'{"flags": []}')
+    same = UpstreamAnswer(200, {"ETag": 'W/"a"'}, b'{"flags": []}')
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "proxy.shadow"]
+
+    for _ in range(5):
+        await shadow.record(local, differs, route="/flags/definitions", team_id=1)
+        await shadow.record(local, same, route="/flags/definitions", team_id=1)
+    assert shadow.outcomes["match"] == 5
+    assert sum(count for kind, count in shadow.outcomes.items() if kind != "match") >= 5
+    assert len(logged()) == 2
+    assert all(line.startswith("shadow mismatch ") and "match " not in line.split()[2] for line in logged())
+    shadow._logged_since -= 3601  # an hour later
+    await shadow.record(local, differs, route="/flags/definitions", team_id=1)
+    assert len(logged()) == 3

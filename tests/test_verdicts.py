@@ -145,6 +145,9 @@ async def test_the_oldest_verdict_gives_way_at_max_entries(client: aioredis.Redi
         store.learn(key, DENIED)
     assert len(store) == 3
     assert [store.cached(key) for key in keys] == [None, None, DENIED, DENIED, DENIED]
+    # Learning again a verdict already held takes no one's place (found by mutation testing).
+    store.learn(keys[3], Verdict(200))
+    assert [store.cached(key) for key in keys] == [None, None, DENIED, Verdict(200), DENIED]
 
 
 async def test_with_redis_down_every_expired_verdict_is_still_dropped_each_cycle(
