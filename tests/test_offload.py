@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
+from proxy import offload as offload_module
 from proxy.cli import main
 from proxy.offload import BUCKETS, Offload, OffloadState, bucket, parse_state
 from proxy.settings import OffloadSettings
@@ -929,3 +930,13 @@ async def test_shadow_logs_a_sample_of_each_mismatch_an_hour_and_never_a_match(
     shadow._logged_since -= 3601  # an hour later
     await shadow.record(local, differs, route="/flags/definitions", team_id=1)
     assert len(logged()) == 3
+
+
+def test_a_garbled_write_back_marker_reads_as_no_time() -> None:
+    """A marker's time is when the copy was read: a garbled or non-finite one counts as never, so a real
+    read always replaces that copy (found unguarded by mutation testing: "inf" made it unbeatable)."""
+    assert offload_module._marker(None) == (0.0, None)
+    assert offload_module._marker(b"12.5 abc") == (12.5, "abc")
+    assert offload_module._marker(b"soon abc") == (0.0, None)
+    assert offload_module._marker(b"inf abc") == (0.0, "abc")
+    assert offload_module._marker(b"nan abc") == (0.0, "abc")
