@@ -55,9 +55,12 @@ class FreshFlight(Generic[K, V]):
         self._running: dict[K, asyncio.Task[V]] = {}
         self._next: dict[K, tuple[asyncio.Future[V], Callable[[], Coroutine[Any, Any, V]]]] = {}
         self._tasks: set[asyncio.Task[V]] = set()
+        self._closed = False
 
     async def do(self, key: K, load: Callable[[], Coroutine[Any, Any, V]]) -> V:
         """Await a load of `key` begun after this call; a caller cancelled does not cancel it for others."""
+        if self._closed:
+            raise asyncio.CancelledError  # closing: no new load would be awaited by close()
         if key not in self._running:
             return await asyncio.shield(self._start(key, load))
         queued = self._next.get(key)
@@ -78,10 +81,15 @@ class FreshFlight(Generic[K, V]):
         queued = self._next.pop(key, None)
         if queued is not None:
             future, load = queued
-            self._start(key, load).add_done_callback(partial(_settle, future))
+            if self._closed:
+                future.cancel()
+            else:
+                self._start(key, load).add_done_callback(partial(_settle, future))
 
     async def close(self) -> None:
-        """Cancel and await every load still in flight; callers waiting for a next one are cancelled."""
+        """Cancel and await every load still in flight; callers waiting for a next one are cancelled, and
+        no load starts from here (found by a reviewer: one queued during the close outlived it)."""
+        self._closed = True
         for future, _ in self._next.values():
             future.cancel()
         self._next.clear()

@@ -67,3 +67,33 @@ async def test_close_cancels_loads_out_and_callers_waiting_for_the_next() -> Non
     await flight.close()
     results = await asyncio.gather(out, waiting, return_exceptions=True)
     assert all(isinstance(result, asyncio.CancelledError) for result in results)
+
+
+async def test_a_caller_asking_while_close_waits_starts_no_load_that_outlives_it() -> None:
+    """Found by a reviewer: a load slow to die kept close() waiting, and a caller that asked meanwhile got a
+    new load close() never saw."""
+    flight: FreshFlight[str, int] = FreshFlight()
+    started: list[str] = []
+
+    async def slow_to_die() -> int:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # as redis-py finishing a command
+            raise
+        return 0
+
+    async def late_load() -> int:
+        started.append("late")
+        await asyncio.Event().wait()
+        return 1
+
+    first = asyncio.create_task(flight.do("team", slow_to_die))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(flight.close())
+    await asyncio.sleep(0.01)
+    late = asyncio.create_task(flight.do("team", late_load))
+    await closing
+    results = await asyncio.gather(first, late, return_exceptions=True)
+    assert all(isinstance(result, asyncio.CancelledError) for result in results)
+    assert started == []
