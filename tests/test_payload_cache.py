@@ -8,7 +8,8 @@ import inspect
 import json
 import time
 import tracemalloc
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -307,14 +308,27 @@ class GatedRedis(aioredis.Redis):
         return task, release
 
 
+@asynccontextmanager
+async def gated_cache(
+    redis_url: str, settings: DefinitionsSettings | None = None
+) -> AsyncIterator[tuple[GatedRedis, DefinitionsCache]]:
+    """A payload cache on a GatedRedis client, closed on the way out."""
+    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
+    try:
+        yield (
+            client,
+            DefinitionsCache(client, RedisContract(RedisLayout()), settings or DefinitionsSettings()),
+        )
+    finally:
+        await client.aclose()
+
+
 async def test_a_load_that_read_before_a_newer_entry_was_held_does_not_replace_it(redis_url: str) -> None:
     """Found by a reviewer: a 200's payload read, answered after the refresher had held the next version's
     ETag, replaced it; clients holding that ETag (304) then got the older flags (200) from this replica."""
     writer = BackendWriter(redis_url)
     _, v1 = writer.set_definitions(1, flags(1, version=1))
-    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
-    cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
-    try:
+    async with gated_cache(redis_url) as (client, cache):
         assert await cache.load(1, with_body=False) is not None  # a 304's read: the ETag alone
         loading, release = await client.held_back(
             cache.load(1, with_body=True)
@@ -326,8 +340,6 @@ async def test_a_load_that_read_before_a_newer_entry_was_held_does_not_replace_i
         assert old is not None
         assert old.etag == v1  # what that read returned, to whoever waited for it
         await assert_held_is_never_older(cache, 1, text.encode())
-    finally:
-        await client.aclose()
 
 
 async def test_the_refresher_lets_requests_run_while_it_rebuilds_many_payloads(redis_url: str) -> None:
@@ -602,9 +614,7 @@ async def test_a_rollback_the_refresher_confirmed_is_not_undone_by_an_earlier_be
     a read."""
     writer = BackendWriter(redis_url)
     writer.set_definitions(7, flags(7, version=1))
-    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
-    cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
-    try:
+    async with gated_cache(redis_url) as (client, cache):
         assert await cache.load(7, with_body=False) is not None  # a 304's read: A's ETag held
         writer.set_definitions(7, flags(7, version=2))  # B
         reading_b, release = await client.held_back(cache.load(7, with_body=True))
@@ -613,8 +623,6 @@ async def test_a_rollback_the_refresher_confirmed_is_not_undone_by_an_earlier_be
         release.set()
         await reading_b
         await assert_held_is_never_older(cache, 7, text.encode())
-    finally:
-        await client.aclose()
 
 
 async def test_without_etags_an_earlier_begun_read_does_not_replace_a_later_ones_payload(
@@ -623,9 +631,7 @@ async def test_without_etags_an_earlier_begun_read_does_not_replace_a_later_ones
     """Found by the same review: with no ETag on either side the contents were taken for the same."""
     writer = BackendWriter(redis_url)
     writer.set_payload_without_etag(8, flags(8, version=1))
-    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
-    cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
-    try:
+    async with gated_cache(redis_url) as (client, cache):
         reading_v1, release = await client.held_back(
             cache.load(8, with_body=False)
         )  # without an ETag: the payload
@@ -634,8 +640,6 @@ async def test_without_etags_an_earlier_begun_read_does_not_replace_a_later_ones
         release.set()
         await reading_v1
         await assert_held_is_never_older(cache, 8, text.encode())
-    finally:
-        await client.aclose()
 
 
 async def test_an_earlier_begun_read_does_not_bring_back_what_a_later_one_found_deleted(
@@ -646,9 +650,7 @@ async def test_an_earlier_begun_read_does_not_bring_back_what_a_later_one_found_
     writer = BackendWriter(redis_url)
     writer.set_definitions(9, flags(9)[:3])
     contract = RedisContract(RedisLayout())
-    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
-    cache = DefinitionsCache(client, contract, DefinitionsSettings())
-    try:
+    async with gated_cache(redis_url) as (client, cache):
         earlier, release = await client.held_back(
             cache.load(9, with_body=True)
         )  # reads the payload; answer held back
@@ -657,8 +659,6 @@ async def test_an_earlier_begun_read_does_not_bring_back_what_a_later_one_found_
         release.set()
         await earlier
         assert cache.get(9) is None
-    finally:
-        await client.aclose()
 
 
 async def test_an_earlier_begun_read_does_not_replace_a_newer_entry_the_budget_pushed_out(
@@ -670,10 +670,8 @@ async def test_an_earlier_begun_read_does_not_replace_a_newer_entry_the_budget_p
     writer.set_definitions(7, flags(7, version=1)[:50])
     size = len(writer.set_definitions(8, flags(8)[:200])[0])
     writer.set_definitions(9, flags(9)[:200])
-    client = cast(GatedRedis, GatedRedis.from_url(redis_url))
     settings = DefinitionsSettings(cache_budget_bytes=size + size // 2)
-    cache = DefinitionsCache(client, RedisContract(RedisLayout()), settings)
-    try:
+    async with gated_cache(redis_url, settings) as (client, cache):
         assert await cache.load(7, with_body=False) is not None  # a 304: version 1's ETag held
         earlier, release = await client.held_back(cache.load(7, with_body=True))  # reads version 1; held back
         text, v2 = writer.set_definitions(7, flags(7, version=2)[:50])
@@ -687,8 +685,6 @@ async def test_an_earlier_begun_read_does_not_replace_a_newer_entry_the_budget_p
         release.set()
         await earlier
         await assert_held_is_never_older(cache, 7, text.encode())
-    finally:
-        await client.aclose()
 
 
 async def test_a_later_begun_read_that_reached_redis_first_is_not_replaced_by_the_earlier_one(
