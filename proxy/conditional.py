@@ -11,6 +11,11 @@ def none_match(header: str, etag: str) -> bool:
     Each member is trimmed, loses a leading `W/` and its quotes, as the reference does for a single value
     (contract §3.6); a list is split on commas and `*` matches any current representation.
     """
+    if not header.isascii():
+        # Read the bytes as the backend's server does (latin-1, PEP 3333), not as aiohttp does (UTF-8 with
+        # surrogate escapes): its str.strip() trims a trailing 0xA0 or 0x85 byte, which is a 304 there, and
+        # keeps the 0xC2 of a UTF-8 no-break space, which is a 200 there (found by a reviewer).
+        header = header.encode("utf-8", "surrogateescape").decode("latin-1")
     for member in header.split(","):
         candidate = member.strip()
         if candidate == "*":

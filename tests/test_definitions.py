@@ -17,6 +17,7 @@ from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
 from tests.rig import RedisServer, Upstream
+from tests.test_forward import raw_exchange
 from tests.test_reliability import eventually
 
 TOKEN = "phc_test_project_token"
@@ -113,6 +114,30 @@ async def test_304_for_every_matching_form(
     assert await response.read() == b""
     assert response.headers["ETag"] == f'W/"{etag}"'
     assert response.headers["Cache-Control"] == CACHE_CONTROL
+
+
+@pytest.mark.parametrize(("tail", "status"), [(b"\xa0", 304), (b"\x85", 304), (b"\xc2\xa0", 200)])
+async def test_if_none_match_is_trimmed_as_the_backend_reads_its_bytes(
+    make_proxy: MakeProxy, backend: BackendWriter, tail: bytes, status: int
+) -> None:
+    """The backend's server reads header bytes as latin-1, where str.strip() trims a 0xA0 or 0x85 byte (a
+    304 there) and leaves the 0xC2 of a UTF-8 no-break space (a 200 there). Read as UTF-8, the proxy
+    answered the first two 200, billed, and the third 304."""
+    text, etag = backend.set_definitions(TEAM_ID, flags(3))
+    client = await proxy_for(make_proxy)
+    request = (
+        f"GET {URL} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {SECRET}\r\n".encode()
+        + b"Connection: close\r\n"
+        + b'If-None-Match: W/"'
+        + etag.encode()
+        + b'"'
+        + tail
+        + b"\r\n\r\n"
+    )
+    head, body = await raw_exchange(client, request)
+    assert head[0] == f"HTTP/1.1 {status} {'Not Modified' if status == 304 else 'OK'}".encode()
+    assert f'ETag: W/"{etag}"'.encode() in head
+    assert body == (b"" if status == 304 else text.encode())
 
 
 @pytest.mark.parametrize("lines", [('"stale"', 'W/"{e}"'), ('W/"{e}"', '"stale"')])

@@ -51,6 +51,33 @@ def test_none_match_accepts_every_form_the_reference_accepts(
     assert none_match(f"{pad}{'W/' if weak else ''}{value}{pad}", etag)
 
 
+# Whitespace to latin-1 (0xA0, 0x85) or to UTF-8 (0xC2 0xA0), and bytes that are neither.
+PADDING_BYTES = [b" ", b"\t", b"\xa0", b"\x85", b"\xc2\xa0", b"\xc2", b"\xff"]
+
+
+def _reference_none_match(header: bytes, etag: str) -> bool:
+    """The reference's reading of one value (contract §3.6), of the bytes as its server decodes them."""
+    value = header.decode("latin-1").strip()
+    return (value[2:] if value.startswith("W/") else value).strip('"') == etag
+
+
+@FUZZ
+@given(
+    etag=etags,
+    lead=st.lists(st.sampled_from(PADDING_BYTES), max_size=3),
+    tail=st.lists(st.sampled_from(PADDING_BYTES), max_size=3),
+    weak=st.booleans(),
+)
+@example(etag="e", lead=[], tail=[b"\xa0"], weak=True)
+@example(etag="e", lead=[], tail=[b"\xc2\xa0"], weak=True)
+def test_none_match_reads_a_single_value_as_the_reference_reads_its_bytes(
+    etag: str, lead: list[bytes], tail: list[bytes], weak: bool
+) -> None:
+    raw = b"".join(lead) + (b"W/" if weak else b"") + f'"{etag}"'.encode() + b"".join(tail)
+    # aiohttp hands the handler header bytes as UTF-8 with surrogate escapes.
+    assert none_match(raw.decode("utf-8", "surrogateescape"), etag) == _reference_none_match(raw, etag)
+
+
 @FUZZ
 @given(others=st.lists(etags, max_size=5), etag=etags, position=st.integers(0, 5))
 def test_none_match_finds_the_etag_anywhere_in_a_list(others: list[str], etag: str, position: int) -> None:
