@@ -193,6 +193,34 @@ async def test_of_two_copies_written_back_the_fresher_read_wins(
             await client.aclose()
 
 
+async def test_a_copy_of_the_same_hash_from_an_older_read_does_not_age_a_fresher_replicas_read(
+    redis_url: str,
+) -> None:
+    """The operator sets 10 %, then 50 %, then 10 % again; three replicas each read one of those. After a
+    flush the oldest writes back its 10 %, and the newest, reading that same copy, keeps its own later read
+    time: when it writes back after the next flush, the replica that read 50 % in between takes the newest's
+    10 %. Had the newest taken the copy's older time, its write-back would have looked older than the 50 %
+    read, and the operator's last word undone."""
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(3)]
+    oldest, middle, newest = (Offload(client, OffloadSettings()) for client in clients)
+    try:
+        with redis.Redis.from_url(redis_url) as store:
+            for replica, weight in ((oldest, "10"), (middle, "50"), (newest, "10")):
+                store.hset(CONTROL_KEY, "weight_percent", weight)
+                await replica.poll()
+            store.flushall()
+            await oldest.poll()  # writes back 10 %, as read first
+            await newest.poll()  # the same fields, from an older read
+            store.flushall()
+            await newest.poll()  # writes back 10 %, as read last
+            await middle.poll()  # cut off until now, with the 50 % read in between
+            assert store.hget(CONTROL_KEY, "weight_percent") == b"10"
+            assert middle.state.weight_percent == newest.state.weight_percent == 10
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 async def test_a_copy_written_back_then_edited_by_hand_is_the_operators(redis_url: str) -> None:
     """`redis-cli HSET` keeps the write-back's marker: the copy then said "replace me" to a fresher replica,
     which put back its own and lost the operator's edit; HDEL of every field left a hash none followed."""
