@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from aiohttp import http_writer, web, web_response
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import http_writer, web, web_protocol, web_response
 from multidict import CIMultiDict
+
+# Per server (one per serving process; tests start many in one process): what a malformed request calls.
+_on_malformed: weakref.WeakKeyDictionary[web.Server, Callable[[], None]] = weakref.WeakKeyDictionary()
 
 
 class ExactHeadStreamResponse(web.StreamResponse):
@@ -67,3 +74,29 @@ def set_server_header(value: str) -> None:
     a real process, so an aiohttp that moved the name fails there.
     """
     web_response.SERVER_SOFTWARE = value  # type: ignore[attr-defined]  # imported there from aiohttp.http
+
+
+def on_malformed_request(server: web.Server, count: Callable[[], None]) -> None:
+    """Call `count` for each request `server` answers 400 itself, unhandled: a head it could not parse.
+
+    aiohttp answers those (a line with no colon, a method its parser does not know, control characters, a
+    framing it refuses) before any handler or middleware runs, so no request metric saw them: a flood of
+    them, or a load balancer speaking TLS to the plain port, left nothing to alert on. The error handler
+    aiohttp makes for each such request is the one place all of them pass, and only they: wrapped once per
+    process (its class, which has __slots__), it looks up the connection's server here, so the request path
+    pays nothing. tests/test_server.py counts a real process's, so an aiohttp that moved it fails there.
+    """
+    if not getattr(web_protocol.RequestHandler._make_error_handler, "_counted", False):
+        make = web_protocol.RequestHandler._make_error_handler
+
+        def _make_error_handler(
+            handler: web_protocol.RequestHandler, err_info: Any
+        ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+            hook = _on_malformed.get(handler._manager)  # type: ignore[arg-type]
+            if hook is not None:
+                hook()
+            return make(handler, err_info)
+
+        _make_error_handler._counted = True  # type: ignore[attr-defined]
+        web_protocol.RequestHandler._make_error_handler = _make_error_handler  # type: ignore[method-assign,assignment]
+    _on_malformed[server] = count

@@ -26,6 +26,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from proxy import aiohttp_internals
 from proxy.logs import Throttled, where
 from proxy.settings import ConfigError, Settings
 
@@ -160,6 +161,7 @@ class ClientConnections:
         self.refused = 0  # connections closed on arrival: every place taken by a busy connection
         self.closed_idle = 0  # idle connections closed to make room for a new one
         self.send_timeouts = 0  # connections aborted: their client took none of an answer for send_timeout
+        self.malformed = 0  # requests aiohttp answered 400 itself: a head it could not parse
         # Oldest first, with their transports: aiohttp forgets a handler's once it closes it, while a socket
         # with unsent bytes stays open until the client takes them (or is aborted here).
         self._open: dict[RequestHandler, asyncio.Transport] = {}
@@ -218,6 +220,10 @@ class ClientConnections:
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
+        aiohttp_internals.on_malformed_request(server, self._malformed)
+
+    def _malformed(self) -> None:
+        self.malformed += 1
 
     def sweep(self, now: float, handlers: Iterable[RequestHandler] | None = None) -> None:
         """Abort the connections whose client has taken none of an answer's bytes for send_timeout.

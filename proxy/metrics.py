@@ -153,6 +153,11 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         lambda: [(clients.refused, {})],
     )
     counter(
+        "edge_proxy.client.requests_malformed",
+        "Requests answered 400 by the HTTP server before any handler: a head it could not parse",
+        lambda: [(clients.malformed, {})],
+    )
+    counter(
         "edge_proxy.client.connections_send_timeouts",
         "Client connections aborted: their client took none of an answer for send_timeout_seconds",
         lambda: [(clients.send_timeouts, {})],

@@ -337,3 +337,39 @@ def _unsent_changed(clients: ClientConnections, handler: object) -> bool:
 
 def _more_unsent(clients: ClientConnections, handler: object, than: int) -> bool:
     return bool(clients._open[handler].get_write_buffer_size() > than)  # type: ignore[index]
+
+
+async def test_each_server_counts_only_its_own_malformed_requests() -> None:
+    """The count hooks aiohttp's error handler once per process; several servers (the metrics port's, a
+    test's) each count what they answered, and a server without the hook counts nothing."""
+
+    async def answer(_request: web.Request) -> web.Response:
+        return web.Response(text="answer")
+
+    runners, ports, counted = [], [], []
+    for admitted in (True, True, False):
+        app = web.Application()
+        app.router.add_get("/", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        assert runner.server is not None
+        clients = ClientConnections(16)
+        if admitted:
+            clients.admit_on(runner.server)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports.append(runner.addresses[0][1])
+        counted.append(clients)
+    try:
+        for port, times in zip(ports, (2, 1, 1), strict=True):
+            for _ in range(times):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET / HTTP/1.1\r\nno colon\r\n\r\n")
+                assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.0 400 ")
+                writer.close()
+                await writer.wait_closed()
+        assert [clients.malformed for clients in counted] == [2, 1, 0]
+    finally:
+        for runner in runners:
+            await runner.cleanup()

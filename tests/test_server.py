@@ -820,8 +820,10 @@ async def _release(held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
             await writer.wait_closed()
 
 
-async def _client_connection_samples(port: int) -> dict[str, float]:
-    """The edge_proxy_client_connections* samples from /metrics on `port`."""
+async def _client_connection_samples(
+    port: int, prefix: str = "edge_proxy_client_connections"
+) -> dict[str, float]:
+    """The `prefix`* samples (edge_proxy_client_connections*) from /metrics on `port`."""
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{port}/metrics") as response,
@@ -831,8 +833,34 @@ async def _client_connection_samples(port: int) -> dict[str, float]:
         sample.name: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name.startswith("edge_proxy_client_connections")
+        if sample.name.startswith(prefix)
     }
+
+
+async def test_requests_aiohttp_answers_400_before_any_handler_are_counted(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """A head aiohttp cannot parse is answered 400 before any handler or middleware runs: no request metric
+    saw them, and a flood of them (a load balancer speaking TLS to the plain port) left nothing to alert
+    on."""
+    recorder, server = upstream
+    port = free_port()
+    malformed = [
+        b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n",  # a method the parser does not know
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32),  # a TLS ClientHello
+    ]
+    with proxy_process(tmp_path, _env(port, server, redis_url)) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        for request in malformed:
+            assert (await _raw_exchange(port, request)).split(b"\r\n")[0] == b"HTTP/1.0 400 Bad Request"
+        # Handled requests, a 400 of the proxy's own among them, are not malformed.
+        assert (await _raw_exchange(port, FORWARDED)).startswith(b"HTTP/1.1 200 ")
+        no_token = b"GET /flags/definitions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert (await _raw_exchange(port, no_token)).startswith(b"HTTP/1.1 400 ")
+        samples = await _client_connection_samples(port, "edge_proxy_client_requests_malformed")
+    assert samples == {"edge_proxy_client_requests_malformed_total": 3.0}
+    assert [seen.raw_path for seen in recorder.seen] == ["/x"]  # the forwarded one only
 
 
 async def test_at_the_connection_cap_the_oldest_idle_connection_makes_room_and_busy_ones_never_do(
