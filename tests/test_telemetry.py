@@ -314,6 +314,32 @@ async def test_traceparent_reaches_the_upstream_with_the_proxys_span_as_parent(
     assert dict(server.attributes or {})["url.path"] == "/api/projects"
 
 
+@pytest.mark.parametrize("ratio", [1e-9, 1.0])
+async def test_a_clients_traceparent_cannot_choose_whether_its_request_is_sampled(
+    make_proxy: MakeProxy, upstream: Rig, ratio: float
+) -> None:
+    """The client's sampled flag was followed, and the ratio read the client's trace id: any client could
+    have every request traced (about twice the cost of each, one more span exported), here with flag 01 and a
+    trace id under any ratio's bound. Whether it is sampled is drawn here; the trace stays the client's."""
+    client = await make_proxy(telemetry={"trace_sampling_ratio": ratio})
+    exporter = InMemorySpanExporter()
+    provider = client.app[keys.TELEMETRY].tracer_provider
+    assert provider is not None
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    forcing = f"00-{1:032x}-{CLIENT_SPAN_ID}-01"
+    for _ in range(20):
+        assert (await client.get("/api/projects", headers={"traceparent": forcing})).status == 200
+
+    sampled = ratio == 1.0
+    servers = [span for span in exporter.get_finished_spans() if span.kind == SpanKind.SERVER]
+    assert len(servers) == (20 if sampled else 0)
+    for seen in upstream[0].seen:
+        version, trace_id, parent_id, flags = seen.headers["traceparent"].split("-")
+        assert (version, trace_id, flags) == ("00", f"{1:032x}", "01" if sampled else "00")
+        assert parent_id != CLIENT_SPAN_ID  # the proxy's span in between, sampled or not
+    assert len(upstream[0].seen) == 20
+
+
 async def test_a_token_in_the_path_is_masked_in_the_span(make_proxy: MakeProxy, upstream: Rig) -> None:
     client = await make_proxy(telemetry={"trace_sampling_ratio": 1.0})
     exporter = InMemorySpanExporter()
