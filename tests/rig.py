@@ -235,7 +235,8 @@ class Upstream:
 
     def app(self) -> web.Application:
         """The upstream application (a catch-all that records, then dispatches by path)."""
-        app = web.Application(client_max_size=1024**3)
+        # Request bodies recorded as they arrived, compressed or not (aiohttp would decompress them).
+        app = web.Application(client_max_size=1024**3, handler_args={"auto_decompress": False})
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 

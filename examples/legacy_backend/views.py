@@ -2,7 +2,9 @@
 
 /flags/definitions and /api/feature_flag/local_evaluation[/]  the endpoint edge-proxy answers from Redis
 /api/exports/<name>                                            a CSV download (a route edge-proxy forwards)
+/batch/                                                        SDK events (gzip or plain), recorded
 /_requests                                                     what this backend was asked (shared counters)
+/_captured                                                     the events /batch/ recorded
 /_admin/...                                                    JSON operations, with X-Admin-Token only
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 ALLOW = "GET, OPTIONS, HEAD"
 CACHE_CONTROL = "private, must-revalidate"
 COUNTERS_KEY = "legacy-backend:requests"
+CAPTURED_KEY = "legacy-backend:captured"
+MAX_BATCH_BYTES = 20 * 2**20
 DEFINITIONS_PATHS = ("/flags/definitions", "/api/feature_flag/local_evaluation")
 
 
@@ -177,6 +182,56 @@ def count_requests(
         return response
 
     return middleware
+
+
+@csrf_exempt
+def capture(request: HttpRequest) -> HttpResponse:
+    """POST /batch/: an SDK's batch of events, gzip-compressed (posthog-node always, posthog-python with
+    gzip=True) or plain JSON, as PostHog's capture reads it; each event is recorded for /_captured."""
+    if request.method != "POST":
+        return _json(
+            405, error_body("invalid_request", "method_not_allowed", "Method not allowed."), Allow="POST"
+        )
+    coding = request.headers.get("Content-Encoding", "")
+    try:
+        data = json.loads(_decoded(request.body, coding))
+        events = data["batch"] if isinstance(data, dict) and "batch" in data else [data]
+        records = [
+            json.dumps(
+                {
+                    "api_key": data.get("api_key") or event.get("api_key"),
+                    "event": event["event"],
+                    "distinct_id": event.get("distinct_id"),
+                    "content_encoding": coding,
+                }
+            )
+            for event in events
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError, zlib.error):
+        return _json(400, error_body("validation_error", "invalid_payload", "Malformed request data."))
+    if records:
+        cache.redis().rpush(CAPTURED_KEY, *records)
+    return _json(200, b'{"status":"Ok"}')
+
+
+def _decoded(body: bytes, coding: str) -> bytes:
+    """`body` without its Content-Encoding (gzip or none); ValueError for anything else."""
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding != "gzip":
+        raise ValueError(f"unsupported Content-Encoding {coding!r}")
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    plain = inflate.decompress(body, MAX_BATCH_BYTES)
+    if inflate.unconsumed_tail or not inflate.eof:
+        raise ValueError("not one whole gzip member within the limit")
+    return plain
+
+
+def captured(request: HttpRequest) -> HttpResponse:
+    """GET: the events /batch/ recorded, oldest first, as a JSON list."""
+    events = [json.loads(raw) for raw in cache.redis().lrange(CAPTURED_KEY, 0, -1)]
+    return HttpResponse(json.dumps(events), content_type="application/json")
 
 
 def requests_seen(request: HttpRequest) -> HttpResponse:

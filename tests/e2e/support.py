@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import threading
 import time
 import urllib.parse
@@ -86,6 +87,14 @@ class Stack:
             return int(client.delete(*found)) if found else 0
         finally:
             client.close()
+
+
+def captured_events(stack: Stack, project: Project) -> list[dict[str, Any]]:
+    """The events the backend's /batch/ recorded for `project`, oldest first."""
+    answer = exchange(stack.backend.url, "GET", "/_captured")
+    assert answer.status == 200
+    events: list[dict[str, Any]] = json.loads(answer.body)
+    return [event for event in events if event["api_key"] == project.token]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.support import Project, Stack
+from tests.e2e.support import Project, Stack, captured_events
 from tests.e2e.test_python_sdk import USERS, evaluate, load, sdk_client
 
 pytestmark = pytest.mark.slow
@@ -70,3 +70,19 @@ def test_posthog_node_polls_through_the_proxy(stack: Stack, node: str) -> None:
     assert {r["ifNoneMatch"] for r in requests[1:]} == {requests[0]["etag"]}
     # Only the first request, with a key the proxy had not seen, reached the backend.
     assert reached_backend == 1
+
+
+def test_posthog_node_capture_batches_reach_the_backend_through_the_proxy(stack: Stack, node: str) -> None:
+    """posthog-node gzips every batch: the proxy decompressed it and sent it on still labelled gzip, and the
+    backend could read none of it (found by a reviewer)."""
+    project = stack.new_project("posthog-node capture")
+    events = [f"node-event-{i}" for i in range(5)]
+    config = {"host": stack.proxy.url, "token": project.token, "events": events, "distinctId": "node-user"}
+    done = subprocess.run(
+        [node, "capture.mjs", json.dumps(config)], cwd=NODE_DIR, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+    seen = captured_events(stack, project)
+    assert sorted(event["event"] for event in seen) == events
+    assert {(event["distinct_id"], event["content_encoding"]) for event in seen} == {("node-user", "gzip")}

@@ -11,7 +11,7 @@ import pytest
 from posthog import Posthog
 
 from examples.stack import rollout, wait_until
-from tests.e2e.support import Project, SdkRequests, Seen, Stack, exchange
+from tests.e2e.support import Project, SdkRequests, Seen, Stack, captured_events, exchange
 
 pytestmark = pytest.mark.slow
 
@@ -201,3 +201,24 @@ def evaluate_body(stack: Stack, project: Project) -> bytes:
     )
     assert answer.status == 200
     return answer.body
+
+
+def test_events_captured_through_the_proxy_reach_the_backend_compressed_or_not(stack: Stack) -> None:
+    """posthog-python sends its batches gzip-compressed with gzip=True: the proxy decompressed them and sent
+    them on still labelled gzip, and the backend could read none of them (found by a reviewer)."""
+    project = stack.new_project("capture")
+    for compressed in (True, False):
+        client = Posthog(project.token, host=stack.proxy.url, gzip=compressed, sync_mode=True, max_retries=0)
+        try:
+            for i in range(3):
+                client.capture(f"python-event-{compressed}-{i}", distinct_id="python-user")
+        finally:
+            client.shutdown()
+
+    seen = captured_events(stack, project)
+    assert sorted(event["event"] for event in seen) == sorted(
+        f"python-event-{compressed}-{i}" for compressed in (True, False) for i in range(3)
+    )
+    for event in seen:
+        assert event["distinct_id"] == "python-user"
+        assert event["content_encoding"] == ("gzip" if event["event"].startswith("python-event-True") else "")
