@@ -192,6 +192,10 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         async for chunk in body:
+            # One pass of the event loop between writes (a client's body already buffered is otherwise
+            # written in one go): an upstream that answers early and closes is read before the next write,
+            # whose failure would tear the connection down with that answer unread.
+            await asyncio.sleep(0)
             if self._lost or self._broken:
                 return  # the answer (or its failure) tells the rest
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)

@@ -700,6 +700,36 @@ async def test_upstream_dying_before_a_small_body_is_complete_is_502(
     assert await resp.read() == BAD_GATEWAY
 
 
+async def test_an_upstream_refusing_a_large_upload_early_is_relayed_not_a_502(make_proxy: MakeProxy) -> None:
+    """Answered 413 after the head alone, and closed with the body unread (a reset): a client's body
+    already buffered was written in one go, and the write that met the reset tore the connection down with
+    the 413 unread, a 502 every time here (found by a reviewer behind gunicorn; an SDK halves its batch on a
+    413 and retries the same one on a 502)."""
+    heads: list[bytes] = []
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(b"too large")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await make_proxy(upstream={"url": f"http://127.0.0.1:{port}"})
+        body = bytes(3 * 1024 * 1024)
+        for _ in range(5):
+            resp = await client.post("/batch/", data=io.BytesIO(body))
+            assert (resp.status, await resp.read()) == (413, b"too large")
+        assert len(heads) == 5
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("declared_length", [None, 10 * 1024 * 1024], ids=["chunked", "content-length"])
 async def test_upstream_dying_mid_stream_cuts_the_client(
     make_proxy: MakeProxy, upstream: Rig, declared_length: int | None
