@@ -43,7 +43,14 @@ def test_none_match_never_raises(header: str, etag: str) -> None:
 
 
 @FUZZ
-@given(etag=etags, weak=st.booleans(), quoted=st.booleans(), pad=st.sampled_from(["", " ", "\t", "  "]))
+@given(
+    # An ETag that begins with W/ itself, sent bare, loses that prefix to the reference too: no match there.
+    etag=etags.filter(lambda etag: not etag.startswith("W/")),
+    weak=st.booleans(),
+    quoted=st.booleans(),
+    pad=st.sampled_from(["", " ", "\t", "  "]),
+)
+@example(etag="W", weak=True, quoted=False, pad="")
 def test_none_match_accepts_every_form_the_reference_accepts(
     etag: str, weak: bool, quoted: bool, pad: str
 ) -> None:
