@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/dev.lock | cksum | cut -d' ' -f1)
 
-.PHONY: install run demo test lint format lock bench microbench chart docker-lint soak clean
+.PHONY: install run demo test test-floors lint format lock bench microbench chart docker-lint soak clean
 
 install: $(STAMP)
 
@@ -35,6 +35,22 @@ run demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The suite again with the runtime dependencies at pyproject.toml's floors (uv's lowest-direct resolution,
+# the otlp extra included), in a virtualenv of its own; the test tools as dev.lock pins them. The ranges
+# promise every version in them, and the locks hold the newest. tests/test_locks.py checks each runtime
+# dependency really is at its floor there.
+FLOORS_VENV ?= .venv-floors
+test-floors: $(STAMP)
+	$(PY) -m pip install --quiet 'uv==0.13.8'
+	rm -rf $(FLOORS_VENV)
+	$(VENV)/bin/uv venv --quiet --seed --python $(PY) $(FLOORS_VENV)
+	$(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 --resolution lowest-direct \
+		--extra otlp -o $(FLOORS_VENV)/floors.txt
+	$(PY) scripts/floor_constraints.py $(FLOORS_VENV)/floors.txt > $(FLOORS_VENV)/tools.txt
+	$(VENV)/bin/uv pip install --quiet --python $(FLOORS_VENV)/bin/python -e '.[test]' \
+		-c $(FLOORS_VENV)/floors.txt -c $(FLOORS_VENV)/tools.txt
+	EDGE_PROXY_TEST_FLOORS=1 $(FLOORS_VENV)/bin/python -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check proxy tests bench scripts examples

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ROOT / "requirements"
@@ -110,6 +111,11 @@ def test_the_locks_agree_the_image_without_otlp_being_part_of_it_and_dev_holding
     assert {"opentelemetry-exporter-otlp-proto-http", "protobuf"} <= set(pins(IMAGE_OTLP)) - set(pins(IMAGE))
 
 
+# `make test-floors`: the suite in a virtualenv of pyproject.toml's lowest versions instead of the lock's.
+FLOORS_RUN = os.environ.get("EDGE_PROXY_TEST_FLOORS") == "1"
+
+
+@pytest.mark.skipif(FLOORS_RUN, reason="the floors run installs pyproject.toml's floors, not the lock's")
 def test_the_tests_run_with_the_pinned_versions() -> None:
     """`make install` installed dev.lock's pins: what passes here is what the image ships."""
     differ = []
@@ -124,6 +130,22 @@ def test_the_tests_run_with_the_pinned_versions() -> None:
             if installed != version(pinned):
                 differ.append(f"{name}: {installed}, locked {version(pinned)}")
     assert not differ, f"the test environment is not the lock's (run make install): {differ}"
+
+
+@pytest.mark.skipif(not FLOORS_RUN, reason="only in the floors run (make test-floors)")
+def test_the_floors_run_has_every_runtime_dependency_at_its_floor() -> None:
+    """What passes in the floors run holds at every `>=` of pyproject.toml: a floor no resolver can reach
+    (one that another dependency's own floor lifts) is a promise nobody tested, and fails here."""
+    off = []
+    for line in PROJECT["dependencies"]:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        (floor,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        installed = importlib.metadata.version(requirement.name)
+        if Version(installed) != Version(floor):
+            off.append(f"{requirement.name}: {installed}, floor {floor}")
+    assert not off, f"not at their floors: {off}"
 
 
 def _dockerfile_build_steps(venv_dir: Path) -> str:
