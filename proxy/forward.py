@@ -186,10 +186,11 @@ class Forwarder:
             except UpstreamError as exc:
                 self.failures[exc.kind] += 1
                 return self._failed(request, None, exc)
-            if observe is not None:
-                observe(upstream.status, headers, body)
             whole = aiohttp_internals.ExactHeadResponse if upstream.non_utf8 else web.Response
-            return whole(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+            answer = whole(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+            if observe is not None:
+                observe(upstream.status, answer.headers, body)  # not prepared: the upstream's headers only
+            return answer
         streamed = aiohttp_internals.ExactHeadStreamResponse if upstream.non_utf8 else web.StreamResponse
         response = streamed(status=upstream.status, reason=upstream.reason, headers=headers)
         if length is None and request.version < HttpVersion11:

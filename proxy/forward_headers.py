@@ -7,27 +7,13 @@ from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.conditional import connection_options
 from proxy.settings import UpstreamSettings
 from proxy.upstream import Response
+from proxy.upstream_conn import HOP_BY_HOP
 
-# RFC 9110 §7.6.1: connection-specific fields never cross a proxy; fields named in Connection join them.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Rewritten by this hop from what it saw itself, so a client can never inject them verbatim.
 FORWARDED_BY_US = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 # Other client assertions about where a request came from: believed only from a trusted proxy. Gunicorn
@@ -97,10 +83,16 @@ class HeaderPolicy:
         return headers
 
 
-def end_to_end(upstream: Response) -> CIMultiDict[str]:
-    """The upstream answer's headers a client may see: hop-by-hop ones, and what its Connection names, out."""
+def end_to_end(upstream: Response) -> list[tuple[str, str]]:
+    """The upstream answer's headers a client may see: hop-by-hop ones, and what its Connection names, out.
+
+    A list, which the response the forwarder builds copies into its own CIMultiDict; the upstream's own list
+    when nothing is to go (read only: the parse noted whether any header is hop by hop).
+    """
+    if not upstream.hop_by_hop:
+        return upstream.headers
     drop = HOP_BY_HOP | upstream.connection_tokens if upstream.connection_tokens else HOP_BY_HOP
-    return CIMultiDict([(k, v) for k, v in upstream.headers if k.lower() not in drop])
+    return [(k, v) for k, v in upstream.headers if k.lower() not in drop]
 
 
 def _host_header(base: URL) -> str:

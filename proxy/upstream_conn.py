@@ -21,6 +21,21 @@ if TYPE_CHECKING:
 READ_HIGH_WATER = 256 * 1024
 # What a reason phrase may not hold: controls other than HTAB (RFC 9112 §4).
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 §7.6.1: connection-specific fields never cross a proxy; fields named in Connection join them.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_HOP_BY_HOP_NAMES = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 class UpstreamError(Exception):
@@ -39,7 +54,16 @@ class Response:
     """An answer whose head has arrived. Headers are decoded as aiohttp decodes them (UTF-8, undecodable
     bytes kept as surrogates) in the order received, repeats included."""
 
-    __slots__ = ("_conn", "connection_tokens", "content_length", "headers", "non_utf8", "reason", "status")
+    __slots__ = (
+        "_conn",
+        "connection_tokens",
+        "content_length",
+        "headers",
+        "hop_by_hop",
+        "non_utf8",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self,
@@ -50,6 +74,7 @@ class Response:
         content_length: int | None,
         connection_tokens: frozenset[str],
         non_utf8: bool = False,
+        hop_by_hop: bool = True,
     ) -> None:
         self._conn = conn
         self.status = status
@@ -61,6 +86,9 @@ class Response:
         # Whether the reason or a header value holds bytes that are not UTF-8 (surrogates here), such as the
         # latin-1 values a WSGI server writes: encoding them back needs `surrogateescape`.
         self.non_utf8 = non_utf8
+        # Whether any header is hop by hop (HOP_BY_HOP, Connection included): without one, and so with no
+        # Connection tokens, every header is end to end (the usual answer: nothing to filter out).
+        self.hop_by_hop = hop_by_hop
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -417,18 +445,21 @@ class Connection(asyncio.Protocol):
         headers = []
         content_length = None
         connection: frozenset[str] = frozenset()
+        hop_by_hop = False
         # llhttp admits only token characters in names; values and the reason may carry any byte >= 0x80.
         non_utf8 = not _is_utf8(self._reason)
         for raw_name, raw_value in self._headers:
-            name = raw_name.decode("utf-8", "surrogateescape")
             value = raw_value.decode("utf-8", "surrogateescape")
-            headers.append((name, value))
+            headers.append((raw_name.decode("utf-8", "surrogateescape"), value))
             if not raw_value.isascii() and not non_utf8:
                 non_utf8 = not _is_utf8(raw_value)
             lowered = raw_name.lower()
             if lowered == b"content-length":
                 content_length = int(raw_value)  # llhttp has checked it is one valid number
-            elif lowered == b"connection":
+                continue
+            if not hop_by_hop and lowered in _HOP_BY_HOP_NAMES:
+                hop_by_hop = True
+            if lowered == b"connection":
                 connection |= {token.strip().lower() for token in value.split(",")}
             elif lowered == b"transfer-encoding" and not _only_chunked(raw_value):
                 # A coding other than chunked (gzip, say): only chunked is decoded here, and Transfer-Encoding
@@ -436,7 +467,9 @@ class Connection(asyncio.Protocol):
                 # chunked last, a body running to the close). A clean 502 now, before any byte goes out.
                 raise UpstreamError("malformed", "transfer coding other than chunked")
         reason = self._reason.decode("utf-8", "surrogateescape")
-        self._response = Response(self, status, reason, headers, content_length, connection, non_utf8)
+        self._response = Response(
+            self, status, reason, headers, content_length, connection, non_utf8, hop_by_hop
+        )
         if self._head_only:
             self._keep_alive = self._parser.should_keep_alive()
             self._finish()
