@@ -119,16 +119,20 @@ class Forwarder:
             # the prefix the proxy was given: refused rather than forwarded byte for byte.
             return json_response(400, DOT_SEGMENT)
         method = request.method
-        try:
-            body = await self._request_body(request)
-        except ClientBodyError as exc:
-            return exc.response()
+        incoming = request.headers
+        if hdrs.TRANSFER_ENCODING not in incoming and not request.body_exists:
+            body = None  # what _request_body says, without its coroutine (the usual GET)
+        else:
+            try:
+                body = await self._request_body(request)
+            except ClientBodyError as exc:
+                return exc.response()
         headers = self._headers.request(request)
         # Framing from the body sent: a body read whole says its length; a streamed one the length the
         # client declared (aiohttp's parser holds the client to it), else it is chunked again upstream.
         chunked = False
         if body is None:
-            if method not in BODILESS_METHODS or hdrs.CONTENT_LENGTH in request.headers:
+            if method not in BODILESS_METHODS or hdrs.CONTENT_LENGTH in incoming:
                 headers.append(("Content-Length", "0"))  # as aiohttp's client did: some servers want it
         elif isinstance(body, bytes):
             headers.append(("Content-Length", str(len(body))))
@@ -163,7 +167,8 @@ class Forwarder:
                 return web.Response(status=CLIENT_CLOSED)
             self.failures[exc.kind] += 1
             return self._failed(request, None, exc)
-        tracing.end_upstream_span(span, upstream.status, None)
+        if span is not None:
+            tracing.end_upstream_span(span, upstream.status, None)
         if on_status is not None:
             on_status(upstream.status)
         try:

@@ -85,17 +85,29 @@ class Pool:
         all (a 413, say) is heard; whatever the body's iterator raises is raised here when it comes first.
         """
         streamed = body is not None and type(body) is not bytes
-        retry = not streamed and head[: head.find(b" ")] in RETRIED_METHODS
+        retry = True  # once, and only for a method that may be sent again (decided on a failure, below)
         fresh = False
         while True:
-            conn, reused = await self._acquire(fresh, wanted)
+            # An idle connection without a coroutine (the usual case); else _acquire connects or waits.
+            conn = None if fresh else self._idle_connection()
+            if conn is not None:
+                reused = True
+            else:
+                conn, reused = await self._acquire(fresh, wanted)
             try:
                 if streamed:
                     return await conn.exchange_streamed(head, body, head_only, chunked)  # type: ignore[arg-type]
                 return await conn.exchange(head + body if body else head, head_only)  # type: ignore[operator]
             except UpstreamError as exc:
                 self.release(conn)
-                if not (retry and reused and exc.kind == "disconnected" and not conn.answered):
+                if not (
+                    retry
+                    and reused
+                    and exc.kind == "disconnected"
+                    and not conn.answered
+                    and not streamed
+                    and head[: head.find(b" ")] in RETRIED_METHODS
+                ):
                     raise
                 retry = False
                 fresh = True  # once more on a new connection: the next idle one may have been closed too
@@ -104,17 +116,25 @@ class Pool:
                 self.release(conn)
                 raise
 
+    def _idle_connection(self) -> Connection | None:
+        """The most recently used idle connection still usable (the least likely to have been closed
+        meanwhile); those past the keep-alive timeout, or closed, are dropped on the way."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.usable(self._loop.time() - self.limits.keepalive_timeout):
+                return conn
+            self._discard(conn)
+        return None
+
     async def _acquire(
         self, fresh: bool = False, wanted: Callable[[], bool] | None = None
     ) -> tuple[Connection, bool]:
         """A connection and whether it was reused; `fresh`: a new one, whatever is idle. After waiting for
         one, `wanted()` says whether the request is still worth sending (its client is still there)."""
         idle = self._idle
-        while idle and not fresh:
-            conn = idle.pop()  # the most recently used: the least likely to have been closed meanwhile
-            if conn.usable(self._loop.time() - self.limits.keepalive_timeout):
-                return conn, True
-            self._discard(conn)
+        if not fresh and (conn := self._idle_connection()) is not None:
+            return conn, True
         if fresh and idle and self._count >= self.limits.max_connections:
             self._discard(idle.popleft())  # the longest idle gives its place to the new connection
         if self._count >= self.limits.max_connections:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -90,9 +90,9 @@ class Response:
         # Connection tokens, every header is end to end (the usual answer: nothing to filter out).
         self.hop_by_hop = hop_by_hop
 
-    async def read(self) -> bytes:
-        """The whole body."""
-        return await self._conn.whole_body()
+    def read(self) -> Awaitable[bytes]:
+        """The whole body (awaitable; not a coroutine itself: one frame less per answer)."""
+        return self._conn.whole_body()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: what has arrived since the last chunk, joined (never empty)."""
@@ -188,7 +188,9 @@ class Connection(asyncio.Protocol):
         self._begin(head_only)
         assert self._transport is not None
         self._transport.write(data)
-        return await self._head()
+        while self._response is None:  # _head(), inline: one coroutine less per request
+            await self._wait()
+        return self._response
 
     async def exchange_streamed(
         self, head: bytes, body: AsyncIterator[bytes], head_only: bool, chunked: bool
