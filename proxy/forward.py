@@ -171,31 +171,38 @@ class Forwarder:
             tracing.end_upstream_span(span, upstream.status, None)
         if on_status is not None:
             on_status(upstream.status)
+        if upstream.status >= 500:
+            self.failures["5xx"] += 1
         try:
-            return await self._answer(request, upstream, observe, capture_bytes)
+            length = upstream.content_length
+            if length is not None and length <= BUFFERED_RESPONSE_BYTES and method != "HEAD":
+                # Small answers: read whole, then headers and body leave in one write (measured: the
+                # prepare-then-write_eof pair cost a second syscall, ~20 % of forwarding CPU). Usually the
+                # body came with the head: taken without a coroutine.
+                body = upstream.body_if_complete()
+                if body is None:
+                    try:
+                        body = await upstream.read()
+                    except UpstreamError as exc:
+                        self.failures[exc.kind] += 1
+                        return self._failed(request, None, exc)
+                whole = aiohttp_internals.ExactHeadResponse if upstream.non_utf8 else web.Response
+                answer = whole(
+                    status=upstream.status, reason=upstream.reason, headers=end_to_end(upstream), body=body
+                )
+                if observe is not None:  # not prepared yet: the upstream's headers only
+                    observe(upstream.status, answer.headers, body)
+                return answer
+            return await self._stream(request, upstream, observe, capture_bytes)
         finally:
             upstream.release()
 
-    async def _answer(
+    async def _stream(
         self, request: web.Request, upstream: Response, observe: Observer | None, capture_bytes: int
     ) -> web.StreamResponse:
-        if upstream.status >= 500:
-            self.failures["5xx"] += 1
+        """Relay an answer too large to read whole, or of unknown length, as it arrives."""
         length = upstream.content_length
         headers = end_to_end(upstream)
-        if length is not None and length <= BUFFERED_RESPONSE_BYTES and request.method != "HEAD":
-            # Small answers: read whole, then headers and body leave in one write (measured: the
-            # prepare-then-write_eof pair cost a second syscall, ~20 % of forwarding CPU).
-            try:
-                body = await upstream.read()
-            except UpstreamError as exc:
-                self.failures[exc.kind] += 1
-                return self._failed(request, None, exc)
-            whole = aiohttp_internals.ExactHeadResponse if upstream.non_utf8 else web.Response
-            answer = whole(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-            if observe is not None:
-                observe(upstream.status, answer.headers, body)  # not prepared: the upstream's headers only
-            return answer
         streamed = aiohttp_internals.ExactHeadStreamResponse if upstream.non_utf8 else web.StreamResponse
         response = streamed(status=upstream.status, reason=upstream.reason, headers=headers)
         if length is None and request.version < HttpVersion11:

@@ -90,6 +90,10 @@ class Response:
         # Connection tokens, every header is end to end (the usual answer: nothing to filter out).
         self.hop_by_hop = hop_by_hop
 
+    def body_if_complete(self) -> bytes | None:
+        """The whole body if all of it has arrived (it often comes with the head), else None: no await."""
+        return self._conn.take_body() if self._conn._complete else None
+
     def read(self) -> Awaitable[bytes]:
         """The whole body (awaitable; not a coroutine itself: one frame less per answer)."""
         return self._conn.whole_body()
@@ -188,8 +192,17 @@ class Connection(asyncio.Protocol):
         self._begin(head_only)
         assert self._transport is not None
         self._transport.write(data)
-        while self._response is None:  # _head(), inline: one coroutine less per request
-            await self._wait()
+        # _head() and _wait(), inline: two coroutines less per request.
+        while self._response is None:
+            if self._error is not None:
+                raise self._error
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+            if self._error is not None:
+                raise self._error
         return self._response
 
     async def exchange_streamed(
@@ -274,6 +287,10 @@ class Connection(asyncio.Protocol):
         """The rest of the body, once all of it has arrived."""
         while not self._complete:
             await self._wait()
+        return self.take_body()
+
+    def take_body(self) -> bytes:
+        """What of the body has arrived, joined (the whole of it once the answer is complete)."""
         body = self._body
         self._body = []
         return body[0] if len(body) == 1 else b"".join(body)
