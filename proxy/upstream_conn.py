@@ -192,17 +192,8 @@ class Connection(asyncio.Protocol):
         self._begin(head_only)
         assert self._transport is not None
         self._transport.write(data)
-        # _head() and _wait(), inline: two coroutines less per request.
-        while self._response is None:
-            if self._error is not None:
-                raise self._error
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-            if self._error is not None:
-                raise self._error
+        while self._response is None:  # _head(), inline: one coroutine less per request
+            await self._wait()
         return self._response
 
     async def exchange_streamed(
