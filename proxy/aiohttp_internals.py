@@ -92,7 +92,8 @@ def on_malformed_request(server: web.Server, count: Callable[[], None]) -> None:
         def _make_error_handler(
             handler: web_protocol.RequestHandler, err_info: Any
         ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-            hook = _on_malformed.get(handler._manager)  # type: ignore[arg-type]
+            server = handler._manager  # None once the connection is lost
+            hook = None if server is None else _on_malformed.get(server)
             if hook is not None:
                 hook()
             return make(handler, err_info)

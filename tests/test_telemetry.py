@@ -314,19 +314,21 @@ async def test_traceparent_reaches_the_upstream_with_the_proxys_span_as_parent(
     assert dict(server.attributes or {})["url.path"] == "/api/projects"
 
 
+@pytest.mark.parametrize("flag", ["01", "00"], ids=["client-sampled", "client-unsampled"])
 @pytest.mark.parametrize("ratio", [1e-9, 1.0])
 async def test_a_clients_traceparent_cannot_choose_whether_its_request_is_sampled(
-    make_proxy: MakeProxy, upstream: Rig, ratio: float
+    make_proxy: MakeProxy, upstream: Rig, ratio: float, flag: str
 ) -> None:
     """The client's sampled flag was followed, and the ratio read the client's trace id: any client could
     have every request traced (about twice the cost of each, one more span exported), here with flag 01 and a
-    trace id under any ratio's bound. Whether it is sampled is drawn here; the trace stays the client's."""
+    trace id under any ratio's bound; and flag 00 kept every request untraced. Whether it is sampled is drawn
+    here; the trace stays the client's."""
     client = await make_proxy(telemetry={"trace_sampling_ratio": ratio})
     exporter = InMemorySpanExporter()
     provider = client.app[keys.TELEMETRY].tracer_provider
     assert provider is not None
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    forcing = f"00-{1:032x}-{CLIENT_SPAN_ID}-01"
+    forcing = f"00-{1:032x}-{CLIENT_SPAN_ID}-{flag}"
     for _ in range(20):
         assert (await client.get("/api/projects", headers={"traceparent": forcing})).status == 200
 
