@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.app import create_app
 from proxy.settings import Settings
+from tests.chaos import ChaosProxy, Mode
 from tests.rig import RedisServer, Upstream, free_port
 
 MakeProxy = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -24,6 +25,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def chaos(redis_server: RedisServer, redis_url: str) -> AsyncIterator[ChaosProxy]:
+    """A TCP proxy in front of the real Redis, passing bytes until a test says otherwise (holds them,
+    swallows or slows replies); back to passing, then closed, after the test."""
+    proxy = ChaosProxy(redis_server.port)
+    await proxy.start()
+    yield proxy
+    proxy.mode, proxy.reply_delay = Mode.PASS, 0.0
+    await proxy.close()
 
 
 @pytest.fixture

@@ -346,47 +346,42 @@ async def test_a_verdict_learned_while_another_request_reads_redis_is_used_not_a
     make_proxy: MakeProxy,
     standin: StandInBackend,
     upstream: tuple[Upstream, TestServer],
-    redis_server: RedisServer,
+    chaos: ChaosProxy,
 ) -> None:
     """A asks the backend; B, arriving meanwhile, reads Redis slowly and finds nothing there (A's write is
     still on its way), but A has learned the verdict by then: B answers from it instead of asking again."""
-    chaos = ChaosProxy(redis_server.port)
-    await chaos.start()
-    try:
-        client = await make_proxy(
-            redis={"url": chaos.url, "timeout_seconds": 5.0},
-            definitions={"auth": {"hmac_key": HMAC_KEY}},
-        )
-        url = f"/flags/definitions?token={TOKEN}"
-        assert (await client.get(url)).status == 401  # the team record is in memory from here on
-        recorder, _ = upstream
-        answer = recorder.routes["/flags/definitions"]
+    client = await make_proxy(
+        redis={"url": chaos.url, "timeout_seconds": 5.0},
+        definitions={"auth": {"hmac_key": HMAC_KEY}},
+    )
+    url = f"/flags/definitions?token={TOKEN}"
+    assert (await client.get(url)).status == 401  # the team record is in memory from here on
+    recorder, _ = upstream
+    answer = recorder.routes["/flags/definitions"]
 
-        async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
-            await asyncio.sleep(0.3)
-            response: web.StreamResponse = await answer(request, body)
-            return response
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        response: web.StreamResponse = await answer(request, body)
+        return response
 
-        recorder.routes["/flags/definitions"] = slow
-        chaos.reply_delay = 0.4  # every Redis read takes 0.4 s from here on
-        auth = {"Authorization": "Bearer phx_learned_meanwhile"}
+    recorder.routes["/flags/definitions"] = slow
+    chaos.reply_delay = 0.4  # every Redis read takes 0.4 s from here on
+    auth = {"Authorization": "Bearer phx_learned_meanwhile"}
 
-        async def one() -> int:
-            async with client.get(url, headers=auth) as response:
-                await response.read()
-                return response.status
+    async def one() -> int:
+        async with client.get(url, headers=auth) as response:
+            await response.read()
+            return response.status
 
-        first = asyncio.create_task(one())
-        deadline = asyncio.get_running_loop().time() + 5
-        while not any(seen.path_qs == url for seen in recorder.seen):  # A is at the backend (0.3 s)
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
-        # B reads Redis for 0.4 s, while A learns; then finds A's verdict in memory.
-        assert await one() == 401
-        assert await first == 401
-        assert standin.decided == 1
-    finally:
-        await chaos.close()
+    first = asyncio.create_task(one())
+    deadline = asyncio.get_running_loop().time() + 5
+    while not any(seen.path_qs == url for seen in recorder.seen):  # A is at the backend (0.3 s)
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    # B reads Redis for 0.4 s, while A learns; then finds A's verdict in memory.
+    assert await one() == 401
+    assert await first == 401
+    assert standin.decided == 1
 
 
 async def test_learning_off_forwards_every_undecided_request(

@@ -665,40 +665,32 @@ async def test_an_unknown_etag_while_redis_cannot_be_read_goes_to_the_backend(
 
 
 async def test_a_newer_etag_is_checked_in_a_read_of_its_own_not_one_begun_before_the_change(
-    make_proxy: MakeProxy, backend: BackendWriter, redis_server: RedisServer
+    make_proxy: MakeProxy, backend: BackendWriter, chaos: ChaosProxy
 ) -> None:
     """Found by a reviewer: the check joined a read of the ETag already under way on the lagging replica,
     which Redis had answered before the change, and a client on the newer ETag was given the older flags.
     Here that replica's Redis replies arrive late (the commands run at once)."""
     _, first = backend.set_definitions(TEAM_ID, flags(1))
-    chaos = ChaosProxy(redis_server.port)
-    await chaos.start()
-    try:
-        ahead = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
-        behind = await proxy_for(
-            make_proxy,
-            definitions={"refresh_interval_seconds": 3600},
-            redis={"url": chaos.url, "timeout_seconds": 2.0},
-        )
-        for replica in (ahead, behind):
-            assert (await replica.get(URL, headers=AUTH)).headers["ETag"] == f'W/"{first}"'
-        chaos.reply_delay = 0.5
-        # A client with an ETag the lagging replica does not know starts a read of the ETag there...
-        earlier = asyncio.create_task(
-            behind.get(URL, headers={**AUTH, "If-None-Match": 'W/"00000000deadbeef"'})
-        )
-        # ... which Redis has answered (the reply is on its way) when the change lands.
-        await asyncio.sleep(0.1)
-        _, second = backend.set_definitions(TEAM_ID, flags(2))
-        await ahead.app[keys.DEFINITIONS].cache.refresh()
-        assert (await ahead.get(URL, headers=AUTH)).headers["ETag"] == f'W/"{second}"'
-        late = await behind.get(URL, headers={**AUTH, "If-None-Match": f'W/"{second}"'})
-        assert late.status == 304
-        assert late.headers["ETag"] == f'W/"{second}"'
-        assert (await earlier).status == 200
-    finally:
-        chaos.reply_delay = 0
-        await chaos.close()
+    ahead = await proxy_for(make_proxy, definitions={"refresh_interval_seconds": 3600})
+    behind = await proxy_for(
+        make_proxy,
+        definitions={"refresh_interval_seconds": 3600},
+        redis={"url": chaos.url, "timeout_seconds": 2.0},
+    )
+    for replica in (ahead, behind):
+        assert (await replica.get(URL, headers=AUTH)).headers["ETag"] == f'W/"{first}"'
+    chaos.reply_delay = 0.5
+    # A client with an ETag the lagging replica does not know starts a read of the ETag there...
+    earlier = asyncio.create_task(behind.get(URL, headers={**AUTH, "If-None-Match": 'W/"00000000deadbeef"'}))
+    # ... which Redis has answered (the reply is on its way) when the change lands.
+    await asyncio.sleep(0.1)
+    _, second = backend.set_definitions(TEAM_ID, flags(2))
+    await ahead.app[keys.DEFINITIONS].cache.refresh()
+    assert (await ahead.get(URL, headers=AUTH)).headers["ETag"] == f'W/"{second}"'
+    late = await behind.get(URL, headers={**AUTH, "If-None-Match": f'W/"{second}"'})
+    assert late.status == 304
+    assert late.headers["ETag"] == f'W/"{second}"'
+    assert (await earlier).status == 200
 
 
 async def test_the_body_for_a_client_on_a_newer_etag_is_not_a_read_begun_before_it_asked(

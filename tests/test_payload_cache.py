@@ -26,7 +26,6 @@ from proxy.settings import DefinitionsSettings, RedisLayout
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
-from tests.rig import RedisServer
 from tests.test_telemetry import scrape, value
 
 SECRET = "phs_cache_secret"
@@ -755,28 +754,22 @@ async def test_a_refused_payload_is_not_read_nor_parsed_again_until_its_etag_cha
 
 
 async def test_reads_racing_past_a_refusal_whose_etag_changed_both_answer(
-    make_proxy: MakeProxy, redis_url: str, redis_server: RedisServer
+    make_proxy: MakeProxy, redis_url: str, chaos: ChaosProxy
 ) -> None:
     """Found by a reviewer: two reads of a refused team (a 200's and a 304's, not shared) that both saw its
     new ETag both forgot the refusal, and the second raised KeyError: a 500. Redis's replies are held back
     here so that both reads are out at once."""
     writer = refused_team(redis_url, "00000000000000aa")
-    chaos = ChaosProxy(redis_server.port)
-    await chaos.start()
-    try:
-        client = await make_proxy(redis={"url": chaos.url, "timeout_seconds": 2.0})
-        assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
-        text, _ = writer.set_definitions(1, flags(1))
-        chaos.reply_delay = 0.2
-        plain, conditional = await asyncio.gather(
-            client.get(url(1), headers=AUTH),
-            client.get(url(1), headers={**AUTH, "If-None-Match": 'W/"0123"'}),
-        )
-        assert (plain.status, await plain.read()) == (200, text.encode())
-        assert (conditional.status, await conditional.read()) == (200, text.encode())
-    finally:
-        chaos.reply_delay = 0
-        await chaos.close()
+    client = await make_proxy(redis={"url": chaos.url, "timeout_seconds": 2.0})
+    assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
+    text, _ = writer.set_definitions(1, flags(1))
+    chaos.reply_delay = 0.2
+    plain, conditional = await asyncio.gather(
+        client.get(url(1), headers=AUTH),
+        client.get(url(1), headers={**AUTH, "If-None-Match": 'W/"0123"'}),
+    )
+    assert (plain.status, await plain.read()) == (200, text.encode())
+    assert (conditional.status, await conditional.read()) == (200, text.encode())
 
 
 async def test_a_refused_payload_without_an_etag_is_not_parsed_again_for_a_while(

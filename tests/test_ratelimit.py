@@ -431,13 +431,11 @@ async def test_a_new_window_admits_again(client: aioredis.Redis) -> None:
 
 
 async def test_a_sync_that_ran_in_redis_but_timed_out_here_is_not_counted_twice(
-    client: aioredis.Redis, redis_server: RedisServer
+    client: aioredis.Redis, chaos: ChaosProxy
 ) -> None:
     """Redis runs the sync, its reply comes after the timeout (a busy Redis): the admissions stay
     unconfirmed here and go again with the next sync (redis-py retries once, too). Counted once all the
     same, or the team would be limited below its limit until the window ends (failing closed)."""
-    chaos = ChaosProxy(redis_server.port)
-    await chaos.start()
     slow = make_client(RedisSettings(url=chaos.url, timeout_seconds=0.2))
     assert isinstance(slow, aioredis.Redis)  # a redis:// URL: the one-node client
     try:
@@ -457,7 +455,6 @@ async def test_a_sync_that_ran_in_redis_but_timed_out_here_is_not_counted_twice(
         assert await shared_count(client, rl) == 10
     finally:
         await slow.aclose()
-        await chaos.close()
 
 
 async def test_a_window_dropped_while_idle_and_begun_again_never_takes_its_old_mark_for_its_own(

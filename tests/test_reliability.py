@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,16 +77,6 @@ def write_team(writer: BackendWriter) -> str:
     writer.set_team(TOKEN, {"id": TEAM_ID, "api_token": TOKEN, "secret_api_token": SECRET})
     text, _ = writer.set_definitions(TEAM_ID, FLAGS)
     return text
-
-
-@pytest.fixture
-async def chaos(redis_server: RedisServer, redis_url: str) -> AsyncIterator[ChaosProxy]:
-    """A TCP proxy in front of the real Redis, passing bytes until a test says otherwise."""
-    proxy = ChaosProxy(redis_server.port)
-    await proxy.start()
-    yield proxy
-    proxy.mode = Mode.PASS
-    await proxy.close()
 
 
 class Ledger:

@@ -19,7 +19,6 @@ from proxy.teams import MAX_TOKEN_CHARS, Team, TeamStore, parse_team
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
-from tests.rig import RedisServer
 from tests.test_reliability import eventually
 
 TEAMS = 50
@@ -343,13 +342,11 @@ async def test_concurrent_misses_of_one_token_share_one_redis_read(
 
 
 async def test_a_client_leaving_does_not_cancel_the_read_the_others_wait_for(
-    writer: BackendWriter, redis_server: RedisServer
+    writer: BackendWriter, chaos: ChaosProxy
 ) -> None:
     """Two requests wait for one slow read of a team record; the first one's client goes away (its handler
     cancelled): the second still gets the team (found by mutation testing: the shared read was cancelled
     with it, and the second request failed)."""
-    chaos = ChaosProxy(redis_server.port)
-    await chaos.start()
     client = aioredis.Redis.from_url(chaos.url)
     store = TeamStore(client, RedisContract(RedisLayout()), ttl_seconds=60, miss_ttl_seconds=60)
     try:
@@ -363,7 +360,6 @@ async def test_a_client_leaving_does_not_cancel_the_read_the_others_wait_for(
     finally:
         await store.close()
         await client.aclose()
-        await chaos.close()
 
 
 async def test_a_team_found_after_a_remembered_miss_is_not_taken_for_a_miss_again(
