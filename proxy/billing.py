@@ -43,23 +43,29 @@ Counts = dict[tuple[int, str, int], int]
 _APPLY_BATCHES = """
 local ttl = ARGV[1]
 local k, a = 1, 2
-local applied = 0
+local failed = {}
 while k <= #KEYS do
   local seq, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   local fresh = seq > (tonumber(redis.call('GET', KEYS[k])) or 0)
   if fresh then
     redis.call('SET', KEYS[k], seq, 'EX', ttl)
-    applied = applied + 1
   end
   k, a = k + 1, a + 2
   for _ = 1, n do
     if fresh then
-      redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+      -- pcall: one hash that refuses (WRONGTYPE) fails alone, as one HINCRBY of the backend's pipeline does;
+      -- the rest of the part is still applied, and the refused increments are returned to be logged.
+      local reply = redis.pcall('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+      if type(reply) == 'table' and reply.err then
+        failed[#failed + 1] = KEYS[k]
+        failed[#failed + 1] = ARGV[a]
+        failed[#failed + 1] = ARGV[a + 1]
+      end
     end
     k, a = k + 1, a + 2
   end
 end
-return applied
+return failed
 """
 # A batch stays pending about max_pending_batches x flush_interval at most (~8 h by default; never a day,
 # see BillingSettings.pending_batches_kept): a retry always finds the mark of an earlier attempt that was
@@ -87,6 +93,10 @@ class _Part:
     @property
     def requests(self) -> int:
         return sum(self.counts.values())
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _describe(counts: Counts) -> str:
@@ -160,7 +170,7 @@ class BillingTally:
             while self._pending:
                 parts = self._next_call()
                 try:
-                    await run_script(redis, self._apply(redis), self._encode(parts, redis))
+                    replies = await run_script(redis, self._apply(redis), self._encode(parts, redis))
                 except (RedisError, OSError) as exc:
                     # Outcome unknown: the parts stay pending with their numbers, so the retry is idempotent.
                     self.failed_flushes += 1
@@ -174,6 +184,7 @@ class BillingTally:
                     return False
                 for _ in parts:
                     self._pending.popleft()
+                self._refused(replies)
                 self.flushed_requests += sum(part.requests for part in parts)
             self.flushes += 1
             if self._failing:
@@ -214,6 +225,23 @@ class BillingTally:
                 _DEDUPE_TTL_SECONDS // 3600,
                 "; ".join(f"part {part.seq}: {_describe(part.counts)}" for part in self._pending),
             )
+
+    def _refused(self, replies: list[object]) -> None:
+        # Increments a hash refused (a key of another type): applied nowhere, and never retried (the part is
+        # marked applied). Logged with what re-applies them by hand; the rest of their part was written.
+        refused = [
+            (key, field, n)
+            for reply in replies
+            if isinstance(reply, list)
+            for key, field, n in zip(reply[::3], reply[1::3], reply[2::3], strict=True)
+        ]
+        if not refused:
+            return
+        log.error(
+            "billing: Redis refused %d increment(s) (a billing key of another type?); not written: %s",
+            len(refused),
+            ", ".join(f"HINCRBY {_text(key)} {_text(field)} {_text(n)}" for key, field, n in refused),
+        )
 
     def _apply(self, redis: RedisClient) -> AsyncScript:
         # redis-py's script object sends EVALSHA and loads the script only on NOSCRIPT (e.g. after a restart).

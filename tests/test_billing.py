@@ -555,3 +555,23 @@ async def test_the_periodic_flush_holds_back_the_bucket_begun_during_its_interva
         pytest.skip("a bucket boundary passed during the test")
     assert hashes(redis_server, 4, "posthog-python") == ({current - 1: 1}, {current - 1: 1})
     assert billing.unflushed_requests == 1
+
+
+async def test_a_billing_key_of_another_type_loses_only_its_own_increments(
+    client: aioredis.Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The backend's pipeline of HINCRBYs fails on that one key only; the script used to stop there, with the
+    # part marked applied, so every team after it in the part was never written (and "every pending batch
+    # written" logged).
+    team_key, _ = CONTRACT.billing_keys(2, "posthog-go")
+    with redis_server.client() as sync:
+        sync.set(team_key, "not a hash")
+    billing = tally()
+    count_many(billing)
+    with caplog.at_level(logging.ERROR, logger="proxy.billing"):
+        assert await billing.flush(client)
+    assert hashes(redis_server, 1, "posthog-python") == ({B0: 4, B0 + 1: 1}, {B0: 3, B0 + 1: 1})
+    assert hashes(redis_server, 3, "other") == ({B0: 1, B0 + 1: 1}, {B0: 1, B0 + 1: 1})
+    with redis_server.client() as sync:
+        assert sync.hgetall(CONTRACT.billing_keys(2, "posthog-go")[1]) == {str(B0).encode(): b"5"}
+    assert f"HINCRBY {team_key} {B0} 5" in caplog.text
