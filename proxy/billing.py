@@ -89,6 +89,7 @@ class _Part:
     counts: Counts
     seq: int  # increasing in the order parts are sealed
     batch: int  # the seal (flush interval) it came from; consecutive over what is pending
+    sent: bool = False  # a call carried it: Redis may have applied it though no reply confirmed it
 
     @property
     def requests(self) -> int:
@@ -169,6 +170,8 @@ class BillingTally:
                 return True
             while self._pending:
                 parts = self._next_call()
+                for part in parts:
+                    part.sent = True
                 try:
                     replies = await run_script(redis, self._apply(redis), self._encode(parts, redis))
                 except (RedisError, OSError) as exc:
@@ -265,16 +268,23 @@ class BillingTally:
             self._pending.append(_Part(part, self._parts, self._sealed))
         while self.pending_batches > self.settings.pending_batches_kept:
             oldest = self._pending[0].batch
-            dropped: Counts = {}
+            dropped: list[_Part] = []
             while self._pending and self._pending[0].batch == oldest:
-                dropped.update(self._pending.popleft().counts)
-            requests = sum(dropped.values())
+                dropped.append(self._pending.popleft())
+            requests = sum(part.requests for part in dropped)
             self.dropped_counts += requests
+            # A part that was sent may have been applied (its reply lost): as in the shutdown log, the mark
+            # tells, so nobody re-applies by hand what Redis already holds.
             log.error(
-                "billing: more than %d batches unwritten; dropped the oldest, %d request(s) lost: %s",
+                "billing: more than %d batches unwritten; dropped the oldest, %d request(s) not confirmed "
+                "written (a part sent before was applied if GET %s is its number or more): %s",
                 self.settings.pending_batches_kept,
                 requests,
-                _describe(dropped),
+                self._mark,
+                "; ".join(
+                    f"part {part.seq}{' (sent)' if part.sent else ' (never sent)'}: {_describe(part.counts)}"
+                    for part in dropped
+                ),
             )
 
     def _next_call(self) -> list[_Part]:

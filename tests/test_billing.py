@@ -345,7 +345,7 @@ async def test_too_many_pending_batches_drops_the_oldest_with_an_error(
         assert not await billing.flush(dead_client)
     errors = [r for r in caplog.records if r.name == "proxy.billing" and r.levelno == logging.ERROR]
     assert len(errors) == 1
-    assert "1 request(s) lost" in errors[0].getMessage()
+    assert "1 request(s) not confirmed written" in errors[0].getMessage()
     assert "7/posthog-ruby/" in errors[0].getMessage()
     assert (billing.dropped_counts, billing.pending_batches) == (1, 2)
 
@@ -439,7 +439,7 @@ async def test_a_batch_of_several_parts_is_dropped_whole_when_too_many_are_pendi
     assert not await billing.flush(dead_client)
     errors = [r for r in caplog.records if r.name == "proxy.billing" and r.levelno == logging.ERROR]
     assert len(errors) == 1
-    assert "1200 request(s) lost" in errors[0].getMessage()
+    assert "1200 request(s) not confirmed written" in errors[0].getMessage()
     assert (billing.dropped_counts, billing.pending_batches, billing.unflushed_requests) == (1200, 1, 2)
 
     assert await billing.flush(client)
@@ -575,3 +575,32 @@ async def test_a_billing_key_of_another_type_loses_only_its_own_increments(
     with redis_server.client() as sync:
         assert sync.hgetall(CONTRACT.billing_keys(2, "posthog-go")[1]) == {str(B0).encode(): b"5"}
     assert f"HINCRBY {team_key} {B0} 5" in caplog.text
+
+
+async def test_a_dropped_batch_that_redis_applied_is_not_logged_as_lost(
+    client: aioredis.Redis,
+    dead_client: aioredis.Redis,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Applied, reply lost, then Redis unreachable long enough for the batch to be dropped: the ERROR said
+    # "lost" and named the counts, which an operator re-applying them by hand would count twice.
+    billing = tally(max_pending_batches=1)
+    billing.count(7, "posthog-python", now=T0)
+    real_evalsha: Callable[..., Awaitable[Any]] = client.evalsha
+
+    async def applied_then_reply_lost(*args: Any) -> Any:
+        await real_evalsha(*args)
+        raise RedisConnectionError("connection dropped before the reply")
+
+    monkeypatch.setattr(client, "evalsha", applied_then_reply_lost)
+    assert not await billing.flush(client)
+    billing.count(7, "posthog-python", now=T0 + 1)
+    with caplog.at_level(logging.ERROR, logger="proxy.billing"):
+        assert not await billing.flush(dead_client)
+    assert hashes(redis_server, 7, "posthog-python") == ({B0: 1}, {B0: 1})  # in Redis after all
+    [error] = [r.getMessage() for r in caplog.records if "dropped the oldest" in r.getMessage()]
+    assert "lost" not in error
+    assert f"GET {billing._mark}" in error
+    assert "part 1 (sent)" in error
