@@ -302,7 +302,8 @@ class BillingSettings(_Section):
     # reads them every 30 minutes, skipping the newest bucket, so a later flush only delays them; a bucket
     # begun during an interval waits for the next flush, so each flush writes one bucket per (team, SDK).
     # What a SIGKILL can lose is one interval of one process's counts (SIGTERM flushes): 30 s is one SDK
-    # poll; after a bucket boundary, also the new bucket's first seconds held from the previous flush.
+    # poll; after a bucket boundary, also the new bucket's first seconds held from the previous flush; while
+    # flushes fail (Redis down or refusing writes), all that is pending (up to max_pending_batches intervals).
     # Under a day: a batch retried later than that would find its dedupe mark gone.
     flush_interval_seconds: Annotated[float, Field(gt=0, lt=86400, allow_inf_nan=False)] = 30.0
     # Unflushed batches (one per flush interval) kept while Redis is down; beyond this the oldest is dropped
