@@ -344,15 +344,20 @@ async def test_a_new_payload_is_served_once_the_refresher_reads_it(
 async def test_quota_limited_project_gets_402_until_the_limit_ends(
     make_proxy: MakeProxy, backend: BackendWriter
 ) -> None:
-    backend.set_definitions(TEAM_ID, flags(3))
+    _, etag = backend.set_definitions(TEAM_ID, flags(3))
     store = sync_redis(backend.redis_url)
     store.zadd("@posthog/quota-limits/feature_flag_requests", {TOKEN: time.time() + 3600})
     client = await proxy_for(make_proxy)
     response = await _wait_for_status(client, 402)
-    assert await response.read() == (
+    limited = (
         b'{"type":"quota_limited","code":"payment_required",'
         b'"detail":"You have exceeded your feature flag request quota","attr":null}'
     )
+    assert await response.read() == limited
+    # An SDK polling with the current ETag is limited too (the quota comes before the 304), and clears
+    # its flags (found unguarded by mutation testing outside the SDK tests).
+    conditional = await client.get(URL, headers={**AUTH, "If-None-Match": f'W/"{etag}"'})
+    assert (conditional.status, await conditional.read()) == (402, limited)
     store.zrem("@posthog/quota-limits/feature_flag_requests", TOKEN)
     await _wait_for_status(client, 200)
 
