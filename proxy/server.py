@@ -10,7 +10,7 @@ import signal
 
 from aiohttp import web
 
-from proxy import __version__, aiohttp_internals, keys
+from proxy import __version__, aiohttp_internals, health, keys, telemetry
 from proxy.app import create_app
 from proxy.settings import Settings
 from proxy.tasks import cancelled
@@ -77,6 +77,7 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
     # A worker of a supervisor starts with them blocked (see _spawn): one that came meanwhile is handled now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     metrics_runner: web.AppRunner | None = None
+    health_runner: web.AppRunner | None = None
     sweeper: asyncio.Task[None] | None = None
     beats = None if heartbeat_fd is None else asyncio.create_task(_beat(heartbeat_fd, stop), name="heartbeat")
     try:
@@ -89,24 +90,23 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             sweeper = asyncio.create_task(app[keys.CONNECTIONS].run_sweeper(), name="client-send-timeouts")
             # SO_REUSEPORT always: N workers (or a new pod process during a restart) share the port.
             site = web.TCPSite(runner, settings.bind_host, settings.bind_port, reuse_port=True, backlog=1024)
-            try:
-                await site.start()
-            except OSError as exc:
-                log.error("cannot listen on %s: %s", settings.bind, exc.strerror or exc)  # noqa: TRY400
+            if not await _listen(site, settings.bind):
                 return 1
+            if settings.health_port is not None:
+                health_runner = _health_runner(app)
+                await health_runner.setup()
+                port = settings.health_port
+                side = web.TCPSite(health_runner, settings.bind_host, port, reuse_port=True)
+                if not await _listen(side, f"health_port {port}"):
+                    return 1
             if settings.telemetry.worker_metrics_port is not None:
                 port = settings.telemetry.worker_metrics_port + worker_index
                 metrics_runner = _worker_metrics_runner(app, settings)
                 await metrics_runner.setup()
-                try:
-                    await web.TCPSite(metrics_runner, settings.bind_host, port, reuse_port=True).start()
-                except OSError as exc:
-                    log.error(  # noqa: TRY400
-                        "cannot listen on port %d (telemetry.worker_metrics_port + worker %d): %s",
-                        port,
-                        worker_index,
-                        exc.strerror or exc,
-                    )
+                side = web.TCPSite(metrics_runner, settings.bind_host, port, reuse_port=True)
+                if not await _listen(
+                    side, f"port {port} (telemetry.worker_metrics_port + worker {worker_index})"
+                ):
                     return 1
             # Everything startup made (modules, settings, the app, pools) lives as long as the process:
             # moved out of the collector's sight, so the full collections that churn triggers (a
@@ -140,9 +140,10 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             # for running handlers (see shutdown_timeout above), then cancel the rest; then the cleanup
             # contexts in reverse (billing's final flush last).
             await runner.cleanup()
-            # Last, so the drain can still be watched.
-            if metrics_runner is not None:
-                await metrics_runner.cleanup()
+            # Last, so the drain can still be watched (and the liveness probe answered).
+            for side_runner in (metrics_runner, health_runner):
+                if side_runner is not None:
+                    await side_runner.cleanup()
     finally:
         if beats is not None:
             await cancelled(beats)
@@ -203,6 +204,27 @@ def _worker_metrics_runner(app: web.Application, settings: Settings) -> web.AppR
         settings.telemetry.metrics_path, metrics_handler, allow_head=False, expect_handler=expect_continue
     )
     return web.AppRunner(metrics_app, handle_signals=False, access_log=None)
+
+
+async def _listen(site: web.TCPSite, what: str) -> bool:
+    """Start `site`; False (logged, naming `what`) if it cannot listen."""
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", what, exc.strerror or exc)  # noqa: TRY400 - no traceback to show
+        return False
+    return True
+
+
+def _health_runner(app: web.Application) -> web.AppRunner:
+    """The health probes and metrics on a listener of their own (health_port), outside the client limit."""
+    health_app = web.Application()
+    health_app[keys.TELEMETRY] = app[keys.TELEMETRY]
+    health_app[keys.HEALTH] = app[keys.HEALTH]
+    health_app[keys.SETTINGS] = app[keys.SETTINGS]
+    health.add_routes(health_app)
+    telemetry.add_routes(health_app)
+    return web.AppRunner(health_app, handle_signals=False, access_log=None)
 
 
 def run(settings: Settings, worker_index: int = 0, heartbeat_fd: int | None = None) -> int:

@@ -459,6 +459,12 @@ class Settings(_Section):
 
     # host:port ([v6]:port) the clients' port listens on (SO_REUSEPORT).
     bind: str = "0.0.0.0:8080"
+    # The health probes (and telemetry.metrics_path) also answered on bind's host at this port: a listener of
+    # their own, outside client_limits.max_connections, so a liveness probe is answered while clients hold
+    # every connection place (on bind's port it was refused, and the kubelet restarted a busy proxy). It
+    # stays open while draining (readiness 503 there) until the process exits. Shared by --workers N
+    # (SO_REUSEPORT: one of them answers). Unset: bind's port only.
+    health_port: int | None = Field(default=None, ge=1, le=65535)
     # all and definitions: the definitions routes answered locally; flags: forwarded too (health and
     # metrics answered in every mode).
     service_mode: ServiceMode = ServiceMode.ALL
@@ -497,7 +503,12 @@ class Settings(_Section):
     @model_validator(mode="after")
     def _across_sections(self) -> Self:
         # Every problem at once, one per line (config_loader lists each as its own).
-        problems = [*self._cluster_marks(), *self._distinct_routes(), *self._worker_metrics_ports()]
+        problems = [
+            *self._cluster_marks(),
+            *self._distinct_routes(),
+            *self._worker_metrics_ports(),
+            *self._health_port(),
+        ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -552,6 +563,17 @@ class Settings(_Section):
             return [f"telemetry.worker_metrics_port: {ports} go past 65535"]
         if first <= self.bind_port <= last:
             return [f"telemetry.worker_metrics_port: {ports} would take bind's port {self.bind_port}"]
+        return []
+
+    def _health_port(self) -> list[str]:
+        port = self.health_port
+        if port is None:
+            return []
+        if port == self.bind_port:
+            return [f"health_port: {port} is bind's port"]
+        first = self.telemetry.worker_metrics_port
+        if first is not None and first <= port < first + self.workers:
+            return [f"health_port: {port} is one of telemetry.worker_metrics_port's"]
         return []
 
     @field_validator("server_header")

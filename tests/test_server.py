@@ -212,8 +212,15 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
 ) -> None:
     recorder, server = upstream
     port = free_port()
+    health_port = _two_free_ports(avoid=port)
     timeout = 10.0
-    env = _env(port, server, redis_url, SHUTDOWN_TIMEOUT_SECONDS=str(timeout))
+    env = _env(
+        port,
+        server,
+        redis_url,
+        SHUTDOWN_TIMEOUT_SECONDS=str(timeout),
+        EDGE_PROXY__HEALTH_PORT=str(health_port),
+    )
     async with gated_upstream(upstream) as release, aiohttp.ClientSession() as session:
         with proxy_process(tmp_path, env) as (process, log_path):
             await wait_ready(port, process, log_path)
@@ -247,6 +254,11 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
             assert b"draining" in rest
             writer.close()
             await writer.wait_closed()
+            # The probes' own port stays open to the end: alive, and not ready because draining.
+            assert (await _raw_exchange(health_port, LIVENESS)).startswith(b"HTTP/1.1 200 ")
+            answer = await _raw_exchange(health_port, READINESS)
+            assert answer.startswith(b"HTTP/1.1 503 ")
+            assert answer.endswith(b'{"status":"unavailable","reasons":["draining"]}')
             assert not any(task.done() for task in tasks)
 
             release.set()
@@ -433,6 +445,7 @@ async def test_each_worker_serves_its_own_metrics_on_a_port_of_its_own(
 
 
 LIVENESS = b"GET /_liveness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+READINESS = b"GET /_readiness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 FORWARDED = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
@@ -869,12 +882,14 @@ async def test_at_the_connection_cap_the_oldest_idle_connection_makes_room_and_b
     recorder, server = upstream
     port = free_port()
     metrics_port = _two_free_ports(avoid=port)  # uncapped: scraping never takes one of the places
+    health_port = metrics_port + 1  # the same
     env = _env(
         port,
         server,
         redis_url,
         EDGE_PROXY__CLIENT_LIMITS__MAX_CONNECTIONS="3",
         EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT=str(metrics_port),
+        EDGE_PROXY__HEALTH_PORT=str(health_port),
     )
 
     async def open_now() -> float:
@@ -910,6 +925,10 @@ async def test_at_the_connection_cap_the_oldest_idle_connection_makes_room_and_b
             over_writer.write(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
             assert await _closed_by_server(over_reader)
             over_writer.close()
+            # The kubelet's liveness probe on the health port is still answered (on bind's port it met the
+            # same close, and a busy proxy was restarted), and takes no place.
+            assert (await _raw_exchange(health_port, LIVENESS)).startswith(b"HTTP/1.1 200 ")
+            assert await open_now() == 3
             release.set()
             answers = [await asyncio.wait_for(reader.read(), 10) for reader, _ in busy]
             samples = await _client_connection_samples(metrics_port)

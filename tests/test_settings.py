@@ -235,6 +235,39 @@ def test_unusable_worker_metrics_ports_are_refused_naming_the_key(env: dict[str,
     assert problems(env=env) == f"invalid configuration (1 problem):\n  {problem}"
 
 
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"BIND": "0.0.0.0:9000", "EDGE_PROXY__HEALTH_PORT": "9000"}, "health_port: 9000 is bind's port"),
+        (
+            {
+                "WORKERS": "2",
+                "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "9100",
+                "EDGE_PROXY__HEALTH_PORT": "9101",
+            },
+            "health_port: 9101 is one of telemetry.worker_metrics_port's",
+        ),
+        (
+            {"EDGE_PROXY__HEALTH_PORT": "0"},
+            "health_port (from $EDGE_PROXY__HEALTH_PORT): Input should be greater than or equal to 1",
+        ),
+    ],
+    ids=["bind's port", "a worker's metrics port", "zero"],
+)
+def test_an_unusable_health_port_is_refused_naming_the_key(env: dict[str, str], problem: str) -> None:
+    assert problems(env=env) == f"invalid configuration (1 problem):\n  {problem}"
+
+
+def test_a_health_port_beside_bind_and_the_worker_metrics_ports_is_accepted() -> None:
+    env = {
+        "WORKERS": "2",
+        "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "9100",
+        "EDGE_PROXY__HEALTH_PORT": "9102",
+    }
+    assert load_settings(None, env).health_port == 9102
+    assert load_settings(None, {}).health_port is None
+
+
 def test_worker_metrics_ports_next_to_bind_are_accepted() -> None:
     settings = load_settings(
         None, {"WORKERS": "4", "BIND": "0.0.0.0:9000", "EDGE_PROXY__TELEMETRY__WORKER_METRICS_PORT": "9001"}
