@@ -928,6 +928,11 @@ async def test_at_the_connection_cap_the_oldest_idle_connection_makes_room_and_b
             # The kubelet's liveness probe on the health port is still answered (on bind's port it met the
             # same close, and a busy proxy was restarted), and takes no place.
             assert (await _raw_exchange(health_port, LIVENESS)).startswith(b"HTTP/1.1 200 ")
+            scrape = await _raw_exchange(
+                health_port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert scrape.startswith(b"HTTP/1.1 200 ")
+            assert b"\nedge_proxy_client_connections_refused_total 1.0\n" in scrape
             assert await open_now() == 3
             release.set()
             answers = [await asyncio.wait_for(reader.read(), 10) for reader, _ in busy]
