@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from time import monotonic, perf_counter
+from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
@@ -23,7 +24,6 @@ from aiohttp.typedefs import Handler
 from opentelemetry import context, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy import __version__, access_log, keys, metrics, tracing
@@ -31,6 +31,9 @@ from proxy.errors import internal_error, only
 from proxy.histogram import InMemoryHistogram
 from proxy.redis_observer import RedisObserver
 from proxy.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +157,9 @@ class Telemetry:
         if self.metrics_enabled:
             self._meter_provider, self.registry = metrics.meter_provider(app, self, config, resource)
         if config.trace_sampling_ratio > 0:
-            self.tracer_provider = tracing.tracer_provider(config, resource)
+            from proxy import tracing_sdk  # the trace SDK only when tracing is on (tracing.py)
+
+            self.tracer_provider = tracing_sdk.tracer_provider(config, resource)
             self.tracer = self.tracer_provider.get_tracer("proxy")
             self.redis.tracer = self.tracer
 

@@ -1,77 +1,26 @@
 """Traces: a server span per sampled request, child spans for Redis and the upstream, W3C propagation.
 
 Off (sampling ratio 0, the default) no tracer exists and the request path only tests `tracer is None`; the
-client's own `traceparent` still reaches the upstream untouched, as every end-to-end header does.
+client's own `traceparent` still reaches the upstream untouched, as every end-to-end header does. The
+tracer provider and its sampler are in proxy/tracing_sdk.py, imported only when tracing is on: the
+OpenTelemetry trace SDK is 0.4 MiB of every process otherwise (bench/README.md "Where a process's memory
+goes").
 """
 
 from __future__ import annotations
 
-import random
 import re
-from collections.abc import Sequence
 
 from aiohttp import web
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, SamplingResult, TraceIdRatioBased
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TraceState
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util.types import Attributes
 
 from proxy.access_log import safe_path
-from proxy.metrics import EXPORT_TIMEOUT_SECONDS
-from proxy.settings import TelemetrySettings
 
 # An instance, not the global propagator: nothing here touches OpenTelemetry's process-wide state.
 PROPAGATOR = TraceContextTextMapPropagator()
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-
-
-class DrawnRatio(TraceIdRatioBased):
-    """The sampling ratio for a request that came with its client's `traceparent`, drawn here.
-
-    OpenTelemetry's default follows a client's sampled flag, and its ratio sampler decides on the trace id:
-    either way the client chose (flag 01, or a trace id below the ratio's bound), so any client could have
-    every request it sends traced, each at about twice its cost and one more span to export. The trace is
-    still the client's (the proxy's span is its child and the upstream's parent); only whether it is
-    sampled here is this process's draw.
-    """
-
-    def should_sample(
-        self,
-        parent_context: Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: TraceState | None = None,
-    ) -> SamplingResult:
-        drawn = random.getrandbits(64)
-        return super().should_sample(parent_context, drawn, name, kind, attributes, links, trace_state)
-
-
-def tracer_provider(settings: TelemetrySettings, resource: Resource) -> TracerProvider:
-    """A provider sampling `trace_sampling_ratio` of requests; a client's `traceparent` cannot force it."""
-    ratio = settings.trace_sampling_ratio
-    drawn = DrawnRatio(ratio)
-    provider = TracerProvider(
-        resource=resource,
-        sampler=ParentBased(
-            TraceIdRatioBased(ratio), remote_parent_sampled=drawn, remote_parent_not_sampled=drawn
-        ),
-        shutdown_on_exit=False,
-    )
-    if settings.otlp_endpoint is not None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        endpoint = f"{str(settings.otlp_endpoint).rstrip('/')}/v1/traces"
-        exporter = OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_SECONDS)
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
 
 
 def server_span(tracer: trace.Tracer, request: web.Request, route: str) -> trace.Span:
