@@ -92,7 +92,7 @@ def measure(
 
 
 def start_proxy(
-    sup: procs.Supervisor, tree: Path, redis_url: str, upstream_url: str, name: str
+    sup: procs.Supervisor, tree: Path, redis_url: str, upstream_url: str, name: str, workers: int = 1
 ) -> tuple[int, int]:
     """`python -m proxy serve` of the work tree `tree` with its own config file; (port, pid). The package's
     bytecode is compiled first, as the image does (with PYTHONDONTWRITEBYTECODE the process would compile
@@ -108,6 +108,7 @@ def start_proxy(
         "VERDICT_HMAC_KEY": run.HMAC_KEY,
         "EDGE_PROXY__RATE_LIMITS__DEFAULT": run.UNLIMITED,
         "EDGE_PROXY__RATE_LIMITS__ETAG": run.UNLIMITED,
+        "WORKERS": str(workers),
     }
     command = [sys.executable, "-m", "proxy", "serve", "--config", str(tree / "config" / "edge-proxy.yaml")]
     process = sup.start(name, procs.pinned(command, procs.SERVER_CORE), env, tree)
@@ -135,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=50_000, help="the team's payload, bytes")
     parser.add_argument("--repeat", type=int, default=1, help="proxy starts per variant (medians)")
     parser.add_argument("--baseline", metavar="REV", help="also measure this revision's proxy")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="the proxy's --workers: with N > 1 its supervisor is a row too"
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("bench.memory: wrk is not installed", file=sys.stderr)
@@ -168,9 +172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _ in range(args.repeat):
                 for name, tree in variants:
                     with sup.scope():
-                        port, pid = start_proxy(sup, tree, redis_url, f"http://127.0.0.1:{django.port}", name)
-                        for state, (values,) in measure(port, [pid], team, args.seconds, workdir):
-                            samples.setdefault((name, state), []).append(values)
+                        upstream = f"http://127.0.0.1:{django.port}"
+                        port, pid = start_proxy(sup, tree, redis_url, upstream, name, args.workers)
+                        pids = {name: pid}
+                        if args.workers > 1:
+                            # The supervisor, and one of its workers (they serve alike).
+                            first = min(p for p in procs.descendants(pid) if p != pid)
+                            pids = {f"{name} supervisor": pid, f"{name} worker": first}
+                        for state, values in measure(port, list(pids.values()), team, args.seconds, workdir):
+                            for row, value in zip(pids, values, strict=True):
+                                samples.setdefault((row, state), []).append(value)
     finally:
         if args.baseline:
             run.remove_checkout(workdir / "base")
