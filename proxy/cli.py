@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from redis.exceptions import RedisClusterException, RedisError
 
-from proxy import __version__, connections, control, logs, server, supervisor
+from proxy import __version__, connections, logs
 from proxy.config_loader import load_settings
 from proxy.settings import ConfigError, Settings
 
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _operate(args: argparse.Namespace, settings: Settings) -> int:
+    # Only these commands talk to Redis synchronously: `serve` does not carry the module (0.2 MiB).
+    from proxy import control
+
     if args.command == "revoke":
         credential = control.read_credential() if args.credential_stdin else None
         if credential is not None and args.team is None:
@@ -140,6 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     logs.configure(settings.logging)
     connections.warn_if_short(settings)
+    # Each imported only by the process that runs it: the supervisor of --workers N never serves, and
+    # leaving the app (aiohttp, uvloop, OpenTelemetry, prometheus_client, the handlers) to its workers saves
+    # it ~20 MiB (bench/README.md "Where a process's memory goes").
     if settings.workers > 1 and args.worker_index is None:
+        from proxy import supervisor
+
         return supervisor.supervise(settings, ["serve", *(["--config", args.config] if args.config else [])])
+    from proxy import server
+
     return server.run(settings, args.worker_index or 0, args.heartbeat_fd)

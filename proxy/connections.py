@@ -22,13 +22,15 @@ import time
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-
-from proxy import aiohttp_internals
 from proxy.logs import Throttled, where
 from proxy.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    # Annotations only: the supervisor of --workers N calls the start-up checks here without aiohttp.
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +222,8 @@ class ClientConnections:
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
+        from proxy import aiohttp_internals  # serving processes only (the module's imports)
+
         aiohttp_internals.on_malformed_request(server, self._malformed)
 
     def _malformed(self) -> None:

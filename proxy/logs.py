@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 from proxy.settings import LoggingSettings
 
 
@@ -111,6 +109,12 @@ class ClientErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Demote a malformed-request record; keep everything else as it is."""
         exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        # Here, not at the top: a supervisor of --workers N configures logging without importing aiohttp
+        # (this filter only sees aiohttp's records, in the serving processes that import it anyway).
+        from aiohttp.http_exceptions import HttpProcessingError
+
         if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
             record.exc_info = None
             record.exc_text = None

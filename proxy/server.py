@@ -13,20 +13,11 @@ from aiohttp import web
 from proxy import __version__, aiohttp_internals, health, keys, telemetry
 from proxy.app import create_app
 from proxy.settings import Settings
+from proxy.stop_signals import STOP_SIGNALS, stop_signals
 from proxy.tasks import cancelled
 from proxy.telemetry import expect_continue, metrics_handler
 
 log = logging.getLogger(__name__)
-
-# SIGHUP too (a closed terminal, an init system): its default action would end the process with no drain
-# and no final billing flush, and a supervisor's workers would outlive it, still serving the port.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def stop_signals() -> tuple[signal.Signals, ...]:
-    """The stop signals, less SIGHUP when this process was started ignoring it (nohup): kept ignored."""
-    ignored = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-    return tuple(sig for sig in STOP_SIGNALS if not (ignored and sig == signal.SIGHUP))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

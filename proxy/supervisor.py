@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.server import STOP_SIGNALS, stop_signals
 from proxy.settings import Settings
+from proxy.stop_signals import STOP_SIGNALS, stop_signals
 
 log = logging.getLogger(__name__)
 
