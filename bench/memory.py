@@ -92,12 +92,18 @@ def measure(
 
 
 def start_proxy(
-    sup: procs.Supervisor, tree: Path, redis_url: str, upstream_url: str, name: str, workers: int = 1
+    sup: procs.Supervisor,
+    tree: Path,
+    redis_url: str,
+    upstream_url: str,
+    name: str,
+    workers: int = 1,
+    python: str = sys.executable,
 ) -> tuple[int, int]:
     """`python -m proxy serve` of the work tree `tree` with its own config file; (port, pid). The package's
     bytecode is compiled first, as the image does (with PYTHONDONTWRITEBYTECODE the process would compile
     every module of the package from source at each start)."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "proxy")], check=True)
+    subprocess.run([python, "-m", "compileall", "-q", str(tree / "proxy")], check=True)
     port = procs.free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY") and k != "PYTHONPATH"},
@@ -110,7 +116,7 @@ def start_proxy(
         "EDGE_PROXY__RATE_LIMITS__ETAG": run.UNLIMITED,
         "WORKERS": str(workers),
     }
-    command = [sys.executable, "-m", "proxy", "serve", "--config", str(tree / "config" / "edge-proxy.yaml")]
+    command = [python, "-m", "proxy", "serve", "--config", str(tree / "config" / "edge-proxy.yaml")]
     process = sup.start(name, procs.pinned(command, procs.SERVER_CORE), env, tree)
     try:
         procs.wait_http(port, "/_startup", process)
@@ -136,6 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=50_000, help="the team's payload, bytes")
     parser.add_argument("--repeat", type=int, default=1, help="proxy starts per variant (medians)")
     parser.add_argument("--baseline", metavar="REV", help="also measure this revision's proxy")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the proxy's interpreter, e.g. a virtualenv of requirements/image.lock alone: the image's "
+        "packages (this one's test tools bring psutil and cryptography, which the proxy's dependencies "
+        "import when present)",
+    )
     parser.add_argument(
         "--workers", type=int, default=1, help="the proxy's --workers: with N > 1 its supervisor is a row too"
     )
@@ -173,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, tree in variants:
                     with sup.scope():
                         upstream = f"http://127.0.0.1:{django.port}"
-                        port, pid = start_proxy(sup, tree, redis_url, upstream, name, args.workers)
+                        port, pid = start_proxy(
+                            sup, tree, redis_url, upstream, name, args.workers, args.python
+                        )
                         pids = {name: pid}
                         if args.workers > 1:
                             # The supervisor, and one of its workers (they serve alike).
