@@ -147,6 +147,10 @@ def warn_if_short(settings: Settings) -> None:
         )
 
 
+# How often a drain looks for connections that became idle (a kept-alive client's answer sent).
+DRAIN_LOOK_SECONDS = 0.1
+
+
 class ClientConnections:
     """The client connections a server admits: at most `limit` open.
 
@@ -186,6 +190,22 @@ class ClientConnections:
         self._all_closed = asyncio.Event()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_closed.wait(), within)
+
+    async def drain(self, until: float) -> None:
+        """Close idle connections (and each that becomes idle) while those with a request in progress finish,
+        until none is open or the loop's time is `until`. Answers sent while draining say Connection: close,
+        so aiohttp closes each busy connection after its answer; its own shutdown would instead stop reading
+        every connection at once, request bodies still arriving included."""
+        loop = asyncio.get_running_loop()
+        while self._open:
+            for handler in [h for h in self._open if _idle(h)]:
+                handler.force_close()
+            left = until - loop.time()
+            if left <= 0 or not self._open:
+                return
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), min(left, DRAIN_LOOK_SECONDS))
 
     def admit_on(self, server: web.Server) -> None:
         """Count `server`'s connections and keep them within the limit (call after the runner's setup).

@@ -40,11 +40,7 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        # Halved because aiohttp 3.14's RequestHandler.shutdown waits twice: up to shutdown_timeout for the
-        # handler, then fails only the request body stream and waits up to shutdown_timeout again before
-        # cancelling. A response stream keeps going through both halves, so it still gets the whole budget,
-        # and the process is gone by shutdown_timeout_seconds instead of twice that (Kubernetes SIGKILLs at
-        # 30 s). A handler still reading a request body sees it fail at the half.
+        # Only what the drain leaves (see handler_wait): the drain waits for requests in progress itself.
         shutdown_timeout=handler_wait(settings),
         # aiohttp's own access log prints the query string, project tokens included: telemetry writes a
         # structured line per request instead (logging.access_log, proxy/access_log.py).
@@ -114,6 +110,7 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
                 app[keys.CONNECTIONS].limit,
             )
             await stop.wait()
+            drain_ends = loop.time() + settings.shutdown_timeout_seconds - 2 * handler_wait(settings)
             # Before the listener closes, so every response from here on says 503 / Connection: close.
             app[keys.HEALTH].draining = True
             log.info("draining: up to %.1fs for in-flight requests", settings.shutdown_timeout_seconds)
@@ -123,6 +120,11 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             # a busy keep-alive client lost a request or two at every drain (found by a reviewer).
             await site.stop()
             await app[keys.CONNECTIONS].wait_closed(_idle_grace(settings))
+            # Then idle connections close, and requests in progress finish within the budget, before
+            # aiohttp's shutdown: that drops every byte arriving on every connection from its start
+            # (RequestHandler.close, then data_received), so an upload still arriving a second into the drain
+            # was cut off, its upstream request reset and its client left without an answer.
+            await app[keys.CONNECTIONS].drain(drain_ends)
         finally:
             if sweeper is not None:
                 await cancelled(sweeper)
@@ -154,14 +156,14 @@ def _idle_grace(settings: Settings) -> float:
 
 
 def handler_wait(settings: Settings) -> float:
-    """aiohttp's shutdown_timeout for the drain budget left after the idle grace.
+    """aiohttp's shutdown_timeout: what a drain leaves (requests past the budget) is cut within twice this.
 
-    Halved because aiohttp 3.14's RequestHandler.shutdown waits twice. And aiohttp rounds a wait over 5 s up
-    to the loop's next whole second (helpers.ceil_timeout): a second less then, so a stuck request ends the
-    drain within shutdown_timeout_seconds (it ran 0.6-1.3 s over at the default 20 s; found by a reviewer).
+    The drain itself waits for requests in progress (ClientConnections.drain) until the budget less twice
+    this, since aiohttp 3.14's RequestHandler.shutdown waits twice (for the handler, then again after failing
+    its body stream); short enough that aiohttp never rounds it up to a whole second (helpers.ceil_timeout,
+    over 5 s), so a stuck request ends the drain within shutdown_timeout_seconds.
     """
-    wait = (settings.shutdown_timeout_seconds - _idle_grace(settings)) / 2
-    return wait - 1 if wait > 6 else min(wait, 5.0)  # (5 s itself is not rounded)
+    return min(0.5, settings.shutdown_timeout_seconds / 8)
 
 
 # A worker writes a byte this often to its supervisor's pipe: the supervisor's proof that its loop runs.
