@@ -105,6 +105,29 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key written twice in one mapping: PyYAML keeps the last silently,
+    so a section repeated further down (`redis:` again, to tune one key) replaced the whole first one, its url
+    included, with defaults, and check-config said OK."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # SafeLoader refuses an unhashable key itself
+            if key in seen:
+                # Unquoted: _yaml_problem hides what is quoted (a value could be a secret; a key is a name).
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {key} a second time",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What PyYAML found wrong and where, without the snippet of the file its message quotes (the file can
     hold a Redis URL with its password, or an HMAC key)."""
@@ -137,7 +160,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     tree: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:

@@ -448,6 +448,27 @@ def test_unusable_files(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in message
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        # A section repeated further down, to tune one key: PyYAML kept the last, the url went back to
+        # its default and check-config said OK.
+        (
+            'redis:\n  url: "redis://:DupS3cret@redis.internal:6379/2"\nworkers: 2\n'
+            "redis:\n  max_connections: 32\n",
+            "redis",
+            4,
+        ),
+        ("upstream:\n  read_timeout_seconds: 5\n  read_timeout_seconds: 50\n", "read_timeout_seconds", 3),
+    ],
+)
+def test_a_key_written_twice_is_refused_by_line(tmp_path: Path, text: str, key: str, line: int) -> None:
+    message = problems(write(tmp_path, text))
+    assert "not valid YAML" in message
+    assert f"found the key {key} a second time at line {line}, column " in message
+    assert "DupS3cret" not in message
+
+
 def test_a_malformed_file_is_placed_by_line_without_quoting_its_text(tmp_path: Path) -> None:
     """PyYAML's own message quotes the lines around the problem: here, a Redis password."""
     path = write(tmp_path, 'redis:\n  url: "redis://:YamlS3cretPw@127.0.0.1:6379/0\nupstream: {}\n')
