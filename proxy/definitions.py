@@ -354,7 +354,7 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
         redis_up=redis_up,
     )
     offload = Offload(client, settings.definitions.offload)
-    await offload.start()
+    await offload.start(settings.redis.timeout_seconds)
     shadow = Shadow(settings.definitions.offload)
     app[keys.DEFINITIONS] = DefinitionsService(app, teams, cache, verdicts, offload, shadow)
     async with (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -163,13 +164,16 @@ class Offload:
         self.state = state
         self.threshold = state.threshold
 
-    async def start(self) -> None:
+    async def start(self, within: float) -> None:
         """Read the control hash before serving, so a replica starting during a rollback forwards at once.
 
-        Bounded by the Redis timeout; an unreadable Redis leaves the configured state.
+        Bounded by `within` (the Redis timeout) in all: a call is bounded per attempt, and with its connect
+        and a retry a hung Redis held the listener back ~4x that. An unreadable Redis leaves the configured
+        state; the watch reads the hash once Redis answers.
         """
-        with contextlib.suppress(RedisError):
-            await self.poll()
+        with contextlib.suppress(RedisError, TimeoutError):
+            async with asyncio.timeout(within):
+                await self.poll()
 
     async def poll(self) -> None:
         """Read the control hash once.
