@@ -93,6 +93,7 @@ class Forwarder:
         self.failures: Counter[str] = Counter(dict.fromkeys(FAILURE_KINDS, 0))
         self._warn = Throttled(log)
         self._body_timeout = limits.body_read_timeout_seconds
+        self._body_total_timeout = limits.body_total_timeout_seconds
         self._max_body_bytes = limits.max_body_bytes
         base = URL(settings.base, encoded=True)
         # A base path ("http://backend/prefix") is a prefix; request paths are appended byte for byte.
@@ -279,12 +280,14 @@ class Forwarder:
         return chunks
 
     async def _body_chunks(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-        # aiohttp's server has no body read timeout: without this a client that stalls mid-body would hold
-        # an upstream connection (and the pool is bounded) for as long as it likes.
+        # aiohttp's server has no body read timeout: without this a client that stalls mid-body (or trickles
+        # it) would hold an upstream connection (and the pool is bounded) for as long as it likes.
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._body_total_timeout
         while True:
             try:
-                async with asyncio.timeout(self._body_timeout):
+                async with asyncio.timeout_at(min(loop.time() + self._body_timeout, deadline)):
                     chunk = await content.readany()
             except TimeoutError:
                 raise ClientBodyError(408, BODY_TIMEOUT) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -318,6 +319,44 @@ async def test_slowloris_body_is_408_and_frees_the_upstream_connection(
     # The one pooled upstream connection is free again.
     response = await asyncio.wait_for(client.get("/after"), 5)
     assert response.status == 200
+
+
+async def test_a_trickled_body_is_408_after_the_total_timeout_and_frees_the_upstream_connection(
+    make_proxy: MakeProxy, upstream: Rig
+) -> None:
+    # A byte every 0.1 s is never 1 s of silence: streamed (over the 64 KiB buffered), it held the pool's one
+    # connection, and every other forward waited for it and got a 504 (a reviewer's, with the pool sized to
+    # the backend's workers as the README advises).
+    recorder, _ = upstream
+    client = await make_proxy(
+        client_limits={"body_read_timeout_seconds": 1.0, "body_total_timeout_seconds": 1.5},
+        upstream={"max_connections": 1},
+    )
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+
+    async def trickle() -> None:
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: proxy\r\nContent-Length: 100000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # 10 s at most
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        answer += await asyncio.wait_for(reader.readuntil(b"}"), 5)
+        assert not trickling.done()  # cut while still trickling
+        # The one pooled upstream connection is free again.
+        response = await asyncio.wait_for(client.get("/after"), 5)
+        assert response.status == 200
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert status_of(answer) == 408
+    assert b'"request_timeout"' in answer
+    assert [seen.path_qs for seen in recorder.seen] == ["/after"]  # the upload never completed upstream
 
 
 async def test_client_leaving_mid_body_is_not_a_500(
