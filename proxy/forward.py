@@ -323,8 +323,10 @@ async def _relay(
     transport = request.transport
     loop = asyncio.get_running_loop()
     progress_at, left = loop.time(), 0
-    if request.app[keys.HEALTH].draining:
-        response.force_close()  # Connection: close on a stream started during the drain (see telemetry)
+    if request.app[keys.HEALTH].draining or request._message.upgrade:
+        # Connection: close on a stream started during the drain, or answering an upgrade request (see
+        # telemetry.observed).
+        response.force_close()
     # Bounded here, write by write: the connections' sweep leaves it alone meanwhile (its buffer refills).
     connections = request.app.get(keys.CONNECTIONS)  # absent in an app of the forwarder alone
     relaying = connections.relaying if connections is not None else set()

@@ -231,7 +231,10 @@ def observed(app: web.Application, route: str, handler: Handler) -> Handler:
             raise
         except Exception:  # one wrapper, not two: each coroutine layer costs every request
             response = internal_error(request)
-        if health.draining and not response.prepared:
+        if (health.draining or request._message.upgrade) and not response.prepared:
+            # An Upgrade other than websocket: aiohttp's C parser drops whatever the client pipelined
+            # behind it, which would then wait out the keep-alive timeout for answers that never come;
+            # closing says so.
             # aiohttp closes each connection after its answer once shutdown begins, but would still
             # say keep-alive; a client pooling it could send its next request into a closing socket.
             # Here rather than an on_response_prepare signal, which costs every response ~1 µs

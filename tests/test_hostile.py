@@ -653,3 +653,28 @@ async def test_a_verdict_in_redis_with_a_header_of_its_own_is_no_verdict(
     response = await client.get(DEFS, headers={"Authorization": "Bearer phx_planted"})
     assert response.status == 200  # the backend decided (the rig's upstream says 200)
     assert [seen.path_qs for seen in recorder.seen] == [DEFS]
+
+
+@pytest.mark.parametrize("route", ["/_liveness", "/forwarded", "/streamed"])
+async def test_an_answer_to_a_request_asking_for_an_upgrade_closes_the_connection(
+    make_proxy: MakeProxy, upstream: Rig, route: str
+) -> None:
+    # aiohttp's C parser drops whatever is pipelined behind a request asking for an upgrade other than
+    # websocket (`curl --http2` on http:// sends h2c): the next request was never answered, the connection
+    # left open to wait out the keep-alive timeout (a reviewer's). Closing says so; the client resends.
+    recorder, _ = upstream
+
+    async def streamed(request: web.Request, body: bytes) -> web.StreamResponse:
+        return web.Response(body=b"s" * 4_000_000)  # more than one read: relayed as a stream
+
+    recorder.routes["/streamed"] = streamed
+    client = await make_proxy()
+    answer = await exchange(
+        client,
+        f"GET {route} HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade, HTTP2-Settings\r\n".encode()
+        + b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        + b"GET /_liveness HTTP/1.1\r\nHost: proxy\r\n\r\n",
+    )
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nConnection: close" in head
