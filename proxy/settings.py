@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import math
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
@@ -50,6 +51,8 @@ BILLING_DEDUPE_TTL_SECONDS = 86400
 
 
 # Liveness, readiness, startup (proxy/health.py): answered in every mode, so no other route may take them.
+# An IPv4 address or a host name (letters, digits, dots, hyphens), as `bind` may name one.
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 HEALTH_PATHS = ("/_liveness", "/_readiness", "/_startup")
 
 
@@ -599,8 +602,8 @@ class Settings(_Section):
                 ipaddress.IPv6Address(host[1:-1])
             except ValueError:
                 host = ""
-        elif ":" in host:
-            host = ""
+        elif ":" in host or not _HOSTNAME.fullmatch(host):
+            host = ""  # a space or a control character: check-config said OK and serve could not listen
         if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
             raise ValueError(f"must be host:port or [ipv6]:port with a port 1-65535, got {value!r}")
         return value

@@ -152,6 +152,7 @@ def test_service_mode_is_case_insensitive(raw: str, mode: str) -> None:
         ("0.0.0.0:8080", "0.0.0.0", 8080),
         ("127.0.0.1:1", "127.0.0.1", 1),
         ("localhost:65535", "localhost", 65535),
+        ("edge-proxy.flags.svc.cluster.local:80", "edge-proxy.flags.svc.cluster.local", 80),
         ("[::1]:8080", "::1", 8080),
         ("[::]:9000", "::", 9000),
     ],
@@ -176,6 +177,11 @@ def test_bind_parsing(bind: str, host: str, port: int) -> None:
         "[nope]:80",
         "[::1]",
         "host:\uff18\uff10",
+        # check-config took these and serve could not listen (a reviewer's): a space, a control character
+        " 127.0.0.1:8080",
+        "no such host:8080",
+        "host\t:8080",
+        "-host:8080",
     ],
 )
 def test_bad_bind_is_refused(bind: str) -> None:
