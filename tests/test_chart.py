@@ -254,7 +254,7 @@ def test_fleet_pods_are_hardened_and_probed(helm: str) -> None:
     assert probes == {
         "startupProbe": {"path": "/_startup", "port": "http"},
         "livenessProbe": {"path": "/_liveness", "port": "http"},
-        "readinessProbe": {"path": "/_readiness", "port": "http"},
+        "readinessProbe": {"path": "/_startup", "port": "http"},
     }
     config = yaml.safe_load(one(manifests, "ConfigMap")["data"]["config.yaml"])
     assert config["bind"] == "0.0.0.0:8080"
@@ -308,6 +308,14 @@ def test_config_change_rolls_the_pods(helm: str) -> None:
 
     assert checksum() != checksum("--set", "config.upstream.read_timeout_seconds=5")
     assert checksum() == checksum("--set", "replicaCount=7")
+
+
+def test_fleet_readiness_does_not_depend_on_redis(helm: str) -> None:
+    """With Redis down the fleet still answers (memory, then forwarding); a readiness that follows Redis
+    takes every fleet pod out at once, and a Gateway answers the HTTPRoute's fleet share with 503 (Gateway
+    API: a backend without ready endpoints gets its share of 503s, the weight is not moved elsewhere)."""
+    container = proxy_container(pod_spec(render(helm, CHART / "examples" / "fleet-httproute.yaml")))
+    assert container["readinessProbe"]["httpGet"]["path"] == "/_startup"
 
 
 def test_httproute_splits_the_app_definitions_paths(helm: str) -> None:
