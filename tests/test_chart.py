@@ -310,6 +310,62 @@ def test_config_change_rolls_the_pods(helm: str) -> None:
     assert checksum() == checksum("--set", "replicaCount=7")
 
 
+def _matches(selector: Manifest, labels: Manifest) -> bool:
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+@pytest.mark.parametrize("values", ["fleet.yaml", "fleet-httproute.yaml"])
+def test_fleet_objects_point_at_each_other(helm: str, values: str) -> None:
+    """Selectors, targets and ports are wired to the objects they name: a wrong one renders valid YAML
+    that kubernetes-validate cannot see (a Service without endpoints, a PDB or HPA guarding nothing)."""
+    manifests = render(helm, CHART / "examples" / values)
+    deployment = one(manifests, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    service = one(manifests, "Service")
+    assert _matches(service["spec"]["selector"], pod_labels)
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    port_names = {port["name"] for port in container["ports"]}
+    assert {port["targetPort"] for port in service["spec"]["ports"]} <= port_names
+    assert _matches(one(manifests, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
+    target = one(manifests, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1",
+        "Deployment",
+        deployment["metadata"]["name"],
+    )
+    service_ports = {port["name"]: port["port"] for port in service["spec"]["ports"]}
+    for monitor in (m for m in manifests if m["kind"] == "ServiceMonitor"):
+        assert _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        assert {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]} <= set(service_ports)
+    for route in (m for m in manifests if m["kind"] == "HTTPRoute"):
+        [rule] = route["spec"]["rules"]
+        fleet = [ref for ref in rule["backendRefs"] if ref["name"] == service["metadata"]["name"]]
+        assert [ref["port"] for ref in fleet] == [service_ports["http"]]
+
+
+def test_sidecar_config_change_rolls_the_app_pods(helm: str, tmp_path: Path) -> None:
+    def checksum(*extra: str) -> str:
+        chart = tmp_path / "legacy" / "helm"
+        if not chart.exists():
+            shutil.copytree(CHART, chart)
+            result = run(helm, "dependency", "build", str(chart / "examples" / "legacy-app"))
+            assert result.returncode == 0, result.stdout + result.stderr
+        result = template(helm, *extra, chart=chart / "examples" / "legacy-app")
+        assert result.returncode == 0, result.stderr
+        deployment = one(load_manifests(result.stdout), "Deployment")
+        value: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/edge-proxy-config"]
+        return value
+
+    assert checksum() != checksum("--set", "edge-proxy.config.upstream.read_timeout_seconds=5")
+
+
+def test_the_sidecar_has_its_own_resources(legacy_app: list[Manifest]) -> None:
+    proxy = proxy_container(pod_spec(legacy_app))
+    assert proxy["resources"]["requests"]["memory"]
+    assert proxy["resources"]["limits"]["memory"]
+
+
 def test_fleet_readiness_does_not_depend_on_redis(helm: str) -> None:
     """With Redis down the fleet still answers (memory, then forwarding); a readiness that follows Redis
     takes every fleet pod out at once, and a Gateway answers the HTTPRoute's fleet share with 503 (Gateway
