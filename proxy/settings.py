@@ -411,7 +411,8 @@ class TelemetrySettings(_Section):
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # OTLP/HTTP collector base URL (e.g. http://otel-collector:4318): metrics go to /v1/metrics every
     # otlp_export_interval_seconds, sampled spans to /v1/traces. Unset: nothing is pushed. Needs the
-    # `otlp` extra (opentelemetry-exporter-otlp-proto-http).
+    # `otlp` extra (opentelemetry-exporter-otlp-proto-http). No credentials (a collector's go in
+    # OTEL_EXPORTER_OTLP_HEADERS), query or fragment.
     otlp_endpoint: AnyHttpUrl | None = None
     # Seconds between OTLP metric exports.
     otlp_export_interval_seconds: Seconds = 15.0
@@ -434,6 +435,13 @@ class TelemetrySettings(_Section):
     @field_validator("otlp_endpoint")
     @classmethod
     def _exporter_installed(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if value is not None and (value.username is not None or value.password is not None):
+            # The config file is a ConfigMap (readable in clear by whoever may read the namespace's
+            # ConfigMaps) and the exporter's warnings log the endpoint.
+            raise ValueError(
+                "must not carry credentials (user:password@): give the collector's in "
+                "OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Basic ..., from a Secret)"
+            )
         if value is not None and (value.query is not None or value.fragment is not None):
             # /v1/metrics is appended to the URL: "?tenant=a" became "?tenant=a/v1/metrics" (a collector's
             # 404, every export lost), and the exporter's warnings then logged the query (a key in it too).

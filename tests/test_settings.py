@@ -679,6 +679,22 @@ def test_an_otlp_endpoint_with_a_query_or_fragment_is_refused(endpoint: str) -> 
     assert "must not have a query or fragment" in message
 
 
+@pytest.mark.parametrize("endpoint", ["http://user:s3cret@collector:4318", "http://token@collector:4318"])
+def test_an_otlp_endpoint_with_credentials_is_refused(endpoint: str, tmp_path: Path) -> None:
+    """As upstream.url: the config file is a ConfigMap, readable in clear, and the exporter logs the endpoint
+    (found by a reviewer of the chart); the collector's credentials go in OTEL_EXPORTER_OTLP_HEADERS."""
+    message = problems(env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    assert "telemetry.otlp_endpoint (from $OTEL_EXPORTER_OTLP_ENDPOINT): " in message
+    assert "must not carry credentials" in message
+    assert "s3cret" not in message
+    config = tmp_path / "config.yaml"
+    config.write_text(f"telemetry:\n  otlp_endpoint: {endpoint}\n", encoding="utf-8")
+    message = problems(config)
+    assert "telemetry.otlp_endpoint" in message
+    assert "must not carry credentials" in message
+    assert "s3cret" not in message
+
+
 def test_a_worker_timeout_shorter_than_a_workers_start_is_refused() -> None:
     """A worker's first heartbeat comes once it has imported everything (~1 s): 0.9 killed every worker
     in a loop until the supervisor gave up (found by a review)."""
