@@ -56,7 +56,38 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 HEALTH_PATHS = ("/_liveness", "/_readiness", "/_startup")
 
 
-RateString = Annotated[str, AfterValidator(_rate)]
+# JSON-schema patterns. The chart's values.schema.json is generated from this model (tests/test_chart.py):
+# with them `helm install` refuses what the validators here would refuse at the pod's start (a crash loop
+# after a "successful" install). The validators stay the check; tests/test_chart.py runs values past both.
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c}{c.upper()}]" for c in word)
+
+
+def _pattern(pattern: str) -> Any:
+    """A Field that puts `pattern` in the JSON schema only (the loader's own validator gives the message)."""
+    return Field(json_schema_extra={"pattern": pattern})
+
+
+# limits' notation as its parser reads it (any case; "600/minute", "10 per second", "1/2 hours", several
+# joined by , ; or |).
+_UNITS = "|".join(_any_case(unit) for unit in ("second", "minute", "hour", "day", "month", "year"))
+_ONE_RATE = rf"\s*[0-9]+\s*(/|\s*{_any_case('per')}\s*)\s*[0-9]*\s*({_UNITS})[sS]?\s*"
+RATE_PATTERN = rf"^{_ONE_RATE}([,;|]{_ONE_RATE})*$"
+# http(s)://host[:port][/path]: no user:password@ (nothing before the host), no query, no fragment.
+PLAIN_HTTP_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^/?#@]+(/[^?#]*)?$"
+# An approximation of ipaddress.ip_network(strict=False), which the validator still applies: IPv4 with a
+# prefix length or a dotted mask, or what looks like IPv6 (hex digits and colons) with a prefix length.
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(\.{_OCTET}){{3}}"
+_IPV6 = r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
+NETWORK_PATTERN = rf"^({_IPV4}(/(3[0-2]|[12]?[0-9]|{_IPV4}))?|{_IPV6}(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?)$"
+
+RateString = Annotated[str, AfterValidator(_rate), _pattern(RATE_PATTERN)]
+# A route on bind's port.
+Route = Annotated[str, _pattern("^/")]
+Network = Annotated[str, _pattern(NETWORK_PATTERN)]
 RedisUrl = Annotated[str, AfterValidator(check_redis_url)]
 # Finite: an infinite timeout or interval would unbound what the README promises is bounded.
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -71,7 +102,7 @@ class UpstreamSettings(_Section):
 
     # http://host[:port][/path prefix] or https://...; no credentials, query or fragment. An https upstream's
     # certificate is verified against the system's trust store (SSL_CERT_FILE / SSL_CERT_DIR honoured).
-    url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
+    url: Annotated[AnyHttpUrl, _pattern(PLAIN_HTTP_URL_PATTERN)] = AnyHttpUrl("http://127.0.0.1:8000")
     # Resolving the host name, connecting and, for https, the TLS handshake, together.
     connect_timeout_seconds: Seconds = 2.0
     # Longest silence between two reads of the upstream's answer: a slow upstream becomes 504 after this.
@@ -87,7 +118,7 @@ class UpstreamSettings(_Section):
     # the upstream URL's host instead.
     host_header: Literal["client", "upstream"] = "client"
     # X-Forwarded-* sent by the client are kept (and appended to) only when the peer is in these networks.
-    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
     # Request bodies up to this size are read before forwarding (so a retry-free, single write); larger ones
     # are streamed chunk by chunk.
     buffer_request_body_bytes: int = Field(default=65536, ge=0)
@@ -159,20 +190,24 @@ class RedisLayout(_Section):
     key_prefix: str = "posthog"
     key_version: int = 1
     # The team record by project token (JSON text, pickled by django-redis).
-    team_key: str = "team_token:{token}"
+    team_key: Annotated[str, _pattern(r"\{token\}")] = "team_token:{token}"
     # The flag definitions payload (JSON text) and, with etag_suffix appended, its ETag.
-    payload_key: str = "cache/teams/{team_id}/feature_flags/flags_with_cohorts.json"
+    payload_key: Annotated[str, _pattern(r"\{team_id\}")] = (
+        "cache/teams/{team_id}/feature_flags/flags_with_cohorts.json"
+    )
     etag_suffix: str = ":etag"
     # The value the backend stores for "this team has no payload" (a miss, forwarded).
     missing_marker: str = "__missing__"
     # The sorted set of quota-limited project tokens (score: until when); raw key, no prefix.
     quota_key: str = "@posthog/quota-limits/feature_flag_requests"
     # The billing hashes (field: the bucket, value: requests), per team and per team and SDK; raw keys.
-    billing_team_key: str = "posthog:local_evaluation_requests:{team_id}"
-    billing_sdk_key: str = "posthog:local_evaluation_requests:sdk:{team_id}:{library}"
+    billing_team_key: Annotated[str, _pattern(r"\{team_id\}")] = "posthog:local_evaluation_requests:{team_id}"
+    billing_sdk_key: Annotated[str, _pattern(r"\{team_id\}")] = (
+        "posthog:local_evaluation_requests:sdk:{team_id}:{library}"
+    )
     # Ours, not the backend's: the last billing batch a process applied ({batch_id}: the process's own id), so
     # a retried flush never counts twice. On a Cluster one per process and slot group, `<this>:{<hash key>}`.
-    billing_dedupe_key: str = "edge-proxy:billing-batch:{batch_id}"
+    billing_dedupe_key: Annotated[str, _pattern(r"\{batch_id\}")] = "edge-proxy:billing-batch:{batch_id}"
     # A billing hash field is the request's unix time divided by this, as an integer.
     billing_bucket_seconds: int = Field(default=120, ge=1)
     # A value that decompresses to more than this is refused (a decompression bomb in Redis).
@@ -250,8 +285,8 @@ class DefinitionsSettings(_Section):
     """The definitions endpoint: routes, memory cache and freshness."""
 
     # The route answered locally, and other paths answered the same way (the SDKs' older URL).
-    path: str = "/flags/definitions"
-    aliases: tuple[str, ...] = ("/api/feature_flag/local_evaluation", "/api/feature_flag/local_evaluation/")
+    path: Route = "/flags/definitions"
+    aliases: tuple[Route, ...] = ("/api/feature_flag/local_evaluation", "/api/feature_flag/local_evaluation/")
     # Bytes of cached payloads held in memory across all teams (LRU beyond that).
     cache_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Of those, how many are held decoded, ready to send. Unset: all of them. Set: every payload is also held
@@ -333,7 +368,9 @@ class RateLimitSettings(_Section):
     # A second budget for requests that carry If-None-Match.
     etag: RateString = "6000/minute"
     # Team id -> rate of its default budget (the If-None-Match budget has no overrides, as in the reference).
-    team_overrides: dict[str, RateString] = Field(default_factory=dict)
+    team_overrides: dict[str, RateString] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}
+    )
     # Team ids that bypass both budgets (anything else is ignored, with a warning at startup).
     allowlist: tuple[str, ...] = ()
     # "fast": admit from memory, reconcile with Redis every sync_interval_seconds (no Redis call per
@@ -400,7 +437,7 @@ class TelemetrySettings(_Section):
     # Prometheus text on metrics_path, answered in every service mode and never forwarded.
     metrics_enabled: bool = True
     # (Not a route of the backend's: it is never forwarded.)
-    metrics_path: str = "/metrics"
+    metrics_path: Route = "/metrics"
     # On bind's port (the clients'), metrics_path is rendered at most once per this interval and scrapes
     # within it get the same text: a client asking in a loop cannot hold the event loop. 0: every scrape.
     metrics_min_interval_seconds: float = Field(default=1.0, ge=0, le=60, allow_inf_nan=False)
@@ -413,7 +450,7 @@ class TelemetrySettings(_Section):
     # otlp_export_interval_seconds, sampled spans to /v1/traces. Unset: nothing is pushed. Needs the
     # `otlp` extra (opentelemetry-exporter-otlp-proto-http). No credentials (a collector's go in
     # OTEL_EXPORTER_OTLP_HEADERS), query or fragment.
-    otlp_endpoint: AnyHttpUrl | None = None
+    otlp_endpoint: Annotated[AnyHttpUrl, _pattern(PLAIN_HTTP_URL_PATTERN)] | None = None
     # Seconds between OTLP metric exports.
     otlp_export_interval_seconds: Seconds = 15.0
     # Share of new traces recorded (a sampled parent traceparent is always followed). 0: no spans at all;
@@ -500,7 +537,12 @@ class Settings(_Section):
     # an upstream's own Server header passes unchanged. The reference backend's (gunicorn) by default, so
     # local answers look like forwarded ones, instead of aiohttp's, which names Python's and aiohttp's
     # versions. Printable ASCII, no leading or trailing space.
-    server_header: str = Field(default="gunicorn", min_length=1, max_length=256)
+    server_header: str = Field(
+        default="gunicorn",
+        min_length=1,
+        max_length=256,
+        json_schema_extra={"pattern": "^[!-~]([ -~]*[!-~])?$"},
+    )
     upstream: UpstreamSettings = UpstreamSettings()
     redis: RedisSettings = RedisSettings()
     layout: RedisLayout = RedisLayout()

@@ -618,6 +618,90 @@ def test_values_schema_config_follows_the_settings_model() -> None:
     )
 
 
+# The settings' validators as JSON-schema patterns (proxy/settings.py): each value below the loader refuses,
+# and the schema generated from the settings refuses it too, naming where.
+REFUSED_BY_BOTH = [
+    ('config.telemetry.metrics_path="metrics"', "/config/telemetry/metrics_path"),
+    ('config.definitions.path="flags/definitions"', "/config/definitions/path"),
+    ('config.definitions.aliases=["/flags/old","api/old"]', "/config/definitions/aliases/1"),
+    (
+        'config.upstream.url="http://user:s3cret@legacy:8000"',
+        "/config/upstream/url",
+    ),  # in clear in the ConfigMap
+    ('config.upstream.url="ftp://legacy"', "/config/upstream/url"),
+    ('config.upstream.url="http://legacy:8000/?x=1"', "/config/upstream/url"),
+    ('config.telemetry.otlp_endpoint="http://user:s3cret@collector:4318"', "/config/telemetry/otlp_endpoint"),
+    ('config.telemetry.otlp_endpoint="http://collector:4318/?tenant=a"', "/config/telemetry/otlp_endpoint"),
+    ('config.rate_limits.default="lots"', "/config/rate_limits/default"),
+    ('config.rate_limits.etag="600/min"', "/config/rate_limits/etag"),
+    ('config.rate_limits.team_overrides={"42":"often"}', "/config/rate_limits/team_overrides/42"),
+    ('config.rate_limits.team_overrides={"acme":"10/second"}', "'acme'"),
+    ('config.upstream.trusted_proxies=["10.0.0.0/33"]', "/config/upstream/trusted_proxies/0"),
+    ('config.upstream.trusted_proxies=["10.0.0.256"]', "/config/upstream/trusted_proxies/0"),
+    ('config.layout.team_key="team"', "/config/layout/team_key"),
+    ('config.layout.billing_sdk_key="sdk:{library}"', "/config/layout/billing_sdk_key"),
+    ('config.layout.billing_dedupe_key="batch"', "/config/layout/billing_dedupe_key"),
+    ('config.server_header=" gunicorn"', "/config/server_header"),
+]
+# ... and values near those edges the loader accepts, which the schema must not refuse.
+ACCEPTED_BY_BOTH = [
+    'config.rate_limits.default="10 Per 2 Minutes; 5/second"',
+    'config.rate_limits.team_overrides={"42":"1/SECOND"}',
+    'config.upstream.trusted_proxies=["fe80::/10","10.0.0.1","10.0.0.0/255.0.0.0","::ffff:10.0.0.0/104"]',
+    'config.upstream.url="HTTPS://legacy.example:8443/prefix/@v1"',
+    'config.telemetry.otlp_endpoint="http://[fd00::1]:4318/otlp"',
+    'config.layout.team_key="t:{token}:v2"',
+    'config.server_header="nginx/1.25 (x)"',
+]
+
+
+@pytest.mark.parametrize(("setting", "where"), REFUSED_BY_BOTH)
+def test_the_schema_refuses_what_the_settings_validators_refuse(
+    helm: str, setting: str, where: str, tmp_path: Path
+) -> None:
+    """The schema is generated from the settings model, patterns included: `helm install` refuses what the pod
+    would refuse at its start (before, helm succeeded and the pods crash-looped)."""
+    unchecked = template(helm, *MINIMAL, "--skip-schema-validation", "--set-json", setting)
+    assert unchecked.returncode == 0, unchecked.stderr
+    config = one(load_manifests(unchecked.stdout), "ConfigMap")["data"]["config.yaml"]
+    with pytest.raises(AssertionError, match="invalid configuration"):
+        assert_check_config(config, tmp_path)
+    result = template(helm, *MINIMAL, "--set-json", setting)
+    assert result.returncode != 0
+    assert "schema" in result.stderr
+    assert where in result.stderr
+    assert "s3cret" not in result.stderr or "user:s3cret" in setting
+
+
+@pytest.mark.parametrize("setting", ACCEPTED_BY_BOTH)
+def test_the_schema_accepts_what_the_settings_validators_accept(
+    helm: str, setting: str, tmp_path: Path
+) -> None:
+    result = template(helm, *MINIMAL, "--set-json", setting)
+    assert result.returncode == 0, result.stderr
+    assert_check_config(one(load_manifests(result.stdout), "ConfigMap")["data"]["config.yaml"], tmp_path)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        'config.telemetry.metrics_path="metrics"',
+        'config.upstream.url="http://user:s3cret@legacy:8000"',  # a credential, in the ConfigMap
+        'config.upstream.url="ftp://legacy"',
+        'config.rate_limits.default="lots"',
+        'config.upstream.trusted_proxies=["10.0.0.0/33"]',
+        'config.layout.team_key="team"',
+    ],
+)
+def test_what_the_chart_renders_the_app_accepts(helm: str, setting: str, tmp_path: Path) -> None:
+    """Refused at `helm install`, or accepted by the pod: never a successful install whose pods crash-loop."""
+    result = template(helm, *MINIMAL, "--set-json", setting)
+    if result.returncode != 0:
+        return
+    config = one(load_manifests(result.stdout), "ConfigMap")["data"]["config.yaml"]
+    assert_check_config(config, tmp_path)
+
+
 def test_a_probe_with_another_handler_loses_the_default_httpget(helm: str) -> None:
     """Values merging keeps the default httpGet beside an exec override: two handlers, refused by the API."""
     result = template(helm, *MINIMAL, "--set-json", 'readinessProbe={"exec":{"command":["true"]}}')
