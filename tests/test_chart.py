@@ -562,6 +562,57 @@ def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
             (*MINIMAL, "--set", "serviceMonitor.enabled=true,config.telemetry.metrics_enabled=false"),
             "needs config.telemetry.metrics_enabled",
         ),
+        # The settings' checks across keys, which the schema sees one at a time.
+        (
+            (*MINIMAL, "--set", "config.definitions.path=/_readiness"),
+            'config.definitions.path: "/_readiness" is already the route of the health probes',
+        ),
+        (
+            (*MINIMAL, "--set-json", 'config.definitions.aliases=["/flags/definitions"]'),
+            'config.definitions.aliases: "/flags/definitions" is already the route of '
+            "config.definitions.path",
+        ),
+        (
+            (*MINIMAL, "--set", "config.telemetry.metrics_path=/api/feature_flag/local_evaluation"),
+            'config.telemetry.metrics_path: "/api/feature_flag/local_evaluation" is already the route of '
+            "config.definitions.aliases",
+        ),
+        (
+            (*MINIMAL, "--set", "mode=sidecar,config.telemetry.metrics_path=/_startup"),
+            'config.telemetry.metrics_path: "/_startup" is already the route of the health probes',
+        ),
+        (
+            (*MINIMAL, "--set", "config.telemetry.worker_metrics_port=8080"),
+            "config.telemetry.worker_metrics_port: port 8080 would take containerPort (config bind) 8080",
+        ),
+        (
+            (
+                *MINIMAL,
+                "--set",
+                "containerPort=9000,config.telemetry.worker_metrics_port=8999,config.workers=2",
+            ),
+            "config.telemetry.worker_metrics_port: ports 8999-9000 (one per worker) would take containerPort",
+        ),
+        (
+            (*MINIMAL, "--set", "config.telemetry.worker_metrics_port=65535,config.workers=2"),
+            "config.telemetry.worker_metrics_port: ports 65535-65536 (one per worker) go past 65535",
+        ),
+        (
+            (
+                *MINIMAL,
+                "--set",
+                "config.telemetry.worker_metrics_port=9100,config.telemetry.metrics_enabled=false",
+            ),
+            "config.telemetry.worker_metrics_port needs config.telemetry.metrics_enabled",
+        ),
+        (
+            (
+                *MINIMAL,
+                "--set",
+                "mode=sidecar,sidecar.appPort=8000,config.telemetry.worker_metrics_port=7999,config.workers=2",
+            ),
+            "would take sidecar.appPort (the app's, in the same pod) 8000",
+        ),
     ],
 )
 def test_template_refuses(helm: str, args: tuple[str, ...], complaint: str) -> None:
@@ -652,6 +703,10 @@ ACCEPTED_BY_BOTH = [
     'config.telemetry.otlp_endpoint="http://[fd00::1]:4318/otlp"',
     'config.layout.team_key="t:{token}:v2"',
     'config.server_header="nginx/1.25 (x)"',
+    'config.telemetry={"metrics_enabled":false,"metrics_path":"/flags/definitions"}',  # no route when off
+    'config.definitions={"aliases":[],"path":"/api/feature_flag/local_evaluation"}',
+    'config.telemetry={"worker_metrics_port":8081}',
+    'config.telemetry={"worker_metrics_port":8070}',
 ]
 
 
@@ -691,6 +746,8 @@ def test_the_schema_accepts_what_the_settings_validators_accept(
         'config.rate_limits.default="lots"',
         'config.upstream.trusted_proxies=["10.0.0.0/33"]',
         'config.layout.team_key="team"',
+        'config.definitions.path="/_liveness"',  # already the route of the health probes
+        "config.telemetry.worker_metrics_port=8080",  # containerPort
     ],
 )
 def test_what_the_chart_renders_the_app_accepts(helm: str, setting: str, tmp_path: Path) -> None:

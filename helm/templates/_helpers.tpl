@@ -93,11 +93,67 @@ Secrets never appear here: REDIS_URL, REDIS_SENTINEL_PASSWORD and VERDICT_HMAC_K
 {{- else }}
 {{- $_ := set $managed "service_mode" "definitions" }}
 {{- end }}
-{{- toYaml (mustMergeOverwrite $managed $user) }}
+{{- $config := mustMergeOverwrite $managed $user }}
+{{- include "edge-proxy.validateConfig" (dict "config" $config "Values" .Values) }}
+{{- toYaml $config }}
 {{- end }}
 
 {{/*
-Refusals the schema cannot express: inline secrets, a bind the probes would not find, a fleet without an
+The settings' checks across keys (proxy/settings.py, Settings._distinct_routes and _worker_metrics_ports), on
+the config as rendered: the schema sees one key at a time, and the pods would refuse to start. The defaults
+here are the app's (tests/test_chart.py renders each case and runs check-config on it).
+*/}}
+{{- define "edge-proxy.validateConfig" -}}
+{{- $config := .config }}
+{{- $definitions := default (dict) $config.definitions }}
+{{- $telemetry := default (dict) $config.telemetry }}
+{{- $routes := list }}
+{{- range list "/_liveness" "/_readiness" "/_startup" }}
+{{- $routes = append $routes (list "the health probes" .) }}
+{{- end }}
+{{- $routes = append $routes (list "config.definitions.path" (default "/flags/definitions" $definitions.path)) }}
+{{- /* hasKey, not default: an empty aliases list means none. */}}
+{{- $aliases := ternary $definitions.aliases (list "/api/feature_flag/local_evaluation" "/api/feature_flag/local_evaluation/") (hasKey $definitions "aliases") }}
+{{- range $aliases }}
+{{- $routes = append $routes (list "config.definitions.aliases" .) }}
+{{- end }}
+{{- $metricsEnabled := dig "metrics_enabled" true $telemetry }}
+{{- if $metricsEnabled }}
+{{- $routes = append $routes (list "config.telemetry.metrics_path" (default "/metrics" $telemetry.metrics_path)) }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $routes }}
+{{- $key := index . 0 }}
+{{- $path := index . 1 }}
+{{- if hasKey $seen $path }}
+{{- fail (printf "%s: %q is already the route of %s (the proxy serves each path once and refuses to start)" $key $path (get $seen $path)) }}
+{{- end }}
+{{- $_ := set $seen $path $key }}
+{{- end }}
+{{- with $telemetry.worker_metrics_port }}
+{{- $first := int . }}
+{{- $last := add $first (int (default 1 $config.workers)) -1 }}
+{{- if not $metricsEnabled }}
+{{- fail "config.telemetry.worker_metrics_port needs config.telemetry.metrics_enabled" }}
+{{- end }}
+{{- $ports := ternary (printf "port %d" $first) (printf "ports %d-%d (one per worker)" $first $last) (eq $first $last) }}
+{{- if gt $last 65535 }}
+{{- fail (printf "config.telemetry.worker_metrics_port: %s go past 65535" $ports) }}
+{{- end }}
+{{- $taken := dict "containerPort (config bind)" (int $.Values.containerPort) }}
+{{- if eq $.Values.mode "sidecar" }}
+{{- $_ := set $taken "sidecar.appPort (the app's, in the same pod)" (int $.Values.sidecar.appPort) }}
+{{- end }}
+{{- range $name, $port := $taken }}
+{{- if and (le $first $port) (ge $last $port) }}
+{{- fail (printf "config.telemetry.worker_metrics_port: %s would take %s %d" $ports $name $port) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refusals the schema cannot express (the config's own cross-key checks: edge-proxy.validateConfig): inline secrets, a bind the probes would not find, a fleet without an
 upstream, a drain that does not fit the grace period.
 */}}
 {{- define "edge-proxy.validate" -}}
