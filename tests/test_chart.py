@@ -384,6 +384,25 @@ def test_httproute_splits_the_app_definitions_paths(helm: str) -> None:
     weights = {ref["name"]: ref["weight"] for ref in rule["backendRefs"]}
     fleet = one(manifests, "Service")["metadata"]["name"]
     assert weights == {fleet: 10, "posthog-web": 90}
+    # The legacy Service is the app's, in its own namespace (where config.upstream.url points too); without a
+    # namespace the reference would name a Service in the release's.
+    namespaces = {ref["name"]: ref.get("namespace") for ref in rule["backendRefs"]}
+    assert namespaces == {fleet: None, "posthog-web": "posthog"}
+    upstream = yaml.safe_load(one(manifests, "ConfigMap")["data"]["config.yaml"])["upstream"]["url"]
+    assert ".posthog.svc." in upstream
+
+
+def test_the_legacy_service_is_in_the_releases_namespace_unless_named(helm: str) -> None:
+    result = template(
+        helm,
+        "--values",
+        str(CHART / "examples" / "fleet-httproute.yaml"),
+        "--set",
+        "httpRoute.legacyService.namespace=",
+    )
+    assert result.returncode == 0, result.stderr
+    [rule] = one(load_manifests(result.stdout), "HTTPRoute")["spec"]["rules"]
+    assert all("namespace" not in ref for ref in rule["backendRefs"])
 
 
 def test_sidecar_mode_renders_only_the_config(helm: str) -> None:
