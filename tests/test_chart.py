@@ -577,6 +577,17 @@ def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
         ((*MINIMAL, "--set", "redis.existingSecret.name="), "redis.existingSecret.name is required"),
         ((*MINIMAL, "--set", "mode=sidecar", "--set", "sidecar.appPort=8080"), "must differ"),
         ((*MINIMAL, "--set", "httpRoute.enabled=true"), "httpRoute.legacyService.name is required"),
+        # Without host names an app route naming its host outranks the Exact paths: 0 % reach the fleet.
+        (
+            (
+                *MINIMAL,
+                "--set",
+                "httpRoute.enabled=true,httpRoute.legacyService.name=web",
+                "--set-json",
+                'httpRoute.parentRefs=[{"name":"public"}]',
+            ),
+            "httpRoute.hostnames is required",
+        ),
         (
             (*MINIMAL, "--set", "serviceMonitor.enabled=true,config.telemetry.metrics_enabled=false"),
             "needs config.telemetry.metrics_enabled",
