@@ -573,6 +573,20 @@ def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
             (*MINIMAL, "--set-json", 'podLabels={"app.kubernetes.io/name":"x"}'),
             "podLabels may not set app.kubernetes.io/name",
         ),
+        (
+            (*MINIMAL, "--set-json", 'podAnnotations={"checksum/config":"pinned"}'),
+            "podAnnotations may not set checksum/config",
+        ),
+        (
+            (
+                *MINIMAL,
+                "--set",
+                "serviceMonitor.enabled=true",
+                "--set-json",
+                'serviceMonitor.labels={"helm.sh/chart":"x"}',
+            ),
+            "serviceMonitor.labels may not set helm.sh/chart",
+        ),
         (("--set", "redis.existingSecret.name=r"), "mode fleet needs config.upstream.url"),
         ((*MINIMAL, "--set", "redis.existingSecret.name="), "redis.existingSecret.name is required"),
         ((*MINIMAL, "--set", "mode=sidecar", "--set", "sidecar.appPort=8080"), "must differ"),

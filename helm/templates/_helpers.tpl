@@ -200,6 +200,15 @@ upstream, a drain that does not fit the grace period.
 {{- fail (printf "podLabels may not set %s: the chart sets it (and the selector may depend on it)" $key) }}
 {{- end }}
 {{- end }}
+{{- /* The same for the other maps rendered next to the chart's own keys (a repeated YAML key: which one wins is the parser's). */}}
+{{- if hasKey (default (dict) .Values.podAnnotations) "checksum/config" }}
+{{- fail "podAnnotations may not set checksum/config: the chart sets it to the config's checksum, which rolls the pods when the config changes" }}
+{{- end }}
+{{- range $key, $_ := default (dict) .Values.serviceMonitor.labels }}
+{{- if hasKey $own $key }}
+{{- fail (printf "serviceMonitor.labels may not set %s: the chart sets it" $key) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
