@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -801,6 +802,30 @@ def test_what_the_chart_renders_the_app_accepts(helm: str, setting: str, tmp_pat
         return
     config = one(load_manifests(result.stdout), "ConfigMap")["data"]["config.yaml"]
     assert_check_config(config, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["fleet", "sidecar"])
+def test_a_long_name_override_still_makes_valid_volume_names(helm: str, mode: str, tmp_path: Path) -> None:
+    """Volume names are DNS labels: the -tmp volume of a 53+ character nameOverride was 67 characters."""
+    name = "a" * 52 + "-" + "b" * 10  # 63, the longest the chart's name may be
+    if mode == "fleet":
+        result = template(
+            helm, "--values", str(CHART / "examples" / "fleet.yaml"), "--set", f"nameOverride={name}"
+        )
+    else:  # in the app's pod, through the example app chart
+        shutil.copytree(CHART, tmp_path / "helm")
+        chart = tmp_path / "helm" / "examples" / "legacy-app"
+        built = run(helm, "dependency", "build", str(chart))
+        assert built.returncode == 0, built.stdout + built.stderr
+        result = template(helm, "--set", f"edge-proxy.nameOverride={name}", chart=chart)
+    assert result.returncode == 0, result.stderr
+    spec = pod_spec(load_manifests(result.stdout))
+    names = {volume["name"] for volume in spec["volumes"]}
+    assert {mount["name"] for mount in proxy_container(spec)["volumeMounts"]} <= names
+    assert any(volume.endswith("-config-tmp") for volume in names)
+    for volume in names:
+        assert len(volume) <= 63, volume
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", volume), volume
 
 
 def test_a_probe_with_another_handler_loses_the_default_httpget(helm: str) -> None:

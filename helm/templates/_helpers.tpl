@@ -288,10 +288,11 @@ The proxy container, shared by the fleet Deployment and the sidecar. Called with
 {{- end }}
 
 {{/*
-Volume names carry the chart name, so they cannot clash with the app's own volumes in sidecar mode.
+Volume names carry the chart name, so they cannot clash with the app's own volumes in sidecar mode. A volume
+name is a DNS label (63 characters at most), and "-config-tmp" takes 11.
 */}}
 {{- define "edge-proxy.volumeName" -}}
-{{- include "edge-proxy.name" . | trunc 56 | trimSuffix "-" }}-config
+{{- include "edge-proxy.name" . | trunc 52 | trimSuffix "-" }}-config
 {{- end }}
 
 {{/*
