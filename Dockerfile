@@ -40,9 +40,13 @@ RUN python3 -m pip --python /opt/edge-proxy/bin/python install --no-deps . \
     && python3 -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/edge-proxy/lib
 
 FROM ${PYTHON_IMAGE} AS runtime
+# The base image's own installers (pip, and before Python 3.12 setuptools and wheel, in /usr/local) are build
+# tools: nothing at runtime uses them (the virtualenv has none and does not see them), and scanners report their
+# CVEs. A base whose python3 has no pip (a distribution's) has none to remove.
 # The official slim images ship the standard library without .pyc files; compile it once here, or every start
 # on a read-only root would compile it in memory again. The numeric user has a passwd entry for tools.
-RUN python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" \
+RUN if python3 -m pip --version >/dev/null 2>&1; then python3 -m pip uninstall --yes --no-cache-dir --disable-pip-version-check pip setuptools wheel; fi \
+    && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" \
     && groupadd --system --gid 10001 edge-proxy \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin edge-proxy
 

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import venv
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,45 @@ def test_the_dockerfile_installs_the_image_lock_by_hash_and_it_is_complete(tmp_p
     )
     assert refused.returncode == 1
     assert "EXTRAS must be otlp or empty, not 'otlp,prometheus'" in refused.stderr
+
+
+INSTALLERS = ("pip", "setuptools", "wheel")
+
+
+def _runtime_uninstall_step() -> str:
+    """The runtime stage's removal of the base image's installers, as a shell command."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = text[text.index(" AS runtime") :]
+    found = re.search(r"if python3 -m pip [^\n]*?; fi", runtime)
+    assert found is not None, "the runtime stage leaves the base image's pip, setuptools and wheel"
+    return found.group(0)
+
+
+def _installers(python: Path) -> list[str]:
+    code = f"import importlib.util as u; print(*[m for m in {INSTALLERS} if u.find_spec(m)])"
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+@pytest.mark.slow
+def test_the_runtime_stage_removes_the_base_images_installers(tmp_path: Path) -> None:
+    """pip, setuptools and wheel in the base image are build tools the running proxy never uses (a scanner's
+    CVEs, found by a reviewer); a base without pip has nothing to remove and still builds."""
+    step = _runtime_uninstall_step()
+    for name, seed in (("base", True), ("distribution", False)):
+        base = tmp_path / name
+        venv.create(base, with_pip=seed)
+        python = base / "bin" / "python3"
+        assert ("pip" in _installers(python)) == seed
+        done = subprocess.run(
+            ["sh", "-c", step.replace("python3 ", f"{python} ")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _installers(python) == [], name
 
 
 def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:
