@@ -39,7 +39,7 @@ CRD_KINDS = {("gateway.networking.k8s.io/v1", "HTTPRoute"), ("monitoring.coreos.
 # Keys the chart sets itself (bind from containerPort, the credentials from Secret references): the generated
 # config schema leaves them out, so a values file that sets them is refused.
 CHART_MANAGED_KEYS = {
-    "Settings": ("bind",),
+    "Settings": ("bind", "health_port"),
     "RedisSettings": ("url", "sentinel_password"),
     "AuthSettings": ("hmac_key",),
 }
@@ -248,17 +248,23 @@ def test_fleet_pods_are_hardened_and_probed(helm: str) -> None:
     container = proxy_container(spec)
     assert_hardened(container)
     assert container["args"] == ["serve", "--config", "/etc/edge-proxy/config.yaml"]
-    assert {port["name"]: port["containerPort"] for port in container["ports"]} == {"http": 8080}
+    assert {port["name"]: port["containerPort"] for port in container["ports"]} == {
+        "http": 8080,
+        "health": 8081,
+    }
     probes = {
         kind: container[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")
     }
+    # Startup and liveness on the probes' own listener (outside the client connection limit: a proxy whose
+    # clients hold every place is not restarted); readiness where clients come, closed when a drain begins.
     assert probes == {
-        "startupProbe": {"path": "/_startup", "port": "http"},
-        "livenessProbe": {"path": "/_liveness", "port": "http"},
+        "startupProbe": {"path": "/_startup", "port": "health"},
+        "livenessProbe": {"path": "/_liveness", "port": "health"},
         "readinessProbe": {"path": "/_startup", "port": "http"},
     }
     config = yaml.safe_load(one(manifests, "ConfigMap")["data"]["config.yaml"])
     assert config["bind"] == "0.0.0.0:8080"
+    assert config["health_port"] == 8081
     assert config["service_mode"] == "definitions"
     assert_drain_fits(spec["terminationGracePeriodSeconds"], container, config)
     # Spread across zones and nodes, and kept available through voluntary disruptions.
@@ -436,14 +442,15 @@ def test_sidecar_example_puts_the_proxy_in_front_of_the_app(
     app, proxy = spec["containers"]
     assert proxy["name"] == "edge-proxy"
     assert_hardened(proxy)
-    [proxy_port] = proxy["ports"]
+    proxy_port, health_port = proxy["ports"]
+    assert health_port == {"name": "ep-health", "containerPort": 8081, "protocol": "TCP"}
     [app_port] = app["ports"]
     # The Service sends clients to the proxy, by the proxy's port name, never to the app directly.
     [service_port] = one(legacy_app, "Service")["spec"]["ports"]
     assert service_port["targetPort"] == proxy_port["name"] == "edge-proxy"
     assert proxy_port["name"] != app_port["name"]
     assert {probe["httpGet"]["port"] for probe in (proxy["startupProbe"], proxy["livenessProbe"])} == {
-        "edge-proxy"
+        "ep-health"
     }
     # The sidecar's readiness must not take the app's pod out of the Service when Redis is down.
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/_startup", "port": "edge-proxy"}
@@ -591,6 +598,20 @@ def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
         (("--set", "redis.existingSecret.name=r"), "mode fleet needs config.upstream.url"),
         ((*MINIMAL, "--set", "redis.existingSecret.name="), "redis.existingSecret.name is required"),
         ((*MINIMAL, "--set", "mode=sidecar", "--set", "sidecar.appPort=8080"), "must differ"),
+        ((*MINIMAL, "--set", "healthPort=8080"), "healthPort and containerPort must differ"),
+        (
+            (*MINIMAL, "--set", "mode=sidecar,sidecar.appPort=8081"),
+            "healthPort and sidecar.appPort must differ",
+        ),
+        ((*MINIMAL, "--set", "config.health_port=9000"), "additional properties 'health_port' not allowed"),
+        (
+            (*MINIMAL, "--skip-schema-validation", "--set", "config.health_port=9000"),
+            "config.health_port is managed by the chart: set healthPort instead",
+        ),
+        (
+            (*MINIMAL, "--set", "config.telemetry.worker_metrics_port=8081"),
+            "config.telemetry.worker_metrics_port: port 8081 would take healthPort (config health_port) 8081",
+        ),
         ((*MINIMAL, "--set", "httpRoute.enabled=true"), "httpRoute.legacyService.name is required"),
         # Without host names an app route naming its host outranks the Exact paths: 0 % reach the fleet.
         (
@@ -750,7 +771,7 @@ ACCEPTED_BY_BOTH = [
     'config.server_header="nginx/1.25 (x)"',
     'config.telemetry={"metrics_enabled":false,"metrics_path":"/flags/definitions"}',  # no route when off
     'config.definitions={"aliases":[],"path":"/api/feature_flag/local_evaluation"}',
-    'config.telemetry={"worker_metrics_port":8081}',
+    'config.telemetry={"worker_metrics_port":8082}',
     'config.telemetry={"worker_metrics_port":8070}',
 ]
 
@@ -839,7 +860,21 @@ def test_a_probe_with_another_handler_loses_the_default_httpget(helm: str) -> No
         "timeoutSeconds": 2,
         "failureThreshold": 2,
     }
-    assert container["livenessProbe"]["httpGet"] == {"path": "/_liveness", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/_liveness", "port": "health"}
+
+
+def test_without_a_health_port_every_probe_is_on_the_clients_port(helm: str, tmp_path: Path) -> None:
+    result = template(helm, *MINIMAL, "--set-json", "healthPort=null")
+    assert result.returncode == 0, result.stderr
+    manifests = load_manifests(result.stdout)
+    [container] = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert [port["name"] for port in container["ports"]] == ["http"]
+    assert {
+        container[kind]["httpGet"]["port"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+    } == {"http"}
+    config = one(manifests, "ConfigMap")["data"]["config.yaml"]
+    assert "health_port" not in yaml.safe_load(config)
+    assert_check_config(config, tmp_path)
 
 
 def test_an_empty_aliases_list_leaves_only_the_definitions_path_in_the_httproute(helm: str) -> None:

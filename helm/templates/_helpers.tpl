@@ -84,6 +84,9 @@ Secrets never appear here: REDIS_URL, REDIS_SENTINEL_PASSWORD and VERDICT_HMAC_K
 {{- $user := deepCopy (default (dict) .Values.config) }}
 {{- include "edge-proxy.validate" . }}
 {{- $managed := dict "bind" (printf "0.0.0.0:%d" (int .Values.containerPort)) }}
+{{- if .Values.healthPort }}
+{{- $_ := set $managed "health_port" (int .Values.healthPort) }}
+{{- end }}
 {{- if eq .Values.mode "sidecar" }}
 {{- $_ := set $managed "service_mode" "all" }}
 {{- $_ := set $managed "upstream" (dict "url" (printf "http://127.0.0.1:%d" (int .Values.sidecar.appPort))) }}
@@ -141,6 +144,9 @@ here are the app's (tests/test_chart.py renders each case and runs check-config 
 {{- fail (printf "config.telemetry.worker_metrics_port: %s go past 65535" $ports) }}
 {{- end }}
 {{- $taken := dict "containerPort (config bind)" (int $.Values.containerPort) }}
+{{- if $.Values.healthPort }}
+{{- $_ := set $taken "healthPort (config health_port)" (int $.Values.healthPort) }}
+{{- end }}
 {{- if eq $.Values.mode "sidecar" }}
 {{- $_ := set $taken "sidecar.appPort (the app's, in the same pod)" (int $.Values.sidecar.appPort) }}
 {{- end }}
@@ -160,6 +166,17 @@ upstream, a drain that does not fit the grace period.
 {{- $config := default (dict) .Values.config }}
 {{- if hasKey $config "bind" }}
 {{- fail "config.bind is managed by the chart: set containerPort instead" }}
+{{- end }}
+{{- if hasKey $config "health_port" }}
+{{- fail "config.health_port is managed by the chart: set healthPort instead" }}
+{{- end }}
+{{- with .Values.healthPort }}
+{{- if eq (int .) (int $.Values.containerPort) }}
+{{- fail "healthPort and containerPort must differ: the probes' listener is a port of its own" }}
+{{- end }}
+{{- if and (eq $.Values.mode "sidecar") (eq (int .) (int $.Values.sidecar.appPort)) }}
+{{- fail "healthPort and sidecar.appPort must differ: the proxy and the app share the pod's network namespace" }}
+{{- end }}
 {{- end }}
 {{- if hasKey (default (dict) $config.redis) "url" }}
 {{- fail "config.redis.url would put a credential in a ConfigMap: set redis.existingSecret.name/key instead" }}
@@ -219,6 +236,10 @@ The proxy container, shared by the fleet Deployment and the sidecar. Called with
 {{- $root := .root }}
 {{- $v := $root.Values }}
 {{- $portName := ternary $v.sidecar.portName "http" .sidecar -}}
+{{- /* Startup and liveness on the probes' own port when there is one, outside the client connection limit;
+readiness on the clients' port, whose listener closes when a drain begins. */}}
+{{- $healthPortName := ternary $v.sidecar.healthPortName "health" .sidecar -}}
+{{- $probePort := ternary $healthPortName $portName (not (empty $v.healthPort)) -}}
 - name: {{ ternary $v.sidecar.containerName $root.Chart.Name .sidecar }}
   image: {{ include "edge-proxy.image" $root | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -227,6 +248,11 @@ The proxy container, shared by the fleet Deployment and the sidecar. Called with
     - name: {{ $portName }}
       containerPort: {{ $v.containerPort }}
       protocol: TCP
+    {{- if $v.healthPort }}
+    - name: {{ $healthPortName }}
+      containerPort: {{ $v.healthPort }}
+      protocol: TCP
+    {{- end }}
   env:
     - name: REDIS_URL
       valueFrom:
@@ -256,11 +282,11 @@ The proxy container, shared by the fleet Deployment and the sidecar. Called with
   {{- end }}
   {{- with $v.startupProbe }}
   startupProbe:
-    {{- include "edge-proxy.probe" (list . $portName) | nindent 4 }}
+    {{- include "edge-proxy.probe" (list . $probePort) | nindent 4 }}
   {{- end }}
   {{- with $v.livenessProbe }}
   livenessProbe:
-    {{- include "edge-proxy.probe" (list . $portName) | nindent 4 }}
+    {{- include "edge-proxy.probe" (list . $probePort) | nindent 4 }}
   {{- end }}
   {{- with (ternary $v.sidecar.readinessProbe $v.readinessProbe .sidecar) }}
   readinessProbe:
