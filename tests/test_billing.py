@@ -273,11 +273,8 @@ async def test_two_processes_each_bill_their_own_requests_and_each_mark_expires(
         assert all(0 < sync.ttl(mark) <= BILLING_DEDUPE_TTL_SECONDS for mark in marks)
 
 
-async def test_a_flush_whose_reply_is_lost_is_not_counted_twice(
-    client: aioredis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    billing = tally()
-    count_many(billing)
+def lose_replies(client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on Redis applies each billing call and its reply is lost on the way back."""
     real_evalsha: Callable[..., Awaitable[Any]] = client.evalsha
 
     async def applied_then_reply_lost(*args: Any) -> Any:
@@ -285,6 +282,14 @@ async def test_a_flush_whose_reply_is_lost_is_not_counted_twice(
         raise RedisConnectionError("connection dropped before the reply")
 
     monkeypatch.setattr(client, "evalsha", applied_then_reply_lost)
+
+
+async def test_a_flush_whose_reply_is_lost_is_not_counted_twice(
+    client: aioredis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    billing = tally()
+    count_many(billing)
+    lose_replies(client, monkeypatch)
     assert not await billing.flush(client)
     assert_counted_once(redis_server)  # Redis did apply it
     assert billing.pending_batches == 1  # but the proxy cannot know, so it keeps the batch
@@ -588,13 +593,7 @@ async def test_a_dropped_batch_that_redis_applied_is_not_logged_as_lost(
     # "lost" and named the counts, which an operator re-applying them by hand would count twice.
     billing = tally(max_pending_batches=1)
     billing.count(7, "posthog-python", now=T0)
-    real_evalsha: Callable[..., Awaitable[Any]] = client.evalsha
-
-    async def applied_then_reply_lost(*args: Any) -> Any:
-        await real_evalsha(*args)
-        raise RedisConnectionError("connection dropped before the reply")
-
-    monkeypatch.setattr(client, "evalsha", applied_then_reply_lost)
+    lose_replies(client, monkeypatch)
     assert not await billing.flush(client)
     billing.count(7, "posthog-python", now=T0 + 1)
     with caplog.at_level(logging.ERROR, logger="proxy.billing"):
