@@ -745,3 +745,20 @@ def test_a_flush_interval_of_a_day_is_refused() -> None:
     message = problems(env={"EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS": "86400"})
     assert "billing.flush_interval_seconds (from $EDGE_PROXY__BILLING__FLUSH_INTERVAL_SECONDS): " in message
     assert "Input should be less than 86400" in message
+
+
+def test_a_merge_key_is_still_read_and_an_explicit_key_overrides_it(tmp_path: Path) -> None:
+    """YAML's `<<:` merge keys, which yaml.safe_load always read: the duplicate-key check took the merge key
+    for an ordinary one and refused the file ("could not determine a constructor for the tag '…'")."""
+    settings = load_settings(
+        write(
+            tmp_path,
+            "rate_limits:\n  team_overrides:\n    <<: {'2': 10/second, '3': 10/second}\n    '3': 20/second\n",
+        ),
+        environ={},
+    )
+    assert dict(settings.rate_limits.team_overrides) == {"2": "10/second", "3": "20/second"}
+    # A key written twice beside a merge is still refused.
+    twice = "redis:\n  <<: {timeout_seconds: 1}\n  max_connections: 3\n  max_connections: 4\n"
+    message = problems(write(tmp_path, twice))
+    assert "found the key max_connections a second time" in message
