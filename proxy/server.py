@@ -10,7 +10,7 @@ import signal
 
 from aiohttp import web
 
-from proxy import __version__, aiohttp_internals, health, keys, telemetry
+from proxy import __version__, aiohttp_internals, connections, health, keys, telemetry
 from proxy.app import create_app
 from proxy.settings import Settings
 from proxy.stop_signals import STOP_SIGNALS, stop_signals
@@ -82,6 +82,10 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             if settings.health_port is not None:
                 health_runner = _health_runner(app)
                 await health_runner.setup()
+                assert health_runner.server is not None
+                # Capped too (idle ones make room, as on bind's port): uncapped, idle connections there
+                # took the descriptors kept for the upstream pool and Redis.
+                connections.ClientConnections(HEALTH_CONNECTIONS).admit_on(health_runner.server)
                 port = settings.health_port
                 side = web.TCPSite(health_runner, settings.bind_host, port, reuse_port=True)
                 if not await _listen(side, f"health_port {port}"):
@@ -166,6 +170,11 @@ def handler_wait(settings: Settings) -> float:
     return min(0.5, settings.shutdown_timeout_seconds / 8)
 
 
+# Connections the health_port listener admits at once (probes and a scraper need a few; at the cap an idle one
+# makes room). Within connections.SPARE_DESCRIPTORS' margin, with the other listeners.
+HEALTH_CONNECTIONS = 32
+
+
 # A worker writes a byte this often to its supervisor's pipe: the supervisor's proof that its loop runs.
 HEARTBEAT_SECONDS = 1.0
 
@@ -217,7 +226,12 @@ def _health_runner(app: web.Application) -> web.AppRunner:
     health_app[keys.SETTINGS] = app[keys.SETTINGS]
     health.add_routes(health_app)
     telemetry.add_routes(health_app)
-    return web.AppRunner(health_app, handle_signals=False, access_log=None)
+    return web.AppRunner(
+        health_app,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=app[keys.SETTINGS].client_limits.keepalive_timeout_seconds,
+    )
 
 
 def run(settings: Settings, worker_index: int = 0, heartbeat_fd: int | None = None) -> int:

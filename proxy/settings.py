@@ -514,7 +514,8 @@ class Settings(_Section):
     # host:port ([v6]:port) the clients' port listens on (SO_REUSEPORT).
     bind: str = "0.0.0.0:8080"
     # The health probes (and telemetry.metrics_path) also answered on bind's host at this port: a listener of
-    # their own, outside client_limits.max_connections, so a liveness probe is answered while clients hold
+    # their own, outside client_limits.max_connections (32 connections of its own, idle ones making room), so
+    # a liveness probe is answered while clients hold
     # every connection place (on bind's port it was refused, and the kubelet restarted a busy proxy). It
     # stays open while draining (readiness 503 there) until the process exits. Shared by --workers N
     # (SO_REUSEPORT: one of them answers). Unset: bind's port only.

@@ -1042,3 +1042,28 @@ def test_the_drain_fits_its_budget_after_aiohttps_rounding(budget: float) -> Non
     assert (budget - 2 * wait) + 2 * rounded <= budget
     assert min(server.IDLE_GRACE_SECONDS, budget / 4) < budget - 2 * wait
     assert wait > 0
+
+
+async def test_the_health_port_holds_no_more_than_its_cap_of_connections(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """Idle connections on health_port (uncapped, kept an hour by aiohttp's default) took every descriptor
+    the client cap keeps for the upstream pool and Redis: new clients on bind's port were reset."""
+    _, server = upstream
+    port = free_port()
+    health_port = _two_free_ports(avoid=port)
+    env = _env(port, server, redis_url, EDGE_PROXY__HEALTH_PORT=str(health_port))
+    held = []
+    with proxy_process(tmp_path, env, open_files=(1024, 1024)) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        try:
+            for _ in range(1100):
+                held.append(await asyncio.open_connection("127.0.0.1", health_port))
+            await wait_until(
+                lambda: len(os.listdir(f"/proc/{process.pid}/fd")) < 200, "idle health connections closed"
+            )
+            assert (await _raw_exchange(health_port, LIVENESS)).startswith(b"HTTP/1.1 200 ")
+            assert (await _raw_exchange(port, FORWARDED)).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for _, writer in held:
+                writer.close()
