@@ -121,6 +121,7 @@ class BillingTally:
         self._parts = 0  # parts so far: the last part's seq
         # This tally's mark (one per process): a fresh id, so no two processes ever share one.
         self._mark = contract.layout.billing_dedupe_key.format(batch_id=uuid.uuid4().hex)
+        self._clustered = False  # the client of the last flush is a Cluster's: marks are <mark>:{...} there
         self._script: AsyncScript | None = None
         # Flushes must not overlap: a part leaves the queue only once the call that carried it succeeded.
         self._flushing = asyncio.Lock()
@@ -165,6 +166,7 @@ class BillingTally:
         more before those counts reach Redis.
         """
         async with self._flushing:
+            self._clustered = isinstance(redis, RedisCluster)
             self._seal(self._bucket(now) if hold_newest else None)
             if not self._pending:
                 return True
@@ -277,10 +279,11 @@ class BillingTally:
             # tells, so nobody re-applies by hand what Redis already holds.
             log.error(
                 "billing: more than %d batches unwritten; dropped the oldest, %d request(s) not confirmed "
-                "written (a part sent before was applied if GET %s is its number or more): %s",
+                "written (a part sent before was applied if GET %s%s is its number or more): %s",
                 self.settings.pending_batches_kept,
                 requests,
                 self._mark,
+                " (on a Cluster, each slot's <mark>:{...}: SCAN MATCH <mark>:*)" if self._clustered else "",
                 "; ".join(
                     f"part {part.seq}{' (sent)' if part.sent else ' (never sent)'}: {_describe(part.counts)}"
                     for part in dropped

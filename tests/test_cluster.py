@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -671,3 +672,23 @@ def test_a_marker_takes_the_slot_of_the_key_it_guards() -> None:
     for key in ("a}b", "a{}b"):  # a "}" outside a hash tag of its own cannot be wrapped in one
         with pytest.raises(DataError):
             hash_tagged("marker", key)
+
+
+async def test_a_dropped_batch_names_the_marks_a_cluster_holds(
+    cluster: RedisClusterServers, cluster_client: RedisClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On a Cluster the marks are <mark>:{<hash>}, one per slot group: "GET <mark>" found nothing, and an
+    # operator following the log re-applied by hand what Redis already held.
+    billing = BillingTally(CONTRACT, BillingSettings(max_pending_batches=1))
+    billing.count(TEAM_ID, "posthog-python", now=T0)
+    assert await billing.flush(cluster_client)
+    with cluster.client() as client:
+        assert client.get(billing._mark) is None
+        assert len(list(client.scan_iter(f"{billing._mark}:*"))) == 2
+    billing.count(TEAM_ID, "posthog-python", now=T0 + 1)
+    billing._seal()
+    billing.count(TEAM_ID, "posthog-python", now=T0 + 2)
+    with caplog.at_level(logging.ERROR, logger="proxy.billing"):
+        billing._seal()
+    [error] = [r.getMessage() for r in caplog.records if "dropped the oldest" in r.getMessage()]
+    assert "SCAN MATCH <mark>:*" in error
