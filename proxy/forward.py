@@ -284,16 +284,20 @@ class Forwarder:
         # it) would hold an upstream connection (and the pool is bounded) for as long as it likes.
         size = 0
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._body_total_timeout
+        # The total counts time spent waiting for the client only: while the upstream is slow to take a
+        # chunk, the client is held back by the proxy, and a 408 would blame it for the backend.
+        waited = 0.0
         while True:
+            started = loop.time()
             try:
-                async with asyncio.timeout_at(min(loop.time() + self._body_timeout, deadline)):
+                async with asyncio.timeout(min(self._body_timeout, self._body_total_timeout - waited)):
                     chunk = await content.readany()
             except TimeoutError:
                 raise ClientBodyError(408, BODY_TIMEOUT) from None
             except (OSError, aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError):
                 # The client went away or sent less than its Content-Length.
                 raise ClientBodyError(400, BODY_INCOMPLETE) from None
+            waited += loop.time() - started
             if not chunk:
                 return
             size += len(chunk)

@@ -406,7 +406,8 @@ class ClientLimitsSettings(_Section):
     keepalive_timeout_seconds: Seconds = 75.0
     # Longest silence while reading a forwarded request's body: then 408, and the upstream request is dropped.
     body_read_timeout_seconds: Seconds = 30.0
-    # Longest a forwarded request's body may take in all, from its first read: then the same 408. A body
+    # Longest a forwarded request's body may keep the proxy waiting for it in all (the time the upstream takes
+    # to accept it is not the client's): then the same 408. A body
     # over upstream.buffer_request_body_bytes is streamed, holding a pooled upstream connection (and a
     # backend worker) while it arrives; a client trickling a byte every few seconds is never silent for
     # body_read_timeout_seconds, and held them for as long as it liked. max_body_bytes (100 MiB) at 1 MB/s

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -678,3 +679,42 @@ async def test_an_answer_to_a_request_asking_for_an_upgrade_closes_the_connectio
     head = answer.partition(b"\r\n\r\n")[0]
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nConnection: close" in head
+
+
+async def test_a_body_the_upstream_is_slow_to_take_is_not_the_clients_timeout(make_proxy: MakeProxy) -> None:
+    # body_total_timeout_seconds bounds a client trickling its body; while the upstream takes the body
+    # slowly the proxy holds the client back itself, and a fast client got the 408 (a backend reading a
+    # 100 MiB upload at under 350 KB/s, at the 300 s default).
+    received = 0
+
+    async def slow_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        with contextlib.suppress(ConnectionError):
+            while received < length and (chunk := await reader.read(100_000)):
+                received += len(chunk)
+                await asyncio.sleep(0.05)  # ~2 MB/s
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    backend = await asyncio.start_server(slow_backend, "127.0.0.1", 0)
+    port = backend.sockets[0].getsockname()[1]
+    client = await make_proxy(
+        upstream={"url": f"http://127.0.0.1:{port}"}, client_limits={"body_total_timeout_seconds": 2.0}
+    )
+    assert client.port is not None
+    size = 16_000_000  # past the buffers on the way: ~4 s at the backend's pace
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(f"POST /upload HTTP/1.1\r\nHost: proxy\r\nContent-Length: {size}\r\n\r\n".encode())
+        for _ in range(size // 1_000_000):
+            writer.write(b"u" * 1_000_000)
+            await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    finally:
+        writer.close()
+        backend.close()
+    assert status_of(head) == 200, head
+    assert received == size
