@@ -407,11 +407,10 @@ class ClientLimitsSettings(_Section):
     # Longest silence while reading a forwarded request's body: then 408, and the upstream request is dropped.
     body_read_timeout_seconds: Seconds = 30.0
     # Longest a forwarded request's body may keep the proxy waiting for it in all (the time the upstream takes
-    # to accept it is not the client's): then the same 408. A body
-    # over upstream.buffer_request_body_bytes is streamed, holding a pooled upstream connection (and a
-    # backend worker) while it arrives; a client trickling a byte every few seconds is never silent for
-    # body_read_timeout_seconds, and held them for as long as it liked. max_body_bytes (100 MiB) at 1 MB/s
-    # fits.
+    # to accept it is not the client's): then the same 408. A body over upstream.buffer_request_body_bytes is
+    # streamed, holding a pooled upstream connection (and a backend worker) while it arrives; a client
+    # trickling a byte every few seconds is never silent for body_read_timeout_seconds, and held them for as
+    # long as it liked. max_body_bytes (100 MiB) at 1 MB/s fits.
     body_total_timeout_seconds: Seconds = 300.0
     # A client that takes none of an answer's bytes for this long has its connection aborted (nginx's
     # send_timeout): it would hold a descriptor, a place under max_connections and the answer's bytes for as
@@ -516,10 +515,9 @@ class Settings(_Section):
     bind: str = "0.0.0.0:8080"
     # The health probes (and telemetry.metrics_path) also answered on bind's host at this port: a listener of
     # their own, outside client_limits.max_connections (32 connections of its own, idle ones making room), so
-    # a liveness probe is answered while clients hold
-    # every connection place (on bind's port it was refused, and the kubelet restarted a busy proxy). It
-    # stays open while draining (readiness 503 there) until the process exits. Shared by --workers N
-    # (SO_REUSEPORT: one of them answers). Unset: bind's port only.
+    # a liveness probe is answered while clients hold every connection place (on bind's port it was refused,
+    # and the kubelet restarted a busy proxy). It stays open while draining (readiness 503 there) until the
+    # process exits. Shared by --workers N (SO_REUSEPORT: one of them answers). Unset: bind's port only.
     health_port: int | None = Field(default=None, ge=1, le=65535)
     # all and definitions: the definitions routes answered locally; flags: forwarded too (health and
     # metrics answered in every mode).
