@@ -62,10 +62,11 @@ ENV PATH=/opt/edge-proxy/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER 10001:10001
 EXPOSE 8080
-# Docker only (Kubernetes uses the chart's probes): liveness on the bind port (8080 unless EDGE_PROXY__BIND or
-# BIND moves it; a bind set in the config file alone needs its own HEALTHCHECK), never through an http_proxy.
+# Docker only (Kubernetes uses the chart's probes): liveness on EDGE_PROXY__HEALTH_PORT when set (outside the
+# client connection limit), else on the bind port (8080 unless EDGE_PROXY__BIND or BIND moves it; either set in the
+# config file alone needs its own HEALTHCHECK), never through an http_proxy.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
-    CMD ["python3", "-c", "import os, urllib.request as u; port = (os.environ.get('EDGE_PROXY__BIND') or os.environ.get('BIND') or ':8080').rpartition(':')[2]; u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/_liveness', timeout=2)"]
+    CMD ["python3", "-c", "import os, urllib.request as u; port = os.environ.get('EDGE_PROXY__HEALTH_PORT') or (os.environ.get('EDGE_PROXY__BIND') or os.environ.get('BIND') or ':8080').rpartition(':')[2]; u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/_liveness', timeout=2)"]
 # Exec form: edge-proxy is PID 1 and gets SIGTERM itself (its drain), and reaps its own worker processes.
 ENTRYPOINT ["edge-proxy"]
 CMD ["serve", "--config", "/etc/edge-proxy/config.yaml"]

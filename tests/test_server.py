@@ -791,6 +791,18 @@ async def test_the_images_healthcheck_follows_bind_and_ignores_http_proxy(
     with proxy_process(tmp_path, _env(port, server, redis_url)) as (process, log_path):
         await wait_ready(port, process, log_path)
         assert await check() == (0, b"")
+        # EDGE_PROXY__HEALTH_PORT wins over both: the probes' own listener, outside the client connection
+        # limit (this process has none, so the check fails there while bind's port answers).
+        health_port = _two_free_ports(avoid=port)
+        env["EDGE_PROXY__HEALTH_PORT"] = str(health_port)
+        assert (await check())[0] == 1
+    with proxy_process(tmp_path, _env(port, server, redis_url, EDGE_PROXY__HEALTH_PORT=str(health_port))) as (
+        process,
+        log_path,
+    ):
+        await wait_ready(port, process, log_path)
+        assert await check() == (0, b"")
+        assert _listening_on(process.pid, health_port)
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:
