@@ -67,8 +67,9 @@ def create_app(settings: Settings) -> web.Application:
         ]
     )
 
-    health.add_routes(app)
-    telemetry.add_routes(app)  # /metrics: answered in every mode, never forwarded
+    if not settings.health_port_only:  # else on health_port alone (server.py), forwarded here
+        health.add_routes(app)
+        telemetry.add_routes(app)  # /metrics: answered in every mode, never forwarded
     definitions.add_routes(app)
     forward.add_routes(app)  # last: the catch-all
     return app

@@ -519,6 +519,11 @@ class Settings(_Section):
     # and the kubelet restarted a busy proxy). It stays open while draining (readiness 503 there) until the
     # process exits. Shared by --workers N (SO_REUSEPORT: one of them answers). Unset: bind's port only.
     health_port: int | None = Field(default=None, ge=1, le=65535)
+    # With health_port: the health paths and telemetry.metrics_path answered there only, so clients (the
+    # public, in front of a sidecar's app) never see readiness's reasons or the metrics; on bind's port those
+    # paths are forwarded like any other (a sidecar's app answers its own). The probes and the scrape then go
+    # to health_port, readiness included (there it says 503 while draining).
+    health_port_only: bool = False
     # all and definitions: the definitions routes answered locally; flags: forwarded too (health and
     # metrics answered in every mode).
     service_mode: ServiceMode = ServiceMode.ALL
@@ -627,7 +632,7 @@ class Settings(_Section):
     def _health_port(self) -> list[str]:
         port = self.health_port
         if port is None:
-            return []
+            return ["health_port_only: needs health_port"] if self.health_port_only else []
         if port == self.bind_port:
             return [f"health_port: {port} is bind's port"]
         first = self.telemetry.worker_metrics_port

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import MakeProxy
-from tests.rig import RedisServer, Upstream
+from tests.rig import RedisServer, Upstream, free_port
 
 
 async def test_liveness_and_startup_answer_locally(
@@ -38,3 +38,20 @@ async def _wait_status(client: object, status: int) -> object:
             return await response.json()
         await asyncio.sleep(0.025)
     raise AssertionError(f"readiness never became {status}")
+
+
+async def test_with_health_port_only_the_probe_and_metrics_paths_are_forwarded_on_binds_port(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer]
+) -> None:
+    # In front of a sidecar's app, the public never sees readiness's reasons or the metrics: those paths are
+    # the app's there, and the probes and the scrape go to health_port (tests/test_server.py).
+    recorder, _ = upstream
+    client = await make_proxy(health_port=free_port(), health_port_only=True)
+    paths = ["/_liveness", "/_readiness", "/_startup", "/metrics"]
+    for path in paths:
+        response = await client.get(path)
+        assert (response.status, await response.json()) == (
+            200,
+            {"upstream": True, "method": "GET", "path": path},
+        )
+    assert [seen.path_qs for seen in recorder.seen] == paths

@@ -993,6 +993,29 @@ async def test_at_the_connection_cap_the_oldest_idle_connection_makes_room_and_b
     assert "Traceback" not in _log(log_path)
 
 
+async def test_with_health_port_only_probes_and_scrapes_go_to_the_health_port_alone(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    recorder, server = upstream
+    port = free_port()
+    health_port = _two_free_ports(avoid=port)
+    env = _env(
+        port, server, redis_url, EDGE_PROXY__HEALTH_PORT=str(health_port), EDGE_PROXY__HEALTH_PORT_ONLY="true"
+    )
+    with proxy_process(tmp_path, env) as (process, log_path):
+        await wait_ready(health_port, process, log_path)
+        scrape = await _raw_exchange(
+            health_port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        public = await _raw_exchange(port, READINESS)
+    assert scrape.startswith(b"HTTP/1.1 200 ")
+    assert b"\nedge_proxy_client_connections_limit " in scrape
+    # On bind's port the path is the upstream's (a sidecar's app answers its own): no reasons, no metrics.
+    assert public.startswith(b"HTTP/1.1 200 ")
+    assert public.endswith(b'{"upstream": true, "method": "GET", "path": "/_readiness"}')
+    assert [seen.path_qs for seen in recorder.seen] == ["/_readiness"]
+
+
 async def _closed_by_server_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     try:
         return await asyncio.wait_for(reader.read(1), seconds) == b""

@@ -257,8 +257,9 @@ def test_unusable_worker_metrics_ports_are_refused_naming_the_key(env: dict[str,
             {"EDGE_PROXY__HEALTH_PORT": "0"},
             "health_port (from $EDGE_PROXY__HEALTH_PORT): Input should be greater than or equal to 1",
         ),
+        ({"EDGE_PROXY__HEALTH_PORT_ONLY": "true"}, "health_port_only: needs health_port"),
     ],
-    ids=["bind's port", "a worker's metrics port", "zero"],
+    ids=["bind's port", "a worker's metrics port", "zero", "only, without one"],
 )
 def test_an_unusable_health_port_is_refused_naming_the_key(env: dict[str, str], problem: str) -> None:
     assert problems(env=env) == f"invalid configuration (1 problem):\n  {problem}"
