@@ -452,8 +452,9 @@ def test_sidecar_example_puts_the_proxy_in_front_of_the_app(
     assert {probe["httpGet"]["port"] for probe in (proxy["startupProbe"], proxy["livenessProbe"])} == {
         "ep-health"
     }
-    # The sidecar's readiness must not take the app's pod out of the Service when Redis is down.
-    assert proxy["readinessProbe"]["httpGet"] == {"path": "/_startup", "port": "edge-proxy"}
+    # The sidecar's readiness must not take the app's pod out of the Service when Redis is down; it goes to
+    # the health port, where alone the health paths and metrics are answered in front of a public app.
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/_startup", "port": "ep-health"}
     # Its volumes are in the pod, and the pod rolls when its config changes.
     volumes = {volume["name"] for volume in spec["volumes"]}
     assert {mount["name"] for mount in proxy["volumeMounts"]} <= volumes
@@ -466,6 +467,7 @@ def test_sidecar_example_puts_the_proxy_in_front_of_the_app(
     config = yaml.safe_load(config_text)
     assert config["upstream"]["url"] == f"http://127.0.0.1:{app_port['containerPort']}"
     assert config["bind"] == f"0.0.0.0:{proxy_port['containerPort']}"
+    assert (config["health_port"], config["health_port_only"]) == (health_port["containerPort"], True)
     assert "configuration OK" in assert_check_config(config_text, tmp_path)
     assert_drain_fits(spec["terminationGracePeriodSeconds"], proxy, config)
     # The app keeps serving the proxy's forwards until the proxy has drained.
@@ -604,6 +606,14 @@ def test_extra_env_may_name_a_pod_wide_collector(helm: str) -> None:
             "healthPort and sidecar.appPort must differ",
         ),
         ((*MINIMAL, "--set", "config.health_port=9000"), "additional properties 'health_port' not allowed"),
+        (
+            (*MINIMAL, "--set-json", "healthPort=null", "--set", "config.health_port_only=true"),
+            "needs healthPort",
+        ),
+        (
+            (*MINIMAL, "--set", "serviceMonitor.enabled=true,config.health_port_only=true"),
+            "with config.health_port_only the metrics are on healthPort alone",
+        ),
         (
             (*MINIMAL, "--skip-schema-validation", "--set", "config.health_port=9000"),
             "config.health_port is managed by the chart: set healthPort instead",
@@ -861,6 +871,17 @@ def test_a_probe_with_another_handler_loses_the_default_httpget(helm: str) -> No
         "failureThreshold": 2,
     }
     assert container["livenessProbe"]["httpGet"] == {"path": "/_liveness", "port": "health"}
+
+
+def test_a_fleet_answering_health_on_its_health_port_only_is_probed_there_for_readiness_too(
+    helm: str,
+) -> None:
+    result = template(helm, *MINIMAL, "--set", "config.health_port_only=true")
+    assert result.returncode == 0, result.stderr
+    [container] = one(load_manifests(result.stdout), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert {
+        container[kind]["httpGet"]["port"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+    } == {"health"}
 
 
 def test_without_a_health_port_every_probe_is_on_the_clients_port(helm: str, tmp_path: Path) -> None:

@@ -86,6 +86,10 @@ Secrets never appear here: REDIS_URL, REDIS_SENTINEL_PASSWORD and VERDICT_HMAC_K
 {{- $managed := dict "bind" (printf "0.0.0.0:%d" (int .Values.containerPort)) }}
 {{- if .Values.healthPort }}
 {{- $_ := set $managed "health_port" (int .Values.healthPort) }}
+{{- /* In front of an app the public reaches: neither readiness's reasons nor the metrics on its port. */}}
+{{- if eq .Values.mode "sidecar" }}
+{{- $_ := set $managed "health_port_only" true }}
+{{- end }}
 {{- end }}
 {{- if eq .Values.mode "sidecar" }}
 {{- $_ := set $managed "service_mode" "all" }}
@@ -108,6 +112,9 @@ here are the app's (tests/test_chart.py renders each case and runs check-config 
 */}}
 {{- define "edge-proxy.validateConfig" -}}
 {{- $config := .config }}
+{{- if and (dig "health_port_only" false $config) (not (hasKey $config "health_port")) }}
+{{- fail "config.health_port_only needs healthPort: the health paths would be answered nowhere" }}
+{{- end }}
 {{- $definitions := default (dict) $config.definitions }}
 {{- $telemetry := default (dict) $config.telemetry }}
 {{- $routes := list }}
@@ -240,6 +247,10 @@ The proxy container, shared by the fleet Deployment and the sidecar. Called with
 readiness on the clients' port, whose listener closes when a drain begins. */}}
 {{- $healthPortName := ternary $v.sidecar.healthPortName "health" .sidecar -}}
 {{- $probePort := ternary $healthPortName $portName (not (empty $v.healthPort)) -}}
+{{- /* Readiness too when the health paths are answered there only (config health_port_only, the sidecar's
+default): on the clients' port they are the app's. */}}
+{{- $healthOnly := and (not (empty $v.healthPort)) (dig "health_port_only" .sidecar (default (dict) $v.config)) -}}
+{{- $readinessPort := ternary $healthPortName $portName $healthOnly -}}
 - name: {{ ternary $v.sidecar.containerName $root.Chart.Name .sidecar }}
   image: {{ include "edge-proxy.image" $root | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -290,7 +301,7 @@ readiness on the clients' port, whose listener closes when a drain begins. */}}
   {{- end }}
   {{- with (ternary $v.sidecar.readinessProbe $v.readinessProbe .sidecar) }}
   readinessProbe:
-    {{- include "edge-proxy.probe" (list . $portName) | nindent 4 }}
+    {{- include "edge-proxy.probe" (list . $readinessPort) | nindent 4 }}
   {{- end }}
   lifecycle:
     preStop:
