@@ -183,6 +183,10 @@ class ClientConnections:
         """Client connections open now."""
         return len(self._open)
 
+    def busy(self) -> int:
+        """Connections open with a request in progress or an answer not yet all sent (see _idle)."""
+        return sum(1 for handler in self._open if not _idle(handler))
+
     async def wait_closed(self, within: float) -> None:
         """Until every client connection has closed, or `within` seconds have passed."""
         if not self._open:

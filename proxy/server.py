@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 
 from aiohttp import web
 
@@ -47,15 +48,28 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
         access_log=None,
     )
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second stop signal: cut the drain short
+    loop = asyncio.get_running_loop()
+    stopped_at = 0.0
 
     def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            log.info("%s while draining: still draining", sig.name)
-        else:
-            log.info("%s: draining", sig.name)
+        nonlocal stopped_at
+        if not stop.is_set():
+            log.info(
+                "%s: draining (another stop signal, %gs or more later, cuts it short)",
+                sig.name,
+                SAME_STOP_SECONDS,
+            )
+            stopped_at = loop.time()
             stop.set()
+        elif loop.time() - stopped_at < SAME_STOP_SECONDS:
+            # The same stop delivered twice: Ctrl-C (or systemd's stop) signals the whole process group, and a
+            # supervisor relays it to its workers too.
+            log.info("%s while draining: still draining", sig.name)
+        elif not hurry.is_set():
+            log.warning("%s again: cutting the drain short", sig.name)
+            hurry.set()
 
-    loop = asyncio.get_running_loop()
     # Installed before startup, so a SIGTERM while Redis connects ends the process through the same
     # clean path instead of the default action.
     stops = stop_signals()
@@ -123,12 +137,15 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             # (Connection: close) rather than met by the close: aiohttp closes idle connections at once, and
             # a busy keep-alive client lost a request or two at every drain (found by a reviewer).
             await site.stop()
-            await app[keys.CONNECTIONS].wait_closed(_idle_grace(settings))
-            # Then idle connections close, and requests in progress finish within the budget, before
-            # aiohttp's shutdown: that drops every byte arriving on every connection from its start
-            # (RequestHandler.close, then data_received), so an upload still arriving a second into the drain
-            # was cut off, its upstream request reset and its client left without an answer.
-            await app[keys.CONNECTIONS].drain(drain_ends)
+            await _unless(hurry, _drain(app[keys.CONNECTIONS], _idle_grace(settings), drain_ends))
+            if busy := app[keys.CONNECTIONS].busy():
+                log.warning(
+                    "drain %s: %d connection(s) still busy (a request in progress, an answer unsent), "
+                    "cut in %gs at most",
+                    "cut short" if hurry.is_set() else "out of time",
+                    busy,
+                    2 * handler_wait(settings),
+                )
         finally:
             if sweeper is not None:
                 await cancelled(sweeper)
@@ -148,6 +165,34 @@ async def serve(settings: Settings, worker_index: int = 0, heartbeat_fd: int | N
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
+
+
+async def _drain(clients: connections.ClientConnections, idle_grace: float, until: float) -> None:
+    await clients.wait_closed(idle_grace)
+    # Then idle connections close, and requests in progress finish within the budget, before aiohttp's
+    # shutdown: that drops every byte arriving on every connection from its start (RequestHandler.close, then
+    # data_received), so an upload still arriving a second into the drain was cut off, its upstream request
+    # reset and its client left without an answer.
+    await clients.drain(until)
+
+
+async def _unless(event: asyncio.Event, work: Coroutine[None, None, None]) -> None:
+    """Run `work` until it ends or `event` is set, whichever comes first."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancelled(waiter)
+        if not task.done():
+            await cancelled(task)
+    if not task.cancelled():
+        task.result()  # a failure of the work is raised, not lost
+
+
+# A stop signal this soon after the first is the same stop delivered twice (to the process group, and relayed
+# by a supervisor); one later cuts the drain short (a second Ctrl-C, as uvicorn takes it).
+SAME_STOP_SECONDS = 1.0
 
 
 # How long, at most, a drain waits for kept-alive clients to send their next request before their idle

@@ -36,11 +36,16 @@ BODY = b"0123456789abcdef" * 4096  # 64 KiB: big enough that a truncated answer 
 
 @contextmanager
 def proxy_process(
-    tmp_path: Path, env: Mapping[str, str], *args: str, open_files: tuple[int, int] | None = None
+    tmp_path: Path,
+    env: Mapping[str, str],
+    *args: str,
+    open_files: tuple[int, int] | None = None,
+    own_group: bool = False,
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """Start `python -m proxy serve` configured by `env` alone; killed on the way out, whatever happened.
 
     `open_files`: the (soft, hard) RLIMIT_NOFILE it starts with, as a container runtime would set it.
+    `own_group`: in a process group of its own (as a shell's foreground job), to be signalled as a group.
     """
     base = {k: v for k, v in os.environ.items() if k not in ENV_ALIASES and not k.startswith("EDGE_PROXY")}
     log_path = tmp_path / f"proxy-{len(list(tmp_path.glob('proxy-*.log')))}.log"
@@ -56,6 +61,7 @@ def proxy_process(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             preexec_fn=limit_open_files if open_files is not None else None,
+            process_group=0 if own_group else None,
         )
     try:
         yield process, log_path
@@ -278,6 +284,42 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
     assert "loop uvloop" in log
 
 
+async def test_a_second_stop_signal_cuts_the_drain_short_and_the_same_one_delivered_twice_does_not(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """Ctrl-C twice ends a drain waiting for a slow backend at once (it waited out the whole budget, a minute
+    here); one stop delivered twice in a moment (Ctrl-C or systemd signal the whole process group, and a
+    supervisor relays the signal to its workers as well) is one stop, and the drain goes on."""
+    recorder, backend = upstream
+    port = free_port()
+    env = _env(port, backend, redis_url, SHUTDOWN_TIMEOUT_SECONDS="60")
+    async with gated_upstream(upstream), aiohttp.ClientSession() as session:
+        with proxy_process(tmp_path, env) as (process, log_path):
+            await wait_ready(port, process, log_path)
+            tasks = [
+                asyncio.create_task(_fetch(session, f"http://127.0.0.1:{port}/slow?i={i}")) for i in range(5)
+            ]
+            await wait_until(lambda: _in_flight(recorder) == 5, "5 requests upstream")
+            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGINT)
+            await wait_until(lambda: "SIGINT while draining: still draining" in _log(log_path), "the second")
+            # Past the window in which a signal is taken for the same stop: still draining, none cut.
+            await asyncio.sleep(server.SAME_STOP_SECONDS + 0.2)
+            assert process.poll() is None, _log(log_path)
+            assert not any(task.done() for task in tasks)
+
+            process.send_signal(signal.SIGINT)
+            code = await wait_exit(process, 15)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+    log = _log(log_path)
+    assert code == 0, log
+    # Cut off, not answered: the backend never released them.
+    assert all(isinstance(result, aiohttp.ClientError) for result in results), results
+    assert "SIGINT again: cutting the drain short" in log
+    assert "drain cut short: 5 connection(s) still busy" in log
+    assert log.rstrip().endswith("stopped")  # the clean path to the end: cleanup ran (billing's final flush)
+
+
 async def test_an_upload_still_arriving_when_the_drain_begins_reaches_the_backend_whole(
     tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
 ) -> None:
@@ -361,16 +403,20 @@ async def test_streams_get_the_whole_timeout_and_the_process_exits_by_it(
             end.set()
     assert code == 0, log_path.read_text()
     assert elapsed < timeout + 3
+    # Cut, and said so: the endless stream (and the finite one, when its end comes as the drain hands over).
+    assert re.search(
+        r"drain out of time: [12] connection\(s\) still busy .*, cut in 1s at most", _log(log_path)
+    )
 
 
 async def test_workers_share_the_port_restart_and_stop_together(
     tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
 ) -> None:
-    recorder, server = upstream
+    recorder, backend = upstream
     port = free_port()
-    env = _env(port, server, redis_url, SHUTDOWN_TIMEOUT_SECONDS="10")
+    env = _env(port, backend, redis_url, SHUTDOWN_TIMEOUT_SECONDS="10")
     async with gated_upstream(upstream) as release, aiohttp.ClientSession() as session:
-        with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
+        with proxy_process(tmp_path, env, "--workers", "2", own_group=True) as (supervisor, log_path):
             await wait_ready(port, supervisor, log_path)
             await wait_until(
                 lambda: len(_listening_workers(supervisor.pid, port)) == 2, "two workers listening"
@@ -391,11 +437,16 @@ async def test_workers_share_the_port_restart_and_stop_together(
                 asyncio.create_task(_fetch(session, f"http://127.0.0.1:{port}/slow?i={i}")) for i in range(20)
             ]
             await wait_until(lambda: _in_flight(recorder) == 20, "20 requests upstream")
-            supervisor.send_signal(signal.SIGTERM)
+            # To the whole group, as Ctrl-C or systemd's stop: each worker gets it twice (the supervisor
+            # relays it too; the kernel merges the two if the first is still pending), which is one stop,
+            # not a second one that cuts the drain short.
+            os.killpg(supervisor.pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
             while not await refused(port):
                 assert time.monotonic() < deadline, "a worker still accepts connections after SIGTERM"
                 await asyncio.sleep(0.02)
+            await asyncio.sleep(server.SAME_STOP_SECONDS + 0.2)
+            assert not any(task.done() for task in tasks)
             release.set()
             results = await asyncio.gather(*tasks)
             code = await wait_exit(supervisor, 10 + 5)
