@@ -7,7 +7,7 @@ import ipaddress
 import math
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 
 from limits import parse as parse_rate
 from pydantic import (
@@ -95,6 +95,20 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes/no/on/off/true/false as booleans, and pydantic took one for the number 1 or 0:
+        # `workers: yes` ran one worker, `shutdown_timeout_seconds: on` drained for a second.
+        if isinstance(value, bool) and info.field_name is not None:
+            kind = cls.model_fields[info.field_name].annotation
+            if kind is not bool and bool not in get_args(kind):
+                raise ValueError(
+                    f"YAML read the boolean {str(value).lower()} here (yes/no/on/off/true/false unquoted), "
+                    "which this key does not take"
+                )
+        return value
 
 
 class UpstreamSettings(_Section):

@@ -476,6 +476,39 @@ def test_a_key_written_twice_is_refused_by_line(tmp_path: Path, text: str, key: 
     assert "DupS3cret" not in message
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        # pydantic took YAML's booleans for 1 and 0: one worker, a one-second drain, a pool of one.
+        ("workers: yes\n", "workers", "true"),
+        ("shutdown_timeout_seconds: on\n", "shutdown_timeout_seconds", "true"),
+        ("redis:\n  max_connections: true\n", "redis.max_connections", "true"),
+        (
+            "definitions:\n  offload:\n    weight_percent: off\n",
+            "definitions.offload.weight_percent",
+            "false",
+        ),
+        ("bind: no\n", "bind", "false"),
+    ],
+)
+def test_a_yaml_boolean_is_refused_where_a_number_or_text_goes(
+    tmp_path: Path, text: str, key: str, value: str
+) -> None:
+    message = problems(write(tmp_path, text))
+    assert (
+        f"  {key}: Value error, YAML read the boolean {value} here (yes/no/on/off/true/false unquoted), "
+        "which this key does not take"
+    ) in message
+
+
+def test_yaml_booleans_still_set_boolean_keys(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, "logging:\n  access_log: yes\nrate_limits:\n  enabled: off\n"), {}
+    )
+    assert settings.logging.access_log is True
+    assert settings.rate_limits.enabled is False
+
+
 def test_a_malformed_file_is_placed_by_line_without_quoting_its_text(tmp_path: Path) -> None:
     """PyYAML's own message quotes the lines around the problem: here, a Redis password."""
     path = write(tmp_path, 'redis:\n  url: "redis://:YamlS3cretPw@127.0.0.1:6379/0\nupstream: {}\n')
