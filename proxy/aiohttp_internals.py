@@ -76,6 +76,10 @@ def set_server_header(value: str) -> None:
     web_response.SERVER_SOFTWARE = value  # type: ignore[attr-defined]  # imported there from aiohttp.http
 
 
+# The whole body of aiohttp's own answer to a request it could not parse: nothing of the request in it.
+MALFORMED_BODY = "400 Bad Request"
+
+
 def on_malformed_request(server: web.Server, count: Callable[[], None]) -> None:
     """Call `count` for each request `server` answers 400 itself, unhandled: a head it could not parse.
 
@@ -96,6 +100,14 @@ def on_malformed_request(server: web.Server, count: Callable[[], None]) -> None:
             hook = None if server is None else _on_malformed.get(server)
             if hook is not None:
                 hook()
+            # aiohttp's body is the parser's message, which quotes the bytes it refused: the offending header
+            # line (a Cookie with the HttpOnly session cookie, an Authorization), or the first 100 bytes of
+            # one over 16 KiB. A page's script that can make the browser send such a request (a few large
+            # cookies) would read HttpOnly cookies from the 400 (CVE-2012-0053's shape). The status only.
+            if err_info.status < 500:
+                err_info = web_protocol._ErrInfo(
+                    status=err_info.status, exc=err_info.exc, message=MALFORMED_BODY
+                )
             return make(handler, err_info)
 
         _make_error_handler._counted = True  # type: ignore[attr-defined]

@@ -973,6 +973,31 @@ async def test_requests_aiohttp_answers_400_before_any_handler_are_counted(
     assert [seen.raw_path for seen in recorder.seen] == ["/x"]  # the forwarded one only
 
 
+async def test_aiohttps_400s_never_echo_the_request_bytes(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """aiohttp's 400 quoted what its parser refused: a Cookie line with the HttpOnly session cookie in it, an
+    Authorization line, or the first 100 bytes of a header over 16 KiB (a page's script can make a browser
+    send one by setting a few large cookies, and read the 400)."""
+    _, server = upstream
+    port = free_port()
+    secret = b"sessionid=HTTPONLYSESSIONMARK0123456789abcdef"
+    pad = b"; ".join(b"pad%d=" % i + b"a" * 4000 for i in range(5))
+    malformed = [
+        b"GET /app/ HTTP/1.1\r\nHost: x\r\nCookie: " + secret + b"; " + pad + b"\r\n\r\n",
+        b"GET /app/ HTTP/1.1\r\nHost: x\r\nCookie: " + secret + b"; x=\x7f\r\n\r\n",
+        b"GET /flags/definitions HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer HTTPONLYSESSIONMARK\x01\r\n\r\n",
+        b"GET /HTTPONLYSESSIONMARK\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    with proxy_process(tmp_path, _env(port, server, redis_url)) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        for request in malformed:
+            answer = await _raw_exchange(port, request)
+            assert answer.split(b"\r\n")[0] == b"HTTP/1.0 400 Bad Request"
+            assert b"HTTPONLYSESSIONMARK" not in answer
+
+
 async def test_at_the_connection_cap_the_oldest_idle_connection_makes_room_and_busy_ones_never_do(
     tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
 ) -> None:
