@@ -123,6 +123,21 @@ class ClientErrorFilter(logging.Filter):
         return True
 
 
+class OtlpHeaderFilter(logging.Filter):
+    """The OpenTelemetry SDK logs each entry of OTEL_EXPORTER_OTLP_HEADERS it cannot parse, whole, at WARNING:
+    `Authorization: Bearer <key>` (a colon for the `=`, as in HTTP) put the collector's credential in the log.
+    The line stays (the header is dropped, and exports fail), without the entry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the record, its message replaced (it quotes the entry, however the SDK words it)."""
+        record.msg = (
+            "an entry of OTEL_EXPORTER_OTLP_*HEADERS is not comma-separated name=value pairs, URL-encoded: "
+            "it is dropped (not shown: it can hold a credential)"
+        )
+        record.args = ()
+        return True
+
+
 def configure(settings: LoggingSettings) -> None:
     """Install the handler for the configured level and format on the root logger."""
     handler = logging.StreamHandler(sys.stderr)
@@ -135,6 +150,9 @@ def configure(settings: LoggingSettings) -> None:
     root.setLevel(settings.level)
     # Asked for, the access log is written whatever the level (at WARNING it was silently off).
     logging.getLogger("proxy.access").setLevel(logging.INFO if settings.access_log else logging.NOTSET)
+    headers = logging.getLogger("opentelemetry.util.re")
+    if not any(isinstance(f, OtlpHeaderFilter) for f in headers.filters):
+        headers.addFilter(OtlpHeaderFilter())
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ClientErrorFilter) for f in server.filters):
         server.addFilter(ClientErrorFilter())

@@ -132,3 +132,25 @@ async def test_an_upstream_failure_log_masks_a_token_in_the_path(
     assert lines == [
         "upstream unreachable or broken (refused: ConnectionRefusedError) on GET /api/projects/ph*_***/flags"
     ]
+
+
+def test_a_malformed_otlp_headers_entry_is_logged_without_its_credential(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`Authorization: Bearer <key>` (a colon, as in HTTP) was logged whole by the OpenTelemetry SDK."""
+    from opentelemetry.util.re import parse_env_headers
+
+    from proxy.logs import configure
+    from proxy.settings import LoggingSettings
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure(LoggingSettings())
+        assert parse_env_headers("Authorization: Bearer OTLPSECRETMARK", liberal=True) == {}
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    logged = capsys.readouterr().err
+    assert "an entry of OTEL_EXPORTER_OTLP_*HEADERS is not comma-separated name=value pairs" in logged
+    assert "OTLPSECRETMARK" not in logged
