@@ -128,6 +128,9 @@ def check_redis_url(value: str) -> str:
             parts = urlsplit(value)
         except ValueError:
             raise ValueError("redis-py cannot use this URL: " + _safe_reason(ValueError())) from None
+        if "@" in parts.query and "@" not in parts.netloc:
+            # An unescaped "?" in the password began the query: its option names would be the password's.
+            raise ValueError("redis-py cannot use this URL: " + _safe_reason(ValueError()))
         for option, values in parse_qs(parts.query).items():
             if option in _OWNED_QUERY_OPTIONS:
                 raise ValueError(f"the query option {option!r} is {_OWNED_QUERY_OPTIONS[option]}: remove it")

@@ -568,6 +568,9 @@ def test_settings_are_frozen() -> None:
         ("redis://:s3cret@host:6379/abc", "the database (the URL's path) must be a number"),
         ("rediss://:s3cret@host:6379/0?foo=bar", "the query option 'foo' is not one a URL can set here"),
         ("redis://:s3cret@host:6379/0?protocol=x", "Invalid value for 'protocol'"),
+        # An unescaped "?" in the password: the option named was the rest of the password.
+        ("redis://user:pa?s3cret=x@host:6379/0", "or non-ASCII character in a password is %-encoded"),
+        ("redis://user:pa?a=1&s3cret=x@host:6379/0", "or non-ASCII character in a password is %-encoded"),
         # The proxy's own: redis-py lets the URL's win, which unbounded every call (3 s on a 0.5 s timeout)...
         ("redis://:s3cret@host:6379/0?socket_timeout=3", "'socket_timeout' is set by redis.timeout_seconds"),
         ("rediss://:s3cret@host/0?timeout=30", "'timeout' is set by redis.timeout_seconds"),
