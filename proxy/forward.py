@@ -407,7 +407,10 @@ def add_routes(app: web.Application) -> None:
         # Not a coroutine itself: the forwarder's is awaited by the route wrapper, one frame less per request.
         return app[keys.FORWARDER].forward(request)
 
-    app.router.add_route("*", "/{tail:.*}", observed(app, FORWARD, forward), expect_handler=expect_continue)
+    # Any character: "." would not match a line feed, and a path with %0A was a local 404, never forwarded.
+    app.router.add_route(
+        "*", r"/{tail:[\s\S]*}", observed(app, FORWARD, forward), expect_handler=expect_continue
+    )
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -237,7 +237,7 @@ class Upstream:
         """The upstream application (a catch-all that records, then dispatches by path)."""
         # Request bodies recorded as they arrived, compressed or not (aiohttp would decompress them).
         app = web.Application(client_max_size=1024**3, handler_args={"auto_decompress": False})
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)  # "." misses a line feed
         return app
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:

@@ -590,6 +590,15 @@ async def test_absolute_form_target_cannot_pick_another_host(
     assert seen.headers["X-Forwarded-Host"] == "app.example"
 
 
+async def test_a_path_with_an_encoded_line_feed_is_forwarded(make_proxy: MakeProxy, upstream: Rig) -> None:
+    """The catch-all's `.*` did not match the decoded "\\n": a local 404, never forwarded, never counted."""
+    recorder, _ = upstream
+    client = await make_proxy()
+    head, _ = await raw_exchange(client, b"GET /api/x%0Ay/ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert head[0] == b"HTTP/1.1 200 OK"
+    assert [seen.raw_path for seen in recorder.seen] == ["/api/x%0Ay/"]
+
+
 async def test_authority_looking_path_stays_a_path(
     make_proxy: MakeProxy, upstream: Rig, aiohttp_server: AiohttpServer
 ) -> None:
