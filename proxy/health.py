@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +28,12 @@ _OK = b'{"status":"ok"}'
 # holds for a moment (a cold burst), not Redis.
 READS_OFF_AFTER = 2
 CLUSTER_NODE = "redis.url names a Redis Cluster node: use redis+cluster://"
+# Quota limits end, and billed requests fall into 120 s buckets, by this host's wall clock, as the backend's
+# do by its own: a clock that is off (NTP not yet synced at boot) serves a limited project or refuses a free
+# one, and bills into the wrong bucket, with nothing else to show it. Redis's clock is the one every replica
+# and the backend share: compared every CLOCK_CHECK_SECONDS; an offset past CLOCK_SKEW_WARN_SECONDS is logged.
+CLOCK_CHECK_SECONDS = 60.0
+CLOCK_SKEW_WARN_SECONDS = 1.0
 
 
 @dataclass
@@ -44,6 +51,8 @@ class Health:
     failed_pings: int = 0
     # redis:// (one node) names a node of a Redis Cluster: it answers PING, and MOVED to most keys.
     cluster_node: bool = False
+    # Redis's clock less this host's (seconds), as last measured; None before the first measure.
+    clock_offset_seconds: float | None = None
 
     def record_ping(self, answered: bool, *, cluster: bool, failures: int = 1) -> None:
         """Take one PING's outcome (`failures`: how many failed PINGs it counts for): readiness follows each;
@@ -104,6 +113,35 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     cluster = isinstance(client, RedisCluster)
     ping = partial(client.ping, target_nodes=RedisCluster.PRIMARIES) if cluster else client.ping
 
+    loop = asyncio.get_running_loop()
+    clock_checked_at: float | None = None
+    skewed = False
+
+    async def check_clock() -> None:
+        nonlocal clock_checked_at, skewed
+        if clock_checked_at is not None and loop.time() - clock_checked_at < CLOCK_CHECK_SECONDS:
+            return
+        clock_checked_at = loop.time()
+        try:
+            before = time.time()
+            seconds, micros = await client.time()
+            after = time.time()
+        except RedisError:
+            return
+        offset = seconds + micros / 1e6 - (before + after) / 2
+        health.clock_offset_seconds = offset
+        if abs(offset) > CLOCK_SKEW_WARN_SECONDS + (after - before) / 2:
+            if not skewed:
+                log.warning(
+                    "clock: this host's wall clock is %+.1f s off Redis's: quota limits end and billing "
+                    "buckets are counted by it (is NTP synced?)",
+                    -offset,
+                )
+            skewed = True
+        elif skewed:
+            log.info("clock: back in step with Redis's (%+.3f s)", -offset)
+            skewed = False
+
     told = False  # whether a state was logged yet: a Redis refused from the start (a wrong password, a port
     # nothing listens on) was said by no line, readiness 503 the only sign
 
@@ -121,6 +159,7 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
                 if not cluster:
                     await check_topology()
             health.record_ping(True, cluster=cluster)
+            await check_clock()
         told = True
 
     async def check_topology() -> None:

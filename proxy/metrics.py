@@ -256,6 +256,12 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         "1 while Redis answers the health PING",
         _value(itself, lambda _: int(app[keys.HEALTH].redis_ok)),
     )
+    gauge(
+        "edge_proxy.clock.offset",
+        "This host's wall clock less Redis's, as last measured (quota expiry and billing buckets follow it)",
+        lambda: [] if (o := app[keys.HEALTH].clock_offset_seconds) is None else [(-o, {})],
+        "s",
+    )
     counter("edge_proxy.billing.flushes", "Billing flushes written", _value(billing, lambda b: b.flushes))
     counter(
         "edge_proxy.billing.flushed_requests",

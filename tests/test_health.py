@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from types import SimpleNamespace
 
+import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy import health
 from tests.conftest import MakeProxy
 from tests.rig import RedisServer, Upstream, free_port
 
@@ -29,6 +34,39 @@ async def test_readiness_follows_redis(make_proxy: MakeProxy, redis_server: Redi
     assert body == {"status": "unavailable", "reasons": ["redis unreachable"]}
     redis_server.start()
     await _wait_status(client, 200)
+
+
+async def test_a_host_clock_off_rediss_is_logged_and_measured_until_back_in_step(
+    make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Quota limits end, and billed requests fall into buckets, by this host's wall clock: one 5 minutes
+    behind (NTP not synced at boot) refused freed projects with 402 and billed into past buckets, unsaid."""
+    offset = -300.0
+    monkeypatch.setattr(health, "time", SimpleNamespace(time=lambda: time.time() + offset))
+    monkeypatch.setattr(health, "CLOCK_CHECK_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="proxy.health")
+    client = await make_proxy(redis={"health_check_interval_seconds": 0.05})
+    assert "clock: this host's wall clock is -300.0 s off Redis's" in caplog.text
+    assert -300.5 < await _clock_offset(client) < -299.5
+
+    offset = 0.0
+    for _ in range(200):
+        if "clock: back in step with Redis's" in caplog.text:
+            break
+        await asyncio.sleep(0.025)
+    assert "clock: back in step with Redis's" in caplog.text
+    assert abs(await _clock_offset(client)) < 0.5
+    assert caplog.text.count("off Redis's") == 1  # said once, not at every check
+
+
+async def _clock_offset(client: object) -> float:
+    response = await client.get("/metrics")  # type: ignore[attr-defined]
+    line = next(
+        line
+        for line in (await response.text()).splitlines()
+        if line.startswith("edge_proxy_clock_offset_seconds")
+    )
+    return float(line.split()[-1])
 
 
 async def _wait_status(client: object, status: int) -> object:
