@@ -68,8 +68,9 @@ end
 return failed
 """
 # A batch stays pending about max_pending_batches x flush_interval at most (~8 h by default; never a day,
-# see BillingSettings.pending_batches_kept): a retry always finds the mark of an earlier attempt that was
-# applied. Each write renews it.
+# see BillingSettings.pending_batches_kept), counted in seals; and, on a replica too quiet to seal anything,
+# at most a day less _MARK_MARGIN_SECONDS after it was first sent (_drop_outliving_their_mark): a retry
+# always finds the mark of an earlier attempt that was applied. Each write renews it.
 _DEDUPE_TTL_SECONDS = BILLING_DEDUPE_TTL_SECONDS
 # Redis runs a script alone, and the proxy builds each call's arguments at once. One interval's tally can
 # hold every team the process served (100,000 teams: 200,000 HINCRBYs, ~200 ms of Redis blocked and ~130 MiB
@@ -79,6 +80,8 @@ _DEDUPE_TTL_SECONDS = BILLING_DEDUPE_TTL_SECONDS
 _ENTRIES_PER_PART = 500
 _MAX_INCREMENTS_PER_CALL = 2 * _ENTRIES_PER_PART
 _FINAL_FLUSH_ATTEMPTS = 3
+# A part sent this long short of its mark's TTL ago is no longer retried (see _drop_outliving_their_mark).
+_MARK_MARGIN_SECONDS = 3600
 _FINAL_FLUSH_PAUSE_SECONDS = 0.1
 
 
@@ -90,6 +93,7 @@ class _Part:
     seq: int  # increasing in the order parts are sealed
     batch: int  # the seal (flush interval) it came from; consecutive over what is pending
     sent: bool = False  # a call carried it: Redis may have applied it though no reply confirmed it
+    first_sent_at: float | None = None  # monotonic time of the first call that carried it
 
     @property
     def requests(self) -> int:
@@ -168,12 +172,15 @@ class BillingTally:
         async with self._flushing:
             self._clustered = isinstance(redis, RedisCluster)
             self._seal(self._bucket(now) if hold_newest else None)
+            self._drop_outliving_their_mark()
             if not self._pending:
                 return True
             while self._pending:
                 parts = self._next_call()
                 for part in parts:
                     part.sent = True
+                    if part.first_sent_at is None:
+                        part.first_sent_at = time.monotonic()
                 try:
                     replies = await run_script(redis, self._apply(redis), self._encode(parts, redis))
                 except (RedisError, OSError) as exc:
@@ -289,6 +296,28 @@ class BillingTally:
                     for part in dropped
                 ),
             )
+
+    def _drop_outliving_their_mark(self) -> None:
+        # The bound of _seal counts seals, and a quiet replica seals only when it billed something: a part
+        # sent (perhaps applied, its reply lost) could stay pending past its mark's day and then count twice.
+        # Parts first sent more than that day less _MARK_MARGIN_SECONDS ago go, logged while the mark tells.
+        limit = time.monotonic() - (_DEDUPE_TTL_SECONDS - _MARK_MARGIN_SECONDS)
+        dropped: list[_Part] = []
+        while self._pending and (sent_at := self._pending[0].first_sent_at) is not None and sent_at < limit:
+            dropped.append(self._pending.popleft())
+        if not dropped:
+            return
+        requests = sum(part.requests for part in dropped)
+        self.dropped_counts += requests
+        log.error(
+            "billing: %d request(s) pending for nearly the %d h their dedupe mark lives, dropped rather than "
+            "risk counting them twice (a part was applied if GET %s%s is its number or more): %s",
+            requests,
+            _DEDUPE_TTL_SECONDS // 3600,
+            self._mark,
+            " (on a Cluster, each slot's <mark>:{...}: SCAN MATCH <mark>:*)" if self._clustered else "",
+            "; ".join(f"part {part.seq}: {_describe(part.counts)}" for part in dropped),
+        )
 
     def _next_call(self) -> list[_Part]:
         parts: list[_Part] = []

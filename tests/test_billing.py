@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -335,6 +336,41 @@ async def test_batches_are_never_kept_pending_longer_than_their_dedupe_mark_live
         assert not await billing.flush(dead_client)
     assert (billing.dropped_counts, billing.pending_batches) == (1, 1)
     assert "more than 1 batches unwritten" in caplog.text
+
+
+async def test_a_part_sent_nearly_a_day_ago_is_dropped_with_an_error_never_counted_twice(
+    client: aioredis.Redis,
+    dead_client: aioredis.Redis,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A quiet replica seals nothing new, so the bound above (counted in seals) never drops its pending
+    part: applied, its reply lost, then Redis out of reach for a day, its retry found the mark expired and
+    counted it a second time (a reviewer's). Past 23 h since first sent it is dropped, the mark named."""
+    billing = tally()
+    billing.count(5, "posthog-python", now=T0)
+    lose_replies(client, monkeypatch)
+    assert not await billing.flush(client)  # applied, reply lost
+    monkeypatch.undo()
+    assert not await billing.flush(dead_client)
+    assert billing.pending_batches == 1
+
+    real = time.monotonic
+    later = SimpleNamespace(time=time.time, monotonic=lambda: real() + 23.5 * 3600)
+    monkeypatch.setattr(billing_module, "time", later)
+    redis_server.client().delete(*redis_server.client().keys(MARK_PREFIX + "*"))  # its day is up in Redis
+    assert await billing.flush(dead_client)  # nothing left to send
+    assert (billing.pending_batches, billing.dropped_counts) == (0, 1)
+    errors = [
+        r.getMessage() for r in caplog.records if r.name == "proxy.billing" and r.levelno == logging.ERROR
+    ]
+    assert len(errors) == 1
+    assert "1 request(s) pending for nearly the 24 h their dedupe mark lives, dropped" in errors[0]
+    assert f"GET {MARK_PREFIX}" in errors[0]
+    assert f"5/posthog-python/{B0}=1" in errors[0]
+    assert await billing.flush(client)
+    assert hashes(redis_server, 5, "posthog-python") == ({B0: 1}, {B0: 1})
 
 
 async def test_too_many_pending_batches_drops_the_oldest_with_an_error(
