@@ -113,3 +113,21 @@ def on_malformed_request(server: web.Server, count: Callable[[], None]) -> None:
         _make_error_handler._counted = True  # type: ignore[attr-defined]
         web_protocol.RequestHandler._make_error_handler = _make_error_handler  # type: ignore[method-assign,assignment]
     _on_malformed[server] = count
+
+
+# RequestHandler.data_received, as a function of the handler and the chunk received.
+Receive = Callable[[web_protocol.RequestHandler, bytes], None]
+
+
+def wrap_data_received(wrap: Callable[[Receive], Receive]) -> None:
+    """Replace RequestHandler.data_received, once per process, by `wrap` of aiohttp's own.
+
+    Where ClientConnections bounds a request head as a whole (aiohttp bounds only each header line and their
+    number). The class has __slots__, so no hook per connection: the wrapper finds what it needs on the
+    connection's server. tests/test_connections.py sends heads on a real socket, so an aiohttp that moved
+    data_received fails there.
+    """
+    if not getattr(web_protocol.RequestHandler.data_received, "_wrapped", False):
+        wrapped = wrap(web_protocol.RequestHandler.data_received)
+        wrapped._wrapped = True  # type: ignore[attr-defined]
+        web_protocol.RequestHandler.data_received = wrapped  # type: ignore[method-assign,assignment]

@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,8 +30,10 @@ from proxy.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
     # Annotations only: the supervisor of --workers N calls the start-up checks here without aiohttp.
-    from aiohttp import web
+    from aiohttp import StreamReader, web
     from aiohttp.web_protocol import RequestHandler
+
+    from proxy.aiohttp_internals import Receive
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,13 @@ SWEEP_CHUNK = 2048
 # Memory an idle keep-alive client connection holds (measured by a reviewer: 8,000 of them took RSS from 65 to
 # 131 MiB, 8.3 KiB each), doubled for what a busy one has in flight.
 CONNECTION_BYTES = 16 * 1024
+# The most a request head may take as a whole (request line and headers). aiohttp bounds each line (16 KiB
+# here) and their number (128), so 2 MiB passed and held ~7 MiB per request in flight (a reviewer's 64
+# connections took a process from 67 to 511 MiB, and it never gave the memory back): far outside
+# CONNECTION_BYTES, and a 256 MiB pod was killed by ~30 such clients. Envoy's default is 60 KiB, an AWS ALB's
+# 64 KiB, nginx's 4 x 8 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+_HEAD_END = b"\r\n\r\n"
 # The derived cap never goes below this for memory: a container sized too small still serves clients.
 MIN_MEMORY_CAP = 1024
 # A serving process without clients or payloads (~70 MiB measured: interpreter, imports, pools), and margin.
@@ -177,6 +187,10 @@ class ClientConnections:
         self._stalled: dict[RequestHandler, tuple[int, float]] = {}
         self._warn = Throttled(log)
         self._all_closed: asyncio.Event | None = None  # set once the last connection closes (a drain waits)
+        # Per connection receiving a head: its bytes so far, their last 3 (a head's end can span two chunks),
+        # aiohttp's count of requests parsed, and the body of the last one (its bytes are no head's).
+        self._heads: dict[RequestHandler, _Head] = {}
+        self.heads_too_large = 0  # connections answered 431 and closed: a head over MAX_HEAD_BYTES
 
     @property
     def open(self) -> int:
@@ -239,6 +253,7 @@ class ClientConnections:
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
             self._open.pop(handler, None)
+            self._heads.pop(handler, None)
             self._stalled.pop(handler, None)
             lost(handler, exc)
             if not self._open and self._all_closed is not None:
@@ -249,6 +264,43 @@ class ClientConnections:
         from proxy import aiohttp_internals  # serving processes only (the module's imports)
 
         aiohttp_internals.on_malformed_request(server, self._malformed)
+        server.edge_proxy_clients = self  # type: ignore[attr-defined]  # read by _bounding_heads
+        aiohttp_internals.wrap_data_received(_bounding_heads)
+
+    def _receive(self, handler: RequestHandler, data: bytes, receive: Receive, head: _Head) -> None:
+        """Pass `data` on to aiohttp unless it takes the head being received past MAX_HEAD_BYTES: then 431
+        and close, unparsed. Bytes of a body are not counted, nor what follows a head in its last chunk."""
+        if head.body is None or head.body.is_eof():
+            size = head.size + len(data)
+            if size > MAX_HEAD_BYTES:
+                end = (head.tail + data).find(_HEAD_END)
+                if end < 0 or head.size - len(head.tail) + end + len(_HEAD_END) > MAX_HEAD_BYTES:
+                    self._refuse_head(handler)
+                    return
+            head.size, head.tail = size, data[-3:]
+        receive(handler, data)
+        if handler._request_count != head.requests:
+            # A head was parsed: the next one is counted afresh, past the body of the last.
+            messages = handler._messages
+            body = messages[-1][1] if messages else None
+            if body is None or body.is_eof():
+                self._heads.pop(handler, None)
+            else:
+                head.size, head.tail, head.requests, head.body = 0, b"", handler._request_count, body
+
+    def _refuse_head(self, handler: RequestHandler) -> None:
+        self.heads_too_large += 1
+        self._warn.warning("request head over %d bytes: answered 431, connection closed", MAX_HEAD_BYTES)
+        transport = handler.transport
+        if transport is not None:
+            from aiohttp import web_response
+
+            server = web_response.SERVER_SOFTWARE  # type: ignore[attr-defined]  # set_server_header's
+            transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n"
+                b"Server: " + server.encode("latin-1", "replace") + b"\r\n\r\n"
+            )
+        handler.force_close()
 
     def _malformed(self) -> None:
         self.malformed += 1
@@ -323,6 +375,49 @@ class ClientConnections:
         for handler in busy:
             self._open[handler] = self._open.pop(handler)
         return closed
+
+
+def _bounding_heads(receive: Receive) -> Receive:
+    """RequestHandler.data_received, bounding request heads on the servers a ClientConnections admits on."""
+    from aiohttp.streams import EMPTY_PAYLOAD  # serving processes only (the module's imports)
+
+    def data_received(handler: RequestHandler, data: bytes) -> None:
+        # None on other servers (a worker's metrics port), and once the connection is lost.
+        clients: ClientConnections | None = getattr(handler._manager, "edge_proxy_clients", None)
+        if clients is None:
+            receive(handler, data)
+            return
+        heads = clients._heads
+        head = heads.get(handler)
+        if head is not None or len(data) > MAX_HEAD_BYTES:
+            if head is None:
+                head = heads[handler] = _Head(handler._request_count)
+            clients._receive(handler, data, receive, head)
+            return
+        # The usual chunk: no head begun before it, and it cannot pass the bound alone. Remembered only if it
+        # leaves a head unfinished or a body to read.
+        requests = handler._request_count
+        receive(handler, data)
+        if handler._request_count == requests:
+            heads[handler] = _Head(requests, len(data), data[-3:])
+        elif (
+            (messages := handler._messages)
+            and (body := messages[-1][1]) is not EMPTY_PAYLOAD
+            and not body.is_eof()
+        ):
+            heads[handler] = _Head(handler._request_count, body=body)
+
+    return data_received
+
+
+@dataclass(slots=True)
+class _Head:
+    """A connection's request head being received (ClientConnections._receive)."""
+
+    requests: int  # aiohttp's count of requests parsed on the connection when this head began
+    size: int = 0
+    tail: bytes = b""
+    body: StreamReader | None = None  # the last request's body: while it is read, chunks are its bytes
 
 
 def _idle(handler: RequestHandler) -> bool:

@@ -158,6 +158,11 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
         lambda: [(clients.malformed, {})],
     )
     counter(
+        "edge_proxy.client.requests_head_too_large",
+        "Requests answered 431 and their connection closed, unparsed: a head over 64 KiB in all",
+        lambda: [(clients.heads_too_large, {})],
+    )
+    counter(
         "edge_proxy.client.connections_send_timeouts",
         "Client connections aborted: their client took none of an answer for send_timeout_seconds",
         lambda: [(clients.send_timeouts, {})],
