@@ -44,6 +44,9 @@ def only(allow: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
 BAD_GATEWAY = error_body("server_error", "bad_gateway", "The upstream server could not be reached.")
 GATEWAY_TIMEOUT = error_body("server_error", "gateway_timeout", "The upstream server did not answer in time.")
+UPSTREAM_BUSY = error_body(
+    "server_error", "upstream_busy", "Too many requests are waiting for the upstream server: retry later."
+)
 INTERNAL_ERROR = error_body("server_error", "internal_error", "The proxy failed to handle this request.")
 
 

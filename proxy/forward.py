@@ -15,7 +15,7 @@ from yarl import URL
 
 from proxy import aiohttp_internals, keys, tracing
 from proxy.access_log import safe_path
-from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, error_body, json_response
+from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, UPSTREAM_BUSY, error_body, json_response
 from proxy.forward_headers import HeaderPolicy, end_to_end
 from proxy.logs import Throttled
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
@@ -30,9 +30,10 @@ Observer = Callable[[int, Mapping[str, str], bytes | None], None]
 StatusObserver = Callable[[int], None]
 
 # What edge_proxy_upstream_errors_total{kind} counts: no connection (refused), silence past the read or
-# connect timeout (timeout), every pooled connection busy past the read timeout (pool_timeout), a connection
-# cut mid-answer (disconnected), an answer that is not HTTP (malformed), and answers with a 5xx status.
-FAILURE_KINDS = ("refused", "timeout", "pool_timeout", "disconnected", "malformed", "5xx")
+# connect timeout (timeout), every pooled connection busy past the read timeout (pool_timeout), too many
+# requests waiting for one already (pool_full), a connection cut mid-answer (disconnected), an answer that is
+# not HTTP (malformed), and answers with a 5xx status.
+FAILURE_KINDS = ("refused", "timeout", "pool_timeout", "pool_full", "disconnected", "malformed", "5xx")
 
 # Responses that declare a length up to this are read whole before the headers go out: most API answers
 # then fail as a clean 502/504 instead of a cut connection. Everything else is streamed chunk by chunk.
@@ -246,6 +247,13 @@ class Forwarder:
                 path,
             )
             return json_response(504, GATEWAY_TIMEOUT)
+        if exc.kind == "pool_full":
+            self._warn.warning(
+                "too many requests waiting for an upstream connection (max_pending_requests) on %s %s",
+                method,
+                path,
+            )
+            return json_response(503, UPSTREAM_BUSY)
         self._warn.warning("upstream unreachable or broken (%s) on %s %s", exc, method, path)
         return json_response(502, BAD_GATEWAY)
 
@@ -426,6 +434,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             keepalive_timeout=settings.keepalive_timeout_seconds,
             connect_timeout=settings.connect_timeout_seconds,
             read_timeout=settings.read_timeout_seconds,
+            max_pending=settings.max_pending_requests,
             max_field_bytes=MAX_HEADER_BYTES,
             max_headers=MAX_HEADERS,
         ),

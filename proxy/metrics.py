@@ -230,7 +230,7 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
     )
     counter(
         "edge_proxy.upstream.errors",
-        "Upstream failures by kind: refused, timeout, pool_timeout, disconnected, malformed, 5xx",
+        "Upstream failures by kind: refused, timeout, pool_timeout, pool_full, disconnected, malformed, 5xx",
         _labelled(lambda: app.get(keys.FORWARDER), "kind", lambda f: f.failures),
     )
     gauge(

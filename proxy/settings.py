@@ -123,6 +123,11 @@ class UpstreamSettings(_Section):
     read_timeout_seconds: Seconds = 30.0
     # Open connections at most, idle or busy; a request finding all busy waits for one.
     max_connections: int = Field(default=256, ge=1)
+    # Requests waiting for a connection at most (all max_connections busy: a slow backend); more are answered
+    # 503 at once, counted as pool_full (Envoy's max_pending_requests, same default). Each waiting request
+    # holds its client connection and its body read so far (up to buffer_request_body_bytes, ~100 KiB of
+    # memory in all): behind a stalled backend, capture batches piled up until the process ran out of memory.
+    max_pending_requests: int = Field(default=1024, ge=0)
     # An idle connection closes after this. Keep it below the backend's own idle timeout (gunicorn's gthread
     # worker: --keep-alive), so the proxy is the side that closes; a reuse racing the backend's close is sent
     # again once for GET, HEAD, OPTIONS, TRACE, PUT and DELETE. A backend that closes every connection

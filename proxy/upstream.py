@@ -37,6 +37,8 @@ class Limits:
     connect_timeout: float = 2.0
     # Longest silence while waiting for the answer's next bytes.
     read_timeout: float = 30.0
+    # Requests waiting for a connection at most; one more is refused at once (UpstreamError "pool_full").
+    max_pending: int = 1024
     # Per header name or value, and the reason phrase; and the number of header fields.
     max_field_bytes: int = 16384
     max_headers: int = 128
@@ -138,6 +140,8 @@ class Pool:
         if fresh and idle and self._count >= self.limits.max_connections:
             self._discard(idle.popleft())  # the longest idle gives its place to the new connection
         if self._count >= self.limits.max_connections:
+            if self.waiting >= self.limits.max_pending:
+                raise UpstreamError("pool_full", "too many requests waiting for an upstream connection")
             waiter: asyncio.Future[Connection | None] = self._loop.create_future()
             self._waiters.append(waiter)
             try:

@@ -40,7 +40,8 @@ _HOP_BY_HOP_NAMES = frozenset(name.encode() for name in HOP_BY_HOP)
 
 class UpstreamError(Exception):
     """The upstream failed this exchange. `kind` is the metrics label: refused, timeout, pool_timeout (no
-    connection came free in time), disconnected or malformed; or abandoned, which is no failure of the
+    connection came free in time), pool_full (too many requests waiting for one), disconnected or malformed;
+    or abandoned, which is no failure of the
     upstream's (the client left while the request waited for a connection, and it was not sent). The message
     never carries request data."""
 

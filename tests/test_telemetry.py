@@ -142,7 +142,7 @@ async def test_known_mix_gives_exact_counts_by_label(
     assert value(samples, "edge_proxy_billing_flushed_requests_total") == 5
     assert value(samples, "edge_proxy_requests_in_flight") == 1  # this scrape
     # Every kind from the start, at 0 (an alert on increase() sees the first failure of each).
-    kinds = {"refused", "timeout", "pool_timeout", "disconnected", "malformed", "5xx"}
+    kinds = {"refused", "timeout", "pool_timeout", "pool_full", "disconnected", "malformed", "5xx"}
     for kind in kinds:
         assert value(samples, "edge_proxy_upstream_errors_total", kind=kind) == 0
     errors = {key for key in samples if key[0] == "edge_proxy_upstream_errors_total"}

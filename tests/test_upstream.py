@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
-from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT
+from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, UPSTREAM_BUSY
 from proxy.upstream import Connection, Limits, Pool, UpstreamError
 from proxy.upstream_conn import READ_HIGH_WATER
 from tests.chaos import ChaosProxy
@@ -1176,6 +1176,43 @@ async def test_a_client_slower_than_the_stream_but_reading_is_never_cut_off(
         since = (since or at) if size else None
         longest = max(longest, at - since) if since is not None else longest
     assert longest > 1.0, longest
+
+
+async def test_requests_past_max_pending_are_503_at_once_and_those_waiting_are_served(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    """Behind a stalled backend each waiting request holds its client connection and its buffered body (a
+    reviewer's 1,000 waiting capture batches: +95 MiB): they piled up until the process ran out of memory."""
+    release = asyncio.Event()
+
+    async def held(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /hold "):
+            await release.wait()
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(held)
+    client = await proxy_to(make_proxy, upstream, max_connections=1, max_pending_requests=2)
+    try:
+        first = asyncio.ensure_future(client.get("/hold"))
+        await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
+        waiting = [asyncio.ensure_future(client.post("/capture/", data=b"x" * 60_000)) for _ in range(2)]
+        pool = client.app[keys.FORWARDER].pool
+        await wait_until(lambda: pool.waiting == 2, "two requests waiting")
+        async with client.post("/capture/", data=b"x" * 60_000) as refused:
+            assert refused.status == 503
+            assert refused.headers["Content-Type"] == "application/json"
+            assert await refused.read() == UPSTREAM_BUSY
+        assert failures(client) == {"pool_full": 1}
+        samples = await scrape(client)
+        assert value(samples, "edge_proxy_upstream_errors_total", kind="pool_full") == 1
+    finally:
+        release.set()
+    for request in (first, *waiting):
+        async with await request as answer:
+            assert answer.status == 200
+    assert len(upstream.heads) == 3  # the refused one never reached the backend
 
 
 async def test_a_request_no_connection_came_free_for_is_504_counted_as_the_pools_not_the_backends(
