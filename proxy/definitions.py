@@ -351,6 +351,7 @@ async def definitions_ctx(app: web.Application) -> AsyncIterator[None]:
         key_prefix=auth.key_prefix,
         allowed_ttl_seconds=auth.allowed_ttl_seconds,
         denied_ttl_seconds=auth.denied_ttl_seconds,
+        max_entries=auth.max_verdicts,
         redis_up=redis_up,
     )
     offload = Offload(client, settings.definitions.offload)

@@ -122,6 +122,22 @@ async def test_learned_verdicts_are_answered_locally(make_proxy: MakeProxy, stan
         assert standin.decided == before + 1, authorization
 
 
+async def test_verdicts_held_in_memory_are_bounded_by_max_verdicts(
+    make_proxy: MakeProxy, standin: StandInBackend
+) -> None:
+    """Each credential the backend refuses is a verdict, so a client spraying random keys decided how many
+    were held: a fixed 200,000 (~240 MiB). The oldest gives way, read back from Redis when next asked."""
+    client = await _proxy(make_proxy, max_verdicts=2)
+    url = f"/flags/definitions?token={TOKEN}"
+    for key in ("phx_sprayed_1", "phx_sprayed_2", "phx_sprayed_3"):
+        assert (await client.get(url, headers={"Authorization": f"Bearer {key}"})).status == 401
+    await _wait(lambda: len(_verdict_keys(client)) == 3)  # all three shared in Redis
+    assert len(client.app[keys.DEFINITIONS].verdicts) == 2
+    # The first, dropped from memory, is read from Redis: refused again without asking the backend.
+    assert (await client.get(url, headers={"Authorization": "Bearer phx_sprayed_1"})).status == 401
+    assert standin.decided == 3
+
+
 async def test_local_refusals_are_counted_by_credential_kind(
     make_proxy: MakeProxy, standin: StandInBackend
 ) -> None:
