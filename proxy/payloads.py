@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from proxy.cluster import RedisClient, mget, mget_many
 from proxy.contract import DecodeError, RedisContract
 from proxy.logs import Throttled
-from proxy.memory import release_free_memory
+from proxy.memory import release_free_memory, resident_bytes
 from proxy.settings import DefinitionsSettings
 from proxy.singleflight import FreshFlight, SingleFlight
 from proxy.tasks import every
@@ -34,6 +34,11 @@ CACHE_CONTROL = "private, must-revalidate"
 # per _TRIM_INTERVAL_SECONDS (a trim walks the heap: about a millisecond per 100 MiB).
 _TRIM_AFTER_BYTES = 4 * 2**20
 _TRIM_INTERVAL_SECONDS = 5.0
+# Also once the process has grown this much past its size right after the last trim: a spike of requests in
+# flight (large heads or bodies, a burst of connections) left its freed pages in the heap, and each spike
+# raised the floor under a container's memory limit (a reviewer's: 241 MiB 15 s after a flood, 70 after a
+# trim). Steady growth (more payloads, more clients) costs one trim per this much.
+_TRIM_AFTER_GROWTH_BYTES = 32 * 2**20
 # LRU order and idle time are kept to this precision: a team polled many times a second is moved up once.
 _TOUCH_PRECISION_SECONDS = 1.0
 # The refresher lets requests run between every this many payloads it decodes and parses.
@@ -176,6 +181,7 @@ class DefinitionsCache:
         # Payload bytes built or dropped since the last trim of the C heap, and when that was.
         self._churn = 0
         self._trimmed_at = 0.0
+        self._resident_after_trim = 0  # the process's RSS right after the last trim
         # Lookups in memory, for metrics (a miss reads Redis).
         self.hits = 0
         self.misses = 0
@@ -522,11 +528,18 @@ class DefinitionsCache:
         )
 
     def release_memory(self, now: float) -> None:
-        """After enough payload churn, hand the heap pages it freed back to the OS (rate-limited)."""
-        if self._churn >= _TRIM_AFTER_BYTES and now - self._trimmed_at >= _TRIM_INTERVAL_SECONDS:
-            self._churn = 0
-            self._trimmed_at = now
-            release_free_memory()
+        """Hand the heap pages freed back to the OS (rate-limited): after enough payload churn, or once the
+        process has grown _TRIM_AFTER_GROWTH_BYTES since the last trim."""
+        if now - self._trimmed_at < _TRIM_INTERVAL_SECONDS:
+            return
+        if self._churn < _TRIM_AFTER_BYTES:
+            resident = resident_bytes()
+            if resident is None or resident < self._resident_after_trim + _TRIM_AFTER_GROWTH_BYTES:
+                return
+        self._churn = 0
+        self._trimmed_at = now
+        if release_free_memory():
+            self._resident_after_trim = resident_bytes() or 0
 
     def _refresh_failed(self) -> None:
         self.refresh_failures += 1

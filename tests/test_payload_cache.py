@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy import keys
+from proxy import payloads as payloads_module
 from proxy.contract import DecodeError, RedisContract
+from proxy.memory import resident_bytes
 from proxy.payloads import DefinitionsCache, is_billable
 from proxy.settings import DefinitionsSettings, RedisLayout
 from tests.backend_writer import BackendWriter
@@ -781,3 +783,40 @@ async def test_a_refused_payload_without_an_etag_is_not_parsed_again_for_a_while
     client = await make_proxy()
     assert (await (await client.get(url(1), headers=AUTH)).json())["upstream"] is True
     await forwarded_without_reading_the_payload(client, redis_url)
+
+
+async def test_heap_pages_a_spike_freed_go_back_to_the_os_once_the_process_has_grown(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages freed after a spike of requests in flight (large heads, bodies) stayed in the C heap: only
+    payload churn handed them back, so each spike raised the floor under a container's memory limit."""
+    client = aioredis.Redis.from_url(redis_url)
+    cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
+    try:
+        cache.release_memory(now=100.0)  # the first look sets where the process stands
+        # 80 MB of malloc'd buffers, one in 16 kept: freed, but inside the heap, where glibc keeps the pages.
+        buffers = [bytes(4000) for _ in range(20_000)]
+        kept = buffers[::16]
+        del buffers
+        before = resident_bytes()
+        cache.release_memory(now=200.0)
+        after = resident_bytes()
+        assert before is not None
+        assert after is not None
+        assert before - after > 40 * 2**20, (before, after)
+
+        trims: list[float] = []
+
+        def counted() -> bool:
+            trims.append(1)
+            return True
+
+        monkeypatch.setattr(payloads_module, "release_free_memory", counted)
+        cache.release_memory(now=300.0)  # grown by nothing since: no trim
+        more = [bytes(4000) for _ in range(12_000)]  # 48 MB more, held
+        cache.release_memory(now=301.0)  # within the interval: no trim
+        cache.release_memory(now=400.0)
+        assert trims == [1]
+        del kept, more
+    finally:
+        await client.aclose()
