@@ -62,6 +62,9 @@ class Pool:
         self._idle: deque[Connection] = deque()
         self._count = 0  # open connections, idle or in use
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        # Each waiter's `wanted` (its client still there?): at max_pending, those whose client left give way.
+        self._wanted: dict[asyncio.Future[Connection | None], Callable[[], bool]] = {}
+        self._pending = 0  # waiters not done yet (counted as they end, not by walking them at each request)
         self._expiry: asyncio.TimerHandle | None = None
         self._addresses: list[tuple[str, int]] = []
         self._addresses_until = 0.0
@@ -140,10 +143,14 @@ class Pool:
         if fresh and idle and self._count >= self.limits.max_connections:
             self._discard(idle.popleft())  # the longest idle gives its place to the new connection
         if self._count >= self.limits.max_connections:
-            if self.waiting >= self.limits.max_pending:
+            if self._pending >= self.limits.max_pending and not self._drop_abandoned():
                 raise UpstreamError("pool_full", "too many requests waiting for an upstream connection")
             waiter: asyncio.Future[Connection | None] = self._loop.create_future()
             self._waiters.append(waiter)
+            self._pending += 1
+            if wanted is not None:
+                self._wanted[waiter] = wanted
+            waiter.add_done_callback(self._waited)
             try:
                 # Bounded: behind a backend too slow to free a connection, waiting longer than an answer may
                 # take only piles requests up (their clients long gone): 504 instead.
@@ -226,6 +233,18 @@ class Pool:
         """Open connections by state, for metrics: idle in the pool, or busy with a request."""
         idle = len(self._idle)
         return {"idle": idle, "busy": self._count - idle}
+
+    def _waited(self, waiter: asyncio.Future[Connection | None]) -> None:
+        self._pending -= 1
+        self._wanted.pop(waiter, None)
+
+    def _drop_abandoned(self) -> bool:
+        """End the waits of requests whose client left (aiohttp does not cancel their handlers), so they hold
+        no place under max_pending; whether any was ended."""
+        gone = [waiter for waiter, wanted in self._wanted.items() if not waiter.done() and not wanted()]
+        for waiter in gone:
+            waiter.set_exception(UpstreamError("abandoned", "the client left while the request waited"))
+        return bool(gone)
 
     @property
     def waiting(self) -> int:

@@ -1178,6 +1178,48 @@ async def test_a_client_slower_than_the_stream_but_reading_is_never_cut_off(
     assert longest > 1.0, longest
 
 
+async def test_requests_whose_clients_left_give_their_pending_place_to_a_live_one(
+    scripted: Callable[[Handler], Awaitable[Scripted]],
+) -> None:
+    """aiohttp does not cancel a handler whose client left (the test server does: hence the pool, with its
+    `wanted`): such requests waited on, each holding a max_pending_requests place, and once enough had
+    piled up every live request was 503 pool_full, where it had waited and been served (a reviewer's)."""
+    release = asyncio.Event()
+
+    async def held(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /hold "):
+            await release.wait()
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    upstream = await scripted(held)
+    port = int(upstream.url.rpartition(":")[2])
+    pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1, max_pending=2, read_timeout=5))
+    left = False
+    try:
+        hold = asyncio.ensure_future(pool_get(pool, b"/hold"))
+        await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
+        gone = [
+            asyncio.ensure_future(pool_get(pool, b"/gone%d" % i, wanted=lambda: not left)) for i in range(2)
+        ]
+        await wait_until(lambda: pool.waiting == 2, "two waiting")
+        left = True  # both their clients leave
+        live = asyncio.ensure_future(pool_get(pool, b"/live", wanted=lambda: True))
+        await asyncio.sleep(0.05)
+        assert not live.done() or live.exception() is None, live.exception()
+    finally:
+        release.set()
+    await hold
+    assert await live == b"ok"
+    for request in gone:
+        with pytest.raises(UpstreamError) as abandoned:
+            await request
+        assert abandoned.value.kind == "abandoned"
+    assert [h.split(b" ")[1] for h in upstream.heads] == [b"/hold", b"/live"]
+    pool.close()
+
+
 async def test_requests_past_max_pending_are_503_at_once_and_those_waiting_are_served(
     make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
 ) -> None:
@@ -1197,10 +1239,10 @@ async def test_requests_past_max_pending_are_503_at_once_and_those_waiting_are_s
     try:
         first = asyncio.ensure_future(client.get("/hold"))
         await wait_until(lambda: len(upstream.heads) == 1, "the only connection busy")
-        waiting = [asyncio.ensure_future(client.post("/capture/", data=b"x" * 60_000)) for _ in range(2)]
+        waiting = [asyncio.ensure_future(client.get("/capture/")) for _ in range(2)]
         pool = client.app[keys.FORWARDER].pool
         await wait_until(lambda: pool.waiting == 2, "two requests waiting")
-        async with client.post("/capture/", data=b"x" * 60_000) as refused:
+        async with client.get("/capture/") as refused:
             assert refused.status == 503
             assert refused.headers["Content-Type"] == "application/json"
             assert await refused.read() == UPSTREAM_BUSY
@@ -1212,7 +1254,21 @@ async def test_requests_past_max_pending_are_503_at_once_and_those_waiting_are_s
     for request in (first, *waiting):
         async with await request as answer:
             assert answer.status == 200
-    assert len(upstream.heads) == 3  # the refused one never reached the backend
+    # The refused one never reached the backend.
+    assert [head.split(b" ")[1] for head in upstream.heads] == [b"/hold", b"/capture/", b"/capture/"]
+    # The places come back once those waiting are served: two may wait again.
+    release.clear()
+    try:
+        first = asyncio.ensure_future(client.get("/hold"))
+        await wait_until(lambda: len(upstream.heads) == 4, "the only connection busy again")
+        assert upstream.heads[3].startswith(b"GET /hold ")
+        waiting = [asyncio.ensure_future(client.get("/again")) for _ in range(2)]
+        await wait_until(lambda: pool.waiting == 2, "two requests waiting again")
+    finally:
+        release.set()
+    for request in (first, *waiting):
+        async with await request as answer:
+            assert answer.status == 200
 
 
 async def test_a_request_no_connection_came_free_for_is_504_counted_as_the_pools_not_the_backends(
