@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.logs import Throttled, where
 from proxy.settings import ConfigError, Settings
@@ -269,7 +269,10 @@ class ClientConnections:
 
     def _receive(self, handler: RequestHandler, data: bytes, receive: Receive, head: _Head) -> None:
         """Pass `data` on to aiohttp unless it takes the head being received past MAX_HEAD_BYTES: then 431
-        and close, unparsed. Bytes of a body are not counted, nor what follows a head in its last chunk."""
+        and close, unparsed. Bytes of a body are not counted."""
+        if handler._close or handler._force_close:
+            return  # refused already (aiohttp reads nothing more from a connection closing)
+        before = head.tail if head.body is None else b""
         if head.body is None or head.body.is_eof():
             size = head.size + len(data)
             if size > MAX_HEAD_BYTES:
@@ -277,20 +280,38 @@ class ClientConnections:
                 if end < 0 or head.size - len(head.tail) + end + len(_HEAD_END) > MAX_HEAD_BYTES:
                     self._refuse_head(handler)
                     return
-            head.size, head.tail = size, data[-3:]
+            head.size, head.tail = size, (head.tail + data)[-3:]
         receive(handler, data)
         if handler._request_count != head.requests:
-            # A head was parsed: the next one is counted afresh, past the body of the last.
+            # A head was parsed: the next one is counted afresh, past the body of the last, from the bytes of
+            # this chunk after the last head's end when that had no body (pipelined requests).
             messages = handler._messages
+            parsed = handler._request_count - head.requests
+            if parsed > 1 and len(data) > MAX_HEAD_BYTES and _over_the_bound(list(messages)[1 - parsed :]):
+                # Pipelined heads whole within this one read (at most uvloop's 256 KiB): the first was
+                # measured above; one after it past the bound closes the connection, the requests before
+                # it cut (no 431 can be written in its place without answering for them).
+                self.heads_too_large += 1
+                self._warn.warning("request head over %d bytes: connection closed", MAX_HEAD_BYTES)
+                handler.force_close()
+                return
             body = messages[-1][1] if messages else None
-            if body is None or body.is_eof():
-                self._heads.pop(handler, None)
-            else:
+            if body is not None and not body.is_eof():
                 head.size, head.tail, head.requests, head.body = 0, b"", handler._request_count, body
+            elif (rest := _after_last_head(before, data)) and (body is None or body is _empty_payload()):
+                self._heads[handler] = _Head(handler._request_count, len(rest), rest[-3:])
+            else:
+                self._heads.pop(handler, None)
 
     def _refuse_head(self, handler: RequestHandler) -> None:
         self.heads_too_large += 1
         self._warn.warning("request head over %d bytes: answered 431, connection closed", MAX_HEAD_BYTES)
+        if not _idle(handler):
+            # An earlier request on the connection (pipelined) is still being answered: a 431 written now
+            # would reach its client as that request's answer. Its answer goes out, then the connection
+            # closes, the oversized request unanswered (a client may send it again, elsewhere).
+            handler.close()
+            return
         transport = handler.transport
         if transport is not None:
             from aiohttp import web_response
@@ -400,14 +421,41 @@ def _bounding_heads(receive: Receive) -> Receive:
         receive(handler, data)
         if handler._request_count == requests:
             heads[handler] = _Head(requests, len(data), data[-3:])
-        elif (
-            (messages := handler._messages)
-            and (body := messages[-1][1]) is not EMPTY_PAYLOAD
-            and not body.is_eof()
-        ):
-            heads[handler] = _Head(handler._request_count, body=body)
+        elif (messages := handler._messages) and (body := messages[-1][1]) is not EMPTY_PAYLOAD:
+            if not body.is_eof():
+                heads[handler] = _Head(handler._request_count, body=body)
+        elif not data.endswith(_HEAD_END) and (rest := _after_last_head(b"", data)):
+            # Pipelined: the next head began in this chunk, after the last one parsed (the usual chunk ends
+            # with its head: one C call).
+            heads[handler] = _Head(handler._request_count, len(rest), rest[-3:])
 
     return data_received
+
+
+def _over_the_bound(messages: list[tuple[Any, Any]]) -> bool:
+    """Whether the head of any of aiohttp's parsed `messages` took more than MAX_HEAD_BYTES (as sent, give or
+    take the spaces around each header's colon)."""
+    return any(
+        len(message.method)
+        + len(message.path)
+        + 13
+        + sum(len(n) + len(v) + 4 for n, v in message.raw_headers)
+        > MAX_HEAD_BYTES
+        for message, _ in messages
+        if hasattr(message, "raw_headers")  # not aiohttp's _ErrInfo for one it could not parse
+    )
+
+
+def _after_last_head(tail: bytes, data: bytes) -> bytes:
+    """The bytes of `data` after the last head end in `tail + data` (`tail`: the 3 bytes before `data`)."""
+    end = (tail + data).rfind(_HEAD_END)
+    return data[max(0, end + len(_HEAD_END) - len(tail)) :] if end >= 0 else b""
+
+
+def _empty_payload() -> object:
+    from aiohttp.streams import EMPTY_PAYLOAD  # serving processes only (the module's imports)
+
+    return EMPTY_PAYLOAD
 
 
 @dataclass(slots=True)

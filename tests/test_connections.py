@@ -434,3 +434,110 @@ async def test_a_request_head_is_bounded_as_a_whole_not_only_line_by_line() -> N
     assert b"Connection: close\r\n" in answer_to_huge
     assert seen == [("/kept0", 0), ("/kept1", 0), ("/kept2", 0), ("/upload", 4_000_000)]
     assert clients.heads_too_large == 1
+
+
+def _app(seen: list[str]) -> web.Application:
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        if request.path == "/slow":
+            await asyncio.sleep(0.3)
+        seen.append(request.path)
+        return web.Response(text="ok")
+
+    app = web.Application(handler_args={"max_field_size": 16384, "max_line_size": 16384, "max_headers": 128})
+    app.router.add_route("*", "/{name}", answer)
+    return app
+
+
+async def test_a_head_begun_after_a_pipelined_request_is_bounded_too() -> None:
+    """The bytes after a head in the chunk that completed it were not counted: a pipelined next head could be
+    a whole read (256 KiB) over the bound (a reviewer's)."""
+    seen: list[str] = []
+    clients = ClientConnections(100)
+    runner, port = await _serving(_app(seen), clients)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        huge = _head("/huge", 8)  # 120 KB
+        writer.write(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n" + huge[:60_000])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(huge[60_000:])
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert b"431 Request Header Fields Too Large" in answer, answer[:300]
+    assert seen == ["/small"]
+    assert clients.heads_too_large == 1
+
+
+async def test_a_head_within_the_bound_whose_end_comes_in_1_byte_chunks_is_served() -> None:
+    """Only the last chunk's 3 bytes were kept to find a head's end across chunks: an end that came a byte at
+    a time was missed, and a head within the bound refused with its body (a reviewer's)."""
+    seen: list[str] = []
+    clients = ClientConnections(100)
+    runner, port = await _serving(_app(seen), clients)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        upload = _head("/upload", 4, "Content-Length: 8000\r\n")  # ~60 KB, under the bound
+        for piece in (upload[:-2], upload[-2:-1], upload[-1:] + b"b" * 8000):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        assert await _answers(reader, 1) == [b"HTTP/1.1 200 OK"]
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert seen == ["/upload"]
+
+
+async def test_a_head_over_the_bound_behind_a_request_in_progress_never_answers_in_its_place() -> None:
+    """The 431 was written at once, ahead of the answer to the request before it on the connection: its
+    client took the 431 for that answer (a reviewer's). Now that answer goes out whole, then the close."""
+    seen: list[str] = []
+    clients = ClientConnections(100)
+    runner, port = await _serving(_app(seen), clients)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        huge = _head("/huge", 5)
+        for start in range(0, len(huge), 1000):
+            writer.write(huge[start : start + 1000])
+            await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]
+    assert answer.endswith(b"\r\n\r\nok")
+    assert b"431" not in answer
+    assert seen == ["/slow"]
+    assert clients.heads_too_large == 1
+
+
+async def test_pipelined_heads_read_at_once_are_each_bounded() -> None:
+    """Heads whole within one read were measured for the first only: a pipelined one after it passed at any
+    size up to the read (256 KiB). One read, made certain: the chunk handed to the connection's handler."""
+    seen: list[str] = []
+    clients = ClientConnections(100)
+    runner, port = await _serving(_app(seen), clients)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert runner.server is not None
+        server = runner.server
+        await wait_until(lambda: len(server.connections) == 1, "the connection accepted")
+        chunk = (
+            b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"
+            + _head("/huge", 5)
+            + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        server.connections[0].data_received(chunk)
+        await asyncio.wait_for(reader.read(), 5)  # closed
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert "/huge" not in seen
+    assert "/after" not in seen
+    assert clients.heads_too_large == 1
