@@ -76,7 +76,10 @@ def _safe_reason(exc: Exception) -> str:
         return reason
     if isinstance(exc, RedisError | AttributeError):
         return f"a query option redis-py refuses ({type(exc).__name__})"
-    return "no host and port it can read (a '/', '@', ':' or non-ASCII character in a password is %-encoded)"
+    return (
+        "no host and port it can read (a '/', '@', ':', '?', '#' or non-ASCII character in a password is "
+        "%-encoded)"
+    )
 
 
 # Options of a redis://, rediss:// or unix:// URL's query that the proxy sets itself. redis-py lets the URL's
@@ -128,8 +131,10 @@ def check_redis_url(value: str) -> str:
             parts = urlsplit(value)
         except ValueError:
             raise ValueError("redis-py cannot use this URL: " + _safe_reason(ValueError())) from None
-        if "@" in parts.query and "@" not in parts.netloc:
-            # An unescaped "?" in the password began the query: its option names would be the password's.
+        if not parts.path and "@" in parts.query + parts.fragment and "@" not in parts.netloc:
+            # An unescaped "?" (or "#") in the password began the query (or the fragment, which a "#" after
+            # the "?" moves the "@" into), so the path is empty: its option names would be the password's.
+            # (An "@" in a query value after a database path, `?client_name=a@b`, is no password's.)
             raise ValueError("redis-py cannot use this URL: " + _safe_reason(ValueError()))
         for option, values in parse_qs(parts.query).items():
             if option in _OWNED_QUERY_OPTIONS:

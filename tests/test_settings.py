@@ -571,6 +571,9 @@ def test_settings_are_frozen() -> None:
         # An unescaped "?" in the password: the option named was the rest of the password.
         ("redis://user:pa?s3cret=x@host:6379/0", "or non-ASCII character in a password is %-encoded"),
         ("redis://user:pa?a=1&s3cret=x@host:6379/0", "or non-ASCII character in a password is %-encoded"),
+        # And a "#" after it, which moved the "@" out of the query into the fragment (a reviewer's).
+        ("redis://:pa?s3cret=1#q@host:6379/0", "'?', '#' or non-ASCII character in a password is %-encoded"),
+        ("redis://:pa?s3cret=1&b=2#q@h:6379/0", "'?', '#' or non-ASCII character in a password is %-encoded"),
         # The proxy's own: redis-py lets the URL's win, which unbounded every call (3 s on a 0.5 s timeout)...
         ("redis://:s3cret@host:6379/0?socket_timeout=3", "'socket_timeout' is set by redis.timeout_seconds"),
         ("rediss://:s3cret@host/0?timeout=30", "'timeout' is set by redis.timeout_seconds"),
@@ -611,6 +614,7 @@ def test_a_redis_url_redis_py_cannot_use_is_refused_naming_the_key(url: str, say
         "rediss://:pw@host:6380/15?ssl_cert_reqs=none",
         "unix:///r.sock?db=2",
         "redis://host:6379/0?protocol=3&socket_keepalive=true",
+        "redis://host:6379/0?client_name=edge@pod-1",  # an "@" in a query value, no password in sight
     ],
 )
 def test_redis_urls_redis_py_reads_are_accepted(url: str) -> None:
