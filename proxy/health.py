@@ -116,9 +116,10 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     clock_checked_at: float | None = None
     skewed = False
+    unmeasured = False  # whether TIME's failure was logged (an ACL user denied it, say)
 
     async def check_clock() -> None:
-        nonlocal clock_checked_at, skewed
+        nonlocal clock_checked_at, skewed, unmeasured
         if clock_checked_at is not None and loop.time() - clock_checked_at < CLOCK_CHECK_SECONDS:
             return
         clock_checked_at = loop.time()
@@ -126,8 +127,16 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
             before = time.time()
             seconds, micros = await client.time()
             after = time.time()
-        except RedisError:
+        except RedisError as exc:
+            # No figure rather than a stale one, and said once: "not measured" is not "in step".
+            health.clock_offset_seconds = None
+            if not unmeasured:
+                log.warning(
+                    "clock: cannot read Redis's TIME (%s): the offset is not measured", type(exc).__name__
+                )
+                unmeasured = True
             return
+        unmeasured = False
         offset = seconds + micros / 1e6 - (before + after) / 2
         health.clock_offset_seconds = offset
         if abs(offset) > CLOCK_SKEW_WARN_SECONDS + (after - before) / 2:
@@ -146,13 +155,16 @@ async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     # nothing listens on) was said by no line, readiness 503 the only sign
 
     async def check() -> None:
-        nonlocal told
+        nonlocal told, clock_checked_at
         try:
             await ping()
         except (RedisError, OSError) as exc:
             if health.redis_ok or not told:
                 log.warning("redis unreachable: %s", type(exc).__name__)
             health.record_ping(False, cluster=cluster)
+            # The last offset is no longer a measure; Redis's clock is read again as soon as it answers.
+            health.clock_offset_seconds = None
+            clock_checked_at = None
         else:
             if not health.redis_ok:
                 log.info("redis reachable")

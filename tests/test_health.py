@@ -47,7 +47,9 @@ async def test_a_host_clock_off_rediss_is_logged_and_measured_until_back_in_step
     caplog.set_level(logging.INFO, logger="proxy.health")
     client = await make_proxy(redis={"health_check_interval_seconds": 0.05})
     assert "clock: this host's wall clock is -300.0 s off Redis's" in caplog.text
-    assert -300.5 < await _clock_offset(client) < -299.5
+    measured = await _clock_offset(client)
+    assert measured is not None
+    assert -300.5 < measured < -299.5
 
     offset = 0.0
     for _ in range(200):
@@ -55,18 +57,55 @@ async def test_a_host_clock_off_rediss_is_logged_and_measured_until_back_in_step
             break
         await asyncio.sleep(0.025)
     assert "clock: back in step with Redis's" in caplog.text
-    assert abs(await _clock_offset(client)) < 0.5
+    measured = await _clock_offset(client)
+    assert measured is not None
+    assert abs(measured) < 0.5
     assert caplog.text.count("off Redis's") == 1  # said once, not at every check
 
 
-async def _clock_offset(client: object) -> float:
-    response = await client.get("/metrics")  # type: ignore[attr-defined]
-    line = next(
-        line
-        for line in (await response.text()).splitlines()
-        if line.startswith("edge_proxy_clock_offset_seconds")
+async def test_a_clock_not_measured_has_no_offset_and_says_so(
+    make_proxy: MakeProxy, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user denied TIME left no gauge and no line: "not measured" looked like "in step" (a
+    reviewer's); and while Redis is down the last figure is no measure either."""
+    admin = redis_server.client()
+    admin.acl_setuser(
+        "notime", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-time"]
     )
-    return float(line.split()[-1])
+    try:
+        client = await make_proxy(
+            redis={
+                "url": f"redis://notime:pw@127.0.0.1:{redis_server.port}/0",
+                "health_check_interval_seconds": 0.05,
+            }
+        )
+        assert (
+            "clock: cannot read Redis's TIME (NoPermissionError): the offset is not measured" in caplog.text
+        )
+        assert await _clock_offset(client) is None
+    finally:
+        admin.acl_deluser("notime")
+        admin.close()
+
+    client = await make_proxy(redis={"health_check_interval_seconds": 0.05})
+    assert await _clock_offset(client) is not None
+    redis_server.stop()
+    await _wait_status(client, 503)
+    assert await _clock_offset(client) is None
+    redis_server.start()
+    await _wait_status(client, 200)
+    for _ in range(200):
+        if await _clock_offset(client) is not None:
+            break
+        await asyncio.sleep(0.025)
+    assert await _clock_offset(client) is not None
+
+
+async def _clock_offset(client: object) -> float | None:
+    response = await client.get("/metrics")  # type: ignore[attr-defined]
+    text = await response.text()
+    lines = [line for line in text.splitlines() if line.startswith("edge_proxy_clock_offset_seconds")]
+    return float(lines[0].split()[-1]) if lines else None
 
 
 async def _wait_status(client: object, status: int) -> object:
