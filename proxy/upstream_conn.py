@@ -36,6 +36,21 @@ HOP_BY_HOP = frozenset(
     }
 )
 _HOP_BY_HOP_NAMES = frozenset(name.encode() for name in HOP_BY_HOP)
+# What on_headers_complete does with a header, by its lower-cased name: read the length, or note a hop-by-hop
+# one (Connection and Transfer-Encoding read too); any other name is end to end and passes as it is.
+_CONTENT_LENGTH, _HOP_BY_HOP, _CONNECTION, _TRANSFER_ENCODING = range(4)
+_KINDS = {
+    **dict.fromkeys(_HOP_BY_HOP_NAMES, _HOP_BY_HOP),
+    b"content-length": _CONTENT_LENGTH,
+    b"connection": _CONNECTION,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+}
+# Header names as received -> (decoded, kind or None): names repeat from one answer to the next, so each is
+# decoded and classified once (a dict lookup instead of a decode, a lower() and up to four comparisons per
+# header). Bounded: past the cap, and for names longer than _NAME_BYTES_CACHED, decoded every time.
+_NAMES: dict[bytes, tuple[str, int | None]] = {}
+_NAMES_CAP = 512
+_NAME_BYTES_CACHED = 64
 
 
 class UpstreamError(Exception):
@@ -458,21 +473,28 @@ class Connection(asyncio.Protocol):
         connection: frozenset[str] = frozenset()
         hop_by_hop = False
         # llhttp admits only token characters in names; values and the reason may carry any byte >= 0x80.
-        non_utf8 = not _is_utf8(self._reason)
+        non_utf8 = not (self._reason.isascii() or _is_utf8(self._reason))
+        names = _NAMES
         for raw_name, raw_value in self._headers:
             value = raw_value.decode("utf-8", "surrogateescape")
-            headers.append((raw_name.decode("utf-8", "surrogateescape"), value))
+            known = names.get(raw_name)
+            if known is None:
+                known = (raw_name.decode("utf-8", "surrogateescape"), _KINDS.get(raw_name.lower()))
+                if len(names) < _NAMES_CAP and len(raw_name) <= _NAME_BYTES_CACHED:
+                    names[raw_name] = known
+            name, kind = known
+            headers.append((name, value))
             if not raw_value.isascii() and not non_utf8:
                 non_utf8 = not _is_utf8(raw_value)
-            lowered = raw_name.lower()
-            if lowered == b"content-length":
+            if kind is None:
+                continue
+            if kind == _CONTENT_LENGTH:
                 content_length = int(raw_value)  # llhttp has checked it is one valid number
                 continue
-            if not hop_by_hop and lowered in _HOP_BY_HOP_NAMES:
-                hop_by_hop = True
-            if lowered == b"connection":
+            hop_by_hop = True
+            if kind == _CONNECTION:
                 connection |= {token.strip().lower() for token in value.split(",")}
-            elif lowered == b"transfer-encoding" and not _only_chunked(raw_value):
+            elif kind == _TRANSFER_ENCODING and not _only_chunked(raw_value):
                 # A coding other than chunked (gzip, say): only chunked is decoded here, and Transfer-Encoding
                 # is hop by hop, so the client would get coded bytes it could not tell were coded (and without
                 # chunked last, a body running to the close). A clean 502 now, before any byte goes out.
@@ -484,8 +506,8 @@ class Connection(asyncio.Protocol):
         if self._head_only:
             self._keep_alive = self._parser.should_keep_alive()
             self._finish()
-        else:
-            self._wake()
+        elif (waiter := self._waiter) is not None and not waiter.done():  # _wake(), inline
+            waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
@@ -496,7 +518,10 @@ class Connection(asyncio.Protocol):
         if self._buffered > READ_HIGH_WATER and not self._reading_paused and self._transport is not None:
             self._reading_paused = True
             self._transport.pause_reading()
-        self._wake()
+        # _wake(), inline (once per read of a body).
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -516,7 +541,9 @@ class Connection(asyncio.Protocol):
             # back to the pool must read its next answer, and see the upstream close meanwhile.
             self._reading_paused = False
             self._transport.resume_reading()
-        self._wake()
+        waiter = self._waiter  # _wake(), inline (once per answer)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _until_eof(self) -> bool:
         """The answer has no declared length: it ends when the upstream closes (RFC 9112 §6.3)."""
