@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import http_writer, web, web_protocol, web_response
+from aiohttp import http_writer, web, web_protocol, web_response, web_urldispatcher
 from multidict import CIMultiDict
 
 # Per server (one per serving process; tests start many in one process): what a malformed request calls.
@@ -131,3 +132,60 @@ def wrap_data_received(wrap: Callable[[Receive], Receive]) -> None:
         wrapped = wrap(web_protocol.RequestHandler.data_received)
         wrapped._wrapped = True  # type: ignore[attr-defined]
         web_protocol.RequestHandler.data_received = wrapped  # type: ignore[method-assign,assignment]
+
+
+# What aiohttp compiles forward.CATCH_ALL ("/{tail:[\s\S]*}") to; resolve_catch_all_directly stands in for
+# it only when it is this.
+_CATCH_ALL_PATTERN = r"/(?P<tail>[\s\S]*)"
+
+
+def resolve_catch_all_directly(router: web.UrlDispatcher, catch_all: web.AbstractRoute) -> None:
+    """Resolve a path no other route can match straight to `catch_all` (any path, any method, at "/").
+
+    aiohttp's router walks each of a path's prefixes ("/api/x/1", "/api/x", "/api", "/") for candidate
+    resources and only then reaches the catch-all, whose regex and match dict come after: ~4.5 % of a
+    forward's instructions (`bench/callgrind.py --scenario forward`). When every other resource is a plain
+    path, which matches that one path only (candidates met at a path's prefixes never match it), a path
+    that is not, trailing slashes stripped, some plain resource's key can only be the catch-all's: its match
+    is made here as aiohttp makes it (the whole path after "/", line feeds included; "%2F" and "%25" in the
+    tail unquoted by aiohttp's own helper). Anything else (a plain route's path, a router holding any other
+    kind of resource, a pattern other than the expected one) takes aiohttp's walk, unchanged.
+    tests/test_server.py resolves paths both ways and compares, so an aiohttp that moved these internals
+    fails there.
+    """
+    resolve = router.resolve
+    index = router._resource_index
+    resource = catch_all.resource
+    direct: bool | None = None  # decided on the first request, once the router is frozen
+
+    def only_plain_besides_catch_all() -> bool:
+        pattern = getattr(resource, "_pattern", None)
+        return (
+            type(resource) is web_urldispatcher.DynamicResource
+            and pattern is not None
+            and pattern.pattern == _CATCH_ALL_PATTERN
+            and pattern.flags == re.UNICODE
+            and getattr(resource, "_any_route", None) is catch_all
+            and list(resource) == [catch_all]
+            and not router._matched_sub_app_resources
+            and all(
+                candidates == [resource]
+                if key == "/"
+                else all(type(candidate) is web_urldispatcher.PlainResource for candidate in candidates)
+                for key, candidates in index.items()
+            )
+        )
+
+    async def resolve_directly(request: web.Request) -> web_urldispatcher.UrlMappingMatchInfo:
+        nonlocal direct
+        if direct is None:
+            direct = only_plain_besides_catch_all()
+        path = request.rel_url.path_safe
+        if direct and path[:1] == "/" and (path.rstrip("/") or "/") not in index:
+            tail = path[1:]
+            return web_urldispatcher.UrlMappingMatchInfo(
+                {"tail": web_urldispatcher._unquote_path_safe(tail) if "%" in tail else tail}, catch_all
+            )
+        return await resolve(request)
+
+    router.resolve = resolve_directly  # type: ignore[method-assign]

@@ -408,6 +408,11 @@ def _codings(request: web.Request) -> str:
     return ", ".join(codings) if codings else "chunked"
 
 
+# The forwarding route's path: any path. Any character: aiohttp's `.*` (no re.DOTALL) stopped at a line
+# feed, and a path with %0A was a local 404, never forwarded.
+CATCH_ALL = r"/{tail:[\s\S]*}"
+
+
 def add_routes(app: web.Application) -> None:
     """Everything the proxy does not answer itself goes upstream unchanged: the catch-all route, last."""
 
@@ -415,10 +420,10 @@ def add_routes(app: web.Application) -> None:
         # Not a coroutine itself: the forwarder's is awaited by the route wrapper, one frame less per request.
         return app[keys.FORWARDER].forward(request)
 
-    # Any character: "." would not match a line feed, and a path with %0A was a local 404, never forwarded.
-    app.router.add_route(
-        "*", r"/{tail:[\s\S]*}", observed(app, FORWARD, forward), expect_handler=expect_continue
+    route = app.router.add_route(
+        "*", CATCH_ALL, observed(app, FORWARD, forward), expect_handler=expect_continue
     )
+    aiohttp_internals.resolve_catch_all_directly(app.router, route)
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -20,10 +20,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import http_writer, web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
+from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import server, supervisor
+from proxy.app import create_app
 from proxy.config_loader import ENV_ALIASES
 from proxy.settings import Settings
 from tests.backend_writer import BackendWriter
@@ -622,6 +624,82 @@ def test_responses_reach_uvloop_as_head_and_body_without_a_joined_copy() -> None
         assert http_writer.SKIP_WRITELINES is False
     finally:
         http_writer.SKIP_WRITELINES = saved
+
+
+# Paths whose resolution the catch-all shortcut must not change: plain routes with and without a trailing
+# slash, their prefixes and extensions, the root, encoded slashes, percents and newlines, dot segments.
+ROUTED_PATHS = (
+    "/",
+    "//",
+    "/api/unknown/3",
+    "/api/unknown/3/",
+    "/flags/definitions",
+    "/flags/definitions/",
+    "/flags/definitions//",
+    "/flags/definitions/extra",
+    "/flags",
+    "/api/feature_flag/local_evaluation",
+    "/api/feature_flag/local_evaluation/",
+    "/api/feature_flag/local_evaluation/x",
+    "/_liveness",
+    "/_liveness/",
+    "/_readiness",
+    "/_startup",
+    "/metrics",
+    "/metrics/",
+    "/a%2Fb",
+    "/a%2Fb%25c",
+    "/a%25",
+    "/a%0Ab",
+    "/a%0D",
+    "/a/../b",
+    "/%2E%2E/x",
+    "/caf%C3%A9",
+)
+
+
+@pytest.mark.parametrize("health_port_only", [False, True])
+async def test_the_catch_all_shortcut_resolves_every_path_as_aiohttps_walk(health_port_only: bool) -> None:
+    """aiohttp_internals.resolve_catch_all_directly: the same route, match dict and error as the router's own
+    resolve, for every method; and the shortcut is taken for a forwarded path (an aiohttp whose internals it
+    reads moved would make it fall back to the walk: this fails then, so the saving is not lost unseen)."""
+    settings = Settings.model_validate(
+        {
+            "upstream": {"url": "http://127.0.0.1:9"},
+            "redis": {"url": "redis://127.0.0.1:1/0"},
+            "health_port": 9999 if health_port_only else None,
+            "health_port_only": health_port_only,
+        }
+    )
+    app = create_app(settings)
+    app.router.freeze()
+    router = app.router
+    assert "resolve" in vars(router)  # the shortcut is installed
+    catch_all = router._resource_index["/"][0]
+    walked = []
+    match = catch_all._match  # type: ignore[attr-defined]
+
+    def counted(path: str) -> dict[str, str] | None:
+        walked.append(path)
+        return match(path)  # type: ignore[no-any-return]
+
+    catch_all._match = counted  # type: ignore[attr-defined]
+    for path in ROUTED_PATHS:
+        for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"):
+            request = make_mocked_request(method, path, app=app)
+            direct = await router.resolve(request)
+            walk = await web.UrlDispatcher.resolve(router, request)
+            assert type(direct) is type(walk), (method, path)
+            assert dict(direct) == dict(walk), (method, path)
+            assert direct.route is walk.route or (
+                isinstance(walk, MatchInfoError)
+                and isinstance(direct, MatchInfoError)
+                and direct.http_exception.status == walk.http_exception.status
+            ), (method, path)
+    walked.clear()
+    forwarded = await router.resolve(make_mocked_request("GET", "/api/unknown/3", app=app))
+    assert dict(forwarded) == {"tail": "api/unknown/3"}
+    assert walked == []  # the shortcut, not the walk
 
 
 async def _slow_exchange(port: int, request: bytes, pipelined: int) -> list[tuple[bytes, bytes]]:
