@@ -181,11 +181,23 @@ def resolve_catch_all_directly(router: web.UrlDispatcher, catch_all: web.Abstrac
         if direct is None:
             direct = only_plain_besides_catch_all()
         path = request.rel_url.path_safe
-        if direct and path[:1] == "/" and (path.rstrip("/") or "/") not in index:
-            tail = path[1:]
-            return web_urldispatcher.UrlMappingMatchInfo(
-                {"tail": web_urldispatcher._unquote_path_safe(tail) if "%" in tail else tail}, catch_all
-            )
+        if direct:
+            key = path.rstrip("/") or "/"
+            candidates = index.get(key)
+            if candidates is None:
+                if path[:1] == "/":
+                    tail = path[1:] if "%" not in path else web_urldispatcher._unquote_path_safe(path[1:])
+                    return web_urldispatcher.UrlMappingMatchInfo({"tail": tail}, catch_all)
+            elif key != "/":
+                # A plain route's path (the definitions, the probes): its route for the method, as the walk's
+                # first candidate to match finds it.
+                for candidate in candidates:
+                    if candidate._path == path:  # type: ignore[attr-defined]  # a PlainResource (checked)
+                        method = request.method
+                        route = candidate._routes.get(method, candidate._any_route)  # type: ignore[attr-defined]
+                        if route is not None:
+                            return web_urldispatcher.UrlMappingMatchInfo({}, route)
+                        break
         return await resolve(request)
 
     router.resolve = resolve_directly  # type: ignore[method-assign]

@@ -661,8 +661,9 @@ ROUTED_PATHS = (
 @pytest.mark.parametrize("health_port_only", [False, True])
 async def test_the_catch_all_shortcut_resolves_every_path_as_aiohttps_walk(health_port_only: bool) -> None:
     """aiohttp_internals.resolve_catch_all_directly: the same route, match dict and error as the router's own
-    resolve, for every method; and the shortcut is taken for a forwarded path (an aiohttp whose internals it
-    reads moved would make it fall back to the walk: this fails then, so the saving is not lost unseen)."""
+    resolve, for every method; and the shortcut is taken for a forwarded path and a definitions one (an
+    aiohttp whose internals it reads moved would make it fall back to the walk: this fails then, so the
+    saving is not lost unseen)."""
     settings = Settings.model_validate(
         {
             "upstream": {"url": "http://127.0.0.1:9"},
@@ -675,15 +676,17 @@ async def test_the_catch_all_shortcut_resolves_every_path_as_aiohttps_walk(healt
     app.router.freeze()
     router = app.router
     assert "resolve" in vars(router)  # the shortcut is installed
-    catch_all = router._resource_index["/"][0]
-    walked = []
-    match = catch_all._match  # type: ignore[attr-defined]
+    walked: list[str] = []
 
-    def counted(path: str) -> dict[str, str] | None:
-        walked.append(path)
-        return match(path)  # type: ignore[no-any-return]
+    def counted(match: Callable[[str], dict[str, str] | None]) -> Callable[[str], dict[str, str] | None]:
+        def matched(path: str) -> dict[str, str] | None:
+            walked.append(path)
+            return match(path)
 
-    catch_all._match = counted  # type: ignore[attr-defined]
+        return matched
+
+    for routed in router.resources():
+        routed._match = counted(routed._match)  # type: ignore[attr-defined]
     for path in ROUTED_PATHS:
         for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"):
             request = make_mocked_request(method, path, app=app)
@@ -699,6 +702,9 @@ async def test_the_catch_all_shortcut_resolves_every_path_as_aiohttps_walk(healt
     walked.clear()
     forwarded = await router.resolve(make_mocked_request("GET", "/api/unknown/3", app=app))
     assert dict(forwarded) == {"tail": "api/unknown/3"}
+    definitions = await router.resolve(make_mocked_request("GET", "/flags/definitions", app=app))
+    assert definitions.route.resource is not None
+    assert definitions.route.resource.canonical == "/flags/definitions"
     assert walked == []  # the shortcut, not the walk
 
 
