@@ -21,6 +21,14 @@ if TYPE_CHECKING:
 READ_HIGH_WATER = 256 * 1024
 # What a reason phrase may not hold: controls other than HTAB (RFC 9112 §4).
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The usual reason phrases, which hold none (a set lookup instead of the regex's search, per answer).
+_PLAIN_REASONS = frozenset(
+    {b"", b"OK", b"Created", b"Accepted", b"No Content", b"Moved Permanently", b"Found", b"See Other"}
+    | {b"Not Modified", b"Temporary Redirect", b"Permanent Redirect", b"Bad Request", b"Unauthorized"}
+    | {b"Forbidden", b"Not Found", b"Method Not Allowed", b"Too Many Requests", b"Internal Server Error"}
+    | {b"Bad Gateway", b"Service Unavailable", b"Gateway Timeout"}
+)
+_NO_TOKENS: frozenset[str] = frozenset()
 # RFC 9110 §7.6.1: connection-specific fields never cross a proxy; fields named in Connection join them.
 HOP_BY_HOP = frozenset(
     {
@@ -258,7 +266,8 @@ class Connection(asyncio.Protocol):
 
     def _begin(self, head_only: bool) -> None:
         self.answered = False
-        if not self.alive():
+        transport = self._transport
+        if self._lost or self._broken or transport is None or transport.is_closing():  # not alive(), inline
             # Never written to a closed transport (uvloop raises RuntimeError; asyncio drops the bytes and
             # the request would wait out the read timeout): a clean "disconnected", retried when allowed.
             # Broken, so the pool drops it (the last exchange's state would call it reusable).
@@ -458,7 +467,7 @@ class Connection(asyncio.Protocol):
             # llhttp reads any three digits: "099" was taken for an informational answer, and the client
             # waited for the read timeout (504) for the answer that never followed.
             raise UpstreamError("malformed", f"status {status}")
-        if _CONTROL.search(self._reason):
+        if self._reason not in _PLAIN_REASONS and _CONTROL.search(self._reason):
             # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only. aiohttp refuses to write any other in a status
             # line: the answer was lost (an empty reply, or a 500 for a streamed one).
             raise UpstreamError("malformed", "a control character in the reason phrase")
@@ -470,7 +479,7 @@ class Connection(asyncio.Protocol):
         self._informational = False
         headers = []
         content_length = None
-        connection: frozenset[str] = frozenset()
+        connection = _NO_TOKENS
         hop_by_hop = False
         # llhttp admits only token characters in names; values and the reason may carry any byte >= 0x80.
         non_utf8 = not (self._reason.isascii() or _is_utf8(self._reason))
