@@ -38,6 +38,9 @@ REQUEST_SET_BY_US = frozenset({"host", "expect", "content-length"})
 
 DROP_FROM_TRUSTED = HOP_BY_HOP | FORWARDED_BY_US | REQUEST_SET_BY_US
 DROP_FROM_UNTRUSTED = DROP_FROM_TRUSTED | CLIENT_ORIGIN_CLAIMS
+# Header names HeaderPolicy remembers the fate of, per drop set (names are client-chosen: bounded).
+KEPT_NAMES_CAP = 1024
+KEPT_NAME_LENGTH = 64
 
 
 class HeaderPolicy:
@@ -49,6 +52,12 @@ class HeaderPolicy:
         self._upstream_host = _host_header(base)
         self._keep_client_host = settings.host_header == "client"
         self._is_trusted = trust_checker(ip_network(n, strict=False) for n in settings.trusted_proxies)
+        self._trusting = bool(settings.trusted_proxies)  # else no peer is, and the check is not called
+        # Whether a client's header goes on, by its name as received, for the two drop sets (a Connection
+        # header's names make a set of their own, not remembered): the name's lower() and set lookup made
+        # once per name rather than per request. Bounded: past the cap, and names longer than
+        # KEPT_NAME_LENGTH, are checked every time.
+        self._kept: dict[frozenset[str], dict[str, bool]] = {DROP_FROM_TRUSTED: {}, DROP_FROM_UNTRUSTED: {}}
 
     def request(self, request: web.Request) -> list[tuple[str, str]]:
         """The headers to send upstream: the client's end-to-end ones and this hop's X-Forwarded-*."""
@@ -58,22 +67,36 @@ class HeaderPolicy:
         peername = request.protocol.peername
         # A TCP peer is (host, port[, flow, scope]); a Unix socket has no address to vouch for.
         peer = peername[0] if isinstance(peername, tuple) and peername else None
-        trusted = peer is not None and self._is_trusted(peer)
+        trusted = peer is not None and self._trusting and self._is_trusted(peer)
 
         drop = DROP_FROM_TRUSTED if trusted else DROP_FROM_UNTRUSTED
-        if hdrs.CONNECTION in incoming:
-            drop = drop | connection_options(incoming)
         # The Host header, never request.host: for an absolute-form target aiohttp reports the target's host.
         host = incoming.get(hdrs.HOST)
         headers = [("Host", host if host is not None and self._keep_client_host else self._upstream_host)]
         # A name with "_" never goes on (nginx's default, underscores_in_headers off): a WSGI server reads
         # "X_Forwarded_For" as X-Forwarded-For, and gunicorn takes SCRIPT_NAME from a proxy it trusts (the
         # loopback, so this one): "SCRIPT_NAME: /prefix" took a request outside the upstream's base path.
-        headers += [(k, v) for k, v in incoming.items() if k.lower() not in drop and "_" not in k]
+        if hdrs.CONNECTION in incoming:
+            drop = drop | connection_options(incoming)
+            headers += [(k, v) for k, v in incoming.items() if k.lower() not in drop and "_" not in k]
+        else:
+            kept = self._kept[drop]
+            for k, v in incoming.items():
+                keep = kept.get(k)
+                if keep is None:
+                    keep = k.lower() not in drop and "_" not in k
+                    if len(kept) < KEPT_NAMES_CAP and len(k) <= KEPT_NAME_LENGTH:
+                        kept[k] = keep
+                if keep:
+                    headers.append((k, v))
 
         if peer is not None:
-            prior_for = incoming.getall(hdrs.X_FORWARDED_FOR, ()) if trusted else ()
-            headers.append((hdrs.X_FORWARDED_FOR, ", ".join([*prior_for, peer])))
+            if trusted:
+                headers.append(
+                    (hdrs.X_FORWARDED_FOR, ", ".join([*incoming.getall(hdrs.X_FORWARDED_FOR, ()), peer]))
+                )
+            else:
+                headers.append((hdrs.X_FORWARDED_FOR, peer))
         # Proto and Host describe the client-facing hop: a trusted proxy's value is the original one, kept.
         proto = incoming.get(hdrs.X_FORWARDED_PROTO) if trusted else None
         headers.append((hdrs.X_FORWARDED_PROTO, proto or request.scheme))
