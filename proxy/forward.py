@@ -146,9 +146,12 @@ class Forwarder:
         span = None
         if self._tracer is not None:
             span = tracing.upstream_span(self._tracer, method, self._server_address, headers)
-        head = "".join(
-            [f"{method} {self._target(request)} HTTP/1.1\r\n", *[f"{k}: {v}\r\n" for k, v in headers], "\r\n"]
-        ).encode("utf-8", "surrogateescape")  # header bytes leave as they came in
+        raw_path = request.raw_path  # origin form, the usual target, without _target's call
+        target = self._base_path + raw_path if raw_path.startswith("/") else self._target(request)
+        # Each "name: value" joined in C (no Python per header), the lines ended by CRLF, then the blank line.
+        head = "\r\n".join([f"{method} {target} HTTP/1.1", *map(": ".join, headers), "", ""]).encode(
+            "utf-8", "surrogateescape"
+        )  # header bytes leave as they came in
         # From here the answer is the upstream's, or says why it could not be had (telemetry's answered_by);
         # the 400, 408, 413 and 501 above, and a streamed body's below, are this proxy's own.
         request[keys.FORWARDED] = True
