@@ -192,9 +192,9 @@ class Forwarder:
                         self.failures[exc.kind] += 1
                         return self._failed(request, None, exc)
                 whole = aiohttp_internals.ExactHeadResponse if upstream.non_utf8 else web.Response
-                answer = whole(
-                    status=upstream.status, reason=upstream.reason, headers=end_to_end(upstream), body=body
-                )
+                # end_to_end's answer when nothing is hop by hop (the usual), without its call.
+                headers = end_to_end(upstream) if upstream.hop_by_hop else upstream.headers
+                answer = whole(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
                 if observe is not None:  # not prepared yet: the upstream's headers only
                     observe(upstream.status, answer.headers, body)
                 return answer

@@ -111,11 +111,14 @@ class Telemetry:
     ) -> None:
         """Count, time and log one answered request (the ETag and auth counters are the handler's)."""
         self.in_flight -= 1
-        if route in (DEFINITIONS, FORWARD):
-            # Set by the forwarder once it sends the request: the definitions path forwards what it cannot
-            # answer from memory, and the forward route answers some requests itself (413, 501, a 400).
-            # len() first: `in` raises and catches a KeyError when the key is absent (~0.2 µs, measured), and
-            # a request's state is empty unless the forwarder marked it.
+        if route == FORWARD:
+            # Set by the forwarder once it sends the request; the forward route answers some requests itself
+            # (413, 501, a 400), most not: no len() first (see below), one call less per forward.
+            answered_by = UPSTREAM if keys.FORWARDED in request else LOCAL
+        elif route == DEFINITIONS:
+            # The definitions path forwards what it cannot answer from memory. len() first: `in` raises and
+            # catches a KeyError when the key is absent (~0.2 µs, measured), and a request's state is empty
+            # unless the forwarder marked it.
             answered_by = UPSTREAM if len(request) and keys.FORWARDED in request else LOCAL
         else:
             answered_by = LOCAL

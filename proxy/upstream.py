@@ -257,7 +257,7 @@ class Pool:
         if not conn.reusable() or self._closed:
             self._discard(conn)
             return
-        waiter = self._next_waiter()
+        waiter = self._next_waiter() if self._waiters else None  # none waiting, usually: no call
         if waiter is not None:
             waiter.set_result(conn)
             return

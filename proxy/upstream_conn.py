@@ -116,7 +116,12 @@ class Response:
 
     def body_if_complete(self) -> bytes | None:
         """The whole body if all of it has arrived (it often comes with the head), else None: no await."""
-        return self._conn.take_body() if self._conn._complete else None
+        conn = self._conn
+        if not conn._complete:
+            return None
+        body = conn._body  # take_body(), inline: one call less per answer
+        conn._body = []
+        return body[0] if len(body) == 1 else b"".join(body)
 
     def read(self) -> Awaitable[bytes]:
         """The whole body (awaitable; not a coroutine itself: one frame less per answer)."""
