@@ -287,7 +287,14 @@ class ClientConnections:
             # this chunk after the last head's end when that had no body (pipelined requests).
             messages = handler._messages
             parsed = handler._request_count - head.requests
-            if parsed > 1 and len(data) > MAX_HEAD_BYTES and _over_the_bound(list(messages)[1 - parsed :]):
+            # Unmeasured: the heads after the first in one read, and every head aiohttp parsed from its own
+            # buffer (data b"": it keeps what follows 32 queued requests unparsed, then reparses it).
+            unmeasured = parsed if not data else parsed - 1
+            if (
+                unmeasured
+                and (len(data) > MAX_HEAD_BYTES or not data)
+                and _over_the_bound(list(messages)[-unmeasured:])
+            ):
                 # Pipelined heads whole within this one read (at most uvloop's 256 KiB): the first was
                 # measured above; one after it past the bound closes the connection, the requests before
                 # it cut (no 431 can be written in its place without answering for them).
@@ -306,10 +313,13 @@ class ClientConnections:
     def _refuse_head(self, handler: RequestHandler) -> None:
         self.heads_too_large += 1
         self._warn.warning("request head over %d bytes: answered 431, connection closed", MAX_HEAD_BYTES)
-        if not _idle(handler):
+        if handler._request_count and not _idle(handler):
             # An earlier request on the connection (pipelined) is still being answered: a 431 written now
             # would reach its client as that request's answer. Its answer goes out, then the connection
-            # closes, the oversized request unanswered (a client may send it again, elsewhere).
+            # closes, the oversized request unanswered (a client may send it again, elsewhere). Not when no
+            # request was ever parsed here: a handler whose task has not run yet (the first read met in the
+            # loop pass after the accept) is not idle either, and close() then left it waiting for a request
+            # until the keep-alive timeout, unanswered.
             handler.close()
             return
         transport = handler.transport
@@ -419,6 +429,14 @@ def _bounding_heads(receive: Receive) -> Receive:
         # leaves a head unfinished or a body to read.
         requests = handler._request_count
         receive(handler, data)
+        if not data and handler._request_count != requests:
+            # aiohttp reparsing what it held behind 32 queued requests (its resume): heads never measured.
+            parsed = handler._request_count - requests
+            if _over_the_bound(list(handler._messages)[-parsed:]):
+                clients.heads_too_large += 1
+                clients._warn.warning("request head over %d bytes: connection closed", MAX_HEAD_BYTES)
+                handler.force_close()
+                return
         if handler._request_count == requests:
             heads[handler] = _Head(requests, len(data), data[-3:])
         elif (messages := handler._messages) and (body := messages[-1][1]) is not EMPTY_PAYLOAD:

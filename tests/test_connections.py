@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import socket
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from proxy import connections
 from proxy.connections import ClientConnections, client_cap, reserved_descriptors
@@ -540,4 +542,61 @@ async def test_pipelined_heads_read_at_once_are_each_bounded() -> None:
         await runner.cleanup()
     assert "/huge" not in seen
     assert "/after" not in seen
+    assert clients.heads_too_large == 1
+
+
+async def test_an_oversized_head_met_before_the_handlers_task_first_runs_is_answered_431_and_closed() -> None:
+    """On Python 3.11 aiohttp starts a connection's handler task one loop pass after connection_made, and
+    uvloop can hand it the first read before that (a busy loop, a client that writes at once). No request was
+    ever parsed there, so nothing can be answered in the 431's place: 431 and closed, where it was left open
+    and unanswered until the keep-alive timeout (a reviewer's). The read is handed over in the accept's own
+    loop pass here, on a real connection, to make that order certain."""
+    seen: list[str] = []
+    clients = ClientConnections(100)
+    runner, port = await _serving(_app(seen), clients)
+    assert runner.server is not None
+    server = runner.server
+    admitted = server.connection_made
+
+    def read_at_once(handler: RequestHandler, transport: asyncio.Transport) -> None:
+        admitted(handler, transport)
+        handler.data_received(_head("/huge", 5))
+
+    server.connection_made = read_at_once  # type: ignore[method-assign]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = await asyncio.wait_for(reader.read(), 5)  # closed
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer
+    assert clients.heads_too_large == 1
+    assert seen == []
+
+
+async def test_a_head_aiohttp_held_behind_32_queued_requests_is_bounded_too() -> None:
+    """aiohttp parses at most 32 pipelined requests ahead of its handler and keeps the rest of the read
+    unparsed, reparsing it (data_received(b"")) as the queue drains: a 75 KB head read behind 40 slow requests
+    was never measured, and was served (diff2)."""
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.01)
+        seen.append(request.path)
+        return web.Response(text="ok")
+
+    app = web.Application(handler_args={"max_field_size": 16384, "max_line_size": 16384, "max_headers": 128})
+    app.router.add_get("/{name}", answer)
+    clients = ClientConnections(100)
+    runner, port = await _serving(app, clients)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n" * 40 + _head("/huge", 5))
+        await writer.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.read(), 3)  # until the connection closes (it stayed open, served)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert "/huge" not in seen
     assert clients.heads_too_large == 1
