@@ -136,7 +136,12 @@ def check_redis_url(value: str) -> str:
             # the "?" moves the "@" into), so the path is empty: its option names would be the password's.
             # (An "@" in a query value after a database path, `?client_name=a@b`, is no password's.)
             raise ValueError("redis-py cannot use this URL: " + _safe_reason(ValueError()))
+        # An "@" past the authority with none in it: the query may begin inside a password (an unescaped "/"
+        # then "?": `redis://:ab/cd?ef=gh@host/0`), so an option name is never quoted then.
+        password_in_query = "@" not in parts.netloc and "@" in parts.path + parts.query + parts.fragment
         for option, values in parse_qs(parts.query).items():
+            if password_in_query and (option not in _URL_OPTIONS or option in _OWNED_QUERY_OPTIONS):
+                raise ValueError("redis-py cannot use this URL: " + _safe_reason(ValueError()))
             if option in _OWNED_QUERY_OPTIONS:
                 raise ValueError(f"the query option {option!r} is {_OWNED_QUERY_OPTIONS[option]}: remove it")
             if option not in _URL_OPTIONS:

@@ -574,6 +574,12 @@ def test_settings_are_frozen() -> None:
         # And a "#" after it, which moved the "@" out of the query into the fragment (a reviewer's).
         ("redis://:pa?s3cret=1#q@host:6379/0", "'?', '#' or non-ASCII character in a password is %-encoded"),
         ("redis://:pa?s3cret=1&b=2#q@h:6379/0", "'?', '#' or non-ASCII character in a password is %-encoded"),
+        # And a "/" before the "?": the path is not empty, and the option named was the password's (diff2).
+        ("redis://:ab/cd?s3cret=1@host:6379/0", "'?', '#' or non-ASCII character in a password is %-encoded"),
+        (
+            "redis://u:p/w?timeout=s3cret@h:6379/0",
+            "'?', '#' or non-ASCII character in a password is %-encoded",
+        ),
         # The proxy's own: redis-py lets the URL's win, which unbounded every call (3 s on a 0.5 s timeout)...
         ("redis://:s3cret@host:6379/0?socket_timeout=3", "'socket_timeout' is set by redis.timeout_seconds"),
         ("rediss://:s3cret@host/0?timeout=30", "'timeout' is set by redis.timeout_seconds"),
