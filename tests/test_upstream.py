@@ -1178,13 +1178,8 @@ async def test_a_client_slower_than_the_stream_but_reading_is_never_cut_off(
     assert longest > 1.0, longest
 
 
-async def test_requests_whose_clients_left_give_their_pending_place_to_a_live_one(
-    scripted: Callable[[Handler], Awaitable[Scripted]],
-) -> None:
-    """aiohttp does not cancel a handler whose client left (the test server does: hence the pool, with its
-    `wanted`): such requests waited on, each holding a max_pending_requests place, and once enough had
-    piled up every live request was 503 pool_full, where it had waited and been served (a reviewer's)."""
-    release = asyncio.Event()
+def holding(release: asyncio.Event) -> Handler:
+    """An upstream that answers OK, a `GET /hold` once `release` is set: the pool's one connection held."""
 
     async def held(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
         if head.startswith(b"GET /hold "):
@@ -1193,7 +1188,18 @@ async def test_requests_whose_clients_left_give_their_pending_place_to_a_live_on
         await writer.drain()
         return True
 
-    upstream = await scripted(held)
+    return held
+
+
+async def test_requests_whose_clients_left_give_their_pending_place_to_a_live_one(
+    scripted: Callable[[Handler], Awaitable[Scripted]],
+) -> None:
+    """aiohttp does not cancel a handler whose client left (the test server does: hence the pool, with its
+    `wanted`): such requests waited on, each holding a max_pending_requests place, and once enough had
+    piled up every live request was 503 pool_full, where it had waited and been served (a reviewer's)."""
+    release = asyncio.Event()
+
+    upstream = await scripted(holding(release))
     port = int(upstream.url.rpartition(":")[2])
     pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1, max_pending=2, read_timeout=5))
     left = False
@@ -1227,13 +1233,7 @@ async def test_at_max_pending_the_waiters_are_looked_through_at_most_every_sweep
     a refusal with 1,024 waiting (a reviewer's), paid in a flood behind a stalled backend."""
     release = asyncio.Event()
 
-    async def held(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        await release.wait()
-        writer.write(OK)
-        await writer.drain()
-        return True
-
-    upstream = await scripted(held)
+    upstream = await scripted(holding(release))
     port = int(upstream.url.rpartition(":")[2])
     pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1, max_pending=1, read_timeout=5))
     asked = 0
@@ -1267,14 +1267,7 @@ async def test_requests_past_max_pending_are_503_at_once_and_those_waiting_are_s
     reviewer's 1,000 waiting capture batches: +95 MiB): they piled up until the process ran out of memory."""
     release = asyncio.Event()
 
-    async def held(index: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if head.startswith(b"GET /hold "):
-            await release.wait()
-        writer.write(OK)
-        await writer.drain()
-        return True
-
-    upstream = await scripted(held)
+    upstream = await scripted(holding(release))
     client = await proxy_to(make_proxy, upstream, max_connections=1, max_pending_requests=2)
     try:
         first = asyncio.ensure_future(client.get("/hold"))
