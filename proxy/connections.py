@@ -295,12 +295,7 @@ class ClientConnections:
                 and (len(data) > MAX_HEAD_BYTES or not data)
                 and _over_the_bound(list(messages)[-unmeasured:])
             ):
-                # Pipelined heads whole within this one read (at most uvloop's 256 KiB): the first was
-                # measured above; one after it past the bound closes the connection, the requests before
-                # it cut (no 431 can be written in its place without answering for them).
-                self.heads_too_large += 1
-                self._warn.warning("request head over %d bytes: connection closed", MAX_HEAD_BYTES)
-                handler.force_close()
+                self._close_over_bound(handler)
                 return
             body = messages[-1][1] if messages else None
             if body is not None and not body.is_eof():
@@ -309,6 +304,14 @@ class ClientConnections:
                 self._heads[handler] = _Head(handler._request_count, len(rest), rest[-3:])
             else:
                 self._heads.pop(handler, None)
+
+    def _close_over_bound(self, handler: RequestHandler) -> None:
+        """A head aiohttp has parsed already is past the bound: pipelined whole within one read (at most
+        uvloop's 256 KiB) behind another, or reparsed from aiohttp's own buffer. The connection closes, the
+        requests before it cut: no 431 can be written in its place without answering for them."""
+        self.heads_too_large += 1
+        self._warn.warning("request head over %d bytes: connection closed", MAX_HEAD_BYTES)
+        handler.force_close()
 
     def _refuse_head(self, handler: RequestHandler) -> None:
         self.heads_too_large += 1
@@ -410,7 +413,7 @@ class ClientConnections:
 
 def _bounding_heads(receive: Receive) -> Receive:
     """RequestHandler.data_received, bounding request heads on the servers a ClientConnections admits on."""
-    from aiohttp.streams import EMPTY_PAYLOAD  # serving processes only (the module's imports)
+    empty = _empty_payload()
 
     def data_received(handler: RequestHandler, data: bytes) -> None:
         # None on other servers (a worker's metrics port), and once the connection is lost.
@@ -433,13 +436,11 @@ def _bounding_heads(receive: Receive) -> Receive:
             # aiohttp reparsing what it held behind 32 queued requests (its resume): heads never measured.
             parsed = handler._request_count - requests
             if _over_the_bound(list(handler._messages)[-parsed:]):
-                clients.heads_too_large += 1
-                clients._warn.warning("request head over %d bytes: connection closed", MAX_HEAD_BYTES)
-                handler.force_close()
+                clients._close_over_bound(handler)
                 return
         if handler._request_count == requests:
             heads[handler] = _Head(requests, len(data), data[-3:])
-        elif (messages := handler._messages) and (body := messages[-1][1]) is not EMPTY_PAYLOAD:
+        elif (messages := handler._messages) and (body := messages[-1][1]) is not empty:
             if not body.is_eof():
                 heads[handler] = _Head(handler._request_count, body=body)
         elif not data.endswith(_HEAD_END) and (rest := _after_last_head(b"", data)):

@@ -23,10 +23,10 @@ __all__ = ["Connection", "Limits", "Pool", "Response", "UpstreamError"]
 
 # Name resolutions are reused this long (aiohttp's default DNS cache TTL); IP literals are never resolved.
 RESOLVE_TTL_SECONDS = 10.0
-# A reused connection that fails before any byte of its answer was probably closed by the upstream while
-# idle (a keep-alive race): requests that can be sent again are, once, on a new connection.
 # At max_pending_requests, how often at most the waiters are walked for requests whose client left.
 ABANDONED_SWEEP_SECONDS = 0.1
+# A reused connection that fails before any byte of its answer was probably closed by the upstream while
+# idle (a keep-alive race): requests that can be sent again are, once, on a new connection.
 RETRIED_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 

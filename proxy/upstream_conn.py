@@ -64,9 +64,8 @@ _NAME_BYTES_CACHED = 64
 class UpstreamError(Exception):
     """The upstream failed this exchange. `kind` is the metrics label: refused, timeout, pool_timeout (no
     connection came free in time), pool_full (too many requests waiting for one), disconnected or malformed;
-    or abandoned, which is no failure of the
-    upstream's (the client left while the request waited for a connection, and it was not sent). The message
-    never carries request data."""
+    or abandoned, which is no failure of the upstream's (the client left while the request waited for a
+    connection, and it was not sent). The message never carries request data."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(f"{kind}: {reason}")
