@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, get_origin
 
 import yaml
+from opentelemetry.util.re import parse_env_headers
 from pydantic import BaseModel, ValidationError
 
 from proxy.settings import ConfigError, Settings
@@ -30,6 +32,12 @@ ENV_ALIASES: Mapping[str, tuple[str, ...]] = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
 }
 ENV_PREFIX = "EDGE_PROXY__"
+# Where the OTLP exporters read a collector's headers (a signal's own variable, else the shared one).
+OTLP_HEADER_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
@@ -191,9 +199,46 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         settings = Settings.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe([*_problems(exc, sources), *unplaced])) from exc
+    if settings.telemetry.otlp_endpoint is not None:
+        unplaced += _otlp_header_problems(environ)
     if unplaced:
         raise ConfigError(_describe(unplaced))
     return settings
+
+
+class _Quiet(logging.Filter):
+    """Drops every record: the SDK's warning while an entry is tried quotes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _otlp_header_problems(environ: Mapping[str, str]) -> list[str]:
+    """Entries of the collector's headers the exporters would drop: `Authorization: Bearer <key>` (a colon,
+    as in HTTP) left every export unauthorized, with one warning at start. Each entry is tried as the
+    exporters parse it; the SDK's own warning, which quotes the entry, is held back and no entry is shown."""
+    lines = []
+    quiet, sdk = _Quiet(), logging.getLogger("opentelemetry.util.re")
+    sdk.addFilter(quiet)
+    try:
+        for name in OTLP_HEADER_VARIABLES:
+            entries = [entry for entry in environ.get(name, "").split(",") if entry.strip()]
+            refused = [
+                str(n) for n, entry in enumerate(entries, 1) if not parse_env_headers(entry, liberal=True)
+            ]
+            if refused:
+                which = (
+                    f"entry {refused[0]} of {len(entries)} is"
+                    if len(refused) == 1
+                    else (f"entries {', '.join(refused)} of {len(entries)} are")
+                )
+                lines.append(
+                    f"  ${name}: {which} not name=value, URL-encoded (Authorization=Bearer%20<key>;"
+                    " not shown: it can hold a credential)"
+                )
+    finally:
+        sdk.removeFilter(quiet)
+    return lines
 
 
 def _describe(lines: list[str]) -> str:

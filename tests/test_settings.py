@@ -742,6 +742,33 @@ def test_an_otlp_endpoint_with_credentials_is_refused(endpoint: str, tmp_path: P
     assert "s3cret" not in message
 
 
+def test_an_otlp_headers_entry_the_exporters_would_drop_is_refused_without_showing_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Authorization: Bearer <key>` (a colon, as in HTTP) was dropped by the exporters with a warning at
+    start, and every export went unauthorized; the process started all the same."""
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    message = problems(
+        env={
+            **endpoint,
+            "OTEL_EXPORTER_OTLP_HEADERS": "X-Tenant=acme, Authorization: Bearer OTLPSECRETMARK ,X-A=b",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "a:OTLPSECRETMARK,b:OTLPSECRETMARK",
+        }
+    )
+    assert message == (
+        "invalid configuration (2 problems):\n"
+        "  $OTEL_EXPORTER_OTLP_HEADERS: entry 2 of 3 is not name=value, URL-encoded"
+        " (Authorization=Bearer%20<key>; not shown: it can hold a credential)\n"
+        "  $OTEL_EXPORTER_OTLP_TRACES_HEADERS: entries 1, 2 of 2 are not name=value, URL-encoded"
+        " (Authorization=Bearer%20<key>; not shown: it can hold a credential)"
+    )
+    assert "OTLPSECRETMARK" not in caplog.text
+    # What the exporters take (the liberal form too, a space in a value); headers unused without an endpoint.
+    good = {**endpoint, "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "Authorization=Bearer%20k, x = y z,,"}
+    assert str(load_settings(None, good).telemetry.otlp_endpoint) == "http://collector:4318/"
+    assert load_settings(None, {"OTEL_EXPORTER_OTLP_HEADERS": "a:b"}).telemetry.otlp_endpoint is None
+
+
 def test_a_worker_timeout_shorter_than_a_workers_start_is_refused() -> None:
     """A worker's first heartbeat comes once it has imported everything (~1 s): 0.9 killed every worker
     in a loop until the supervisor gave up (found by a review)."""
