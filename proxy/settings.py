@@ -268,10 +268,11 @@ class AuthSettings(_Section):
     denied_ttl_seconds: Seconds = 30.0
     # How often verdicts held in memory are re-checked in Redis (one MGET): the revocation delay.
     revalidate_interval_seconds: Seconds = 1.0
-    # Verdicts held in memory at most (~1.2 KiB each, measured: 60 MiB at the default), the oldest learned
-    # dropped first; one dropped is read from Redis again when next needed (with hmac_key set), else asked of
-    # the backend. Every credential the backend refuses is one, so a client spraying random keys fills it:
-    # it was a fixed 200,000, ~240 MiB, outside any container's memory budget.
+    # Verdicts held in memory at most (~1.2 KiB each, measured: 60 MiB at the default), the oldest not read
+    # since it was learned dropped first (one read is spared once); one dropped is read from Redis again when
+    # next needed (with hmac_key set), else asked of the backend. Every credential the backend refuses is
+    # one, so a client spraying random keys fills it: it was a fixed 200,000, ~240 MiB, outside any
+    # container's memory budget.
     max_verdicts: int = Field(default=50_000, ge=1)
 
     @field_validator("hmac_key")

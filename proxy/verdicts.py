@@ -46,6 +46,9 @@ TOKEN_INVALID_DETAIL = " ".join(
     ("The provided API key is invalid or has expired.", "Please check your API key and try again.")
 )
 _MGET_CHUNK = 1000
+# Read verdicts spared at the front per one dropped, at most: then the oldest goes even if read, so making
+# room costs a bounded number of moves when nearly every verdict held is in use.
+_SECOND_CHANCES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,7 @@ class _Held:
     verdict: Verdict
     expires_at: float  # monotonic; never later than the Redis key's own expiry
     raw: bytes  # the verdict as stored in Redis: revalidation decodes only what differs from it
+    used: bool = False  # read since it was learned or last spared: spared once more at the front
 
 
 class VerdictStore:
@@ -180,6 +184,7 @@ class VerdictStore:
         if held.expires_at < time.monotonic():
             del self._held[key]
             return None
+        held.used = True
         return held.verdict
 
     async def lookup(self, key: str) -> Verdict | None:
@@ -224,8 +229,21 @@ class VerdictStore:
 
     def _hold(self, key: str, verdict: Verdict, ttl: float, raw: bytes) -> None:
         if key not in self._held and len(self._held) >= self._max_entries:
-            self._held.popitem(last=False)
+            self._make_room()
         self._held[key] = _Held(verdict, time.monotonic() + ttl, raw)
+
+    def _make_room(self) -> None:
+        """Drop the oldest verdict not read since it was learned or last spared (a second chance, as CLOCK
+        page replacement): under a spray of new keys, the verdicts in use stay held; oldest-first dropped
+        them all in turn, each then read again from Redis, or without hmac_key asked of the backend."""
+        held = self._held
+        for _ in range(_SECOND_CHANCES):
+            key, entry = held.popitem(last=False)
+            if not entry.used:
+                return
+            entry.used = False
+            held[key] = entry  # to the back
+        held.popitem(last=False)
 
     async def revalidate(self) -> None:
         """One cycle: drop expired verdicts and those whose Redis key is gone (revoked) or changed.

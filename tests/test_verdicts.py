@@ -150,6 +150,42 @@ async def test_the_oldest_verdict_gives_way_at_max_entries(client: aioredis.Redi
     assert [store.cached(key) for key in keys] == [None, None, DENIED, Verdict(200), DENIED]
 
 
+async def test_a_verdict_read_since_it_was_learned_is_spared_when_room_is_made(
+    client: aioredis.Redis,
+) -> None:
+    """Oldest-first dropped the verdicts of every credential in use in turn under a spray of new keys: each
+    then read again from Redis, or without hmac_key asked of the backend again (a second chance now)."""
+    store = VerdictStore(
+        client,
+        hmac_key=None,
+        key_prefix="edge-proxy:verdict:v1",
+        allowed_ttl_seconds=300,
+        denied_ttl_seconds=30,
+        max_entries=3,
+    )
+    hot, *sprayed = [store.key(7, f"phx_{i}") for i in range(40)]
+    store.learn(hot, Verdict(200))
+    for key in sprayed:
+        assert store.cached(hot) == Verdict(200)  # the credential in use, between sprayed keys
+        store.learn(key, DENIED)
+    assert len(store) == 3
+    assert store.cached(hot) == Verdict(200)
+    # Spared once, a verdict not read since goes in its turn.
+    fresh = [store.key(7, f"phx_fresh_{i}") for i in range(6)]
+    for key in fresh:
+        store.learn(key, DENIED)
+    assert [store.cached(key) for key in [hot, *fresh]] == [None, None, None, None, DENIED, DENIED, DENIED]
+    crowded = VerdictStore(
+        client, hmac_key=None, key_prefix="p", allowed_ttl_seconds=300, denied_ttl_seconds=30, max_entries=40
+    )
+    keys = [crowded.key(7, f"phx_{i}") for i in range(41)]
+    for key in keys:
+        crowded.learn(key, DENIED)
+    assert [crowded.cached(key) for key in keys[1:]] == [DENIED] * 40
+    crowded.learn(keys[0], DENIED)  # all 40 read: 16 spared to the back, the 17th oldest goes
+    assert [key for key in keys if crowded.cached(key) is None] == [keys[17]]
+
+
 async def test_with_redis_down_every_expired_verdict_is_still_dropped_each_cycle(
     client: aioredis.Redis, redis_server: RedisServer
 ) -> None:
