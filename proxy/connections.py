@@ -19,7 +19,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -191,6 +191,8 @@ class ClientConnections:
         # aiohttp's count of requests parsed, and the body of the last one (its bytes are no head's).
         self._heads: dict[RequestHandler, _Head] = {}
         self.heads_too_large = 0  # connections answered 431 and closed: a head over MAX_HEAD_BYTES
+        # Told of each connection that closes (the upstream pool's client_left: its exchange ends).
+        self.on_leave: Callable[[RequestHandler], None] | None = None
 
     @property
     def open(self) -> int:
@@ -256,6 +258,8 @@ class ClientConnections:
             self._heads.pop(handler, None)
             self._stalled.pop(handler, None)
             lost(handler, exc)
+            if self.on_leave is not None:
+                self.on_leave(handler)
             if not self._open and self._all_closed is not None:
                 self._all_closed.set()
 

@@ -157,7 +157,12 @@ class Forwarder:
         request[keys.FORWARDED] = True
         try:
             upstream = await self.pool.send(
-                head, body, head_only=method == "HEAD", chunked=chunked, wanted=_client_still_there(request)
+                head,
+                body,
+                head_only=method == "HEAD",
+                chunked=chunked,
+                wanted=_client_still_there(request),
+                client=request.protocol,
             )
         except ClientBodyError as exc:
             tracing.end_upstream_span(span, None, exc)
@@ -166,11 +171,6 @@ class Forwarder:
             return exc.response()
         except UpstreamError as exc:
             tracing.end_upstream_span(span, None, exc)
-            if exc.kind == "abandoned":
-                # Nobody to answer (aiohttp does not cancel a handler whose client left): nginx's 499.
-                request.protocol.force_close()
-                return web.Response(status=CLIENT_CLOSED)
-            self.failures[exc.kind] += 1
             return self._failed(request, None, exc)
         if span is not None:
             tracing.end_upstream_span(span, upstream.status, None)
@@ -189,7 +189,6 @@ class Forwarder:
                     try:
                         body = await upstream.read()
                     except UpstreamError as exc:
-                        self.failures[exc.kind] += 1
                         return self._failed(request, None, exc)
                 whole = aiohttp_internals.ExactHeadResponse if upstream.non_utf8 else web.Response
                 # end_to_end's answer when nothing is hop by hop (the usual), without its call.
@@ -217,7 +216,6 @@ class Forwarder:
         try:
             await _relay(request, upstream, response, observe, capture_bytes, self.pool.limits.read_timeout)
         except UpstreamError as exc:
-            self.failures[exc.kind] += 1
             return self._failed(request, response, exc)
         except ConnectionError:
             # The client left mid-answer (aiohttp's ClientConnectionResetError is one): not the upstream's
@@ -232,6 +230,13 @@ class Forwarder:
         # The one place an upstream failure becomes an answer. Only the failure's kind is logged, never a URL:
         # the path still percent-encoded (an encoded newline cannot forge a log line), key-shaped segments
         # masked (some backend routes carry the project token in the path), the query left out.
+        if exc.kind == "abandoned":
+            # Nobody to answer (aiohttp does not cancel a handler whose client left): nginx's 499.
+            request.protocol.force_close()
+            return (
+                response if response is not None and response.prepared else web.Response(status=CLIENT_CLOSED)
+            )
+        self.failures[exc.kind] += 1
         method, path = request.method, safe_path(request)
         if response is not None and response.prepared:
             # The status line is out, so a clean end would pass a truncated body off as complete. Closing the
@@ -450,5 +455,10 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     telemetry = app.get(keys.TELEMETRY)
     tracer = telemetry.tracer if telemetry is not None else None
     app[keys.FORWARDER] = Forwarder(pool, settings, app[keys.SETTINGS].client_limits, tracer)
+    clients = app.get(keys.CONNECTIONS)  # absent in an app of the forwarder alone
+    if clients is not None:
+        clients.on_leave = pool.client_left  # a request's exchange ends when its client leaves
     yield
+    if clients is not None:
+        clients.on_leave = None
     pool.close()

@@ -14,7 +14,7 @@ import contextlib
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 
 from proxy.upstream_conn import Connection, Response, UpstreamError
@@ -72,6 +72,8 @@ class Pool:
         self._addresses: list[tuple[str, int]] = []
         self._addresses_until = 0.0
         self._closed = False
+        # The connection each client's request is on, by client: its leaving ends the exchange (client_left).
+        self._by_client: dict[Hashable, Connection] = {}
         # For metrics: connections opened, and requests sent again after a reused connection failed.
         self.opened = 0
         self.retried = 0
@@ -84,10 +86,12 @@ class Pool:
         head_only: bool = False,
         chunked: bool = False,
         wanted: Callable[[], bool] | None = None,
+        client: Hashable | None = None,
     ) -> Response:
         """Send `head` (request line and headers, blank line included) and `body`; the answer once its head
         is in. `head_only`: the request was HEAD (its answer has no body whatever it declares). `chunked`:
-        frame a streamed body in chunks (the head says Transfer-Encoding: chunked).
+        frame a streamed body in chunks (the head says Transfer-Encoding: chunked). `client`: whose request
+        it is, for client_left, until the answer is released.
 
         A streamed body is written by a task of its own, so an upstream that answers before reading it
         all (a 413, say) is heard; whatever the body's iterator raises is raised here when it comes first.
@@ -102,6 +106,9 @@ class Pool:
                 reused = True
             else:
                 conn, reused = await self._acquire(fresh, wanted)
+            if client is not None:
+                conn.client = client
+                self._by_client[client] = conn
             try:
                 if streamed:
                     return await conn.exchange_streamed(head, body, head_only, chunked)  # type: ignore[arg-type]
@@ -268,8 +275,22 @@ class Pool:
         # list() first, in one C call: the OTLP export thread reads this while the loop changes the deque.
         return sum(not waiter.done() for waiter in list(self._waiters))
 
+    def client_left(self, client: Hashable) -> None:
+        """`client` left (its connection closed): its request's exchange, if one is under way, ends now.
+
+        Waiting for the answer of a client that has gone held a pooled connection, and a backend worker, for
+        as long as the backend took (up to the read timeout), as nginx does not (proxy_ignore_client_abort
+        off): aiohttp does not cancel the handler of a client that left."""
+        conn = self._by_client.pop(client, None)
+        if conn is not None:
+            conn.client = None
+            conn.abandon()
+
     def release(self, conn: Connection) -> None:
         """Give `conn` back: to a waiter or the idle set if it can carry another request, else close."""
+        if conn.client is not None:
+            del self._by_client[conn.client]
+            conn.client = None
         if not conn.reusable() or self._closed:
             self._discard(conn)
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Hashable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -158,6 +158,7 @@ class Connection(asyncio.Protocol):
         self._broken = False  # not to be reused: an exchange ended early, or the upstream misbehaved
         self.idle_since = 0.0
         self.answered = False  # some byte of the current exchange's answer arrived
+        self.client: Hashable | None = None  # whose request the exchange carries (Pool.client_left)
         # The current exchange.
         self._active = False
         self._head_only = False
@@ -212,6 +213,11 @@ class Connection(asyncio.Protocol):
             self._upload.cancel()
         if self._transport is not None:
             self._transport.close()
+
+    def abandon(self) -> None:
+        """The client left: end an unfinished exchange now (the connection is not reused), "abandoned"."""
+        if self._active:
+            self._fail(UpstreamError("abandoned", "the client left while the upstream answered"))
 
     # Exchange side
 

@@ -1262,3 +1262,74 @@ async def test_the_health_port_holds_no_more_than_its_cap_of_connections(
         finally:
             for _, writer in held:
                 writer.close()
+
+
+@pytest.mark.parametrize("leaving", ["reset", "half-close", "mid-body"])
+async def test_a_client_that_leaves_frees_its_upstream_connection_at_once(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str, leaving: str
+) -> None:
+    """Found by a reviewer: once sent, a request whose client left held its pooled connection (and a backend
+    worker) until the backend answered, up to the read timeout; the next request waited behind it (nginx
+    drops the upstream request at once). aiohttp does not cancel the handler of a client that left, so this
+    needs a real process: the test server does cancel it."""
+    recorder, server = upstream
+    ended: list[str] = []
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        try:
+            if leaving != "mid-body":
+                await asyncio.sleep(30)
+                return web.Response(body=b"late")
+            response = web.StreamResponse()  # no length: streamed through the proxy
+            await response.prepare(request)
+            await response.write(BODY)
+            await asyncio.sleep(30)
+            return response
+        except asyncio.CancelledError:
+            ended.append("cancelled")  # the proxy closed the upstream connection
+            raise
+
+    recorder.routes["/slow"] = slow
+    port = free_port()
+    env = _env(port, server, redis_url, EDGE_PROXY__UPSTREAM__MAX_CONNECTIONS="1")
+    with proxy_process(tmp_path, env) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        await wait_until(
+            lambda: _in_flight(recorder) == 0 and len(recorder.seen) == 1, "the request upstream"
+        )
+        if leaving == "mid-body":
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            await reader.readexactly(len(BODY) // 2)
+        sock = writer.get_extra_info("socket")
+        if leaving == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            writer.close()
+        elif leaving == "half-close":
+            writer.write_eof()
+        else:
+            writer.close()
+        await wait_until(lambda: ended == ["cancelled"], "the upstream request dropped", within=5)
+        # The only pooled connection is free: the next request is answered now, not after the slow one.
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/next") as answer:
+            assert answer.status == 200
+            assert await answer.json() == {"upstream": True, "method": "GET", "path": "/next"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as scrape,
+        ):
+            families = list(text_string_to_metric_families(await scrape.text()))
+        writer.close()
+    samples = [sample for family in families for sample in family.samples]
+    # Not the upstream's failure; before its head, nginx's 499 (after it, the 200 already sent).
+    assert [s.value for s in samples if s.name == "edge_proxy_upstream_errors_total" and s.value] == []
+    statuses = {
+        s.labels["status_code"]: s.value
+        for s in samples
+        if s.name == "edge_proxy_request_duration_seconds_count" and s.labels["route"] == "forward"
+    }
+    assert statuses == ({"200": 2} if leaving == "mid-body" else {"499": 1, "200": 1})
+    log = log_path.read_text()
+    assert "upstream failed" not in log, log
+    assert "unreachable" not in log, log

@@ -647,6 +647,40 @@ async def test_a_cancelled_wait_for_a_connection_leaves_the_pool_whole(
         pool.close()
 
 
+async def test_a_client_that_left_ends_its_exchange_and_only_its_own(
+    scripted: Callable[[Handler], Awaitable[Scripted]],
+) -> None:
+    """Pool.client_left: the exchange of that client's request ends ("abandoned"), its connection closed,
+    never reused; a client whose answer was already released, or an unknown one, changes nothing."""
+    release = asyncio.Event()
+    upstream = await scripted(holding_until(release))
+    port = int(upstream.url.rpartition(":")[2])
+    pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1))
+    head = b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        held = asyncio.ensure_future(pool.send(head, None, client="gone"))
+        await wait_until(lambda: len(upstream.heads) == 1, "the request upstream")
+        pool.client_left("someone else")
+        pool.client_left("gone")
+        with pytest.raises(UpstreamError) as abandoned:
+            await held
+        assert abandoned.value.kind == "abandoned"
+        assert pool.connections() == {"idle": 0, "busy": 0}
+        release.set()
+        answer = await pool.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", None, client="here")
+        assert await answer.read() == b"ok"
+        pool.client_left("here")  # left once its whole answer was in: the connection stays good
+        answer.release()
+        assert pool.connections() == {"idle": 1, "busy": 0}
+        answer = await pool.send(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n", None, client="there")
+        assert await answer.read() == b"ok"
+        answer.release()
+        assert pool._by_client == {}  # released: forgotten
+        assert upstream.connections == 2  # the abandoned one, then one kept for /a and /b
+    finally:
+        pool.close()
+
+
 async def _handed_over_then_closed(method: bytes) -> tuple[bytes, list[list[bytes]], int, dict[str, int]]:
     """A request waiting for the only connection is handed it, and the connection closes before it runs.
 
@@ -1378,6 +1412,8 @@ async def test_a_request_arriving_as_a_waiter_is_handed_a_connection_is_not_refu
     reviewer's; the request is stepped by hand to land in that pass)."""
 
     class Idle:
+        client = None
+
         def reusable(self) -> bool:
             return True
 
