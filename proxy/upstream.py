@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 
-from proxy.upstream_conn import Connection, Response, UpstreamError
+from proxy.upstream_conn import NOT_WRITTEN, Connection, Response, UpstreamError
 
 __all__ = ["Connection", "Limits", "Pool", "Response", "UpstreamError"]
 
@@ -117,11 +117,16 @@ class Pool:
                 self.release(conn)
                 if not (
                     retry
-                    and reused
-                    and exc.kind == "disconnected"
-                    and not conn.answered
-                    and not streamed
-                    and head[: head.find(b" ")] in RETRIED_METHODS
+                    and (
+                        exc.reason is NOT_WRITTEN  # nothing sent, nothing of a streamed body read: any method
+                        or (
+                            reused
+                            and exc.kind == "disconnected"
+                            and not conn.answered
+                            and not streamed
+                            and head[: head.find(b" ")] in RETRIED_METHODS
+                        )
+                    )
                 ):
                     raise
                 retry = False

@@ -61,6 +61,11 @@ _NAMES_CAP = 512
 _NAME_BYTES_CACHED = 64
 
 
+# Why a request was refused before any byte of it was written: safe to send on another connection, whatever
+# its method (a POST got a 502 when the upstream closed an idle connection in the loop pass it was taken).
+NOT_WRITTEN = "connection closed before the request was written"
+
+
 class UpstreamError(Exception):
     """The upstream failed this exchange. `kind` is the metrics label: refused, timeout, pool_timeout (no
     connection came free in time), pool_full (too many requests waiting for one), disconnected or malformed;
@@ -245,9 +250,12 @@ class Connection(asyncio.Protocol):
         except BaseException:
             answer.cancel()
             raise
-        if not answer.done() and (failure := upload.exception()) is not None:
-            answer.cancel()
-            raise failure
+        if not answer.done() and (upload.cancelled() or upload.exception() is not None):
+            answer.cancel()  # never left waiting on a connection the pool is about to close
+            if upload.cancelled():
+                # The client's body was cut by aiohttp (its shutdown cancels a request still running).
+                raise asyncio.CancelledError
+            raise cast(BaseException, upload.exception())
         return await answer
 
     def _uploaded(self, upload: asyncio.Task[None]) -> None:
@@ -282,7 +290,7 @@ class Connection(asyncio.Protocol):
             # the request would wait out the read timeout): a clean "disconnected", retried when allowed.
             # Broken, so the pool drops it (the last exchange's state would call it reusable).
             self._broken = True
-            raise UpstreamError("disconnected", "connection closed before the request was written")
+            raise UpstreamError("disconnected", NOT_WRITTEN)
         if self._parser is None or not self._complete or self._head_only:
             # A new parser unless the last one stopped cleanly between two messages.
             self._parser = httptools.HttpResponseParser(self)
@@ -423,12 +431,16 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamError("malformed", type(exc).__name__))
 
     def eof_received(self) -> bool | None:
+        if not self._active:
+            self._broken = True  # closed while idle: usable() says so before connection_lost runs
         return None  # close the transport; connection_lost tells the exchange
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         if self._active and not self._complete:
-            if self._response is not None and self._until_eof():
+            if exc is None and self._response is not None and self._until_eof():
+                # Only a clean close ends such a body: after a reset (or any error) it is cut short, and
+                # passed on as complete the client could not tell (nginx leaves the chunked body unended).
                 self._finish()
             else:
                 self._fail(UpstreamError("disconnected", "connection closed"))
@@ -511,6 +523,10 @@ class Connection(asyncio.Protocol):
                 content_length = int(raw_value)  # llhttp has checked it is one valid number
                 continue
             hop_by_hop = True
+            if kind == _TRANSFER_ENCODING and self._parser.get_http_version() == "1.0":
+                # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing; the
+                # connection closes after it, however it says keep-alive.
+                self._broken = True
             if kind == _CONNECTION:
                 connection |= {token.strip().lower() for token in value.split(",")}
             elif kind == _TRANSFER_ENCODING and not _only_chunked(raw_value):
