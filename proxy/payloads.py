@@ -21,7 +21,8 @@ from redis.exceptions import RedisError
 from proxy.cluster import RedisClient, mget, mget_many
 from proxy.contract import DecodeError, RedisContract
 from proxy.logs import Throttled
-from proxy.memory import release_free_memory, resident_bytes
+from proxy.memory import HeapTrimmer
+from proxy.read_order import DELETED, ReadOrder
 from proxy.settings import DefinitionsSettings
 from proxy.singleflight import FreshFlight, SingleFlight
 from proxy.tasks import every
@@ -30,27 +31,10 @@ log = logging.getLogger(__name__)
 
 # Contract §3.9: the weak ETag and this Cache-Control go together; with no stored ETag, neither is sent.
 CACHE_CONTROL = "private, must-revalidate"
-# Payload bytes read or let go after which the refresher hands freed heap pages back to the OS, at most once
-# per _TRIM_INTERVAL_SECONDS (a trim walks the heap: about a millisecond per 100 MiB).
-_TRIM_AFTER_BYTES = 4 * 2**20
-_TRIM_INTERVAL_SECONDS = 5.0
-# Also once the process has grown this much past its size right after the last trim: a spike of requests in
-# flight (large heads or bodies, a burst of connections) left its freed pages in the heap, and each spike
-# raised the floor under a container's memory limit (a reviewer's: 241 MiB 15 s after a flood, 70 after a
-# trim). Steady growth (more payloads, more clients) costs one trim per this much.
-_TRIM_AFTER_GROWTH_BYTES = 32 * 2**20
 # LRU order and idle time are kept to this precision: a team polled many times a second is moved up once.
 _TOUCH_PRECISION_SECONDS = 1.0
 # The refresher lets requests run between every this many payloads it decodes and parses.
 _BUILDS_PER_YIELD = 8
-# What a read found when the payload was gone (a contents key: an entry's is its (ETag, raw hash)).
-_DELETED = ("deleted",)
-# After two overlapping reads saw different contents: equal to no contents, so only a read begun after both
-# ended is taken.
-_UNKNOWN = ("unknown",)
-# A team's last read is remembered this long after it ended while nothing is held (a read lasts at most a
-# few Redis timeouts).
-_LAST_READ_KEPT_SECONDS = 60.0
 # ETags per team this replica held and then replaced with a newer read: known older, and answered from
 # memory. The newest few; an older one than these is checked against Redis like an unknown one.
 _REPLACED_KEPT = 4
@@ -159,15 +143,12 @@ class DefinitionsCache:
         self._flight: _Flight = SingleFlight()
         self._fresh: _Flight = FreshFlight()
         self._billable: dict[tuple[int, str], bool] = {}
-        # Per team, the last read this replica took the word of: (began, ended, contents). Reads overlap
-        # (a 304's and a 200's, a request's and the refresher's) and a later-begun one can reach Redis first
-        # (a wait for a pool connection), so neither when a read began nor when it ended orders two of them:
-        # only one that began after the other ended is newer. See _taken.
-        self._last: dict[int, tuple[float, float, tuple[object, ...]]] = {}
         # Per team, the ETag (as Redis returned it) of a payload or ETag refused, and until when that holds.
         self._refused: dict[int, tuple[bytes | None, float]] = {}
         # Per team, the ETag headers held here and replaced by a newer read (at most _REPLACED_KEPT).
         self._replaced: dict[int, tuple[str, ...]] = {}
+        # Which of two overlapping reads of a team has the last word.
+        self._order = ReadOrder()
         self.bytes_held = 0
         # With a decoded budget, every payload is also held compressed, and only the most recently served are
         # held decoded too: these team ids, least recently served first, holding decoded_bytes.
@@ -178,10 +159,8 @@ class DefinitionsCache:
         self._decompressor = zstandard.ZstdDecompressor()
         self.decompressions = 0
         self.refresh_failures = 0
-        # Payload bytes built or dropped since the last trim of the C heap, and when that was.
-        self._churn = 0
-        self._trimmed_at = 0.0
-        self._resident_after_trim = 0  # the process's RSS right after the last trim
+        # Payload bytes built or dropped count towards handing the freed heap pages back to the OS.
+        self.heap = HeapTrimmer()
         # Lookups in memory, for metrics (a miss reads Redis).
         self.hits = 0
         self.misses = 0
@@ -295,7 +274,7 @@ class DefinitionsCache:
         halves of the backend's write can pair a refused payload with the ETag of the next one.
         """
         self._warn.warning("undecodable %s for team %s: %s", what, team_id, exc)
-        self._taken(team_id, read_at, _DELETED)
+        self._taken(team_id, read_at, DELETED)
         self._drop(team_id)  # not to be served from an older read either
         # Without an ETag (the backend's ETags off) only the time tells: a payload fixed meanwhile waits
         # _REFUSED_SECONDS at most.
@@ -322,11 +301,11 @@ class DefinitionsCache:
             self._unreadable(team_id, read_at, "definitions", exc, raw_etag)
             return None
         if text is None:
-            self._taken(team_id, read_at, _DELETED)
+            self._taken(team_id, read_at, DELETED)
             self._drop(team_id)  # gone, or (overlapping a read that found it) not to be trusted
             return None
         body = text.encode()
-        self._churn += len(body)
+        self.heap.churn += len(body)
         if self._check_pairs and etag is not None and hashlib.sha256(body).hexdigest()[:16] != etag:
             # Read between the two halves of a write (or the backend hashes otherwise): a miss, read again
             # next time, never served or kept.
@@ -355,22 +334,9 @@ class DefinitionsCache:
         return self._store(entry, read_at)
 
     def _taken(self, team_id: int, read_at: float, contents: tuple[object, ...]) -> bool:
-        """Whether what a read begun at `read_at` (ended now) found is the latest word on the team: the
-        same contents as the last read taken, or a read begun after that one ended.
-
-        Otherwise the two overlapped (a read ending now cannot have ended before one already taken began)
-        and found different contents: neither is trusted, the entry held is dropped, and only a read begun
-        after both ended is taken. What this read found goes to whoever waits for it, never held: this
-        replica answered older flags after newer ones (found by three reviews, of orders by one end of the
-        reads). The cost: a change seen by two overlapping reads is read once more.
-        """
-        ended = time.monotonic()
-        last = self._last.get(team_id)
-        if last is None or last[2] == contents or read_at >= last[1]:
-            began = read_at if last is None or last[2] != contents else max(read_at, last[0])
-            self._last[team_id] = (began, ended, contents)
+        """ReadOrder.taken; a read not taken drops the entry held (neither read is trusted)."""
+        if self._order.taken(team_id, read_at, contents):
             return True
-        self._last[team_id] = (max(read_at, last[0]), ended, _UNKNOWN)
         self._drop(team_id)
         return False
 
@@ -434,7 +400,7 @@ class DefinitionsCache:
             if held.body is not None:
                 self.decoded_bytes -= len(held.body)
                 self.bytes_held -= len(held.body)
-                self._churn += len(held.body)
+                self.heap.churn += len(held.body)
                 held.body = None  # its compressed copy stays: the next 200 decompresses it
         self._fit()
 
@@ -446,7 +412,7 @@ class DefinitionsCache:
         old = self._entries.pop(team_id, None)
         if old is not None:
             self.bytes_held -= old.size
-            self._churn += old.size
+            self.heap.churn += old.size
             if old.body is not None and self._decoded is not None:
                 del self._decoded[team_id]
                 self.decoded_bytes -= len(old.body)
@@ -464,16 +430,10 @@ class DefinitionsCache:
             # Teams dropped otherwise (the budget, a payload gone) keep their time of use, so a team loaded
             # again is not taken for a new one; past twice what is held, only those held keep it.
             self._used_at = {t: self._used_at[t] for t in self._entries if t in self._used_at}
-        if len(self._last) > len(self._entries):
-            # Teams no longer held keep their last read only while a read begun before it ended may still
-            # be under way.
-            ended_before = now - _LAST_READ_KEPT_SECONDS
-            self._last = {
-                t: last for t, last in self._last.items() if t in self._entries or last[1] > ended_before
-            }
+        self._order.prune(self._entries, now)
         if len(self._replaced) > len(self._entries):
             self._replaced = {t: e for t, e in self._replaced.items() if t in self._entries}
-        self.release_memory(now)
+        self.heap.maybe_trim(now)
         team_ids = list(self._entries)
         if not team_ids:
             return
@@ -526,20 +486,6 @@ class DefinitionsCache:
             log=log,
             on_error=self._refresh_failed,
         )
-
-    def release_memory(self, now: float) -> None:
-        """Hand the heap pages freed back to the OS (rate-limited): after enough payload churn, or once the
-        process has grown _TRIM_AFTER_GROWTH_BYTES since the last trim."""
-        if now - self._trimmed_at < _TRIM_INTERVAL_SECONDS:
-            return
-        if self._churn < _TRIM_AFTER_BYTES:
-            resident = resident_bytes()
-            if resident is None or resident < self._resident_after_trim + _TRIM_AFTER_GROWTH_BYTES:
-                return
-        self._churn = 0
-        self._trimmed_at = now
-        if release_free_memory():
-            self._resident_after_trim = resident_bytes() or 0
 
     def _refresh_failed(self) -> None:
         self.refresh_failures += 1

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy import keys
-from proxy import payloads as payloads_module
+from proxy import memory as memory_module
 from proxy.contract import DecodeError, RedisContract
 from proxy.memory import resident_bytes
 from proxy.payloads import DefinitionsCache, is_billable
@@ -793,13 +793,13 @@ async def test_heap_pages_a_spike_freed_go_back_to_the_os_once_the_process_has_g
     client = aioredis.Redis.from_url(redis_url)
     cache = DefinitionsCache(client, RedisContract(RedisLayout()), DefinitionsSettings())
     try:
-        cache.release_memory(now=100.0)  # the first look sets where the process stands
+        cache.heap.maybe_trim(now=100.0)  # the first look sets where the process stands
         # 80 MB of malloc'd buffers, one in 16 kept: freed, but inside the heap, where glibc keeps the pages.
         buffers = [bytes(4000) for _ in range(20_000)]
         kept = buffers[::16]
         del buffers
         before = resident_bytes()
-        cache.release_memory(now=200.0)
+        cache.heap.maybe_trim(now=200.0)
         after = resident_bytes()
         assert before is not None
         assert after is not None
@@ -811,11 +811,11 @@ async def test_heap_pages_a_spike_freed_go_back_to_the_os_once_the_process_has_g
             trims.append(1)
             return True
 
-        monkeypatch.setattr(payloads_module, "release_free_memory", counted)
-        cache.release_memory(now=300.0)  # grown by nothing since: no trim
+        monkeypatch.setattr(memory_module, "release_free_memory", counted)
+        cache.heap.maybe_trim(now=300.0)  # grown by nothing since: no trim
         more = [bytes(4000) for _ in range(12_000)]  # 48 MB more, held
-        cache.release_memory(now=301.0)  # within the interval: no trim
-        cache.release_memory(now=400.0)
+        cache.heap.maybe_trim(now=301.0)  # within the interval: no trim
+        cache.heap.maybe_trim(now=400.0)
         assert trims == [1]
         del kept, more
     finally:
