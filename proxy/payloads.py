@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import codecs
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import cast
 
 import zstandard
-from multidict import CIMultiDict, CIMultiDictProxy
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
@@ -22,6 +18,9 @@ from proxy.cluster import RedisClient, mget, mget_many
 from proxy.contract import DecodeError, RedisContract
 from proxy.logs import Throttled
 from proxy.memory import HeapTrimmer
+from proxy.payload import Definitions, is_billable
+from proxy.payload import contents as _contents
+from proxy.payload import etag_safe as _etag_safe
 from proxy.read_order import DELETED, ReadOrder
 from proxy.settings import DefinitionsSettings
 from proxy.singleflight import FreshFlight, SingleFlight
@@ -29,8 +28,6 @@ from proxy.tasks import every
 
 log = logging.getLogger(__name__)
 
-# Contract §3.9: the weak ETag and this Cache-Control go together; with no stored ETag, neither is sent.
-CACHE_CONTROL = "private, must-revalidate"
 # LRU order and idle time are kept to this precision: a team polled many times a second is moved up once.
 _TOUCH_PRECISION_SECONDS = 1.0
 # The refresher lets requests run between every this many payloads it decodes and parses.
@@ -44,67 +41,6 @@ _REFUSED_KEPT = 4096
 _REFUSED_SECONDS = 5.0
 # (team, ETag) pairs whose billability is remembered; past this the memo starts over.
 _BILLABLE_MEMO_SIZE = 16384
-
-
-@dataclass(slots=True)
-class Definitions:
-    """One team's payload and ETag, read together; the response headers are computed once, here."""
-
-    team_id: int
-    etag: str | None
-    body: bytes | None  # None: only the ETag was read (a 304 never needs the payload), or held packed only
-    billable: bool
-    checked_at: float  # monotonic time Redis last confirmed this entry
-    packed: bytes | None = None  # the payload zstd-compressed, when the cache keeps compressed copies
-    touched_at: float = 0.0  # monotonic time `get` last moved it up the LRU order
-    raw_etag: bytes | None = None  # the ETag as Redis last returned it: unchanged bytes need no decoding
-    # Without an ETag, the payload itself is re-read each cycle: its hash as read tells an unchanged one.
-    raw_hash: int | None = None
-    # Read-only multidicts: aiohttp copies them into each response faster than plain dicts (~0.1 µs).
-    headers_200: CIMultiDictProxy[str] = field(init=False)
-    headers_304: CIMultiDictProxy[str] = field(init=False)
-    etag_header: str | None = field(init=False)  # the ETag header as sent, which SDKs send back as is
-
-    def __post_init__(self) -> None:
-        self.etag_header = None if self.etag is None else f'W/"{self.etag}"'
-        conditional = {}
-        if self.etag_header is not None:
-            conditional = {"ETag": self.etag_header, "Cache-Control": CACHE_CONTROL}
-        self.headers_304 = CIMultiDictProxy(CIMultiDict(conditional))
-        self.headers_200 = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json", **conditional}))
-
-    @property
-    def size(self) -> int:
-        """Bytes this entry holds against the budget."""
-        return (len(self.body) if self.body is not None else 0) + (
-            len(self.packed) if self.packed is not None else 0
-        )
-
-
-def _contents(entry: Definitions) -> tuple[object, ...]:
-    """What tells two reads' findings apart: the ETag, or without one the payload's hash."""
-    return (entry.etag, entry.raw_hash)
-
-
-def _etag_safe(etag: str) -> bool:
-    """RFC 9110 §8.8.3's etagc (visible ASCII but the quote), and not empty."""
-    return bool(etag) and all("!" <= c <= "~" and c != '"' for c in etag)
-
-
-def is_billable(body: bytes, unbilled_prefixes: tuple[str, ...]) -> bool:
-    """Contract §3.8: billed unless every flag key has an unbilled prefix. DecodeError if the payload is no
-    JSON object whose flags are a list of objects: the backend parses it to bill and fails where this would
-    (found by a reviewer: served and billed here, a 500 there), so such a payload is forwarded."""
-    if body.startswith(codecs.BOM_UTF8):  # json.loads takes it from bytes, the backend's (from text) does not
-        raise DecodeError("not a flags payload (a byte-order mark)")
-    try:
-        flags = json.loads(body).get("flags", [])
-        keys = [flag.get("key", "") for flag in flags] if isinstance(flags, list) else None
-    except (ValueError, AttributeError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
-        raise DecodeError(f"not a flags payload ({type(exc).__name__})") from None
-    if keys is None:
-        raise DecodeError("not a flags payload (flags is no list)")
-    return not all(isinstance(key, str) and key.startswith(unbilled_prefixes) for key in keys)
 
 
 # Reads of a team's entry, by (team, with the payload): shared by whoever asks meanwhile, or only by those who

@@ -17,7 +17,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from proxy.conditional import bearer, none_match
 from proxy.contract import RedisContract, library_from_user_agent
-from proxy.payloads import is_billable
+from proxy.payload import is_billable
 from proxy.settings import RedisLayout
 from proxy.verdicts import Verdict, VerdictStore
 

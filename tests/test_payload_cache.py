@@ -23,7 +23,8 @@ from proxy import keys
 from proxy import memory as memory_module
 from proxy.contract import DecodeError, RedisContract
 from proxy.memory import resident_bytes
-from proxy.payloads import DefinitionsCache, is_billable
+from proxy.payload import is_billable
+from proxy.payloads import DefinitionsCache
 from proxy.settings import DefinitionsSettings, RedisLayout
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy
