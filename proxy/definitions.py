@@ -17,7 +17,7 @@ from proxy.errors import error_body, json_response, method_not_allowed_body
 from proxy.learning import VerdictLearner
 from proxy.offload import BUCKETS, Offload
 from proxy.payload import Definitions
-from proxy.payloads import DefinitionsCache
+from proxy.payload_cache import DefinitionsCache
 from proxy.ratelimit import SYNC_FIRST, too_many_requests
 from proxy.settings import ServiceMode
 from proxy.shadow import Shadow, UpstreamAnswer

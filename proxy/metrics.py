@@ -32,7 +32,7 @@ EXPORT_TIMEOUT_SECONDS = 2.0
 if TYPE_CHECKING:
     from proxy.billing import BillingTally
     from proxy.definitions import DefinitionsService
-    from proxy.payloads import DefinitionsCache
+    from proxy.payload_cache import DefinitionsCache
     from proxy.ratelimit import RateLimiter
     from proxy.telemetry import Telemetry
     from proxy.upstream import Pool

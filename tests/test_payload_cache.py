@@ -24,7 +24,7 @@ from proxy import memory as memory_module
 from proxy.contract import DecodeError, RedisContract
 from proxy.memory import resident_bytes
 from proxy.payload import is_billable
-from proxy.payloads import DefinitionsCache
+from proxy.payload_cache import DefinitionsCache
 from proxy.settings import DefinitionsSettings, RedisLayout
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy

@@ -27,7 +27,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from proxy import __version__, keys, tasks
 from proxy.app import create_app
 from proxy.logs import JsonFormatter
-from proxy.payloads import DefinitionsCache
+from proxy.payload_cache import DefinitionsCache
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy, settings_for
 from tests.rig import Upstream, free_port
