@@ -123,10 +123,10 @@ Receive = Callable[[web_protocol.RequestHandler, bytes], None]
 def wrap_data_received(wrap: Callable[[Receive], Receive]) -> None:
     """Replace RequestHandler.data_received, once per process, by `wrap` of aiohttp's own.
 
-    Where ClientConnections bounds a request head as a whole (aiohttp bounds only each header line and their
-    number). The class has __slots__, so no hook per connection: the wrapper finds what it needs on the
-    connection's server. tests/test_connections.py sends heads on a real socket, so an aiohttp that moved
-    data_received fails there.
+    Where HeadBound (proxy/head_bound.py) bounds a request head as a whole (aiohttp bounds only each header
+    line and their number). The class has __slots__, so no hook per connection: the wrapper finds what it
+    needs on the connection's server. tests/test_head_bound.py sends heads on a real socket, so an aiohttp
+    that moved data_received fails there.
     """
     if not getattr(web_protocol.RequestHandler.data_received, "_wrapped", False):
         wrapped = wrap(web_protocol.RequestHandler.data_received)
@@ -201,3 +201,21 @@ def resolve_catch_all_directly(router: web.UrlDispatcher, catch_all: web.Abstrac
         return await resolve(request)
 
     router.resolve = resolve_directly  # type: ignore[method-assign]
+
+
+def idle(handler: web_protocol.RequestHandler) -> bool:
+    """Whether closing `handler` loses nothing: it waits for the next request, all of its last answer sent.
+
+    aiohttp's own idle test (its keep-alive timer's): the handler waits for the next request and none is
+    queued. Not "no request in progress": a request taken off the queue is not in progress until its task
+    first runs, and closing then would run it and send the answer nowhere. Nor a handler that has not
+    started, or one reading the rest of a body after an early answer. And the transport has sent everything:
+    closed with bytes still to send, a socket stays open until a reader that stopped reading takes them (for
+    ever), uncounted. A client partway through sending a request head counts as idle, as for aiohttp's
+    keep-alive timeout: nothing of that request has been handled. (Read only at the limit, never per request.)
+    """
+    waiter = handler._waiter
+    if waiter is None or waiter.done() or handler._messages:
+        return False
+    transport = handler.transport
+    return transport is None or transport.get_write_buffer_size() == 0

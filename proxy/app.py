@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import connections, definitions, forward, health, keys, telemetry
+from proxy import client_cap, connections, definitions, forward, health, keys, telemetry
 from proxy.billing import billing_ctx
 from proxy.quota import quota_ctx
 from proxy.ratelimit import ratelimit_ctx
@@ -48,7 +48,7 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.TELEMETRY] = telemetry.Telemetry(settings)
     # Admits clients on the serving socket (server.serve); the cap leaves descriptors for the pools below.
     app[keys.CONNECTIONS] = connections.ClientConnections(
-        connections.client_cap(settings), settings.client_limits.send_timeout_seconds
+        client_cap.client_cap(settings), settings.client_limits.send_timeout_seconds
     )
 
     app.cleanup_ctx.extend(

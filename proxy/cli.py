@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from redis.exceptions import RedisClusterException, RedisError
 
-from proxy import __version__, connections, logs
+from proxy import __version__, client_cap, logs
 from proxy.config_loader import load_settings
 from proxy.settings import ConfigError, Settings
 
@@ -121,9 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command in ("serve", "check-config"):
         # Before the check and before any worker starts (they inherit it); check-config sees what serve would.
-        connections.raise_open_file_limit()
+        client_cap.raise_open_file_limit()
         try:
-            clients = connections.client_cap(settings)
+            clients = client_cap.client_cap(settings)
         except ConfigError as exc:
             print(f"edge-proxy: {exc}", file=sys.stderr)
             return 2
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"edge-proxy: {args.command} failed: {exc}", file=sys.stderr)
             return 1
     logs.configure(settings.logging)
-    connections.warn_if_short(settings)
+    client_cap.warn_if_short(settings)
     # Each imported only by the process that runs it: the supervisor of --workers N never serves, and
     # leaving the app (aiohttp, uvloop, OpenTelemetry, prometheus_client, the handlers) to its workers saves
     # it ~20 MiB (bench/README.md "Where a process's memory goes").

@@ -160,7 +160,7 @@ def _instruments(provider: MeterProvider, app: web.Application, telemetry: Telem
     counter(
         "edge_proxy.client.requests_head_too_large",
         "Requests answered 431 and their connection closed, unparsed: a head over 64 KiB in all",
-        lambda: [(clients.heads_too_large, {})],
+        lambda: [(clients.heads.too_large, {})],
     )
     counter(
         "edge_proxy.client.connections_send_timeouts",

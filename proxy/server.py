@@ -216,7 +216,7 @@ def handler_wait(settings: Settings) -> float:
 
 
 # Connections the health_port listener admits at once (probes and a scraper need a few; at the cap an idle one
-# makes room). Within connections.SPARE_DESCRIPTORS' margin, with the other listeners.
+# makes room). Within client_cap.SPARE_DESCRIPTORS' margin, with the other listeners.
 HEALTH_CONNECTIONS = 32
 
 

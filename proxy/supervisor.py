@@ -45,7 +45,7 @@ _GIVE_UP_CRASHES = 5
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Start `settings.workers` one-worker copies of this command; relay signals; restart crashes, and
     workers silent on their heartbeat pipe for `worker_timeout_seconds`."""
-    # Each worker is told the count (its share of the container's memory: connections.client_cap) and its
+    # Each worker is told the count (its share of the container's memory: client_cap.client_cap) and its
     # index (which makes it serve rather than supervise).
     child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", str(settings.workers)]
     timeout = settings.worker_timeout_seconds
