@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import unquote
 
-import aiohttp
 from aiohttp import HttpVersion11, hdrs, web
 from opentelemetry import trace
 from yarl import URL
@@ -18,6 +17,7 @@ from proxy.access_log import safe_path
 from proxy.errors import BAD_GATEWAY, GATEWAY_TIMEOUT, UPSTREAM_BUSY, error_body, json_response
 from proxy.forward_headers import HeaderPolicy, end_to_end
 from proxy.logs import Throttled
+from proxy.request_body import ClientBodyError, RequestBody, codings
 from proxy.settings import ClientLimitsSettings, UpstreamSettings
 from proxy.telemetry import CLIENT_CLOSED, FORWARD, expect_continue, observed
 from proxy.upstream import Limits, Pool, Response, UpstreamError
@@ -45,36 +45,9 @@ MAX_HEADERS = 128
 # Requests that carry no body by nature; others without one say Content-Length: 0.
 BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
-BODY_TIMEOUT = error_body("invalid_request", "request_timeout", "The request body did not arrive in time.")
-BODY_TOO_LARGE = error_body("invalid_request", "payload_too_large", "The request body is too large.")
-BODY_INCOMPLETE = error_body("invalid_request", "incomplete_body", "The request body ended early.")
-UNSUPPORTED_CODING = error_body(
-    "invalid_request", "unsupported_transfer_coding", "The request's transfer coding is not supported."
-)
-TRANSFER_ENCODING_ON_HTTP10 = error_body(
-    "invalid_request", "invalid_framing", "HTTP/1.0 requests may not carry Transfer-Encoding."
-)
 DOT_SEGMENT = error_body("invalid_request", "invalid_path", "The request path may not hold dot segments.")
 # "." and "..", and their percent-encoded spellings (RFC 3986 §2.3: %2E is ".").
 _DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
-# Codings a request may carry before chunked (gunicorn's list; it answers 501 to any other): aiohttp removes
-# the chunked framing only, so these go on named, for the upstream to decode as it would have.
-PASSED_CODINGS = frozenset({"gzip", "deflate", "compress", "identity"})
-
-
-class ClientBodyError(Exception):
-    """The client's body, not the upstream, ended the request: too slow, too large, or cut off."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(status)
-        self.status = status
-        self.body = body
-
-    def response(self) -> web.Response:
-        """The answer; the connection closes, since the rest of the body will never be read."""
-        answer = json_response(self.status, self.body)
-        answer.force_close()
-        return answer
 
 
 class Forwarder:
@@ -93,14 +66,11 @@ class Forwarder:
         # dead upstream fails every request).
         self.failures: Counter[str] = Counter(dict.fromkeys(FAILURE_KINDS, 0))
         self._warn = Throttled(log)
-        self._body_timeout = limits.body_read_timeout_seconds
-        self._body_total_timeout = limits.body_total_timeout_seconds
-        self._max_body_bytes = limits.max_body_bytes
+        self._bodies = RequestBody(limits, settings.buffer_request_body_bytes)
         base = URL(settings.base, encoded=True)
         # A base path ("http://backend/prefix") is a prefix; request paths are appended byte for byte.
         self._base_path = base.raw_path.rstrip("/")
         self._server_address = base.raw_host or ""
-        self._buffer_request_bytes = settings.buffer_request_body_bytes
         self._headers = HeaderPolicy(settings)
         self._tracer = tracer
 
@@ -123,10 +93,10 @@ class Forwarder:
         method = request.method
         incoming = request.headers
         if hdrs.TRANSFER_ENCODING not in incoming and not request.body_exists:
-            body = None  # what _request_body says, without its coroutine (the usual GET)
+            body = None  # what RequestBody.read says, without its coroutine (the usual GET)
         else:
             try:
-                body = await self._request_body(request)
+                body = await self._bodies.read(request)
             except ClientBodyError as exc:
                 return exc.response()
         headers = self._headers.request(request)
@@ -142,7 +112,7 @@ class Forwarder:
             headers.append(("Content-Length", str(length)))
         else:
             chunked = True
-            headers.append(("Transfer-Encoding", _codings(request)))
+            headers.append(("Transfer-Encoding", codings(request)))
         span = None
         if self._tracer is not None:
             span = tracing.upstream_span(self._tracer, method, self._server_address, headers)
@@ -153,7 +123,7 @@ class Forwarder:
             "utf-8", "surrogateescape"
         )  # header bytes leave as they came in
         # From here the answer is the upstream's, or says why it could not be had (telemetry's answered_by);
-        # the 400, 408, 413 and 501 above, and a streamed body's below, are this proxy's own.
+        # the 400, 408, 413 and 501 above (request_body), and a streamed body's below, are this proxy's own.
         request[keys.FORWARDED] = True
         try:
             upstream = await self.pool.send(
@@ -275,52 +245,6 @@ class Forwarder:
             raw = target.raw_path + (f"?{target.raw_query_string}" if target.raw_query_string else "")
         return self._base_path + raw
 
-    async def _request_body(self, request: web.Request) -> bytes | AsyncIterator[bytes] | None:
-        if hdrs.TRANSFER_ENCODING in request.headers:
-            if request.version < HttpVersion11:
-                # RFC 9112 §6.1: faulty framing from an HTTP/1.0 client, which a server in front may frame
-                # otherwise (gunicorn answers 400): refused, and the connection closes.
-                raise ClientBodyError(400, TRANSFER_ENCODING_ON_HTTP10)
-            if not PASSED_CODINGS.issuperset(_codings(request).split(", ")[:-1]):
-                raise ClientBodyError(501, UNSUPPORTED_CODING)  # RFC 9112 §6.1, and gunicorn's answer
-        if not request.body_exists:
-            return None
-        length = request.content_length
-        if length is not None and length > self._max_body_bytes:
-            raise ClientBodyError(413, BODY_TOO_LARGE)
-        chunks = self._body_chunks(request.content)
-        if length is not None and length <= self._buffer_request_bytes:
-            # One write upstream for the common small body; read from the stream directly so this does not
-            # depend on the app's client_max_size.
-            return b"".join([chunk async for chunk in chunks])
-        return chunks
-
-    async def _body_chunks(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-        # aiohttp's server has no body read timeout: without this a client that stalls mid-body (or trickles
-        # it) would hold an upstream connection (and the pool is bounded) for as long as it likes.
-        size = 0
-        loop = asyncio.get_running_loop()
-        # The total counts time spent waiting for the client only: while the upstream is slow to take a
-        # chunk, the client is held back by the proxy, and a 408 would blame it for the backend.
-        waited = 0.0
-        while True:
-            started = loop.time()
-            try:
-                async with asyncio.timeout(min(self._body_timeout, self._body_total_timeout - waited)):
-                    chunk = await content.readany()
-            except TimeoutError:
-                raise ClientBodyError(408, BODY_TIMEOUT) from None
-            except (OSError, aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError):
-                # The client went away or sent less than its Content-Length.
-                raise ClientBodyError(400, BODY_INCOMPLETE) from None
-            waited += loop.time() - started
-            if not chunk:
-                return
-            size += len(chunk)
-            if size > self._max_body_bytes:
-                raise ClientBodyError(413, BODY_TOO_LARGE)
-            yield chunk
-
 
 async def _relay(
     request: web.Request,
@@ -403,17 +327,6 @@ def _has_dot_segment(target: str) -> bool:
             if segment.lower() in _DOT_SEGMENTS or segment.partition(";")[0] in (".", ".."):
                 return True
     return False
-
-
-def _codings(request: web.Request) -> str:
-    """The Transfer-Encoding to send with a streamed body: the client's codings, chunked last (aiohttp's
-    parser has refused any other order), normalised; plain chunked without one."""
-    codings = [
-        coding.strip().lower()
-        for value in request.headers.getall(hdrs.TRANSFER_ENCODING, ())
-        for coding in value.split(",")
-    ]
-    return ", ".join(codings) if codings else "chunked"
 
 
 # The forwarding route's path: any path. Any character: aiohttp's `.*` (no re.DOTALL) stopped at a line

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy import keys
-from proxy.forward import TRANSFER_ENCODING_ON_HTTP10, UNSUPPORTED_CODING
+from proxy.request_body import TRANSFER_ENCODING_ON_HTTP10, UNSUPPORTED_CODING
 from tests.backend_writer import BackendWriter
 from tests.conftest import MakeProxy
 from tests.rig import Upstream
