@@ -127,6 +127,7 @@ def _host_header(base: URL) -> str:
 
 
 def trust_checker(networks: Iterable[IPv4Network | IPv6Network]) -> Callable[[str], bool]:
+    """A check of whether a peer address is in one of `networks` (a trusted proxy: its X-Forwarded-* kept)."""
     trusted_networks = tuple(networks)
     if not trusted_networks:
         return lambda _peer: False

@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy import keys
-from proxy.errors import only
+from proxy.errors import json_response, only
 from proxy.settings import HEALTH_PATHS
 from proxy.tasks import background
 from proxy.telemetry import HEALTH, expect_continue, observed
@@ -80,27 +80,25 @@ class Health:
         ]
 
 
-def _json(status: int, body: bytes) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json")
-
-
 async def liveness(request: web.Request) -> web.Response:
     """The process answers: the event loop is alive."""
-    return _json(200, _OK)
+    return json_response(200, _OK)
 
 
 async def readiness(request: web.Request) -> web.Response:
     """503 until Redis (every primary of a Cluster) answers a PING, and from the moment draining begins."""
     health = request.app[keys.HEALTH]
     if health.ready:
-        return _json(200, _OK)
+        return json_response(200, _OK)
     reasons = ",".join(f'"{reason}"' for reason in health.problems())
-    return _json(503, f'{{"status":"unavailable","reasons":[{reasons}]}}'.encode())
+    return json_response(503, f'{{"status":"unavailable","reasons":[{reasons}]}}'.encode())
 
 
 async def startup(request: web.Request) -> web.Response:
     """200 once every cleanup context has started."""
-    return _json(200, _OK) if request.app[keys.HEALTH].started else _json(503, b'{"status":"starting"}')
+    if request.app[keys.HEALTH].started:
+        return json_response(200, _OK)
+    return json_response(503, b'{"status":"starting"}')
 
 
 async def redis_monitor_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -248,7 +248,7 @@ def _worker_metrics_runner(app: web.Application, settings: Settings) -> web.AppR
     metrics_app[keys.TELEMETRY] = app[keys.TELEMETRY]
     metrics_app[keys.SETTINGS] = settings  # telemetry.expect_continue reads the body limit there
     metrics_app.router.add_get(
-        settings.telemetry.metrics_path, metrics_handler, allow_head=False, expect_handler=expect_continue
+        settings.telemetry.metrics_path, metrics_handler(), allow_head=False, expect_handler=expect_continue
     )
     return web.AppRunner(metrics_app, handle_signals=False, access_log=None)
 

@@ -248,19 +248,12 @@ def observed(app: web.Application, route: str, handler: Handler) -> Handler:
     return wrapper
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    """Prometheus text exposition; collecting runs every observable instrument's callback."""
-    registry = request.app[keys.TELEMETRY].registry
-    if registry is None:
-        raise web.HTTPNotFound
-    return web.Response(body=generate_latest(registry), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
-
-
-def shared_metrics_handler(min_interval: float) -> Handler:
-    """The exposition on the clients' port: rendered at most once per `min_interval`, later scrapes within it
-    answered the same bytes. A render holds the event loop for milliseconds, and this port is the clients'
-    (in sidecar mode, whatever the ingress sends): eight connections asking for it in a loop cut definitions
-    answers 27x. Prometheus scrapes seconds apart, so it always gets a fresh one."""
+def metrics_handler(min_interval: float = 0.0) -> Handler:
+    """Prometheus text exposition (collecting runs every observable instrument's callback), rendered at most
+    once per `min_interval`, later scrapes within it answered the same bytes. A render holds the event loop
+    for milliseconds, and bind's port is the clients' (in sidecar mode, whatever the ingress sends): eight
+    connections asking for it in a loop cut definitions answers 27x. Prometheus scrapes seconds apart, so it
+    always gets a fresh one. The per-worker ports render every scrape (0)."""
     rendered: tuple[float, bytes] | None = None
 
     async def handler(request: web.Request) -> web.Response:
@@ -292,7 +285,7 @@ def add_routes(app: web.Application) -> None:
     """The metrics path, in every service mode and never forwarded, when metrics are enabled."""
     config = app[keys.SETTINGS].telemetry
     if config.metrics_enabled:
-        route = observed(app, HEALTH, shared_metrics_handler(config.metrics_min_interval_seconds))
+        route = observed(app, HEALTH, metrics_handler(config.metrics_min_interval_seconds))
         app.router.add_get(config.metrics_path, route, allow_head=False, expect_handler=expect_continue)
         refuse = observed(app, HEALTH, only("GET"))
         app.router.add_route("*", config.metrics_path, refuse, expect_handler=expect_continue)
