@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import unquote
@@ -267,9 +268,14 @@ async def _relay(
     transport = request.transport
     loop = asyncio.get_running_loop()
     progress_at, left = loop.time(), 0
-    if request.app[keys.HEALTH].draining or request._message.upgrade:
-        # Connection: close on a stream started during the drain, or answering an upgrade request (see
-        # telemetry.observed).
+    last_request = request.app[keys.SETTINGS].client_limits.max_requests_per_connection or sys.maxsize
+    if (
+        request.app[keys.HEALTH].draining
+        or request._message.upgrade
+        or request._protocol._request_count >= last_request
+    ):
+        # Connection: close on a stream started during the drain, answering an upgrade request, or on the
+        # connection's last request (see telemetry.observed).
         response.force_close()
     # Bounded here, write by write: the connections' sweep leaves it alone meanwhile (its buffer refills).
     connections = request.app.get(keys.CONNECTIONS)  # absent in an app of the forwarder alone

@@ -454,6 +454,13 @@ class ClientLimitsSettings(_Section):
     # cache, 16 KiB each (at least 1,024). Set above what the open-file limit allows: refused at start (and
     # by check-config).
     max_connections: int | None = Field(default=None, ge=1)
+    # A kept-alive connection is closed after the answer to this many requests (Connection: close), as nginx's
+    # keepalive_requests (1,000) does: the client reconnects, and the kernel may hand the new connection to
+    # another worker (--workers N spreads connections, not requests). Without it a worker restarted after a
+    # crash got none of the clients back from its siblings (a reviewer's: 0 of 150,000 requests in the 10 s
+    # after, three workers), nor did a worker that came up after an L7 balancer's few pooled connections
+    # were spread. Unset: no limit.
+    max_requests_per_connection: int | None = Field(default=1000, ge=1)
 
 
 class TelemetrySettings(_Section):

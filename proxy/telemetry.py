@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -202,6 +203,7 @@ def observed(app: web.Application, route: str, handler: Handler) -> Handler:
     """
     telemetry = app[keys.TELEMETRY]
     health = app[keys.HEALTH]
+    last_request = app[keys.SETTINGS].client_limits.max_requests_per_connection or sys.maxsize
 
     @functools.wraps(handler)
     async def wrapper(request: web.Request) -> web.StreamResponse:
@@ -234,10 +236,13 @@ def observed(app: web.Application, route: str, handler: Handler) -> Handler:
             raise
         except Exception:  # one wrapper, not two: each coroutine layer costs every request
             response = internal_error(request)
-        if (health.draining or request._message.upgrade) and not response.prepared:
+        if (
+            health.draining or request._message.upgrade or request._protocol._request_count >= last_request
+        ) and not response.prepared:
             # An Upgrade other than websocket: aiohttp's C parser drops whatever the client pipelined
             # behind it, which would then wait out the keep-alive timeout for answers that never come;
-            # closing says so.
+            # closing says so. The connection's last request (client_limits.max_requests_per_connection,
+            # aiohttp's count of the requests it parsed on it).
             # aiohttp closes each connection after its answer once shutdown begins, but would still
             # say keep-alive; a client pooling it could send its next request into a closing socket.
             # Here rather than an on_response_prepare signal, which costs every response ~1 µs

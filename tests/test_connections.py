@@ -8,9 +8,12 @@ from functools import partial
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy import aiohttp_internals, connections
 from proxy.connections import ClientConnections
+from tests.conftest import MakeProxy
+from tests.rig import Upstream
 from tests.test_server import wait_until
 
 
@@ -279,3 +282,46 @@ async def test_each_server_counts_only_its_own_malformed_requests() -> None:
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("path", ["/_liveness", "/streamed", "/small"])
+async def test_a_connection_is_closed_after_its_max_requests_answer(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer], path: str
+) -> None:
+    """client_limits.max_requests_per_connection (nginx's keepalive_requests): the last answer says
+    Connection: close and the connection ends, so a client reconnects and may land on another worker (a
+    worker restarted after a crash got none of its siblings' kept-alive clients back, a reviewer's)."""
+    recorder, _ = upstream
+
+    async def streamed(request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse()  # no length: relayed as it arrives
+        await response.prepare(request)
+        await response.write(b"tick")
+        return response
+
+    recorder.routes["/streamed"] = streamed
+    client = await make_proxy(client_limits={"max_requests_per_connection": 3})
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        heads = []
+        for _ in range(3):
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            heads.append(head)
+            if b"Transfer-Encoding: chunked" in head:
+                await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+            else:
+                length = int(head.partition(b"Content-Length: ")[2].partition(b"\r\n")[0])
+                await reader.readexactly(length)
+        assert [head.startswith(b"HTTP/1.1 200 ") for head in heads] == [True] * 3
+        assert [b"Connection: close" in head for head in heads] == [False, False, True]
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+    finally:
+        writer.close()
+    unlimited = await make_proxy(client_limits={"max_requests_per_connection": None})
+    async with unlimited.get(path) as answer:
+        assert answer.status == 200
+    for _ in range(5):
+        async with unlimited.get(path) as answer:
+            assert "Connection" not in answer.headers
