@@ -109,6 +109,11 @@ class Pool:
             if client is not None:
                 conn.client = client
                 self._by_client[client] = conn
+            if wanted is not None and not wanted():
+                # Its client left before a byte was written (while the handler awaited Redis, a flood's leader
+                # or a connect): client_left has come and gone, and the exchange would run to its end.
+                self.release(conn)
+                raise UpstreamError("abandoned", "the client left before the request was sent")
             try:
                 if streamed:
                     return await conn.exchange_streamed(head, body, head_only, chunked)  # type: ignore[arg-type]

@@ -6,6 +6,8 @@ import asyncio
 import io
 import logging
 import socket
+import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +21,10 @@ from proxy.verdicts import Verdict, verdict_key
 from tests.backend_writer import BackendWriter
 from tests.chaos import ChaosProxy
 from tests.conftest import MakeProxy
-from tests.rig import RedisServer, Upstream
+from tests.rig import RedisServer, Upstream, free_port
 from tests.standin_backend import NOT_AUTHENTICATED, TOKEN_INVALID, StandInBackend
 from tests.test_reliability import eventually
+from tests.test_server import _env, proxy_process, wait_ready, wait_until
 from tests.test_teams import command_calls, reset_stats
 from tests.test_telemetry import scrape, value
 
@@ -858,3 +861,88 @@ async def test_revoke_reads_a_credential_piped_with_a_windows_line_ending(
     assert capsys.readouterr().out == "revoked 1 verdict\n"
     with redis.Redis.from_url(redis_url) as store:
         assert store.exists(key) == 0
+
+
+LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+async def test_a_flood_whose_first_client_leaves_still_reaches_the_backend_once_more_at_most(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str, standin: StandInBackend
+) -> None:
+    """The request asking the backend is dropped when its client leaves (an SDK timeout before a slow
+    backend): the first waiter to run asks in its place and the rest wait for that answer. They all went to
+    the backend (a reviewer's: 21 requests for one credential). A real process: the test server cancels
+    the handler of a client that left, which production's aiohttp does not."""
+    recorder, server = upstream
+    asked = 0
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        nonlocal asked
+        asked += 1
+        await asyncio.sleep(1.5)
+        return await standin.definitions(request, body)
+
+    recorder.routes["/flags/definitions"] = slow
+    port = free_port()
+    env = _env(port, server, redis_url, EDGE_PROXY__DEFINITIONS__AUTH__HMAC_KEY=HMAC_KEY)
+    url = f"http://127.0.0.1:{port}/flags/definitions?token={TOKEN}"
+    credential = {"Authorization": "Bearer phx_flood_leader_leaves"}
+    with proxy_process(tmp_path, env) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        path = f"/flags/definitions?token={TOKEN}"
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: p\r\nAuthorization: {credential['Authorization']}\r\n\r\n".encode()
+        )
+        await wait_until(lambda: asked == 1, "the first request upstream")
+        async with ClientSession() as session:
+
+            async def one() -> int:
+                async with session.get(url, headers=credential) as answer:
+                    await answer.read()
+                    return answer.status
+
+            waiters = [asyncio.create_task(one()) for _ in range(20)]
+            await asyncio.sleep(0.3)  # all 20 wait for the first one's answer
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+            writer.close()  # its client gives up
+            statuses = await asyncio.gather(*waiters)
+    assert statuses == [401] * 20
+    assert asked == 2  # the dropped one, and the waiter that asked in its place
+
+
+async def test_requests_whose_clients_left_before_they_were_sent_are_never_sent(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str, standin: StandInBackend
+) -> None:
+    """Requests waiting for a flood's first answer whose clients left meanwhile: each was sent when its turn
+    came (client_left had come and gone) and held a backend worker to the end (a reviewer's)."""
+    recorder, server = upstream
+    asked, finished = 0, 0
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        nonlocal asked, finished
+        asked += 1
+        await asyncio.sleep(1.5)
+        finished += 1
+        return await standin.definitions(request, body)
+
+    recorder.routes["/flags/definitions"] = slow
+    port = free_port()
+    env = _env(port, server, redis_url, EDGE_PROXY__DEFINITIONS__AUTH__HMAC_KEY=HMAC_KEY)
+    request = (
+        f"GET /flags/definitions?token={TOKEN} HTTP/1.1\r\nHost: p\r\n"
+        "Authorization: Bearer phx_everyone_gives_up\r\n\r\n"
+    ).encode()
+    with proxy_process(tmp_path, env) as (process, log_path):
+        await wait_ready(port, process, log_path)
+        clients = []
+        for _ in range(6):  # the first asks the backend, five wait for its answer
+            clients.append(await asyncio.open_connection("127.0.0.1", port))
+            clients[-1][1].write(request)
+            await wait_until(lambda: asked == 1, "the first request upstream")
+        await asyncio.sleep(0.3)
+        for _, writer in reversed(clients):  # every client gives up, the first last
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+            writer.close()
+        await asyncio.sleep(2.0)  # past the first one's answer, had it not been dropped
+    assert (asked, finished) == (1, 0)
