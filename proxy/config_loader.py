@@ -32,12 +32,13 @@ ENV_ALIASES: Mapping[str, tuple[str, ...]] = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
 }
 ENV_PREFIX = "EDGE_PROXY__"
-# Where the OTLP exporters read a collector's headers (a signal's own variable, else the shared one).
-OTLP_HEADER_VARIABLES = (
-    "OTEL_EXPORTER_OTLP_HEADERS",
-    "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
-    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-)
+# Where the OTLP exporters read a collector's headers: a signal's own variable, else (unset or empty) the
+# shared one.
+OTLP_SHARED_HEADERS = "OTEL_EXPORTER_OTLP_HEADERS"
+OTLP_SIGNAL_HEADERS = {
+    "metrics": "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+    "traces": "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+}
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
@@ -199,8 +200,12 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         settings = Settings.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe([*_problems(exc, sources), *unplaced])) from exc
-    if settings.telemetry.otlp_endpoint is not None:
-        unplaced += _otlp_header_problems(environ)
+    telemetry = settings.telemetry
+    if telemetry.otlp_endpoint is not None:
+        # The exporters that will run: metrics when enabled, traces when sampled.
+        running = {"metrics": telemetry.metrics_enabled, "traces": telemetry.trace_sampling_ratio > 0}
+        signals = [signal for signal, on in running.items() if on]
+        unplaced += _otlp_header_problems(environ, signals)
     if unplaced:
         raise ConfigError(_describe(unplaced))
     return settings
@@ -213,15 +218,21 @@ class _Quiet(logging.Filter):
         return False
 
 
-def _otlp_header_problems(environ: Mapping[str, str]) -> list[str]:
-    """Entries of the collector's headers the exporters would drop: `Authorization: Bearer <key>` (a colon,
-    as in HTTP) left every export unauthorized, with one warning at start. Each entry is tried as the
-    exporters parse it; the SDK's own warning, which quotes the entry, is held back and no entry is shown."""
+def _otlp_header_problems(environ: Mapping[str, str], signals: list[str]) -> list[str]:
+    """Entries of the collector's headers the exporters of `signals` would drop: `Authorization: Bearer
+    <key>` (a colon, as in HTTP) left every export unauthorized, with one warning at start. Only a variable an
+    exporter reads is checked (one set for other containers of the pod is not this proxy's). Each entry is
+    tried as the exporters parse it; the SDK's own warning, which quotes the entry, is held back and no entry
+    is shown."""
+    read = dict.fromkeys(
+        OTLP_SIGNAL_HEADERS[signal] if environ.get(OTLP_SIGNAL_HEADERS[signal]) else OTLP_SHARED_HEADERS
+        for signal in signals
+    )
     lines = []
     quiet, sdk = _Quiet(), logging.getLogger("opentelemetry.util.re")
     sdk.addFilter(quiet)
     try:
-        for name in OTLP_HEADER_VARIABLES:
+        for name in read:
             entries = [entry for entry in environ.get(name, "").split(",") if entry.strip()]
             refused = [
                 str(n) for n, entry in enumerate(entries, 1) if not parse_env_headers(entry, liberal=True)

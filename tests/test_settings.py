@@ -748,13 +748,11 @@ def test_an_otlp_headers_entry_the_exporters_would_drop_is_refused_without_showi
     """`Authorization: Bearer <key>` (a colon, as in HTTP) was dropped by the exporters with a warning at
     start, and every export went unauthorized; the process started all the same."""
     endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
-    message = problems(
-        env={
-            **endpoint,
-            "OTEL_EXPORTER_OTLP_HEADERS": "X-Tenant=acme, Authorization: Bearer OTLPSECRETMARK ,X-A=b",
-            "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "a:OTLPSECRETMARK,b:OTLPSECRETMARK",
-        }
-    )
+    malformed = {
+        "OTEL_EXPORTER_OTLP_HEADERS": "X-Tenant=acme, Authorization: Bearer OTLPSECRETMARK ,X-A=b",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "a:OTLPSECRETMARK,b:OTLPSECRETMARK",
+    }
+    message = problems(env={**endpoint, **malformed, "EDGE_PROXY__TELEMETRY__TRACE_SAMPLING_RATIO": "0.5"})
     assert message == (
         "invalid configuration (2 problems):\n"
         "  $OTEL_EXPORTER_OTLP_HEADERS: entry 2 of 3 is not name=value, URL-encoded"
@@ -763,8 +761,14 @@ def test_an_otlp_headers_entry_the_exporters_would_drop_is_refused_without_showi
         " (Authorization=Bearer%20<key>; not shown: it can hold a credential)"
     )
     assert "OTLPSECRETMARK" not in caplog.text
-    # What the exporters take (the liberal form too, a space in a value); headers unused without an endpoint.
-    good = {**endpoint, "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "Authorization=Bearer%20k, x = y z,,"}
+    # Only what a running exporter reads: no traces exporter unsampled, a signal's own variable before the
+    # shared one (set for the pod's other containers, say), nothing without an endpoint.
+    assert problems(env={**endpoint, **malformed}).count("\n  $") == 1
+    good = {
+        **endpoint,
+        **malformed,
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "Authorization=Bearer%20k, x = y z,,",
+    }
     assert str(load_settings(None, good).telemetry.otlp_endpoint) == "http://collector:4318/"
     assert load_settings(None, {"OTEL_EXPORTER_OTLP_HEADERS": "a:b"}).telemetry.otlp_endpoint is None
 
