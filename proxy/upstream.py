@@ -117,7 +117,8 @@ class Pool:
             try:
                 if streamed:
                     return await conn.exchange_streamed(head, body, head_only, chunked)  # type: ignore[arg-type]
-                return await conn.exchange(head + body if body else head, head_only)  # type: ignore[operator]
+                await conn.exchange(head + body if body else head, head_only)  # type: ignore[operator]
+                return conn.answer()
             except UpstreamError as exc:
                 self.release(conn)
                 if not (
