@@ -87,6 +87,7 @@ class Response:
         "connection_tokens",
         "content_length",
         "headers",
+        "hop_at",
         "hop_by_hop",
         "non_utf8",
         "reason",
@@ -103,6 +104,7 @@ class Response:
         connection_tokens: frozenset[str],
         non_utf8: bool = False,
         hop_by_hop: bool = True,
+        hop_at: list[int] | None = None,
     ) -> None:
         self._conn = conn
         self.status = status
@@ -117,6 +119,9 @@ class Response:
         # Whether any header is hop by hop (HOP_BY_HOP, Connection included): without one, and so with no
         # Connection tokens, every header is end to end (the usual answer: nothing to filter out).
         self.hop_by_hop = hop_by_hop
+        # Where those are in `headers`, when known (the parse notes each as it classifies it): what
+        # forward_headers.end_to_end leaves out when Connection names no other header.
+        self.hop_at = hop_at
 
     def body_if_complete(self) -> bytes | None:
         """The whole body if all of it has arrived (it often comes with the head), else None: no await."""
@@ -515,7 +520,7 @@ class Connection(asyncio.Protocol):
         headers = []
         content_length = None
         connection = _NO_TOKENS
-        hop_by_hop = False
+        hop_at: list[int] | None = None
         # llhttp admits only token characters in names; values and the reason may carry any byte >= 0x80.
         # ASCII, the usual, is decoded by decode() without arguments, CPython's fast path: naming the codec
         # and the error handler cost ~300 instructions more a header (callgrind), for bytes that need neither.
@@ -546,7 +551,9 @@ class Connection(asyncio.Protocol):
             if kind == _CONTENT_LENGTH:
                 content_length = int(raw_value)  # llhttp has checked it is one valid number
                 continue
-            hop_by_hop = True
+            if hop_at is None:
+                hop_at = []
+            hop_at.append(len(headers) - 1)
             if kind == _TRANSFER_ENCODING and self._parser.get_http_version() == "1.0":
                 # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing; the
                 # connection closes after it, however it says keep-alive.
@@ -559,7 +566,7 @@ class Connection(asyncio.Protocol):
                 # chunked last, a body running to the close). A clean 502 now, before any byte goes out.
                 raise UpstreamError("malformed", "transfer coding other than chunked")
         self._response = Response(
-            self, status, reason, headers, content_length, connection, non_utf8, hop_by_hop
+            self, status, reason, headers, content_length, connection, non_utf8, hop_at is not None, hop_at
         )
         if self._head_only:
             self._keep_alive = self._parser.should_keep_alive()

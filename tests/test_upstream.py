@@ -425,6 +425,39 @@ async def test_a_chunked_answer_is_decoded_and_reframed(
 
 
 @pytest.mark.parametrize(
+    ("connection", "kept"),
+    [
+        # Only fields dropped anyway: cut out where the parse found them (forward_headers.end_to_end).
+        (b"keep-alive", ["X-A", "Set-Cookie", "Set-Cookie", "Content-Length", "X-B"]),
+        (b"Keep-Alive, TE", ["X-A", "Set-Cookie", "Set-Cookie", "Content-Length", "X-B"]),
+        # Naming another field, or an option that is no field: each header's name is looked up instead.
+        (b"keep-alive, X-B", ["X-A", "Set-Cookie", "Set-Cookie", "Content-Length"]),
+        (b"close", ["X-A", "Set-Cookie", "Set-Cookie", "Content-Length", "X-B"]),
+    ],
+)
+async def test_hop_by_hop_answer_headers_in_any_case_leave_the_rest_in_order(
+    make_proxy: MakeProxy,
+    scripted: Callable[[Handler], Awaitable[Scripted]],
+    connection: bytes,
+    kept: list[str],
+) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\nconnection: %b\r\nSet-Cookie: a=1\r\nKEEP-ALIVE: timeout=5\r\n"
+        b"Set-Cookie: b=2\r\nTrailer: X-Sum\r\nContent-Length: 2\r\nProxy-Connection: x\r\nX-B: 2\r\n\r\nok"
+    ) % connection
+    upstream = await scripted(answering(answer))
+    client = await proxy_to(make_proxy, upstream)
+
+    for _ in range(2):  # the second with every name already classified
+        resp = await client.get("/h")
+        sent = {"X-A", "X-B", "Connection", "Set-Cookie", "Keep-Alive", "Trailer", "Content-Length"}
+        sent.add("Proxy-Connection")
+        names = [name.decode() for name, _ in resp.raw_headers if name.decode().title() in sent]
+        assert (resp.status, await resp.read(), names) == (200, b"ok", kept)
+        assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+
+
+@pytest.mark.parametrize(
     ("answer", "body"),
     [
         (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Mark: 1\r\n\r\nhello world", b"hello world"),
