@@ -1,7 +1,7 @@
 """Per-request cost that noise cannot move: instructions and simulated cache misses under callgrind.
 
-Usage: python bench/callgrind.py [--scenario 200|304|forward] [--teams 1] [--size 50k] [--requests 2000]
-                                 [--baseline REV]
+Usage: python bench/callgrind.py [--scenario 200|304|forward|forward-django] [--teams 1] [--size 50k]
+                                 [--requests 2000] [--baseline REV]
 Runs the aiohttp ceiling and the proxy (and, with --baseline, the proxy of git revision REV) under
 `valgrind --tool=callgrind --cache-sim=yes`, one at a time, sends the same warm-up and then `--requests`
 definitions requests over 4 keep-alive connections, and counts only the measured requests (instrumentation
@@ -16,6 +16,9 @@ bench's no-op aiohttp upstream is counted answering requests one at a time, then
 second, uninstrumented one: one at a time, one at a time with 5 ms pauses (each request wakes an idle
 loop), and 32 at once (every loop wake-up finds several ready sockets, as at saturation). Equal counts
 mean the extra CPU time of a low rate is each instruction costing more, not more instructions.
+`--scenario forward-django` forwards bench/run.py's forwarding request (its path and headers) to the reference
+Django under one gthread worker instead, as the forward-keepalive row does: gunicorn's answer (its
+Connection header, a 404) takes paths of the forward that the no-op upstream's does not.
 
 The proxy's timed background loops are slowed to once an hour, because under valgrind (~50x slower) they
 would run ~50x more often per request than in real life. Needs valgrind (Debian package).
@@ -40,10 +43,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import dataset, procs, upstream  # noqa: E402
+from bench import backend, dataset, procs, upstream  # noqa: E402
 from bench.dataset import Team  # noqa: E402
 from bench.run import (  # noqa: E402
+    FORWARD_PATH,
     HMAC_KEY,
+    KEEPALIVE_THREADS,
     UNLIMITED,
     cache_budget,
     checkout_revision,
@@ -105,6 +110,8 @@ PAUSED = "one at a time, 5 ms apart"
 TOGETHER = "32 at once"
 PAUSE_SECONDS = 0.005
 TOGETHER_CONNECTIONS = 32
+# What bench/run.py's forward_load sends besides Host.
+FORWARD_HEADERS = {"User-Agent": "bench/1.0", "Accept": "application/json"}
 
 
 def exchange(
@@ -113,6 +120,13 @@ def exchange(
     """Request i: team i mod n (or, forwarding, route i mod 7) on connection i mod n; the answer must be
     the expected one."""
     connection = connections[i % len(connections)]
+    if scenario == "forward-django":
+        connection.request("GET", FORWARD_PATH, headers=FORWARD_HEADERS)
+        response = connection.getresponse()
+        response.read()
+        if response.status not in (404, 200):  # Django's answer to the unknown route; the no-op row's
+            raise AssertionError(f"request {i}: {response.status}")
+        return
     if scenario == "forward":
         connection.request("GET", f"/api/unknown/{i % 7}")
         expected_status, expected_body = 200, upstream.BODY.encode()
@@ -200,7 +214,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenario", choices=("200", "304", "forward"), default="200")
+    parser.add_argument("--scenario", choices=("200", "304", "forward", "forward-django"), default="200")
     parser.add_argument("--teams", type=int, default=1)
     parser.add_argument("--size", default="50k")
     parser.add_argument("--requests", type=int, default=2000)
@@ -255,13 +269,20 @@ def main() -> int:
 
             Run = tuple[str, Callable[[int], list[str]], dict[str, str], Path | None, str, str]
             runs: list[Run]
-            if args.scenario == "forward":
+            if args.scenario in ("forward", "forward-django"):
                 # The upstream forwarded to runs without valgrind, on the other core.
-                target = start_python_app(sup, "upstream", "upstream.py", core=procs.LOAD_CORE)
-                proxy_env["UPSTREAM_URL"] = f"http://127.0.0.1:{target.port}"
+                if args.scenario == "forward":
+                    target_name = "no-op aiohttp"
+                    port = start_python_app(sup, "upstream", "upstream.py", core=procs.LOAD_CORE).port
+                else:
+                    target_name = "Django"
+                    port = backend.start(
+                        sup, workdir, redis_url, workers=1, threads=KEEPALIVE_THREADS, core=procs.LOAD_CORE
+                    ).port
+                proxy_env["UPSTREAM_URL"] = f"http://127.0.0.1:{port}"
                 runs = [("no-op aiohttp", noop, base_env, None, "/__bench/stats", ONE_AT_A_TIME)]
                 runs += [
-                    (f"proxy -> no-op aiohttp, {pace}", proxy, proxy_env, ROOT, "/_startup", pace)
+                    (f"proxy -> {target_name}, {pace}", proxy, proxy_env, ROOT, "/_startup", pace)
                     for pace in (ONE_AT_A_TIME, PAUSED, TOGETHER)
                 ]
             else:
