@@ -40,6 +40,10 @@ _MAX_BACKOFF_SECONDS = 30.0
 # cannot listen on, a config it refuses), will not start: the supervisor stops the others and exits 1, for
 # the orchestrator to see, rather than run on with a worker short, or none, and exit 0 at the end.
 _GIVE_UP_CRASHES = 5
+# Once stopping, a worker silent this long is stuck, whatever worker_timeout_seconds says: a draining
+# worker still beats every second. A stop waited out the whole timeout (30 s: exit 1 at 28 s, past the
+# drain budget and at the edge of Kubernetes' grace period, a reviewer's) for a worker that cannot drain.
+_STOPPING_SILENCE_SECONDS = 3.0
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
@@ -47,7 +51,17 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     workers silent on their heartbeat pipe for `worker_timeout_seconds`."""
     # Each worker is told the count (its share of the container's memory: client_cap.client_cap) and its
     # index (which makes it serve rather than supervise).
-    child_argv = [sys.executable, "-m", "proxy", *argv, "--workers", str(settings.workers)]
+    # faulthandler: a worker killed by SIGSEGV (a C extension) leaves its Python traceback in the log.
+    child_argv = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-m",
+        "proxy",
+        *argv,
+        "--workers",
+        str(settings.workers),
+    ]
     timeout = settings.worker_timeout_seconds
     # The handlers only wake the loop below (the wakeup fd carries the signal numbers), so every decision
     # about the children is made in one place and no signal can land between a check and a spawn.
@@ -72,8 +86,9 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                     _spawn(slot, child_argv, index)
             if all(slot.process is None for slot in slots) and stopping:
                 break
+            silence = min(timeout, _STOPPING_SILENCE_SECONDS) if stopping else timeout
             waits = [s.restart_at - now for s in slots if s.process is None and not stopping]
-            waits += [s.last_beat + timeout - now for s in slots if s.heartbeats is not None]
+            waits += [s.last_beat + silence - now for s in slots if s.heartbeats is not None]
             pipes = [s.heartbeats for s in slots if s.heartbeats is not None]
             # Blocks until a signal (SIGCHLD included), a heartbeat, the next scheduled restart or the next
             # heartbeat deadline: no polling.
@@ -81,7 +96,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                 [wake_r.fileno(), *pipes], [], [], max(0.0, min(waits)) if waits else None
             )
             _read_heartbeats(slots, readable)
-            _kill_silent(slots, timeout)
+            _kill_silent(slots, silence)
             for signum in _read_signals(wake_r):
                 if signum in stops:
                     if not stopping:
@@ -193,9 +208,10 @@ def _reap(slots: list[_Slot], stopping: bool) -> bool:
             continue
         slot.process = None
         _close_heartbeats(slot)
+        index = slots.index(slot)
         if stopping:
             if code != 0:
-                log.error("worker %d exited with %s while stopping", process.pid, code)
+                log.error("worker %d (pid %d) %s while stopping", index, process.pid, _ended(code))
                 clean = False
             continue
         quick = now - slot.started_at < _HEALTHY_RUN_SECONDS
@@ -203,5 +219,15 @@ def _reap(slots: list[_Slot], stopping: bool) -> bool:
         slot.quick_failures = slot.quick_failures + 1 if quick else 0
         delay = 0.0 if slot.crashes == 1 else min(_MAX_BACKOFF_SECONDS, 0.5 * 2 ** (slot.crashes - 2))
         slot.restart_at = now + delay
-        log.error("worker %d exited with %s; restarting it in %.1fs", process.pid, code, delay)
+        log.error("worker %d (pid %d) %s; restarting it in %.1fs", index, process.pid, _ended(code), delay)
     return clean
+
+
+def _ended(code: int) -> str:
+    """How a worker ended, for the log: its exit code, or the signal that killed it, by name."""
+    if code >= 0:
+        return f"exited with {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"

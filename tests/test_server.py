@@ -836,6 +836,40 @@ async def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(
     ), log
 
 
+async def test_a_stop_does_not_wait_out_the_worker_timeout_for_a_stuck_worker(
+    tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
+) -> None:
+    """A worker stuck when the stop came (SIGSTOP here) was killed only at worker_timeout_seconds (30 s: the
+    supervisor exited at 28 s, past the drain budget, a reviewer's); a draining worker still beats every
+    second, so one silent for 3 s while stopping is stuck. A crash says which worker and which signal."""
+    _, server = upstream
+    port = free_port()
+    env = _env(port, server, redis_url)  # worker_timeout_seconds at its 30 s
+    with proxy_process(tmp_path, env, "--workers", "2") as (supervisor, log_path):
+        await wait_ready(port, supervisor, log_path)
+        await wait_until(lambda: len(_listening_workers(supervisor.pid, port)) == 2, "two workers listening")
+        crashed, _ = _children(supervisor.pid)
+        os.kill(crashed, signal.SIGSEGV)
+        await wait_until(
+            lambda: len(_listening_workers(supervisor.pid, port)) == 2, "the crashed one replaced"
+        )
+        stuck = _children(supervisor.pid)[0]
+        command = _command_line(stuck)
+        index = int(command[command.index(b"--worker-index") + 1])
+        os.kill(stuck, signal.SIGSTOP)
+        supervisor.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        code = await wait_exit(supervisor, 30)
+        took = time.monotonic() - stopped_at
+    log = log_path.read_text()
+    assert code == 1, log  # not a clean stop: one worker had to be killed
+    assert took < 10, log
+    assert re.search(rf"worker 0 \(pid {crashed}\) was killed by SIGSEGV; restarting it in 0\.0s", log), log
+    assert "Fatal Python error: Segmentation fault" in log  # faulthandler's traceback
+    assert re.search(rf"worker {index} \(pid {stuck}\): no heartbeat for [3-5]s", log), log
+    assert re.search(rf"worker {index} \(pid {stuck}\) was killed by SIGKILL while stopping", log), log
+
+
 async def test_workers_drain_and_exit_when_their_supervisor_dies(
     tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str
 ) -> None:
