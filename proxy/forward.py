@@ -272,7 +272,7 @@ async def _relay(
     if (
         request.app[keys.HEALTH].draining
         or request._message.upgrade
-        or request._protocol._request_count >= last_request
+        or request._protocol._request_count - len(request._protocol._messages) >= last_request
     ):
         # Connection: close on a stream started during the drain, answering an upgrade request, or on the
         # connection's last request (see telemetry.observed).

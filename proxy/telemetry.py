@@ -236,13 +236,17 @@ def observed(app: web.Application, route: str, handler: Handler) -> Handler:
             raise
         except Exception:  # one wrapper, not two: each coroutine layer costs every request
             response = internal_error(request)
+        protocol = request._protocol
         if (
-            health.draining or request._message.upgrade or request._protocol._request_count >= last_request
+            health.draining
+            or request._message.upgrade
+            or protocol._request_count - len(protocol._messages) >= last_request
         ) and not response.prepared:
             # An Upgrade other than websocket: aiohttp's C parser drops whatever the client pipelined
             # behind it, which would then wait out the keep-alive timeout for answers that never come;
-            # closing says so. The connection's last request (client_limits.max_requests_per_connection,
-            # aiohttp's count of the requests it parsed on it).
+            # closing says so. The connection's last request (client_limits.max_requests_per_connection):
+            # its place on the connection, aiohttp's count of the requests it parsed less those queued
+            # behind it (pipelined ones are parsed before their turn).
             # aiohttp closes each connection after its answer once shutdown begins, but would still
             # say keep-alive; a client pooling it could send its next request into a closing socket.
             # Here rather than an on_response_prepare signal, which costs every response ~1 µs

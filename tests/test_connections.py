@@ -325,3 +325,41 @@ async def test_a_connection_is_closed_after_its_max_requests_answer(
     for _ in range(5):
         async with unlimited.get(path) as answer:
             assert "Connection" not in answer.headers
+
+
+@pytest.mark.parametrize("path", ["/_liveness", "/small", "/streamed"])
+async def test_pipelined_requests_within_max_requests_are_all_answered(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer], path: str
+) -> None:
+    """aiohttp counts a request when it parses it, and pipelined requests are parsed before their turn:
+    three pipelined at a limit of 3 got one answer, saying close, and two dropped (a diff reviewer's). Each
+    request's place on the connection counts, as nginx's keepalive_requests counts requests served."""
+    recorder, _ = upstream
+
+    async def streamed(request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"tick")
+        return response
+
+    recorder.routes["/streamed"] = streamed
+    client = await make_proxy(client_limits={"max_requests_per_connection": 3})
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 4)  # one past the limit
+        heads = []
+        while True:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            except asyncio.IncompleteReadError:
+                break  # closed after the third
+            heads.append(head)
+            if b"Transfer-Encoding: chunked" in head:
+                await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+            else:
+                await reader.readexactly(int(head.partition(b"Content-Length: ")[2].partition(b"\r\n")[0]))
+    finally:
+        writer.close()
+    assert [head.startswith(b"HTTP/1.1 200 ") for head in heads] == [True] * 3
+    assert [b"Connection: close" in head for head in heads] == [False, False, True]
