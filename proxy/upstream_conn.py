@@ -184,8 +184,10 @@ class Connection(asyncio.Protocol):
         self._response: Response | None = None
         self._body: list[bytes] = []
         self._buffered = 0
-        self._complete = False
-        self._keep_alive = False
+        # As after a clean exchange: a new connection given back unused (its client left before the request
+        # was written) is kept, not closed, its connect (and TLS handshake) not wasted.
+        self._complete = True
+        self._keep_alive = True
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._last_read = 0.0

@@ -946,3 +946,40 @@ async def test_requests_whose_clients_left_before_they_were_sent_are_never_sent(
             writer.close()
         await asyncio.sleep(2.0)  # past the first one's answer, had it not been dropped
     assert (asked, finished) == (1, 0)
+
+
+async def test_a_flood_whose_first_request_raises_hands_the_asking_on(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer], standin: StandInBackend
+) -> None:
+    """The first request's forward raises instead of answering (here the test server cancels the handler of a
+    client that left): as for a dropped one, the first waiter asks in its place, not all of them (untested,
+    a diff reviewer's)."""
+    recorder, _ = upstream
+    asked = 0
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        nonlocal asked
+        asked += 1
+        await asyncio.sleep(1.0)
+        return await standin.definitions(request, body)
+
+    recorder.routes["/flags/definitions"] = slow
+    client = await make_proxy(definitions={"auth": {"hmac_key": HMAC_KEY}})
+    assert client.server.port is not None
+    path = f"/flags/definitions?token={TOKEN}"
+    credential = "Bearer phx_flood_leader_raises"
+    _, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: p\r\nAuthorization: {credential}\r\n\r\n".encode())
+    await eventually(lambda: asked == 1, "the first request upstream")
+
+    async def one() -> int:
+        async with client.get(path, headers={"Authorization": credential}) as answer:
+            await answer.read()
+            return answer.status
+
+    waiters = [asyncio.create_task(one()) for _ in range(10)]
+    await asyncio.sleep(0.3)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+    writer.close()
+    assert await asyncio.gather(*waiters) == [401] * 10
+    assert asked == 2

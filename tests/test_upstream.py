@@ -1587,3 +1587,42 @@ async def test_a_streamed_body_cut_by_aiohttp_leaves_nothing_waiting(
         assert pool.connections() == {"idle": 0, "busy": 0}
     finally:
         pool.close()
+
+
+async def test_a_new_connection_given_back_unused_is_kept(
+    scripted: Callable[[Handler], Awaitable[Scripted]],
+) -> None:
+    """A request whose client left before it was written gives its connection back unused: a new one was
+    closed (never had a clean exchange), its connect and TLS handshake wasted (a diff reviewer's)."""
+    upstream = await scripted(answering(OK))
+    port = int(upstream.url.rpartition(":")[2])
+    pool = Pool("127.0.0.1", port, tls=False, limits=Limits(max_connections=1, read_timeout=5))
+    try:
+        with pytest.raises(UpstreamError) as abandoned:
+            await pool_get(pool, b"/gone", wanted=lambda: False)
+        assert abandoned.value.kind == "abandoned"
+        assert pool.connections() == {"idle": 1, "busy": 0}
+        assert await pool_get(pool, b"/next") == b"ok"
+        assert upstream.connections == 1
+        assert [head.split(b" ")[1] for head in upstream.heads] == [b"/next"]
+    finally:
+        pool.close()
+
+
+async def test_a_latin_1_header_under_a_plain_reason_reaches_the_client_unchanged(
+    make_proxy: MakeProxy, scripted: Callable[[Handler], Awaitable[Scripted]]
+) -> None:
+    """A value's non-UTF-8 bytes alone (the reason plain ASCII) must send the answer down the byte-exact
+    path; no test caught it when the check was removed (a diff reviewer's)."""
+    upstream = await scripted(
+        answering(b"HTTP/1.1 200 OK\r\n" + LATIN_1_FIELD + b"\r\nContent-Length: 2\r\n\r\nok")
+    )
+    client = await proxy_to(make_proxy, upstream)
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(b"GET /export HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert LATIN_1_FIELD in answer.split(b"\r\n")
+    assert answer.endswith(b"\r\n\r\nok")
