@@ -1,14 +1,11 @@
-"""Client connections against the open-file limit: descriptors kept for Redis and the upstream, always.
+"""The client connections a server admits: up to the cap client_cap.py derives, idle ones making room.
 
-Every client connection is a file descriptor, and so is every connection the proxy opens itself. Without a
-cap, a surge of clients (thousands of SDK processes keeping their connection alive, a reconnect storm)
-takes the last descriptor: libuv then accepts and drops new clients without a word, and, worse, the
-upstream pool and Redis can no longer connect: forwards turn into 502s, and a Redis connection lost
-meanwhile cannot be replaced. Here the process first raises its soft RLIMIT_NOFILE to the hard
-limit (what Go's runtime does at start), then admits clients only up to a cap that leaves room for its own
-connections. At the cap the oldest idle client connection makes room for the new one (as nginx reuses idle
-keep-alive connections when `worker_connections` run out); only when they are all busy is the new one
-closed at once, counted and logged (throttled), as Envoy's `global_downstream_max_connections` does.
+Every client connection is a file descriptor, and so is every connection the proxy opens itself: the cap
+(client_cap.py) leaves room for the upstream pool and Redis. At the cap the oldest idle client connection
+makes room for the new one (as nginx reuses idle keep-alive connections when `worker_connections` run out);
+only when they are all busy is the new one closed at once, counted and logged (throttled), as Envoy's
+`global_downstream_max_connections` does. Also here: the drain, the send-timeout sweep, and the hook that
+tells the upstream pool a client left (on_leave).
 """
 
 from __future__ import annotations
