@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from functools import partial
 
@@ -284,13 +285,10 @@ async def test_each_server_counts_only_its_own_malformed_requests() -> None:
             await runner.cleanup()
 
 
-@pytest.mark.parametrize("path", ["/_liveness", "/streamed", "/small"])
-async def test_a_connection_is_closed_after_its_max_requests_answer(
-    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer], path: str
-) -> None:
-    """client_limits.max_requests_per_connection (nginx's keepalive_requests): the last answer says
-    Connection: close and the connection ends, so a client reconnects and may land on another worker (a
-    worker restarted after a crash got none of its siblings' kept-alive clients back, a reviewer's)."""
+async def _three_requests_a_connection(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A proxy closing connections after 3 requests, with a streamed upstream route; a connection to it."""
     recorder, _ = upstream
 
     async def streamed(request: web.Request, body: bytes) -> web.StreamResponse:
@@ -302,18 +300,32 @@ async def test_a_connection_is_closed_after_its_max_requests_answer(
     recorder.routes["/streamed"] = streamed
     client = await make_proxy(client_limits={"max_requests_per_connection": 3})
     assert client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    return await asyncio.open_connection("127.0.0.1", client.server.port)
+
+
+async def _answer_head(reader: asyncio.StreamReader) -> bytes:
+    """The next answer's head, its body read past (chunked or Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    if b"Transfer-Encoding: chunked" in head:
+        await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+    else:
+        await reader.readexactly(int(head.partition(b"Content-Length: ")[2].partition(b"\r\n")[0]))
+    return head
+
+
+@pytest.mark.parametrize("path", ["/_liveness", "/streamed", "/small"])
+async def test_a_connection_is_closed_after_its_max_requests_answer(
+    make_proxy: MakeProxy, upstream: tuple[Upstream, TestServer], path: str
+) -> None:
+    """client_limits.max_requests_per_connection (nginx's keepalive_requests): the last answer says
+    Connection: close and the connection ends, so a client reconnects and may land on another worker (a
+    worker restarted after a crash got none of its siblings' kept-alive clients back, a reviewer's)."""
+    reader, writer = await _three_requests_a_connection(make_proxy, upstream)
     try:
         heads = []
         for _ in range(3):
             writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            heads.append(head)
-            if b"Transfer-Encoding: chunked" in head:
-                await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
-            else:
-                length = int(head.partition(b"Content-Length: ")[2].partition(b"\r\n")[0])
-                await reader.readexactly(length)
+            heads.append(await _answer_head(reader))
         assert [head.startswith(b"HTTP/1.1 200 ") for head in heads] == [True] * 3
         assert [b"Connection: close" in head for head in heads] == [False, False, True]
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
@@ -334,31 +346,13 @@ async def test_pipelined_requests_within_max_requests_are_all_answered(
     """aiohttp counts a request when it parses it, and pipelined requests are parsed before their turn:
     three pipelined at a limit of 3 got one answer, saying close, and two dropped (a diff reviewer's). Each
     request's place on the connection counts, as nginx's keepalive_requests counts requests served."""
-    recorder, _ = upstream
-
-    async def streamed(request: web.Request, body: bytes) -> web.StreamResponse:
-        response = web.StreamResponse()
-        await response.prepare(request)
-        await response.write(b"tick")
-        return response
-
-    recorder.routes["/streamed"] = streamed
-    client = await make_proxy(client_limits={"max_requests_per_connection": 3})
-    assert client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    reader, writer = await _three_requests_a_connection(make_proxy, upstream)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 4)  # one past the limit
         heads = []
-        while True:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            except asyncio.IncompleteReadError:
-                break  # closed after the third
-            heads.append(head)
-            if b"Transfer-Encoding: chunked" in head:
-                await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
-            else:
-                await reader.readexactly(int(head.partition(b"Content-Length: ")[2].partition(b"\r\n")[0]))
+        with contextlib.suppress(asyncio.IncompleteReadError):  # closed after the third
+            while True:
+                heads.append(await _answer_head(reader))
     finally:
         writer.close()
     assert [head.startswith(b"HTTP/1.1 200 ") for head in heads] == [True] * 3
