@@ -7,6 +7,7 @@ import io
 import logging
 import socket
 import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -866,6 +867,29 @@ async def test_revoke_reads_a_credential_piped_with_a_windows_line_ending(
 LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """The client gives up: its connection closed with a reset, as an SDK's timeout does."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+    writer.close()
+
+
+def _slow_definitions(
+    upstream: tuple[Upstream, TestServer], standin: StandInBackend, seconds: float
+) -> Counter[str]:
+    """The backend answers definitions `seconds` late; how many it was asked, and answered."""
+    recorder, _ = upstream
+    counts: Counter[str] = Counter()
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        counts["asked"] += 1
+        await asyncio.sleep(seconds)
+        counts["answered"] += 1
+        return await standin.definitions(request, body)
+
+    recorder.routes["/flags/definitions"] = slow
+    return counts
+
+
 async def test_a_flood_whose_first_client_leaves_still_reaches_the_backend_once_more_at_most(
     tmp_path: Path, upstream: tuple[Upstream, TestServer], redis_url: str, standin: StandInBackend
 ) -> None:
@@ -873,16 +897,8 @@ async def test_a_flood_whose_first_client_leaves_still_reaches_the_backend_once_
     backend): the first waiter to run asks in its place and the rest wait for that answer. They all went to
     the backend (a reviewer's: 21 requests for one credential). A real process: the test server cancels
     the handler of a client that left, which production's aiohttp does not."""
-    recorder, server = upstream
-    asked = 0
-
-    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
-        nonlocal asked
-        asked += 1
-        await asyncio.sleep(1.5)
-        return await standin.definitions(request, body)
-
-    recorder.routes["/flags/definitions"] = slow
+    _, server = upstream
+    backend = _slow_definitions(upstream, standin, 1.5)
     port = free_port()
     env = _env(port, server, redis_url, EDGE_PROXY__DEFINITIONS__AUTH__HMAC_KEY=HMAC_KEY)
     url = f"http://127.0.0.1:{port}/flags/definitions?token={TOKEN}"
@@ -894,7 +910,7 @@ async def test_a_flood_whose_first_client_leaves_still_reaches_the_backend_once_
         writer.write(
             f"GET {path} HTTP/1.1\r\nHost: p\r\nAuthorization: {credential['Authorization']}\r\n\r\n".encode()
         )
-        await wait_until(lambda: asked == 1, "the first request upstream")
+        await wait_until(lambda: backend["asked"] == 1, "the first request upstream")
         async with ClientSession() as session:
 
             async def one() -> int:
@@ -904,11 +920,10 @@ async def test_a_flood_whose_first_client_leaves_still_reaches_the_backend_once_
 
             waiters = [asyncio.create_task(one()) for _ in range(20)]
             await asyncio.sleep(0.3)  # all 20 wait for the first one's answer
-            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
-            writer.close()  # its client gives up
+            _reset(writer)  # its client gives up
             statuses = await asyncio.gather(*waiters)
     assert statuses == [401] * 20
-    assert asked == 2  # the dropped one, and the waiter that asked in its place
+    assert backend["asked"] == 2  # the dropped one, and the waiter that asked in its place
 
 
 async def test_requests_whose_clients_left_before_they_were_sent_are_never_sent(
@@ -916,17 +931,8 @@ async def test_requests_whose_clients_left_before_they_were_sent_are_never_sent(
 ) -> None:
     """Requests waiting for a flood's first answer whose clients left meanwhile: each was sent when its turn
     came (client_left had come and gone) and held a backend worker to the end (a reviewer's)."""
-    recorder, server = upstream
-    asked, finished = 0, 0
-
-    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
-        nonlocal asked, finished
-        asked += 1
-        await asyncio.sleep(1.5)
-        finished += 1
-        return await standin.definitions(request, body)
-
-    recorder.routes["/flags/definitions"] = slow
+    _, server = upstream
+    backend = _slow_definitions(upstream, standin, 1.5)
     port = free_port()
     env = _env(port, server, redis_url, EDGE_PROXY__DEFINITIONS__AUTH__HMAC_KEY=HMAC_KEY)
     request = (
@@ -939,13 +945,12 @@ async def test_requests_whose_clients_left_before_they_were_sent_are_never_sent(
         for _ in range(6):  # the first asks the backend, five wait for its answer
             clients.append(await asyncio.open_connection("127.0.0.1", port))
             clients[-1][1].write(request)
-            await wait_until(lambda: asked == 1, "the first request upstream")
+            await wait_until(lambda: backend["asked"] == 1, "the first request upstream")
         await asyncio.sleep(0.3)
         for _, writer in reversed(clients):  # every client gives up, the first last
-            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
-            writer.close()
+            _reset(writer)
         await asyncio.sleep(2.0)  # past the first one's answer, had it not been dropped
-    assert (asked, finished) == (1, 0)
+    assert (backend["asked"], backend["answered"]) == (1, 0)
 
 
 async def test_a_flood_whose_first_request_raises_hands_the_asking_on(
@@ -954,23 +959,14 @@ async def test_a_flood_whose_first_request_raises_hands_the_asking_on(
     """The first request's forward raises instead of answering (here the test server cancels the handler of a
     client that left): as for a dropped one, the first waiter asks in its place, not all of them (untested,
     a diff reviewer's)."""
-    recorder, _ = upstream
-    asked = 0
-
-    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
-        nonlocal asked
-        asked += 1
-        await asyncio.sleep(1.0)
-        return await standin.definitions(request, body)
-
-    recorder.routes["/flags/definitions"] = slow
+    backend = _slow_definitions(upstream, standin, 1.0)
     client = await make_proxy(definitions={"auth": {"hmac_key": HMAC_KEY}})
     assert client.server.port is not None
     path = f"/flags/definitions?token={TOKEN}"
     credential = "Bearer phx_flood_leader_raises"
     _, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: p\r\nAuthorization: {credential}\r\n\r\n".encode())
-    await eventually(lambda: asked == 1, "the first request upstream")
+    await eventually(lambda: backend["asked"] == 1, "the first request upstream")
 
     async def one() -> int:
         async with client.get(path, headers={"Authorization": credential}) as answer:
@@ -979,7 +975,6 @@ async def test_a_flood_whose_first_request_raises_hands_the_asking_on(
 
     waiters = [asyncio.create_task(one()) for _ in range(10)]
     await asyncio.sleep(0.3)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
-    writer.close()
+    _reset(writer)
     assert await asyncio.gather(*waiters) == [401] * 10
-    assert asked == 2
+    assert backend["asked"] == 2

@@ -131,15 +131,20 @@ async def test_revalidation_decodes_only_what_changed_and_leaves_the_loop_free_b
     assert len(decoded) == 1  # the changed one is held with its new bytes: not decoded again
 
 
-async def test_the_oldest_verdict_gives_way_at_max_entries(client: aioredis.Redis) -> None:
-    store = VerdictStore(
+def _local_store(client: aioredis.Redis, max_entries: int) -> VerdictStore:
+    """A store without hmac_key (verdicts in this process only), holding `max_entries` at most."""
+    return VerdictStore(
         client,
         hmac_key=None,
         key_prefix="edge-proxy:verdict:v1",
         allowed_ttl_seconds=300,
         denied_ttl_seconds=30,
-        max_entries=3,
+        max_entries=max_entries,
     )
+
+
+async def test_the_oldest_verdict_gives_way_at_max_entries(client: aioredis.Redis) -> None:
+    store = _local_store(client, max_entries=3)
     keys = [store.key(7, f"phx_{i}") for i in range(5)]
     for key in keys:
         store.learn(key, DENIED)
@@ -155,14 +160,7 @@ async def test_a_verdict_read_since_it_was_learned_is_spared_when_room_is_made(
 ) -> None:
     """Oldest-first dropped the verdicts of every credential in use in turn under a spray of new keys: each
     then read again from Redis, or without hmac_key asked of the backend again (a second chance now)."""
-    store = VerdictStore(
-        client,
-        hmac_key=None,
-        key_prefix="edge-proxy:verdict:v1",
-        allowed_ttl_seconds=300,
-        denied_ttl_seconds=30,
-        max_entries=3,
-    )
+    store = _local_store(client, max_entries=3)
     hot, *sprayed = [store.key(7, f"phx_{i}") for i in range(40)]
     store.learn(hot, Verdict(200))
     for key in sprayed:
@@ -175,9 +173,7 @@ async def test_a_verdict_read_since_it_was_learned_is_spared_when_room_is_made(
     for key in fresh:
         store.learn(key, DENIED)
     assert [store.cached(key) for key in [hot, *fresh]] == [None, None, None, None, DENIED, DENIED, DENIED]
-    crowded = VerdictStore(
-        client, hmac_key=None, key_prefix="p", allowed_ttl_seconds=300, denied_ttl_seconds=30, max_entries=40
-    )
+    crowded = _local_store(client, max_entries=40)
     keys = [crowded.key(7, f"phx_{i}") for i in range(41)]
     for key in keys:
         crowded.learn(key, DENIED)
